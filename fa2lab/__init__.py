@@ -1,0 +1,33 @@
+"""fa2lab: a research workbench for FlashAttention-2.
+
+Shape legend, used in every docstring and shape comment of the package:
+
+    B    batch size                      Hq   query heads (also H)
+    Hkv  key/value heads (Hq % Hkv == 0) G    query heads per key/value head, Hq // Hkv
+    Nq   query length                    Nk   key/value length
+    D    head dim of q and k             Dv   head dim of v (usually D)
+    Br   query-tile rows (BLOCK_M)       Bc   key-tile columns (BLOCK_N)
+    total_q, total_k                     packed lengths of a varlen batch
+
+Canonical layout is (B, H, N, D), as in torch SDPA and FlexAttention.
+
+Public API:
+    attention(q, k, v, *, causal, window_size, softmax_scale, return_lse, backend)
+    varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, ...)
+    reference.attention_ref(...)          the naive materialised oracle
+    tiled.tiled_attention(...)            FA2 in readable PyTorch, with tile sizes and a tracer
+"""
+
+from fa2lab.api import attention, available_backends, varlen_attention
+from fa2lab.masks import draw_mask
+from fa2lab.tiled import TileTracer, tiled_attention
+
+__all__ = [
+    "attention",
+    "varlen_attention",
+    "available_backends",
+    "tiled_attention",
+    "TileTracer",
+    "draw_mask",
+]
+__version__ = "0.1.0"

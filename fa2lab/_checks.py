@@ -1,0 +1,111 @@
+"""Input validation at the public boundary: every error names the values and the fix."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, t, ndim: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"expected {name} to be a torch.Tensor {layout}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(
+            f"expected {name} to have {ndim} dims {layout}, got shape {tuple(t.shape)}; "
+            f"reshape it (e.g. q.transpose(1, 2) if it is (B, N, H, D))"
+        )
+
+
+def check_same_dtype_device(**tensors: torch.Tensor) -> None:
+    names = list(tensors)
+    first = tensors[names[0]]
+    for name, t in tensors.items():
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(
+                f"expected {name} to be float16, bfloat16, float32 or float64, got {t.dtype}; "
+                f"convert it with {name}.float()"
+            )
+    dtypes = {name: t.dtype for name, t in tensors.items()}
+    if len(set(dtypes.values())) > 1:
+        raise ValueError(
+            f"expected {', '.join(names)} to share a dtype, got {dtypes}; cast them to one, "
+            f"e.g. k.to(q.dtype)"
+        )
+    devices = {name: str(t.device) for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(
+            f"expected {', '.join(names)} on one device, got {devices}; move them with "
+            f".to({str(first.device)!r})"
+        )
+
+
+def check_heads(hq: int, hkv: int, hkv_v: int) -> None:
+    if hkv != hkv_v:
+        raise ValueError(f"expected k and v to have the same number of heads, got {hkv} and {hkv_v}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"expected the query heads Hq={hq} to be a multiple of the key/value heads Hkv={hkv} "
+            f"(GQA/MQA); use Hkv in {[d for d in range(1, hq + 1) if hq % d == 0]}"
+        )
+
+
+def check_head_dims(dq: int, dk: int) -> None:
+    if dq != dk:
+        raise ValueError(f"expected q and k to share head_dim, got {dq} and {dk}; project them to one size")
+
+
+def check_window(window_size) -> tuple[int, int]:
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2):
+        raise ValueError(f"expected window_size to be a pair (left, right), got {window_size!r}")
+    left, right = window_size
+    for side, val in (("left", left), ("right", right)):
+        if isinstance(val, bool) or not isinstance(val, int):
+            raise ValueError(f"expected window_size {side} to be an int, got {val!r}")
+        if val < -1:
+            raise ValueError(
+                f"expected window_size {side} >= -1 (-1 means unbounded), got {val}; "
+                f"use -1 for no bound or a key count >= 0"
+            )
+    return int(left), int(right)
+
+
+def resolve_scale(softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    scale = float(softmax_scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"expected a finite softmax_scale, got {softmax_scale!r}; None means 1/sqrt(D)")
+    return scale
+
+
+def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, batch: int | None) -> list[int]:
+    """Validate cumulative sequence lengths; returns them as a Python list."""
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1:
+        raise ValueError(f"expected {name} to be a 1-D int32 tensor (batch + 1,), got {cu!r}")
+    if cu.dtype != torch.int32:
+        raise ValueError(f"expected {name} to be int32, got {cu.dtype}; use {name}.to(torch.int32)")
+    if cu.numel() < 1:
+        raise ValueError(f"expected {name} to hold at least one value (batch + 1 offsets), got none")
+    values = cu.tolist()
+    if batch is not None and len(values) != batch + 1:
+        raise ValueError(
+            f"expected {name} to have batch + 1 = {batch + 1} entries like cu_seqlens_q, got {len(values)}"
+        )
+    if values[0] != 0:
+        raise ValueError(f"expected {name}[0] == 0, got {values[0]}; offsets start at the first token")
+    steps = [b - a for a, b in zip(values, values[1:])]
+    if any(s < 0 for s in steps):
+        bad = next(i for i, s in enumerate(steps) if s < 0)
+        raise ValueError(
+            f"expected {name} to be non-decreasing, got {values[bad]} then {values[bad + 1]} at "
+            f"index {bad}; it holds cumulative lengths, e.g. torch.cumsum(lengths, 0) with a leading 0"
+        )
+    if values[-1] != total:
+        raise ValueError(
+            f"expected {name}[-1] to equal the packed length {total}, got {values[-1]}; "
+            f"the offsets and the packed tensor disagree"
+        )
+    return values

@@ -1,0 +1,132 @@
+"""The public entry points, `attention` and `varlen_attention`: validate, choose, run.
+
+This is fa2lab's single dispatch point. "auto" picks the fastest backend that supports the case
+and logs the choice (once per distinct case) at INFO on the "fa2lab" logger; an explicit backend
+that cannot run the case raises a ValueError that says why and what to use instead.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from fa2lab import _checks
+from fa2lab._checks import resolve_scale
+from fa2lab.backends import BACKENDS, Case, choose
+
+log = logging.getLogger("fa2lab")
+_logged_cases: set = set()
+
+__all__ = ["attention", "varlen_attention", "available_backends", "check_dense", "resolve_scale"]
+
+
+def available_backends() -> list[str]:
+    return ["auto", *BACKENDS]
+
+
+def check_dense(q, k, v, window_size) -> tuple[int, int]:
+    _checks.check_tensor("q", q, 4, "(B, Hq, Nq, D)")
+    _checks.check_tensor("k", k, 4, "(B, Hkv, Nk, D)")
+    _checks.check_tensor("v", v, 4, "(B, Hkv, Nk, Dv)")
+    _checks.check_same_dtype_device(q=q, k=k, v=v)
+    if not q.shape[0] == k.shape[0] == v.shape[0]:
+        raise ValueError(f"expected q, k, v to share the batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"expected k and v to have the same length Nk, got {k.shape[2]} and {v.shape[2]}")
+    _checks.check_head_dims(q.shape[-1], k.shape[-1])
+    _checks.check_heads(q.shape[1], k.shape[1], v.shape[1])
+    return _checks.check_window(window_size)
+
+
+def _resolve_backend(backend: str, cases: list[Case]) -> str:
+    if backend not in available_backends():
+        raise ValueError(f"unknown backend {backend!r}; choose one of {available_backends()}")
+    if backend != "auto":
+        reason = next((r for r in map(BACKENDS[backend].unsupported, cases) if r), None)
+        if reason:
+            raise ValueError(f"backend {backend!r} cannot run this case: {reason}; use backend='auto' or 'tiled'")
+        return backend
+    name, reason = choose(cases)
+    key = (name, tuple(cases[:1]), len(cases))
+    if key not in _logged_cases:
+        _logged_cases.add(key)
+        log.info("fa2lab: attention backend=%s (reason: %s)", name, reason)
+    return name
+
+
+def attention(q, k, v, *, causal=False, window_size=(-1, -1), softmax_scale=None, return_lse=False,
+              backend="auto"):
+    """Exact scaled-dot-product attention with FlashAttention-2's semantics.
+
+    q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv), Hq % Hkv == 0 (GQA / MQA)
+    -> out (B, Hq, Nq, Dv) in q's dtype; with `return_lse` also lse (B, Hq, Nq), the natural log
+    of the softmax denominator with the scale applied (float32; float64 for float64 inputs).
+
+    Masks are aligned bottom-right: query i sees key j iff
+    i + Nk - Nq - left <= j <= i + Nk - Nq + right (`causal` sets right = 0; -1 is unbounded).
+    Nq=3, Nk=5: causal                 window_size=(1, 0)
+                  keys 0 1 2 3 4          keys 0 1 2 3 4
+                  q0   x x x . .          q0   . x x . .
+                  q1   x x x x .          q1   . . x x .
+                  q2   x x x x x          q2   . . . x x
+    A row that sees no key returns zeros and lse = -inf. softmax_scale defaults to 1/sqrt(D).
+    backend: "auto" | "tiled" | "sdpa" | "reference" (see `fa2lab.backends`).
+    """
+    window_size = check_dense(q, k, v, window_size)
+    scale = resolve_scale(softmax_scale, q.shape[-1])
+    name = _resolve_backend(backend, [Case.of(q, k, v, causal, window_size, return_lse)])
+    return BACKENDS[name](q, k, v, causal=causal, window_size=window_size, scale=scale, return_lse=return_lse)
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None,
+                     causal=False, window_size=(-1, -1), softmax_scale=None, return_lse=False,
+                     backend="auto"):
+    """Attention over a packed batch of sequences of different lengths.
+
+    q: (total_q, Hq, D); k: (total_k, Hkv, D); v: (total_k, Hkv, Dv); cu_seqlens_q/k int32
+    (batch + 1,) cumulative offsets starting at 0. Sequence s is q[cu_q[s]:cu_q[s+1]] against
+    k[cu_k[s]:cu_k[s+1]], with the masks of `attention` applied per sequence.
+    -> out (total_q, Hq, Dv); with `return_lse` also lse (Hq, total_q) as in flash_attn.
+    Zero-length sequences are allowed. max_seqlen_q/k, if given, must bound the true maxima.
+    """
+    _checks.check_tensor("q", q, 3, "(total_q, Hq, D)")
+    _checks.check_tensor("k", k, 3, "(total_k, Hkv, D)")
+    _checks.check_tensor("v", v, 3, "(total_k, Hkv, Dv)")
+    _checks.check_same_dtype_device(q=q, k=k, v=v)
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"expected k and v to have the same packed length, got {k.shape[0]} and {v.shape[0]}")
+    _checks.check_head_dims(q.shape[-1], k.shape[-1])
+    _checks.check_heads(q.shape[1], k.shape[1], v.shape[1])
+    window_size = _checks.check_window(window_size)
+    cu_q = _checks.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], None)
+    cu_k = _checks.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], len(cu_q) - 1)
+    lens_q = [b - a for a, b in zip(cu_q, cu_q[1:])]
+    lens_k = [b - a for a, b in zip(cu_k, cu_k[1:])]
+    for name, given, lens in (("max_seqlen_q", max_seqlen_q, lens_q), ("max_seqlen_k", max_seqlen_k, lens_k)):
+        if given is not None and lens and given < max(lens):
+            raise ValueError(f"{name}={given} is below the longest sequence ({max(lens)}); pass {max(lens)} or None")
+    scale = resolve_scale(softmax_scale, q.shape[-1])
+
+    # One dense call per sequence: (n, H, D) -> (1, H, n, D). Sequences without queries add nothing.
+    seqs = [(a, b, c, d) for a, b, c, d in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]) if b > a]
+    as_dense = lambda x, a, b: x[a:b].transpose(0, 1).unsqueeze(0)  # noqa: E731
+    cases = [Case.of(as_dense(q, a, b), as_dense(k, c, d), as_dense(v, c, d), causal, window_size, return_lse)
+             for a, b, c, d in seqs]
+    name = _resolve_backend(backend, cases) if cases else "tiled"
+    run = BACKENDS[name]
+    outs, lses = [], []
+    for a, b, c, d in seqs:
+        res = run(as_dense(q, a, b), as_dense(k, c, d), as_dense(v, c, d), causal=causal,
+                  window_size=window_size, scale=scale, return_lse=return_lse)
+        out, lse = res if return_lse else (res, None)
+        outs.append(out[0].transpose(0, 1))  # (n, Hq, Dv)
+        if return_lse:
+            lses.append(lse[0])  # (Hq, n)
+    hq, dv = q.shape[1], v.shape[-1]
+    out = torch.cat(outs, 0) if outs else q.new_zeros(0, hq, dv)  # (total_q, Hq, Dv)
+    if not return_lse:
+        return out
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.cat(lses, 1) if lses else torch.empty(hq, 0, dtype=lse_dtype, device=q.device)  # (Hq, total_q)
+    return out, lse
