@@ -48,7 +48,7 @@ def flash_forward(q, k, v, *, scale, causal, window_size, block_q, block_k, trac
 
     # One O(N) copy each: upcast, fold the scale into Q, pack GQA groups as rows.
     q_p = pack_rows(q.to(acc_t) * scale, hkv)  # (B*Hkv, Nq*G, D)
-    k_p = k.reshape(b * hkv, nk, -1).to(acc_t)  # (B*Hkv, Nk, D)
+    k_p = k.reshape(b * hkv, nk, k.shape[-1]).to(acc_t)  # (B*Hkv, Nk, D)
     v_p = v.reshape(b * hkv, nk, dv).to(acc_t)  # (B*Hkv, Nk, Dv)
     out_p = torch.empty(b * hkv, nq * group, dv, dtype=acc_t, device=q.device)
     lse_p = torch.empty(b * hkv, nq * group, dtype=acc_t, device=q.device)

@@ -1,0 +1,51 @@
+"""Shared test helpers: random inputs and the low-precision error rule (CONVENTIONS.md, 9)."""
+
+from __future__ import annotations
+
+import torch
+
+from fa2lab.reference import attention_ref
+
+
+def make_qkv(b, hq, hkv, nq, nk, d, dv=None, dtype=torch.float64, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, nq, d, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(b, hkv, nk, d, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(b, hkv, nk, dv or d, generator=g, dtype=torch.float64).to(dtype)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def finite_lse(lse):
+    return lse.masked_fill(torch.isinf(lse), 0.0)
+
+
+def loss_and_grads(fn, q, k, v, do, dlse, **kw):
+    """Forward with lse, a loss that uses both outputs, and the gradients in q, k, v."""
+    out, lse = fn(q, k, v, return_lse=True, **kw)
+    loss = (out.double() * do).sum() + (finite_lse(lse.double()) * dlse).sum()
+    return out, lse, torch.autograd.grad(loss, (q, k, v), allow_unused=True)
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_within_torch_error(fn, q64, k64, v64, dtype, fwd_factor=2.0, grad_factor=3.0, **kw):
+    """fa2lab's error against float64 truth must be at most `factor` times that of plain PyTorch
+    computing naively in `dtype` (attention_ref(upcast=False)), for outputs and gradients."""
+    g = torch.Generator().manual_seed(1)
+    do = torch.randn(*q64.shape[:-1], v64.shape[-1], generator=g, dtype=torch.float64)
+    dlse = torch.zeros(q64.shape[:-1], dtype=torch.float64)
+    def leaves(dt):
+        return [t.detach().to(dt).requires_grad_() for t in (q64, k64, v64)]
+
+    truth_out, _, truth_g = loss_and_grads(attention_ref, *leaves(torch.float64), do, dlse, **kw)
+    ours_out, _, ours_g = loss_and_grads(fn, *leaves(dtype), do, dlse, **kw)
+    naive = lambda *a, **k_: attention_ref(*a, upcast=False, **k_)  # noqa: E731
+    torch_out, _, torch_g = loss_and_grads(naive, *leaves(dtype), do, dlse, **kw)
+    floor = torch.finfo(dtype).eps / 4  # when PyTorch happens to be exact (e.g. a single key)
+    e_ours, e_torch = max_err(ours_out, truth_out), max_err(torch_out, truth_out)
+    assert e_ours <= fwd_factor * e_torch + floor, f"forward error {e_ours:.3g} vs torch's {e_torch:.3g}"
+    for name, a, t, r in zip("qkv", ours_g, torch_g, truth_g):
+        e_ours, e_torch = max_err(a, r), max_err(t, r)
+        assert e_ours <= grad_factor * e_torch + floor, f"d{name} error {e_ours:.3g} vs torch's {e_torch:.3g}"
