@@ -1,0 +1,1 @@
+"""Benchmarks: timing and peak-memory measurement, and the CPU scaling sweep."""

@@ -1,0 +1,151 @@
+"""The CPU scaling sweep: time and peak memory of tiled FA2, torch SDPA and naive attention.
+
+One process, one machine, every implementation measured in the same run, so ratios are fair.
+Results go to a tidy CSV, one row per (impl, mode, N), written as each finishes: a sweep that
+dies keeps its rows, and running it again resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fa2lab.bench.memory import peak_extra_bytes
+from fa2lab.bench.timing import median_seconds
+from fa2lab.reference import attention_ref
+from fa2lab.tiled import tiled_attention
+
+IMPLS = {
+    "tiled": lambda q, k, v, causal: tiled_attention(q, k, v, causal=causal),
+    "sdpa": lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+    "naive": lambda q, k, v, causal: attention_ref(q, k, v, causal=causal),
+}
+COLUMNS = ["impl", "mode", "N", "B", "H", "D", "causal", "dtype", "seconds", "gflops", "peak_extra_mib"]
+
+
+@dataclass(frozen=True)
+class CpuSweep:
+    ns: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384)
+    batch: int = 1
+    heads: int = 8
+    head_dim: int = 64
+    causal: bool = True
+    dtype: str = "float32"
+    impls: tuple[str, ...] = ("tiled", "sdpa", "naive")
+    modes: tuple[str, ...] = ("fwd", "fwd+bwd")
+    # Naive fwd+bwd keeps ~4 fp32 (N, N) matrices per head: 8 heads at N=16384 is ~34 GB, more
+    # than the 24 GiB of the development machines.
+    naive_max_n: int = 8192
+    budget_s: float = 2.0  # timing budget per measurement (at least 3 repeats)
+    seed: int = field(default=0, compare=False)
+
+
+def attention_flops(mode: str, b: int, h: int, n: int, d: int, causal: bool) -> float:
+    flops = 4.0 * b * h * n * n * d  # 2 matmuls (QK^T, PV) of 2*N*N*D each
+    if causal:
+        flops /= 2
+    return flops * (3.5 if mode == "fwd+bwd" else 1.0)  # backward = 2.5x forward (FA2 paper)
+
+
+def _load_done(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def run_sweep(cfg: CpuSweep, out_csv: Path, progress=print) -> list[dict]:
+    """Measure every (impl, mode, N) of `cfg` not already in `out_csv`; returns all rows."""
+    out_csv = Path(out_csv)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    rows = _load_done(out_csv)
+    done = {(r["impl"], r["mode"], int(r["N"])) for r in rows}
+    dtype = getattr(torch, cfg.dtype)
+    new_file = not out_csv.exists()
+    with out_csv.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new_file:
+            writer.writeheader()
+        for n in cfg.ns:
+            g = torch.Generator().manual_seed(cfg.seed)
+            shape = (cfg.batch, cfg.heads, n, cfg.head_dim)
+            q, k, v = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
+            do = torch.randn(shape, generator=g).to(dtype)
+            for impl in cfg.impls:
+                for mode in cfg.modes:
+                    if (impl, mode, n) in done or (impl == "naive" and n > cfg.naive_max_n):
+                        continue
+                    fn = _make_call(IMPLS[impl], q, k, v, do, cfg.causal, mode)
+                    seconds = median_seconds(fn, budget_s=cfg.budget_s)
+                    peak = peak_extra_bytes(fn)
+                    flops = attention_flops(mode, cfg.batch, cfg.heads, n, cfg.head_dim, cfg.causal)
+                    row = dict(impl=impl, mode=mode, N=n, B=cfg.batch, H=cfg.heads, D=cfg.head_dim,
+                               causal=cfg.causal, dtype=cfg.dtype, seconds=f"{seconds:.6g}",
+                               gflops=f"{flops / seconds / 1e9:.4g}",
+                               peak_extra_mib="" if peak is None else f"{peak / 2**20:.4g}")
+                    writer.writerow(row)
+                    f.flush()
+                    rows.append(row)
+                    progress(f"{impl:>6} {mode:>8} N={n:>6}: {seconds * 1e3:9.1f} ms  "
+                             f"{flops / seconds / 1e9:6.1f} GFLOP/s  peak +{row['peak_extra_mib'] or '?'} MiB")
+    return rows
+
+
+def _make_call(impl, q, k, v, do, causal, mode):
+    if mode == "fwd":
+        def call():
+            with torch.no_grad():
+                impl(q, k, v, causal)
+        return call
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+
+    def call_bwd():  # autograd.grad: no .grad buffers survive between calls
+        out = impl(*leaves, causal)
+        torch.autograd.grad(out, leaves, grad_outputs=do)
+    return call_bwd
+
+
+def fit_exponent(rows: list[dict], impl: str, mode: str, n_min: int, n_max: int, column="peak_extra_mib"):
+    """Least-squares slope of log(column) against log(N) over n_min <= N <= n_max."""
+    pts = [(math.log(int(r["N"])), math.log(float(r[column]))) for r in rows
+           if r["impl"] == impl and r["mode"] == mode and n_min <= int(r["N"]) <= n_max
+           and r[column] not in ("", None) and float(r[column]) > 0]
+    if len(pts) < 2:
+        return None
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+
+
+def _value(rows, impl, mode, n, column):
+    for r in rows:
+        if r["impl"] == impl and r["mode"] == mode and int(r["N"]) == n and r[column] not in ("", None):
+            return float(r[column])
+    return None
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The foundation issue's targets, each with its measured value (None: not measured)."""
+    out = []
+    t_tiled, t_sdpa = _value(rows, "tiled", "fwd", 4096, "seconds"), _value(rows, "sdpa", "fwd", 4096, "seconds")
+    speed = t_sdpa / t_tiled if t_tiled and t_sdpa else None
+    out.append(dict(target="tiled fwd speed vs SDPA at N=4096", goal=">= 0.5", value=speed,
+                    met=None if speed is None else speed >= 0.5))
+    expo = fit_exponent(rows, "tiled", "fwd+bwd", 2048, 16384)
+    out.append(dict(target="tiled fwd+bwd peak-memory exponent, N=2048..16384", goal="<= 1.1", value=expo,
+                    met=None if expo is None else expo <= 1.1))
+    m_t = _value(rows, "tiled", "fwd+bwd", 8192, "peak_extra_mib")
+    m_n = _value(rows, "naive", "fwd+bwd", 8192, "peak_extra_mib")
+    frac = m_t / m_n if m_t and m_n else None
+    out.append(dict(target="tiled / naive fwd+bwd peak memory at N=8192", goal="< 0.05", value=frac,
+                    met=None if frac is None else frac < 0.05))
+    return out
+
+
+def config_dict(cfg: CpuSweep) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,97 @@
+"""Command line: `python -m fa2lab run` (the main job) and `python -m fa2lab bench-cpu`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from fa2lab.bench import cpu, memory
+
+REPO = Path(__file__).resolve().parent.parent
+EXPERIMENTS = REPO / "experiments"
+
+
+def _load_sweep(path: Path, ns: list[int] | None) -> cpu.CpuSweep:
+    spec = yaml.safe_load(path.read_text()) or {}
+    known = set(cpu.CpuSweep.__dataclass_fields__)
+    unknown = set(spec) - known
+    if unknown:
+        raise SystemExit(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+    if ns:
+        spec["ns"] = tuple(ns)
+    return cpu.CpuSweep(**spec)
+
+
+def _machine() -> dict:
+    return dict(date=time.strftime("%Y-%m-%d"), python=platform.python_version(), torch=torch.__version__,
+                machine=platform.machine(), processor=platform.processor() or "unknown",
+                threads=torch.get_num_threads())
+
+
+def _print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(_fmt(r[c]).ljust(widths[c]) for c in columns))
+
+
+def _fmt(x) -> str:
+    return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def cmd_sweep(args, config: Path, out: Path, with_check: bool) -> int:
+    memory.configure_for_timing()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = _load_sweep(config, args.ns)
+    out.mkdir(parents=True, exist_ok=True)
+    info = dict(_machine(), config=str(config.relative_to(REPO)) if config.is_relative_to(REPO) else str(config),
+                sweep=cpu.config_dict(cfg))
+    (out / "run.json").write_text(json.dumps(info, indent=2))
+    print(f"fa2lab {args.command}: {info['date']} torch {info['torch']} threads {info['threads']} -> {out}")
+    if with_check:
+        from fa2lab.bench.check import correctness_rows
+        rows = correctness_rows()
+        print("\nExactness against the float64 oracle (ratio = error / PyTorch's own same-dtype error):")
+        _print_table(rows, ["case", "dtype", "backend", "max_abs_err", "torch_same_dtype_err", "ratio"])
+        (out / "correctness.json").write_text(json.dumps(rows, indent=2))
+        bad = [r for r in rows if r["max_abs_err"] > 2 * r["torch_same_dtype_err"] + 1e-6]
+        if bad:
+            print(f"FAILED: {len(bad)} results exceed 2x PyTorch's own error")
+            return 1
+    print("\nTiming and peak extra memory (results resume from", out / "sweep.csv", "if present):")
+    rows = cpu.run_sweep(cfg, out / "sweep.csv")
+    tg = cpu.targets(rows)
+    (out / "targets.json").write_text(json.dumps(tg, indent=2))
+    print("\nTargets of the foundation issue (None: not measured by this sweep):")
+    _print_table(tg, ["target", "goal", "value", "met"])
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="fa2lab", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("run", "main job: exactness check + a small CPU sweep (experiments/smoke.yaml)"),
+                        ("bench-cpu", "full CPU scaling benchmark (experiments/cpu_scaling.yaml)")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--config", type=Path, default=None, help="sweep YAML (fields of fa2lab.bench.cpu.CpuSweep)")
+        s.add_argument("--out", type=Path, default=None, help="results folder (resumes if it holds a sweep.csv)")
+        s.add_argument("--ns", type=int, nargs="+", default=None, help="override the sequence lengths")
+        s.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = p.parse_args(argv)
+    stem = "smoke" if args.command == "run" else "cpu_scaling"
+    config = args.config or EXPERIMENTS / f"{stem}.yaml"
+    out = args.out or REPO / "results" / stem
+    return cmd_sweep(args, config, out, with_check=args.command == "run")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
