@@ -34,8 +34,8 @@ def assert_within_torch_error(fn, q64, k64, v64, dtype, fwd_factor=2.0, grad_fac
     """fa2lab's error against float64 truth must be at most `factor` times that of plain PyTorch
     computing naively in `dtype` (attention_ref(upcast=False)), for outputs and gradients."""
     g = torch.Generator().manual_seed(1)
-    do = torch.randn(*q64.shape[:-1], v64.shape[-1], generator=g, dtype=torch.float64)
-    dlse = torch.zeros(q64.shape[:-1], dtype=torch.float64)
+    do = torch.randn(*q64.shape[:-1], v64.shape[-1], generator=g, dtype=torch.float64).to(q64.device)
+    dlse = torch.zeros(q64.shape[:-1], dtype=torch.float64, device=q64.device)
     def leaves(dt):
         return [t.detach().to(dt).requires_grad_() for t in (q64, k64, v64)]
 

@@ -124,3 +124,26 @@ def test_non_finite_inputs_do_not_crash():
     out.sum().backward()
     assert out.shape == q.shape
     assert torch.isfinite(out[0, 0, :3]).all()  # rows before the NaN key are untouched
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("d", [32, 40, 64, 80, 128])
+@pytest.mark.parametrize("nq,nk", [(1, 1025), (97, 1025), (1025, 1025), (1025, 232), (232, 97)])
+@pytest.mark.parametrize("hq,hkv", [(1, 1), (4, 1), (32, 8)])
+def test_full_grid_against_reference(d, nq, nk, hq, hkv):
+    q, k, v = make_qkv(1, hq, hkv, nq, nk, d, requires_grad=True)
+    do = torch.randn(1, hq, nq, d, dtype=torch.float64)
+    dlse = torch.randn(1, hq, nq, dtype=torch.float64)
+    for kw in (dict(causal=True), dict(causal=False, window_size=(37, 11)), dict(causal=True, window_size=(100, -1))):
+        out, lse, grads = loss_and_grads(tiled_attention, q, k, v, do, dlse, block_q=128, block_k=64, **kw)
+        out_r, lse_r, grads_r = loss_and_grads(attention_ref, q, k, v, do, dlse, **kw)
+        assert max_err(out, out_r) < 1e-12
+        assert all(max_err(g, g_r) < 1e-10 for g, g_r in zip(grads, grads_r))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tiled_on_cuda_within_torch_rule(dtype):
+    q, k, v = (t.cuda() for t in make_qkv(2, 8, 2, 1025, 1025, 128, seed=5))
+    fn = lambda *a, **kw: tiled_attention(*a, block_q=128, block_k=128, **kw)  # noqa: E731
+    assert_within_torch_error(fn, q, k, v, dtype, causal=True)

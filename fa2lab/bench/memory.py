@@ -2,10 +2,12 @@
 
 The process's peak resident set (VmHWM) is reset to the current RSS by writing 5 to
 /proc/self/clear_refs; after the call, VmHWM - RSS_before is the most memory the call added at
-any moment. For this to see every allocation, a freed block must not be reused from memory the
-process already holds: during the measurement glibc is told (mallopt) to serve every block above
-64 KiB by its own mmap and never to trim the heap. Those settings make each allocation a page
-fault, so timings are taken outside the measurement, with `configure_for_timing()`.
+any moment. For this to see every allocation, memory the process holds but has freed must not
+count as resident: before the measurement `malloc_trim(0)` hands the pages of every free heap
+chunk back to the OS (a chunk reused later faults its pages in again, and is counted), and glibc
+is told (mallopt) to serve every new block above 64 KiB by its own mmap and never to trim the
+heap while measuring. Those settings make each allocation a page fault, so timings are taken
+outside the measurement, with `configure_for_timing()`.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def configure_for_timing() -> None:
 def _exact_accounting():
     _LIBC.mallopt(_M_MMAP_THRESHOLD, EXACT_MMAP_THRESHOLD)
     _LIBC.mallopt(_M_TRIM_THRESHOLD, 2**30)
+    _LIBC.malloc_trim(0)
     try:
         yield
     finally:
