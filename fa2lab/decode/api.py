@@ -1,0 +1,128 @@
+"""`decode_attention`: a few new queries against a dense or paged KV cache, split-K."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from fa2lab import _checks, masks
+from fa2lab.decode.readers import DenseReader, PagedReader
+from fa2lab.decode.splitk import DECODE_BLOCK_K, auto_num_splits, default_num_units, splitk_decode
+from fa2lab.reference import attention_ref
+
+log = logging.getLogger("fa2lab")
+DECODE_BACKENDS = ("auto", "tiled", "reference")
+_logged: set = set()
+
+
+def _check_seqlens(cache_seqlens, batch: int, capacity: int, device) -> torch.Tensor:
+    if cache_seqlens is None:
+        return torch.full((batch,), capacity, dtype=torch.int32, device=device)
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (batch,):
+        raise ValueError(f"expected cache_seqlens to be an int32 tensor of shape (B,) = ({batch},), got "
+                         f"{getattr(cache_seqlens, 'shape', cache_seqlens)}")
+    if cache_seqlens.dtype != torch.int32:
+        raise ValueError(f"expected cache_seqlens to be int32, got {cache_seqlens.dtype}; use .to(torch.int32)")
+    lo, hi = (int(cache_seqlens.min()), int(cache_seqlens.max())) if batch else (0, 0)
+    if lo < 0 or hi > capacity:
+        raise ValueError(f"expected 0 <= cache_seqlens <= cache capacity {capacity}, got values in [{lo}, {hi}]")
+    return cache_seqlens
+
+
+def _check_block_table(block_table, seqlens, reader) -> None:
+    """Every page a sequence uses must exist in the pool; entries past its length are ignored."""
+    pages_used = (seqlens.long() + reader.page_size - 1) // reader.page_size  # (B,)
+    used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < pages_used[:, None]
+    bad = used & ((block_table < 0) | (block_table >= reader.num_pages))
+    if bool(bad.any()):
+        b = int(bad.any(dim=1).nonzero()[0])
+        raise ValueError(f"block_table[{b}] points outside the pool of {reader.num_pages} pages: "
+                         f"{block_table[b, : int(pages_used[b])].tolist()}")
+
+
+def decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, block_table=None, num_splits=None,
+                     softmax_scale=None, causal=True, window_size=(-1, -1), return_lse=False,
+                     backend="auto", unified_max=None):
+    """Attention of Nq new tokens per sequence against a KV cache, split-K (Flash-Decoding).
+
+    q: (B, Hq, Nq, D), Nq small: the last Nq positions of each sequence (causal bottom-right).
+    Dense cache: k_cache (B, Hkv, Nmax, D), v_cache (B, Hkv, Nmax, Dv); cache_seqlens int32 (B,)
+      valid lengths (None: all Nmax).
+    Paged cache: k_cache, v_cache (num_pages, Hkv, page_size, D/Dv); block_table int32
+      (B, max_pages_per_seq) logical -> physical page; cache_seqlens required. Any page size >= 1.
+    -> out (B, Hq, Nq, Dv) [, lse (B, Hq, Nq) float32].
+
+    num_splits: None chooses from the device (enough parallel work, never more splits than cache
+    tiles); 1 is plain FA2. unified_max: a fixed softmax reference phi (FlashDecoding++); results
+    are checked and recomputed exactly when phi over- or underflows. backend: "auto" | "tiled"
+    (this split-K) | "reference" (naive, per sequence).
+    """
+    _checks.check_tensor("q", q, 4, "(B, Hq, Nq, D)")
+    paged = block_table is not None
+    layout = "(num_pages, Hkv, page_size, D)" if paged else "(B, Hkv, Nmax, D)"
+    _checks.check_tensor("k_cache", k_cache, 4, layout)
+    _checks.check_tensor("v_cache", v_cache, 4, layout.replace("D)", "Dv)"))
+    _checks.check_same_dtype_device(q=q, k_cache=k_cache, v_cache=v_cache)
+    if k_cache.shape[:3] != v_cache.shape[:3]:
+        raise ValueError(f"expected k_cache and v_cache to agree except in the last dim, got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    _checks.check_head_dims(q.shape[-1], k_cache.shape[-1])
+    _checks.check_heads(q.shape[1], k_cache.shape[1], v_cache.shape[1])
+    window_size = _checks.check_window(window_size)
+    batch = q.shape[0]
+    if paged:
+        if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.shape[0] != batch:
+            raise ValueError(f"expected block_table to be int32 (B={batch}, max_pages_per_seq), got "
+                             f"{getattr(block_table, 'shape', block_table)}")
+        if block_table.dtype != torch.int32:
+            raise ValueError(f"expected block_table to be int32, got {block_table.dtype}; use .to(torch.int32)")
+        if cache_seqlens is None:
+            raise ValueError("a paged cache needs cache_seqlens (B,) int32: page tables do not say how full "
+                             "the last page is")
+        reader = PagedReader(k_cache, v_cache, block_table)
+    else:
+        if k_cache.shape[0] != batch:
+            raise ValueError(f"expected k_cache batch {k_cache.shape[0]} to equal q's batch {batch}")
+        reader = DenseReader(k_cache, v_cache)
+    seqlens = _check_seqlens(cache_seqlens, batch, reader.capacity, q.device)
+    if paged:
+        _check_block_table(block_table, seqlens, reader)
+    if backend not in DECODE_BACKENDS:
+        raise ValueError(f"unknown decode backend {backend!r}; choose one of {list(DECODE_BACKENDS)}")
+    scale = _checks.resolve_scale(softmax_scale, q.shape[-1])
+    left, right = masks.effective_window(causal, window_size)
+
+    if backend == "reference":
+        out, lse = _reference(q, reader, seqlens, causal, window_size, scale)
+    else:
+        if num_splits is None:
+            max_len = int(seqlens.max()) if batch else 0
+            num_splits = auto_num_splits(batch * reader.heads_kv, max_len, default_num_units(q.device))
+        elif not isinstance(num_splits, int) or num_splits < 1:
+            raise ValueError(f"expected num_splits to be a positive int or None (auto), got {num_splits!r}")
+        key = (backend, q.device.type, num_splits)
+        if backend == "auto" and key not in _logged:
+            _logged.add(key)
+            log.info("fa2lab: decode backend=tiled (reason: split-K in PyTorch, num_splits=%d)", num_splits)
+        out, lse, stats = splitk_decode(q, reader, seqlens, scale=scale, left=left, right=right,
+                                        num_splits=num_splits, block_k=DECODE_BLOCK_K, unified_max=unified_max)
+        if stats is not None and not stats.exact:
+            log.warning("fa2lab: unified max phi=%g out of range (max logit - phi = %.3g, smallest row max - "
+                        "phi = %.3g); recomputed with the online softmax", stats.phi, stats.max_shift,
+                        stats.min_row_shift)
+    lse = lse.float() if q.dtype != torch.float64 else lse
+    return (out, lse) if return_lse else out
+
+
+def _reference(q, reader, seqlens, causal, window_size, scale):
+    """Each sequence on its own: gather its cache and run the naive oracle."""
+    outs, lses = [], []
+    for b in range(q.shape[0]):
+        n = int(seqlens[b])
+        k, v = reader.read(0, n, q.dtype) if n else reader.read(0, 0, q.dtype)
+        o, l = attention_ref(q[b:b + 1], k[b:b + 1], v[b:b + 1], causal=causal, window_size=window_size,
+                             softmax_scale=scale, return_lse=True)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs), torch.cat(lses)

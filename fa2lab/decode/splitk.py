@@ -1,0 +1,166 @@
+"""Split-K decoding (Flash-Decoding) in readable PyTorch.
+
+A few new queries per sequence (Nq, usually 1) attend to a long cache. FA2 alone gives the GPU one
+block per (sequence, head) and leaves it mostly idle; Flash-Decoding cuts the cache into
+`num_splits` chunks, computes each chunk's partial (out, lse) independently - FA2's online softmax
+over the chunk's tiles - and merges the partials by their log-sum-exp (`merge.py`).
+num_splits = 1 is plain FA2.
+
+Optional FlashDecoding++ "unified max": every partial softmax uses one fixed reference phi instead
+of its running max, so partials need no rescaling. exp(s - phi) overflows when a logit exceeds
+phi by more than log(float max) and underflows to 0 when every logit of a row is far below phi;
+both are detected, and the call is recomputed with the exact online softmax.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fa2lab.decode.merge import merge_states_stack
+
+NEG_INF = float("-inf")
+DECODE_BLOCK_K = 512  # keys per tile: the score tile has only Nq*G rows, so long tiles amortise op overhead
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Key ranges of the splits: tile-aligned, never more splits than tiles."""
+
+    block_k: int
+    ranges: tuple[tuple[int, int], ...]
+
+    @property
+    def num_splits(self) -> int:
+        return len(self.ranges)
+
+
+def plan_splits(cache_len: int, num_splits: int, block_k: int = DECODE_BLOCK_K) -> SplitPlan:
+    n_tiles = max(1, math.ceil(cache_len / block_k))
+    num_splits = max(1, min(num_splits, n_tiles))
+    per_split = math.ceil(n_tiles / num_splits)
+    ranges = tuple((s * per_split * block_k, min(cache_len, (s + 1) * per_split * block_k))
+                   for s in range(num_splits) if s * per_split * block_k < max(cache_len, 1))
+    return SplitPlan(block_k, ranges or ((0, 0),))
+
+
+def auto_num_splits(work_items: int, cache_len: int, num_units: int, block_k: int = DECODE_BLOCK_K,
+                    max_splits: int = 128) -> int:
+    """FlashAttention-2's heuristic: split only when B*Hkv work items leave units idle; take the
+    fewest splits whose wave efficiency is within 85% of the best."""
+    n_tiles = max(1, math.ceil(cache_len / block_k))
+    if work_items >= 0.8 * num_units:
+        return 1
+    candidates = range(1, max(1, min(max_splits, num_units, n_tiles)) + 1)
+    eff = {s: (work_items * s / num_units) / math.ceil(work_items * s / num_units) for s in candidates}
+    best = max(eff.values())
+    return next(s for s in candidates if eff[s] >= 0.85 * best)
+
+
+def default_num_units(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return torch.get_num_threads()
+
+
+def _tile_mask(j0, j1, seqlens, nq, group, left, right):
+    """Visible (query, key) pairs of a tile for every sequence: (B, 1, Nq*G, Bc)."""
+    pos = torch.arange(j0, j1, device=seqlens.device)[None, None, :]  # (1, 1, Bc)
+    qpos = (seqlens[:, None] - nq + torch.arange(nq, device=seqlens.device)[None, :])[..., None]  # (B, Nq, 1)
+    visible = pos < seqlens[:, None, None]  # (B, 1, Bc)
+    if left >= 0:
+        visible = visible & (pos >= qpos - left)
+    if right >= 0:
+        visible = visible & (pos <= qpos + right)
+    visible = visible.expand(-1, nq, -1)  # (B, Nq, Bc)
+    return visible.repeat_interleave(group, dim=1).unsqueeze(1)  # (B, 1, Nq*G, Bc)
+
+
+@dataclass
+class UnifiedMaxStats:
+    phi: float
+    max_shift: float  # largest (logit - phi) seen; overflow above log(float max)
+    min_row_shift: float  # smallest per-row max (logit - phi); underflow below log(float tiny)
+    exact: bool
+
+
+def _partial(q_p, reader, seqlens, j0, j1, nq, group, left, right, block_k, acc_t, phi=None):
+    """FA2 online softmax over keys [j0, j1): out (B, Hkv, Nq*G, Dv), lse (B, Hkv, Nq*G),
+    and with a unified max phi, also the largest logit of each row (for the range check)."""
+    b, hkv, rows, _ = q_p.shape
+    m_i = torch.full((b, hkv, rows, 1), NEG_INF, dtype=acc_t, device=q_p.device)
+    l_i = torch.zeros_like(m_i)
+    acc = torch.zeros(b, hkv, rows, reader.head_dim_v, dtype=acc_t, device=q_p.device)
+    for t0 in range(j0, j1, block_k):
+        t1 = min(t0 + block_k, j1)
+        visible = _tile_mask(t0, t1, seqlens, nq, group, left, right)  # (B, 1, Nq*G, Bc)
+        if not bool(visible.any()):
+            continue  # past every sequence's end, or outside every window
+        k_t, v_t = reader.read(t0, t1, acc_t)  # (B, Hkv, Bc, D), (B, Hkv, Bc, Dv)
+        s = (q_p @ k_t.transpose(-1, -2)).masked_fill_(~visible, NEG_INF)  # (B, Hkv, Nq*G, Bc)
+        m_tile = s.amax(dim=-1, keepdim=True)
+        if phi is None:
+            m_new = torch.maximum(m_i, m_tile)
+            m_ref = m_new.masked_fill(m_new == NEG_INF, 0.0)
+            alpha = (m_i - m_ref).exp_()
+            p = s.sub_(m_ref).exp_()
+            l_i = l_i.mul_(alpha).add_(p.sum(-1, keepdim=True))
+            acc = acc.mul_(alpha).add_(p @ v_t)
+            m_i = m_new
+        else:  # unified max: no rescaling; m_i only records the row max for the range check
+            p = s.sub_(phi).exp_()
+            l_i = l_i.add_(p.sum(-1, keepdim=True))
+            acc = acc.add_(p @ v_t)
+            m_i = torch.maximum(m_i, m_tile)
+    empty = l_i == 0
+    out = acc / l_i.masked_fill(empty, 1.0)
+    ref = m_i if phi is None else torch.full_like(m_i, phi)
+    lse = (ref + l_i.log()).masked_fill(empty, NEG_INF).squeeze(-1)
+    return out, lse, m_i.squeeze(-1)
+
+
+def splitk_decode(q, reader, seqlens, *, scale, left, right, num_splits, block_k=DECODE_BLOCK_K,
+                  unified_max=None):
+    """q (B, Hq, Nq, D), a KVReader, seqlens (B,) -> out (B, Hq, Nq, Dv) in q's dtype,
+    lse (B, Hq, Nq) float32 (float64 for float64), and UnifiedMaxStats or None."""
+    b, hq, nq, d = q.shape
+    hkv, group = reader.heads_kv, hq // reader.heads_kv
+    acc_t = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # GQA packing: the G query heads of a K/V head are rows of one tile, so K/V are read once.
+    q_p = (q.to(acc_t) * scale).view(b, hkv, group, nq, d).transpose(2, 3).reshape(b, hkv, nq * group, d)
+    seqlens = seqlens.to(device=q.device, dtype=torch.long)
+    max_len = int(seqlens.max()) if b else 0
+    plan = plan_splits(max_len, num_splits, block_k)
+
+    def run(phi):
+        parts = [_partial(q_p, reader, seqlens, j0, j1, nq, group, left, right, block_k, acc_t, phi)
+                 for j0, j1 in plan.ranges]
+        outs = torch.stack([p[0] for p in parts])  # (S, B, Hkv, Nq*G, Dv)
+        lses = torch.stack([p[1] for p in parts])  # (S, B, Hkv, Nq*G)
+        row_max = torch.stack([p[2] for p in parts]).amax(0)  # (B, Hkv, Nq*G)
+        out, lse = merge_states_stack(outs, lses)
+        return out, lse, row_max
+
+    stats = None
+    if unified_max is None:
+        out, lse, _ = run(None)
+    else:
+        out, lse, row_max = run(float(unified_max))
+        finfo = torch.finfo(acc_t)
+        has_key = row_max > NEG_INF
+        shift = row_max[has_key] - float(unified_max)
+        max_shift = float(shift.max()) if shift.numel() else NEG_INF
+        min_shift = float(shift.min()) if shift.numel() else 0.0
+        # Overflow: l sums up to max_len terms of exp(max_shift). Underflow: keys more than
+        # log(1/eps) below their row's max are negligible anyway, so the row max needs that margin
+        # above the smallest normal number.
+        exact = bool(max_shift < math.log(finfo.max) - math.log(max_len + 1)
+                     and min_shift > math.log(finfo.tiny) + math.log(1 / finfo.eps))
+        stats = UnifiedMaxStats(float(unified_max), max_shift, min_shift, exact)
+        if not exact:
+            out, lse, _ = run(None)
+    out = out.view(b, hkv, nq, group, -1).transpose(2, 3).reshape(b, hq, nq, -1)  # (B, Hq, Nq, Dv)
+    lse = lse.view(b, hkv, nq, group).transpose(2, 3).reshape(b, hq, nq)  # (B, Hq, Nq)
+    return out.to(q.dtype), lse, stats
