@@ -20,7 +20,8 @@ def test_peak_extra_bytes_sees_a_known_allocation_after_heap_reuse():
         del a, b
         torch.ones(1024, 1024)
 
-    peak = memory.peak_extra_bytes(two_live_then_one) / 2**20
+    # Least of three: other threads of the test process may fault in a few pages meanwhile.
+    peak = min(memory.peak_extra_bytes(two_live_then_one) for _ in range(3)) / 2**20
     assert 7.5 <= peak <= 9.5, peak
 
 

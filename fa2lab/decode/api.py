@@ -88,10 +88,21 @@ def decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, block_table=Non
     seqlens = _check_seqlens(cache_seqlens, batch, reader.capacity, q.device)
     if paged:
         _check_block_table(block_table, seqlens, reader)
+    return decode_with_reader(q, reader, seqlens, num_splits=num_splits, softmax_scale=softmax_scale,
+                              causal=causal, window_size=window_size, return_lse=return_lse, backend=backend,
+                              unified_max=unified_max)
+
+
+def decode_with_reader(q, reader, seqlens, *, num_splits=None, softmax_scale=None, causal=True,
+                       window_size=(-1, -1), return_lse=False, backend="auto", unified_max=None):
+    """`decode_attention` over any KVReader (the KV cache classes use this): q (B, Hq, Nq, D),
+    seqlens int32 (B,) valid lengths, positions [0, seqlens[b]) read in order."""
     if backend not in DECODE_BACKENDS:
         raise ValueError(f"unknown decode backend {backend!r}; choose one of {list(DECODE_BACKENDS)}")
+    window_size = _checks.check_window(window_size)
     scale = _checks.resolve_scale(softmax_scale, q.shape[-1])
     left, right = masks.effective_window(causal, window_size)
+    batch = q.shape[0]
 
     if backend == "reference":
         out, lse = _reference(q, reader, seqlens, causal, window_size, scale)

@@ -38,12 +38,16 @@ class SplitPlan:
 
 
 def plan_splits(cache_len: int, num_splits: int, block_k: int = DECODE_BLOCK_K) -> SplitPlan:
-    n_tiles = max(1, math.ceil(cache_len / block_k))
+    if cache_len == 0:
+        return SplitPlan(block_k, ((0, 0),))
+    n_tiles = math.ceil(cache_len / block_k)
     num_splits = max(1, min(num_splits, n_tiles))
-    per_split = math.ceil(n_tiles / num_splits)
-    ranges = tuple((s * per_split * block_k, min(cache_len, (s + 1) * per_split * block_k))
-                   for s in range(num_splits) if s * per_split * block_k < max(cache_len, 1))
-    return SplitPlan(block_k, ranges or ((0, 0),))
+    base, extra = divmod(n_tiles, num_splits)  # the first `extra` splits take one tile more
+    bounds = [0]
+    for s in range(num_splits):
+        bounds.append(bounds[-1] + base + (s < extra))
+    ranges = tuple((a * block_k, min(cache_len, b * block_k)) for a, b in zip(bounds, bounds[1:]))
+    return SplitPlan(block_k, ranges)
 
 
 def auto_num_splits(work_items: int, cache_len: int, num_units: int, block_k: int = DECODE_BLOCK_K,
@@ -99,6 +103,11 @@ def _partial(q_p, reader, seqlens, j0, j1, nq, group, left, right, block_k, acc_
         if not bool(visible.any()):
             continue  # past every sequence's end, or outside every window
         k_t, v_t = reader.read(t0, t1, acc_t)  # (B, Hkv, Bc, D), (B, Hkv, Bc, Dv)
+        # Slots past a sequence's end hold whatever was there (NaN, stale pages): P is 0 there,
+        # but 0 * NaN is NaN, so their V must be zeroed, not only their scores masked.
+        stale = torch.arange(t0, t1, device=seqlens.device)[None, :] >= seqlens[:, None]  # (B, Bc)
+        if bool(stale.any()):
+            v_t = v_t.masked_fill(stale[:, None, :, None], 0.0)
         s = (q_p @ k_t.transpose(-1, -2)).masked_fill_(~visible, NEG_INF)  # (B, Hkv, Nq*G, Bc)
         m_tile = s.amax(dim=-1, keepdim=True)
         if phi is None:
