@@ -86,7 +86,16 @@ def main(argv=None) -> int:
         s.add_argument("--out", type=Path, default=None, help="results folder (resumes if it holds a sweep.csv)")
         s.add_argument("--ns", type=int, nargs="+", default=None, help="override the sequence lengths")
         s.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    d = sub.add_parser("bench-decode", help="decode latency vs cache length: split-K vs torch SDPA")
+    d.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    d.add_argument("--out", type=Path, default=REPO / "results" / "decode" / "decode.csv")
     args = p.parse_args(argv)
+    if args.command == "bench-decode":
+        from fa2lab.bench import decode
+
+        print(f"fa2lab bench-decode: {_machine()}")
+        decode.run(lengths=tuple(args.lengths), out_csv=args.out)
+        return 0
     stem = "smoke" if args.command == "run" else "cpu_scaling"
     config = args.config or EXPERIMENTS / f"{stem}.yaml"
     out = args.out or REPO / "results" / stem
