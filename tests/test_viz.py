@@ -25,3 +25,15 @@ def test_running_stats_figure():
     assert [len(t.x) for t in fig.data] == [3, 3]
     with pytest.raises(ValueError, match="no recorded steps"):
         viz.running_stats_figure(TileTracer())
+
+
+def test_splitk_and_unified_max_figures():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 1, 16, generator=g) * 3
+    k, v = torch.randn(1, 1, 300, 16, generator=g), torch.randn(1, 1, 300, 16, generator=g)
+    fig = viz.splitk_merge_figure(q, k, v, 3)
+    assert len(fig.data[0].x) == 1  # 300 keys are one 512-key tile: never more splits than tiles
+    assert fig.data[2].y[-1] < 1e-5  # merging every split gives the exact result
+    fig = viz.unified_max_figure(q, k, v, [-200, 0, 300])
+    colors = list(fig.data[0].marker.color)
+    assert colors[1] == "#4c78a8" and colors[0] == colors[2] == "#e45756"

@@ -131,9 +131,11 @@ def _partial(q_p, reader, seqlens, j0, j1, nq, group, left, right, block_k, acc_
 
 
 def splitk_decode(q, reader, seqlens, *, scale, left, right, num_splits, block_k=DECODE_BLOCK_K,
-                  unified_max=None):
+                  unified_max=None, fallback=True, return_partials=False):
     """q (B, Hq, Nq, D), a KVReader, seqlens (B,) -> out (B, Hq, Nq, Dv) in q's dtype,
-    lse (B, Hq, Nq) float32 (float64 for float64), and UnifiedMaxStats or None."""
+    lse (B, Hq, Nq) float32 (float64 for float64), and UnifiedMaxStats or None.
+    fallback=False keeps a unified-max result even when its range check fails (to show the
+    failure); return_partials adds the per-split (outs (S, B, Hq, Nq, Dv), lses (S, B, Hq, Nq))."""
     b, hq, nq, d = q.shape
     hkv, group = reader.heads_kv, hq // reader.heads_kv
     acc_t = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -150,13 +152,13 @@ def splitk_decode(q, reader, seqlens, *, scale, left, right, num_splits, block_k
         lses = torch.stack([p[1] for p in parts])  # (S, B, Hkv, Nq*G)
         row_max = torch.stack([p[2] for p in parts]).amax(0)  # (B, Hkv, Nq*G)
         out, lse = merge_states_stack(outs, lses)
-        return out, lse, row_max
+        return out, lse, row_max, (outs, lses)
 
     stats = None
     if unified_max is None:
-        out, lse, _ = run(None)
+        out, lse, _, partials = run(None)
     else:
-        out, lse, row_max = run(float(unified_max))
+        out, lse, row_max, partials = run(float(unified_max))
         finfo = torch.finfo(acc_t)
         has_key = row_max > NEG_INF
         shift = row_max[has_key] - float(unified_max)
@@ -168,8 +170,15 @@ def splitk_decode(q, reader, seqlens, *, scale, left, right, num_splits, block_k
         exact = bool(max_shift < math.log(finfo.max) - math.log(max_len + 1)
                      and min_shift > math.log(finfo.tiny) + math.log(1 / finfo.eps))
         stats = UnifiedMaxStats(float(unified_max), max_shift, min_shift, exact)
-        if not exact:
-            out, lse, _ = run(None)
+        if not exact and fallback:
+            out, lse, _, partials = run(None)
+
     out = out.view(b, hkv, nq, group, -1).transpose(2, 3).reshape(b, hq, nq, -1)  # (B, Hq, Nq, Dv)
     lse = lse.view(b, hkv, nq, group).transpose(2, 3).reshape(b, hq, nq)  # (B, Hq, Nq)
-    return out.to(q.dtype), lse, stats
+    if not return_partials:
+        return out.to(q.dtype), lse, stats
+    outs, lses = partials
+    n_s = outs.shape[0]
+    outs = outs.view(n_s, b, hkv, nq, group, -1).transpose(3, 4).reshape(n_s, b, hq, nq, -1)  # (S, B, Hq, Nq, Dv)
+    lses = lses.view(n_s, b, hkv, nq, group).transpose(3, 4).reshape(n_s, b, hq, nq)  # (S, B, Hq, Nq)
+    return out.to(q.dtype), lse, stats, (outs, lses)
