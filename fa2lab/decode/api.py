@@ -100,6 +100,10 @@ def decode_with_reader(q, reader, seqlens, *, num_splits=None, softmax_scale=Non
     if backend not in DECODE_BACKENDS:
         raise ValueError(f"unknown decode backend {backend!r}; choose one of {list(DECODE_BACKENDS)}")
     window_size = _checks.check_window(window_size)
+    if q.shape[-1] != reader.head_dim or q.shape[1] % reader.heads_kv or q.shape[0] != reader.batch:
+        raise ValueError(f"expected q (B={reader.batch}, Hq multiple of {reader.heads_kv}, Nq, D={reader.head_dim}) "
+                         f"for this cache, got {tuple(q.shape)}")
+    seqlens = _check_seqlens(seqlens, q.shape[0], reader.capacity, q.device)
     scale = _checks.resolve_scale(softmax_scale, q.shape[-1])
     left, right = masks.effective_window(causal, window_size)
     batch = q.shape[0]
@@ -129,11 +133,14 @@ def decode_with_reader(q, reader, seqlens, *, num_splits=None, softmax_scale=Non
 def _reference(q, reader, seqlens, causal, window_size, scale):
     """Each sequence on its own: gather its cache and run the naive oracle."""
     outs, lses = [], []
+    # Read in fp32 at least (fp64 for fp64 queries), so a compressed cache is judged by what it
+    # stores, not by a round trip through a low-precision dtype.
+    k_all, v_all = reader.read(0, int(seqlens.max()) if q.shape[0] else 0,
+                               torch.float64 if q.dtype == torch.float64 else torch.float32)
     for b in range(q.shape[0]):
         n = int(seqlens[b])
-        k, v = reader.read(0, n, q.dtype) if n else reader.read(0, 0, q.dtype)
-        o, l = attention_ref(q[b:b + 1], k[b:b + 1], v[b:b + 1], causal=causal, window_size=window_size,
-                             softmax_scale=scale, return_lse=True)
+        o, l = attention_ref(q[b:b + 1], k_all[b:b + 1, :, :n].to(q.dtype), v_all[b:b + 1, :, :n].to(q.dtype),
+                             causal=causal, window_size=window_size, softmax_scale=scale, return_lse=True)
         outs.append(o)
         lses.append(l)
     return torch.cat(outs), torch.cat(lses)
