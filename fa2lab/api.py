@@ -114,6 +114,14 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     cases = [Case.of(as_dense(q, a, b), as_dense(k, c, d), as_dense(v, c, d), causal, window_size, return_lse)
              for a, b, c, d in seqs]
     name = _resolve_backend(backend, cases) if cases else "tiled"
+    if name == "triton":  # one launch over the packed batch instead of one call per sequence
+        from fa2lab import masks
+        from fa2lab.kernels.attention import triton_varlen_attention
+
+        left, right = masks.effective_window(causal, window_size)
+        return triton_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max(lens_q, default=0),
+                                       max(lens_k, default=0), scale=scale, left=left, right=right,
+                                       return_lse=return_lse)
     run = BACKENDS[name]
     outs, lses = [], []
     for a, b, c, d in seqs:

@@ -88,11 +88,42 @@ class Sdpa:
                                               enable_gqa=q.shape[1] != k.shape[1])
 
 
-BACKENDS = {b.name: b for b in (Reference(), Tiled(), Sdpa())}
+def triton_unavailable(device: str, dtype: torch.dtype, head_dims: tuple[int, ...]) -> str | None:
+    """Why the Triton kernels cannot run a case, or None."""
+    import importlib.util
+    import os
 
-# Fastest first, per device type: torch's fused kernels beat the PyTorch-level FA2 wherever they
-# apply (measured: BENCHMARKS.md); the tiled FA2 runs everything else in O(N) memory.
-AUTO_ORDER = {"cpu": ("sdpa", "tiled"), "cuda": ("sdpa", "tiled")}
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton; Linux x86-64)"
+    if device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"the Triton kernels need a CUDA device, got {device} (TRITON_INTERPRET=1 interprets them on the CPU, slowly)"
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"the Triton kernels take float16, bfloat16 or float32, got {dtype}"
+    if max(head_dims) > 256:
+        return f"the Triton kernels support head dims up to 256, got {max(head_dims)}"
+    return None
+
+
+class Triton:
+    name = "triton"
+    summary = "fa2lab's Triton FA2 kernels (fa2lab.kernels): forward + backward, every mask, GQA, varlen"
+
+    def unsupported(self, case: Case) -> str | None:
+        return triton_unavailable(case.device, case.dtype, (case.d, case.dv))
+
+    def __call__(self, q, k, v, *, causal, window_size, scale, return_lse):
+        from fa2lab.kernels.attention import triton_attention
+
+        left, right = masks.effective_window(causal, window_size)
+        return triton_attention(q, k, v, scale=scale, left=left, right=right, return_lse=return_lse)
+
+
+BACKENDS = {b.name: b for b in (Reference(), Tiled(), Sdpa(), Triton())}
+
+# Fastest first, per device type (measured: BENCHMARKS.md). CPU: torch's fused kernel beats the
+# PyTorch-level FA2 wherever it applies; the tiled FA2 runs everything else in O(N) memory. CUDA:
+# SDPA where it applies, the Triton kernels for what it cannot do (windows, lse, bottom-right causal).
+AUTO_ORDER = {"cpu": ("sdpa", "tiled"), "cuda": ("sdpa", "triton", "tiled")}
 DEFAULT_AUTO_ORDER = ("sdpa", "tiled")
 
 

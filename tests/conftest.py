@@ -16,3 +16,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+# Without CUDA, Triton kernels run under Triton's CPU interpreter. The switch must be set before
+# fa2lab.kernels is first imported (Triton reads it when a kernel is defined).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

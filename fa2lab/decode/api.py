@@ -12,7 +12,7 @@ from fa2lab.decode.splitk import DECODE_BLOCK_K, auto_num_splits, default_num_un
 from fa2lab.reference import attention_ref
 
 log = logging.getLogger("fa2lab")
-DECODE_BACKENDS = ("auto", "tiled", "reference")
+DECODE_BACKENDS = ("auto", "tiled", "triton", "reference")
 _logged: set = set()
 
 
@@ -104,30 +104,57 @@ def decode_with_reader(q, reader, seqlens, *, num_splits=None, softmax_scale=Non
         raise ValueError(f"expected q (B={reader.batch}, Hq multiple of {reader.heads_kv}, Nq, D={reader.head_dim}) "
                          f"for this cache, got {tuple(q.shape)}")
     seqlens = _check_seqlens(seqlens, q.shape[0], reader.capacity, q.device)
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"expected num_splits to be a positive int or None (auto), got {num_splits!r}")
     scale = _checks.resolve_scale(softmax_scale, q.shape[-1])
     left, right = masks.effective_window(causal, window_size)
     batch = q.shape[0]
 
+    asked = backend
+    if backend == "auto":
+        # The Triton split-K kernel on CUDA for dense and paged caches; everything else (CPU,
+        # compressed caches, unified max) goes through the PyTorch split-K.
+        kernel_ok = isinstance(reader, (DenseReader, PagedReader)) and unified_max is None
+        why_not = backend_triton_unavailable(q) if kernel_ok else "cache or option outside the kernel"
+        backend = "triton" if kernel_ok and why_not is None and q.device.type == "cuda" else "tiled"
     if backend == "reference":
         out, lse = _reference(q, reader, seqlens, causal, window_size, scale)
+    elif backend == "triton":
+        why_not = backend_triton_unavailable(q)
+        if why_not or not isinstance(reader, (DenseReader, PagedReader)) or unified_max is not None:
+            raise ValueError(f"decode backend 'triton' cannot run this case: "
+                             f"{why_not or 'it reads dense or paged caches without unified_max'}; use backend='auto'")
+        from fa2lab.kernels.decode import decode_triton
+
+        if num_splits is None:
+            max_len = int(seqlens.max()) if batch else 0
+            num_splits = auto_num_splits(batch * reader.heads_kv, max_len, default_num_units(q.device), block_k=64)
+        paged = isinstance(reader, PagedReader)
+        out, lse = decode_triton(q, reader.k, reader.v, seqlens, scale=scale, left=left, right=right,
+                                 num_splits=num_splits, block_table=reader.block_table if paged else None)
     else:
         if num_splits is None:
             max_len = int(seqlens.max()) if batch else 0
             num_splits = auto_num_splits(batch * reader.heads_kv, max_len, default_num_units(q.device))
-        elif not isinstance(num_splits, int) or num_splits < 1:
-            raise ValueError(f"expected num_splits to be a positive int or None (auto), got {num_splits!r}")
-        key = (backend, q.device.type, num_splits)
-        if backend == "auto" and key not in _logged:
-            _logged.add(key)
-            log.info("fa2lab: decode backend=tiled (reason: split-K in PyTorch, num_splits=%d)", num_splits)
         out, lse, stats = splitk_decode(q, reader, seqlens, scale=scale, left=left, right=right,
                                         num_splits=num_splits, block_k=DECODE_BLOCK_K, unified_max=unified_max)
         if stats is not None and not stats.exact:
             log.warning("fa2lab: unified max phi=%g out of range (max logit - phi = %.3g, smallest row max - "
                         "phi = %.3g); recomputed with the online softmax", stats.phi, stats.max_shift,
                         stats.min_row_shift)
+    key = (asked, backend, q.device.type, num_splits)
+    if asked == "auto" and key not in _logged:
+        _logged.add(key)
+        log.info("fa2lab: decode backend=%s (reason: %s, num_splits=%s)", backend,
+                 "Triton split-K kernel on CUDA" if backend == "triton" else "split-K in PyTorch", num_splits)
     lse = lse.float() if q.dtype != torch.float64 else lse
     return (out, lse) if return_lse else out
+
+
+def backend_triton_unavailable(q) -> str | None:
+    from fa2lab.backends import triton_unavailable
+
+    return triton_unavailable(q.device.type, q.dtype, (q.shape[-1],))
 
 
 def _reference(q, reader, seqlens, causal, window_size, scale):

@@ -42,7 +42,8 @@ class PagedReader:
 
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor):
         self.k, self.v = k_cache, v_cache
-        self.table = block_table.long()
+        self.block_table = block_table  # int32, as the Triton kernel takes it
+        self.table = block_table.long()  # for indexing
         num_pages, self.heads_kv, self.page_size, self.head_dim = k_cache.shape
         self.head_dim_v = v_cache.shape[-1]
         self.batch, pages_per_seq = block_table.shape

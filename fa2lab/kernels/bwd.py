@@ -1,0 +1,240 @@
+"""FA2 backward in Triton (Algorithm 2): dK/dV and dQ kernels, P recomputed from the saved LSE.
+
+dK/dV: one program per (key block, batch x K/V head); it loops over the G query heads that share
+the K/V head and over the query blocks that can see its keys, so GQA gradients are summed in
+registers, without atomics or a per-query-head copy. dQ: one program per (query block, batch x
+query head), looping over visible key blocks. Delta = rowsum(dO * O) - dLSE is precomputed.
+Everything in the log2 domain as in the forward kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fa2lab.kernels.fwd import LOG2E, _pow2, ieee_dot
+
+
+@triton.jit
+def _seq_offsets(CU_Q, CU_K, b, Nq, Nk, IS_VARLEN: tl.constexpr):
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        k_start = tl.load(CU_K + b)
+        return q_start, tl.load(CU_Q + b + 1) - q_start, k_start, tl.load(CU_K + b + 1) - k_start
+    return 0, Nq, 0, Nk
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DKEY, DVAL, CU_Q, CU_K,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+    slb, slh, slm, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+    HKV, Nq, Nk, G, qk_scale, sm_scale, LEFT, RIGHT,
+    D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, IS_VARLEN: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    q_start, nq, k_start, nk = _seq_offsets(CU_Q, CU_K, b, Nq, Nk, IS_VARLEN)
+    j0 = pid_n * BLOCK_N
+    if j0 >= nk:
+        return
+    if IS_VARLEN:
+        bq = q_start.to(tl.int64) * sqm
+        bk = k_start.to(tl.int64) * skn
+        bv = k_start.to(tl.int64) * svn
+        bdo = q_start.to(tl.int64) * sdom
+        bl = q_start.to(tl.int64) * slm
+        bdk = k_start.to(tl.int64) * sdkn
+        bdv = k_start.to(tl.int64) * sdvn
+    else:
+        bq = b.to(tl.int64) * sqb
+        bk = b.to(tl.int64) * skb
+        bv = b.to(tl.int64) * svb
+        bdo = b.to(tl.int64) * sdob
+        bl = b.to(tl.int64) * slb
+        bdk = b.to(tl.int64) * sdkb
+        bdv = b.to(tl.int64) * sdvb
+    cols = j0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    k = tl.load(K + bk + hk * skh + cols[:, None] * skn + offs_d[None, :] * skd,
+                mask=(cols[:, None] < nk) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_N, HEAD_DIM)
+    v = tl.load(V + bv + hk * svh + cols[:, None] * svn + offs_dv[None, :] * svd,
+                mask=(cols[:, None] < nk) & (offs_dv[None, :] < DV), other=0.0)  # (BLOCK_N, HEAD_DIM_V)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_V], dtype=tl.float32)
+
+    off = nk - nq
+    lo = 0
+    hi = nq
+    if HAS_RIGHT:  # rows that see at least one key of [j0, j0 + BLOCK_N)
+        lo = tl.maximum(0, j0 - off - RIGHT)
+        lo = (lo // BLOCK_M) * BLOCK_M
+    if HAS_LEFT:
+        hi = tl.minimum(nq, tl.minimum(j0 + BLOCK_N, nk) - 1 - off + LEFT + 1)
+    for g in range(0, G):
+        h = hk * G + g
+        for start_m in range(lo, hi, BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            row_ok = rows < nq
+            q = tl.load(Q + bq + h * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd,
+                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, HEAD_DIM)
+            do = tl.load(DO + bdo + h * sdoh + rows[:, None] * sdom + offs_dv[None, :] * sdod,
+                         mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)  # (BLOCK_M, HEAD_DIM_V)
+            lse2 = tl.load(LSE + bl + h * slh + rows * slm, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows with no key: P = 0
+            delta = tl.load(DELTA + bl + h * slh + rows * slm, mask=row_ok, other=0.0)
+            s_t = _dot(k, tl.trans(q), IEEE_DOT) * qk_scale  # (BLOCK_N, BLOCK_M) = S^T
+            valid = (cols[:, None] < nk) & row_ok[None, :]
+            if HAS_LEFT:
+                valid = valid & (cols[:, None] >= rows[None, :] + off - LEFT)
+            if HAS_RIGHT:
+                valid = valid & (cols[:, None] <= rows[None, :] + off + RIGHT)
+            p_t = tl.where(valid, tl.math.exp2(s_t - lse2[None, :]), 0.0)  # P^T
+            dv += _dot(p_t.to(do.dtype), do, IEEE_DOT)
+            dp_t = _dot(v, tl.trans(do), IEEE_DOT)  # (BLOCK_N, BLOCK_M) = dP^T
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += _dot(ds_t.to(q.dtype), q, IEEE_DOT)
+    dk = dk * sm_scale
+    tl.store(DKEY + bdk + hk * sdkh + cols[:, None] * sdkn + offs_d[None, :] * sdkd, dk.to(DKEY.dtype.element_ty),
+             mask=(cols[:, None] < nk) & (offs_d[None, :] < D))
+    tl.store(DVAL + bdv + hk * sdvh + cols[:, None] * sdvn + offs_dv[None, :] * sdvd, dv.to(DVAL.dtype.element_ty),
+             mask=(cols[:, None] < nk) & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+    slb, slh, slm, sdqb, sdqh, sdqm, sdqd,
+    H, Nq, Nk, G, qk_scale, sm_scale, LEFT, RIGHT,
+    D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, IS_VARLEN: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // G
+    q_start, nq, k_start, nk = _seq_offsets(CU_Q, CU_K, b, Nq, Nk, IS_VARLEN)
+    i0 = pid_m * BLOCK_M
+    if i0 >= nq:
+        return
+    if IS_VARLEN:
+        bq = q_start.to(tl.int64) * sqm
+        bk = k_start.to(tl.int64) * skn
+        bv = k_start.to(tl.int64) * svn
+        bdo = q_start.to(tl.int64) * sdom
+        bl = q_start.to(tl.int64) * slm
+        bdq = q_start.to(tl.int64) * sdqm
+    else:
+        bq = b.to(tl.int64) * sqb
+        bk = b.to(tl.int64) * skb
+        bv = b.to(tl.int64) * svb
+        bdo = b.to(tl.int64) * sdob
+        bl = b.to(tl.int64) * slb
+        bdq = b.to(tl.int64) * sdqb
+    rows = i0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < nq
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    q = tl.load(Q + bq + h * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + bdo + h * sdoh + rows[:, None] * sdom + offs_dv[None, :] * sdod,
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse2 = tl.load(LSE + bl + h * slh + rows * slm, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+    delta = tl.load(DELTA + bl + h * slh + rows * slm, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    off = nk - nq
+    lo = 0
+    hi = nk
+    if HAS_LEFT:
+        lo = tl.maximum(0, i0 + off - LEFT)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    if HAS_RIGHT:
+        hi = tl.minimum(nk, tl.minimum(i0 + BLOCK_M, nq) - 1 + off + RIGHT + 1)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = tl.load(K + bk + hk * skh + cols[:, None] * skn + offs_d[None, :] * skd,
+                    mask=(cols[:, None] < nk) & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(V + bv + hk * svh + cols[:, None] * svn + offs_dv[None, :] * svd,
+                    mask=(cols[:, None] < nk) & (offs_dv[None, :] < DV), other=0.0)
+        s = _dot(q, tl.trans(k), IEEE_DOT) * qk_scale  # (BLOCK_M, BLOCK_N)
+        valid = (cols[None, :] < nk) & row_ok[:, None]
+        if HAS_LEFT:
+            valid = valid & (cols[None, :] >= rows[:, None] + off - LEFT)
+        if HAS_RIGHT:
+            valid = valid & (cols[None, :] <= rows[:, None] + off + RIGHT)
+        p = tl.where(valid, tl.math.exp2(s - lse2[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), IEEE_DOT)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, IEEE_DOT)
+    dq = dq * sm_scale
+    tl.store(DQ + bdq + h * sdqh + rows[:, None] * sdqm + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+def bwd_config(head_dim: int) -> dict:
+    if head_dim <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    if head_dim <= 128:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+
+
+def flash_bwd_triton(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu_k=None, max_q=0, max_k=0,
+                     config=None):
+    """Dense: q (B, Hq, Nq, D) etc., lse (B, Hq, Nq). Varlen (cu_q given): q (total_q, Hq, D),
+    lse (Hq, total_q). Returns dq, dk, dv in the dtypes and layouts of q, k, v."""
+    varlen = cu_q is not None
+    delta = (do.float() * out.float()).sum(-1)  # (B, Hq, Nq) or (total_q, Hq)
+    if varlen:
+        delta = delta.transpose(0, 1)  # (Hq, total_q), lse's layout
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    lse = lse.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    d, dvd = q.shape[-1], v.shape[-1]
+    cfg = dict(config or bwd_config(max(d, dvd)))
+    if varlen:
+        batch, h, hkv = cu_q.numel() - 1, q.shape[1], k.shape[1]
+        nq = nk = 0
+        st = lambda t: (0, t.stride(1), t.stride(0), t.stride(2))  # noqa: E731 (token-major layout)
+        sl = (0, lse.stride(0), lse.stride(1))
+        grid_q, grid_k = max_q, max_k
+    else:
+        batch, h, nq, _ = q.shape
+        hkv, nk = k.shape[1], k.shape[2]
+        st = lambda t: t.stride()  # noqa: E731
+        sl = lse.stride()
+        grid_q, grid_k = nq, nk
+        cu_q = cu_k = torch.zeros(1, dtype=torch.int32, device=q.device)
+    common = dict(D=d, DV=dvd, HEAD_DIM=_pow2(d), HEAD_DIM_V=_pow2(dvd), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
+                  IS_VARLEN=varlen, IEEE_DOT=ieee_dot(q.dtype), **cfg)
+    group = h // hkv
+    _bwd_dkdv_kernel[(triton.cdiv(grid_k, cfg["BLOCK_N"]), batch * hkv)](
+        q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, *st(q), *st(k), *st(v), *st(do), *sl, *st(dk), *st(dv),
+        hkv, nq, nk, group, scale * LOG2E, scale, max(left, 0), max(right, 0), **common)
+    _bwd_dq_kernel[(triton.cdiv(grid_q, cfg["BLOCK_M"]), batch * h)](
+        q, k, v, do, lse, delta, dq, cu_q, cu_k, *st(q), *st(k), *st(v), *st(do), *sl, *st(dq),
+        h, nq, nk, group, scale * LOG2E, scale, max(left, 0), max(right, 0), **common)
+    return dq, dk, dv

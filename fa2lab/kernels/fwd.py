@@ -1,0 +1,183 @@
+"""FA2 forward in Triton: one program per (query block, batch x head), K/V blocks streamed.
+
+Same algorithm and notation as fa2lab/tiled/forward.py, in the log2 domain (exp2 is the native
+instruction; scale * log2(e) is folded into the logits). Masks are FA2's (bottom-right causal,
+sliding window); key blocks outside the window are never loaded. Any Nq, Nk (edges masked), any
+head dim up to 256 (padded to a power of two with masked loads), GQA by index arithmetic (no K/V
+copies), varlen through cu_seqlens.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, CU_Q, CU_K,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, slb, slh, slm,
+    H, Nq, Nk, G, qk_scale, LEFT, RIGHT,
+    D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, IS_VARLEN: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // G  # GQA: the K/V head this query head shares
+    if IS_VARLEN:  # packed sequences: batch index b selects a slice of the token dimension
+        q_start = tl.load(CU_Q + b)
+        nq = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        nk = tl.load(CU_K + b + 1) - k_start
+        b_off_q = q_start.to(tl.int64) * sqm
+        b_off_k = k_start.to(tl.int64) * skn
+        b_off_v = k_start.to(tl.int64) * svn
+        b_off_o = q_start.to(tl.int64) * som
+        b_off_l = q_start.to(tl.int64) * slm
+    else:
+        nq = Nq
+        nk = Nk
+        b_off_q = b.to(tl.int64) * sqb
+        b_off_k = b.to(tl.int64) * skb
+        b_off_v = b.to(tl.int64) * svb
+        b_off_o = b.to(tl.int64) * sob
+        b_off_l = b.to(tl.int64) * slb
+    i0 = pid_m * BLOCK_M
+    if i0 >= nq:
+        return
+    offs_m = i0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    q_ptrs = Q + b_off_q + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < nq) & (offs_d[None, :] < D), other=0.0)
+    k_base = K + b_off_k + hk * skh
+    v_base = V + b_off_v + hk * svh
+
+    off = nk - nq  # bottom-right alignment of the diagonal
+    lo = 0
+    hi = nk
+    if HAS_LEFT:
+        lo = tl.maximum(0, i0 + off - LEFT)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    if HAS_RIGHT:
+        hi = tl.minimum(nk, tl.minimum(i0 + BLOCK_M, nq) - 1 + off + RIGHT + 1)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd,
+                    mask=(cols[:, None] < nk) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_N, HEAD_DIM)
+        if IEEE_DOT:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * qk_scale  # (BLOCK_M, BLOCK_N) logits in log2 units
+        valid = cols[None, :] < nk
+        if HAS_LEFT:
+            valid = valid & (cols[None, :] >= offs_m[:, None] + off - LEFT)
+        if HAS_RIGHT:
+            valid = valid & (cols[None, :] <= offs_m[:, None] + off + RIGHT)
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet
+        p = tl.math.exp2(s - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * svn + offs_dv[None, :] * svd,
+                    mask=(cols[:, None] < nk) & (offs_dv[None, :] < DV), other=0.0)  # (BLOCK_N, HEAD_DIM_V)
+        if IEEE_DOT:  # p is rounded to v's dtype first, as on the tensor-core path
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32),
+                                                input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    o_ptrs = O + b_off_o + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < nq) & (offs_dv[None, :] < DV))
+    tl.store(LSE + b_off_l + h * slh + offs_m * slm, lse, mask=offs_m < nq)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def ieee_dot(dtype: torch.dtype) -> bool:
+    """fp32 inputs get exact fp32 dots (not tf32: fa2lab's error rule compares with fp32 PyTorch).
+    Under the interpreter bf16 dots are computed in fp32 too: triton 3.9's interpreter returns
+    garbage for a bf16 tl.dot (a bf16 product is exact in fp32, so results are the same)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
+
+
+def _pow2(d: int) -> int:
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def fwd_config(head_dim: int, device: torch.device) -> dict:
+    """Tile sizes and launch shape. Measured on the H100 (BENCHMARKS.md); the interpreter uses the
+    same shapes (fewer, larger programs interpret faster)."""
+    if head_dim <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if head_dim <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+
+
+def _launch(q, k, v, out, lse, strides_q, strides_k, strides_v, strides_o, strides_l, batch, h, nq, nk, hkv,
+            scale, left, right, cu_q, cu_k, varlen, grid_m, config=None):
+    d, dv = q.shape[-1], v.shape[-1]
+    cfg = dict(config or fwd_config(max(d, dv), q.device))
+    grid = (triton.cdiv(grid_m, cfg["BLOCK_M"]), batch * h)
+    dummy = cu_q if cu_q is not None else torch.zeros(1, dtype=torch.int32, device=q.device)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, dummy, cu_k if cu_k is not None else dummy,
+        *strides_q, *strides_k, *strides_v, *strides_o, *strides_l,
+        h, nq, nk, h // hkv, scale * LOG2E, max(left, 0), max(right, 0),
+        D=d, DV=dv, HEAD_DIM=_pow2(d), HEAD_DIM_V=_pow2(dv), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
+        IS_VARLEN=varlen, IEEE_DOT=ieee_dot(q.dtype), **cfg)
+
+
+def flash_fwd_triton(q, k, v, *, scale, left, right, config=None):
+    """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out (B, Hq, Nq, Dv), lse (B, Hq, Nq) fp32."""
+    b, h, nq, _ = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    out = torch.empty(b, h, nq, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or nq == 0:
+        return out, lse.fill_(float("-inf"))
+    _launch(q, k, v, out, lse, q.stride(), k.stride(), v.stride(), out.stride(), (*lse.stride(), ),
+            b, h, nq, nk, hkv, scale, left, right, None, None, False, nq, config)
+    return out, lse
+
+
+def flash_fwd_varlen_triton(q, k, v, cu_q, cu_k, max_q, *, scale, left, right, config=None):
+    """Packed q (total_q, Hq, D), k/v (total_k, Hkv, D) -> out (total_q, Hq, Dv), lse (Hq, total_q) fp32."""
+    total_q, h, _ = q.shape
+    hkv = k.shape[1]
+    batch = cu_q.numel() - 1
+    out = torch.empty(total_q, h, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.full((h, total_q), float("-inf"), dtype=torch.float32, device=q.device)
+    if total_q == 0 or batch == 0 or max_q == 0:
+        return out.zero_(), lse
+    sq, sk, sv, so = q.stride(), k.stride(), v.stride(), out.stride()
+    # Per-token layout: batch stride unused (0), token stride = dim 0, head stride = dim 1.
+    _launch(q, k, v, out, lse, (0, sq[1], sq[0], sq[2]), (0, sk[1], sk[0], sk[2]), (0, sv[1], sv[0], sv[2]),
+            (0, so[1], so[0], so[2]), (0, lse.stride(0), lse.stride(1)), batch, h, 0, 0, hkv, scale, left, right,
+            cu_q, cu_k, True, max_q, config)
+    return out, lse
+
+
+__all__ = ["flash_fwd_triton", "flash_fwd_varlen_triton", "fwd_config", "ieee_dot", "interpreting"]
