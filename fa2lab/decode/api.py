@@ -124,14 +124,15 @@ def decode_with_reader(q, reader, seqlens, *, num_splits=None, softmax_scale=Non
         if why_not or not isinstance(reader, (DenseReader, PagedReader)) or unified_max is not None:
             raise ValueError(f"decode backend 'triton' cannot run this case: "
                              f"{why_not or 'it reads dense or paged caches without unified_max'}; use backend='auto'")
-        from fa2lab.kernels.decode import decode_triton
+        from fa2lab.kernels.decode import decode_triton, kernel_num_splits
 
+        max_len = int(seqlens.max()) if batch else 0
         if num_splits is None:
-            max_len = int(seqlens.max()) if batch else 0
-            num_splits = auto_num_splits(batch * reader.heads_kv, max_len, default_num_units(q.device), block_k=64)
+            num_splits = kernel_num_splits(batch * reader.heads_kv, max_len, default_num_units(q.device))
         paged = isinstance(reader, PagedReader)
         out, lse = decode_triton(q, reader.k, reader.v, seqlens, scale=scale, left=left, right=right,
-                                 num_splits=num_splits, block_table=reader.block_table if paged else None)
+                                 num_splits=num_splits, block_table=reader.block_table if paged else None,
+                                 max_len=max_len)
     else:
         if num_splits is None:
             max_len = int(seqlens.max()) if batch else 0

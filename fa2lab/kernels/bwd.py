@@ -190,12 +190,17 @@ def _bwd_dq_kernel(
              mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
-def bwd_config(head_dim: int) -> dict:
+def bwd_config(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Per-kernel tiles (BLOCK_M, BLOCK_N, num_warps, num_stages): dK/dV keeps BLOCK_N key rows and
+    steps through queries, dQ the reverse. From `python -m fa2lab.bench.tune_gpu` on the H100
+    (2026-11-22, bf16, N=4096): D=128 346 / 273 (causal) TFLOP/s, D=64 294; (64, 64) tiles gave 150-160."""
+    if dtype == torch.float32:  # 4-byte tiles: keep shared memory within the 227 KB of an H100
+        return dict(dkdv=(32, 64, 4, 1), dq=(64, 32, 4, 1))
     if head_dim <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+        return dict(dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3))
     if head_dim <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+        return dict(dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 3))
+    return dict(dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2))  # head dim 256: untuned
 
 
 def flash_bwd_triton(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu_k=None, max_q=0, max_k=0,
@@ -214,7 +219,7 @@ def flash_bwd_triton(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=No
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     d, dvd = q.shape[-1], v.shape[-1]
-    cfg = dict(config or bwd_config(max(d, dvd)))
+    cfg = dict(config or bwd_config(max(d, dvd), q.dtype))
     if varlen:
         batch, h, hkv = cu_q.numel() - 1, q.shape[1], k.shape[1]
         nq = nk = 0
@@ -229,12 +234,16 @@ def flash_bwd_triton(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=No
         grid_q, grid_k = nq, nk
         cu_q = cu_k = torch.zeros(1, dtype=torch.int32, device=q.device)
     common = dict(D=d, DV=dvd, HEAD_DIM=_pow2(d), HEAD_DIM_V=_pow2(dvd), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
-                  IS_VARLEN=varlen, IEEE_DOT=ieee_dot(q.dtype), **cfg)
+                  IS_VARLEN=varlen, IEEE_DOT=ieee_dot(q.dtype))
     group = h // hkv
-    _bwd_dkdv_kernel[(triton.cdiv(grid_k, cfg["BLOCK_N"]), batch * hkv)](
+    bm, bn, warps, stages = cfg["dkdv"]
+    _bwd_dkdv_kernel[(triton.cdiv(grid_k, bn), batch * hkv)](
         q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, *st(q), *st(k), *st(v), *st(do), *sl, *st(dk), *st(dv),
-        hkv, nq, nk, group, scale * LOG2E, scale, max(left, 0), max(right, 0), **common)
-    _bwd_dq_kernel[(triton.cdiv(grid_q, cfg["BLOCK_M"]), batch * h)](
+        hkv, nq, nk, group, scale * LOG2E, scale, max(left, 0), max(right, 0), **common,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    bm, bn, warps, stages = cfg["dq"]
+    _bwd_dq_kernel[(triton.cdiv(grid_q, bm), batch * h)](
         q, k, v, do, lse, delta, dq, cu_q, cu_k, *st(q), *st(k), *st(v), *st(do), *sl, *st(dq),
-        h, nq, nk, group, scale * LOG2E, scale, max(left, 0), max(right, 0), **common)
+        h, nq, nk, group, scale * LOG2E, scale, max(left, 0), max(right, 0), **common,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     return dq, dk, dv

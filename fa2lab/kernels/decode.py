@@ -110,14 +110,30 @@ def _decode_merge_kernel(OP, LP, O, LSE, S, ROWS, sop_s, slp_s,
     tl.store(LSE + row, final)
 
 
+DECODE_BLOCK_N = 64  # keys per tile
+
+
+def kernel_num_splits(work_items: int, cache_len: int, num_sms: int, block_n: int = DECODE_BLOCK_N,
+                      programs_per_sm: int = 4) -> int:
+    """Decode is memory-bound: a GPU reaches its bandwidth only with several programs per SM in
+    flight, so split until B*Hkv*splits covers `programs_per_sm` per SM, keeping >= 2 tiles a split."""
+    want = -(-programs_per_sm * num_sms // max(1, work_items))
+    return max(1, min(want, cache_len // (2 * block_n)))
+
+
 def decode_triton(q, k_cache, v_cache, seqlens, *, scale, left, right, num_splits, block_table=None,
-                  block_n=64, num_warps=4, num_stages=2):
+                  block_n=DECODE_BLOCK_N, num_warps=4, num_stages=3, max_len=None):
     """q (B, Hq, Nq, D); dense cache (B, Hkv, Nmax, D) or pages (P, Hkv, page, D) + block_table;
-    seqlens int32 (B,) -> out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) fp32."""
+    seqlens int32 (B,) -> out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) fp32.
+
+    Splits are planned over `max_len` (default: the cache's capacity), never over the device's
+    seqlens: no host-device sync, so a step launches asynchronously and can be captured in a CUDA
+    graph. Splits that lie past a sequence's length exit at once (lse = -inf, weight 0)."""
     b, hq, nq, d = q.shape
     hkv, dv = k_cache.shape[1], v_cache.shape[-1]
     group = hq // hkv
-    max_len = int(seqlens.max()) if b else 0
+    if max_len is None:
+        max_len = block_table.shape[1] * k_cache.shape[2] if block_table is not None else k_cache.shape[2]
     out = torch.empty(b, hq, nq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device)
     if out.numel() == 0:

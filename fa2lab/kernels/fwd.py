@@ -19,6 +19,50 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _attn_blocks(acc, l_i, m_i, q, k_base, v_base, start, stop, offs_m, offs_n, offs_d, offs_dv, nk, off, LEFT, RIGHT,
+                 skn, skd, svn, svd, qk_scale, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, IEEE_DOT: tl.constexpr):
+    """Online softmax over key blocks [start, stop) (Algorithm 1, lines 6-10); MASKED blocks apply
+    the window and the key-length bound element by element."""
+    for start_n in range(start, stop, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd,
+                        mask=(cols[:, None] < nk) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_N, HEAD_DIM)
+        else:
+            k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=offs_d[None, :] < D, other=0.0)
+        if IEEE_DOT:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * qk_scale  # (BLOCK_M, BLOCK_N) logits in log2 units
+        if MASKED:
+            valid = cols[None, :] < nk
+            if HAS_LEFT:
+                valid = valid & (cols[None, :] >= offs_m[:, None] + off - LEFT)
+            if HAS_RIGHT:
+                valid = valid & (cols[None, :] <= offs_m[:, None] + off + RIGHT)
+            s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet
+        p = tl.math.exp2(s - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)  # line 10: rescale what was accumulated so far
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_base + cols[:, None] * svn + offs_dv[None, :] * svd,
+                        mask=(cols[:, None] < nk) & (offs_dv[None, :] < DV), other=0.0)  # (BLOCK_N, HEAD_DIM_V)
+        else:
+            v = tl.load(v_base + cols[:, None] * svn + offs_dv[None, :] * svd, mask=offs_dv[None, :] < DV, other=0.0)
+        if IEEE_DOT:  # p is rounded to v's dtype first, as on the tensor-core path
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32),
+                                                input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, CU_Q, CU_K,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, slb, slh, slm,
@@ -74,34 +118,24 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd,
-                    mask=(cols[:, None] < nk) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_N, HEAD_DIM)
-        if IEEE_DOT:
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale  # (BLOCK_M, BLOCK_N) logits in log2 units
-        valid = cols[None, :] < nk
-        if HAS_LEFT:
-            valid = valid & (cols[None, :] >= offs_m[:, None] + off - LEFT)
-        if HAS_RIGHT:
-            valid = valid & (cols[None, :] <= offs_m[:, None] + off + RIGHT)
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet
-        p = tl.math.exp2(s - m_ref[:, None])
-        alpha = tl.math.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * svn + offs_dv[None, :] * svd,
-                    mask=(cols[:, None] < nk) & (offs_dv[None, :] < DV), other=0.0)  # (BLOCK_N, HEAD_DIM_V)
-        if IEEE_DOT:  # p is rounded to v's dtype first, as on the tensor-core path
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32),
-                                                input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    # Blocks every row of this query block sees in full need no mask: [lo_full, hi_full). Only the
+    # blocks on the window's edges (and the ragged last block) pay for element-wise masking.
+    lo_full = lo
+    if HAS_LEFT:
+        lo_full = tl.minimum(tl.maximum(lo, tl.cdiv(tl.minimum(i0 + BLOCK_M, nq) - 1 + off - LEFT, BLOCK_N) * BLOCK_N), hi)
+    hi_full = (nk // BLOCK_N) * BLOCK_N
+    if HAS_RIGHT:
+        hi_full = tl.minimum(hi_full, ((i0 + off + RIGHT + 1) // BLOCK_N) * BLOCK_N)
+    hi_full = tl.maximum(hi_full, lo_full)
+    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, lo, lo_full, offs_m, offs_n, offs_d, offs_dv,
+                                 nk, off, LEFT, RIGHT, skn, skd, svn, svd, qk_scale, D, DV, BLOCK_N,
+                                 True, HAS_LEFT, HAS_RIGHT, IEEE_DOT)
+    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, lo_full, hi_full, offs_m, offs_n, offs_d, offs_dv,
+                                 nk, off, LEFT, RIGHT, skn, skd, svn, svd, qk_scale, D, DV, BLOCK_N,
+                                 False, HAS_LEFT, HAS_RIGHT, IEEE_DOT)
+    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, tl.maximum(hi_full, lo), hi, offs_m, offs_n,
+                                 offs_d, offs_dv, nk, off, LEFT, RIGHT, skn, skd, svn, svd, qk_scale, D, DV, BLOCK_N,
+                                 True, HAS_LEFT, HAS_RIGHT, IEEE_DOT)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -126,20 +160,22 @@ def _pow2(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())
 
 
-def fwd_config(head_dim: int, device: torch.device) -> dict:
-    """Tile sizes and launch shape. Measured on the H100 (BENCHMARKS.md); the interpreter uses the
-    same shapes (fewer, larger programs interpret faster)."""
+def fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and launch shape, from the sweep `python -m fa2lab.bench.tune_gpu` on the H100
+    (2026-11-22, bf16, N=4096: BENCHMARKS.md). The interpreter uses the same shapes."""
+    if dtype == torch.float32:  # 4-byte tiles: the bf16 shapes overflow shared memory (393 KB > 227 KB)
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     if head_dim <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)  # 451 TFLOP/s (BLOCK_N=128: 357)
     if head_dim <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)  # 494 / 436 causal (BLOCK_N=64: 472 / 431)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)  # head dim 256: register-bound, untuned
 
 
 def _launch(q, k, v, out, lse, strides_q, strides_k, strides_v, strides_o, strides_l, batch, h, nq, nk, hkv,
             scale, left, right, cu_q, cu_k, varlen, grid_m, config=None):
     d, dv = q.shape[-1], v.shape[-1]
-    cfg = dict(config or fwd_config(max(d, dv), q.device))
+    cfg = dict(config or fwd_config(max(d, dv), q.dtype))
     grid = (triton.cdiv(grid_m, cfg["BLOCK_M"]), batch * h)
     dummy = cu_q if cu_q is not None else torch.zeros(1, dtype=torch.int32, device=q.device)
     _fwd_kernel[grid](

@@ -23,10 +23,19 @@ _NEXT = {  # state -> calls allowed in it
 
 
 class DecodeSession:
+    """cuda_graph=True (CUDA only): each step - write K/V at each sequence's length, advance the
+    lengths, split-K attention - is one captured CUDA graph over persistent buffers, replayed with
+    no host-device sync and no kernel-launch overhead. It takes one new token per sequence per step,
+    all sequences advancing together (the capacity check uses a host-side count)."""
+
     def __init__(self, batch: int, heads_q: int, heads_kv: int, max_len: int, head_dim: int, *,
-                 dtype=torch.float16, device="cpu", **decode_kwargs):
+                 dtype=torch.float16, device="cpu", cuda_graph: bool = False, **decode_kwargs):
         self.shape = dict(batch=batch, heads_q=heads_q, heads_kv=heads_kv, max_len=max_len, head_dim=head_dim)
         self.dtype, self.device, self.decode_kwargs = dtype, torch.device(device), decode_kwargs
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device, got {self.device}; use cuda_graph=False")
+        self.cuda_graph = cuda_graph
+        self.graph = None
         self.state = "created"
         self.cache: StaticKVCache | None = None
         self.output: torch.Tensor | None = None
@@ -46,6 +55,7 @@ class DecodeSession:
             raise ValueError(f"expected heads_q={s['heads_q']} to be a multiple of heads_kv={s['heads_kv']}")
         self.cache = StaticKVCache(s["batch"], s["heads_kv"], s["max_len"], s["head_dim"], dtype=self.dtype,
                                    device=self.device)
+        self._host_len = 0
         self.state = "ready"
         return self
 
@@ -61,12 +71,27 @@ class DecodeSession:
         for name, x in (("k", k), ("v", v)):
             if tuple(x.shape) != want_kv:
                 raise ValueError(f"expected {name} of shape {want_kv} (one new token per query), got {tuple(x.shape)}")
-        self._q, self._k, self._v = q.to(self.device), k.to(self.device), v.to(self.device)
+        if self.cuda_graph:
+            if q.shape[2] != 1:
+                raise ValueError(f"cuda_graph=True decodes one token per step, got Nq={q.shape[2]}")
+            if not hasattr(self, "_qbuf"):  # persistent inputs: the captured graph reads these addresses
+                self._qbuf, self._kbuf, self._vbuf = (torch.empty_like(x, dtype=self.dtype, device=self.device)
+                                                      for x in (q, k, v))
+            self._qbuf.copy_(q)
+            self._kbuf.copy_(k)
+            self._vbuf.copy_(v)
+        else:
+            self._q, self._k, self._v = q.to(self.device), k.to(self.device), v.to(self.device)
         self.state = "loaded"
 
     def decode(self) -> None:
         """Append the loaded K/V (the length advances) and attend; the result goes to the output buffer."""
         self._enter("decode")
+        if self.cuda_graph:
+            self._decode_graph()
+            self.steps += 1
+            self.state = "decoded"
+            return
         self.cache.append(self._k, self._v)  # raises before any change if the cache is full
         out = self.cache.attend(self._q, **self.decode_kwargs)  # (B, Hq, Nq, D)
         if self.output is None or self.output.shape != out.shape:
@@ -74,6 +99,43 @@ class DecodeSession:
         self.output.copy_(out)
         self.steps += 1
         self.state = "decoded"
+
+    def _graph_step(self) -> None:
+        """One decode step on device tensors only (no sync): capturable."""
+        from fa2lab.kernels.decode import decode_triton, kernel_num_splits
+
+        cache, s = self.cache, self.shape
+        rows = torch.arange(s["batch"], device=self.device)
+        pos = cache.lengths.long()
+        cache.k[rows, :, pos] = self._kbuf[:, :, 0]  # (B, Hkv, D) at each sequence's length
+        cache.v[rows, :, pos] = self._vbuf[:, :, 0]
+        cache.lengths.add_(1)
+        splits = kernel_num_splits(s["batch"] * s["heads_kv"], s["max_len"],
+                                   torch.cuda.get_device_properties(self.device).multi_processor_count)
+        out, _ = decode_triton(self._qbuf, cache.k, cache.v, cache.lengths, scale=s["head_dim"] ** -0.5,
+                               left=-1, right=0, num_splits=splits)
+        self.output.copy_(out)
+
+    def _decode_graph(self) -> None:
+        s = self.shape
+        if self._host_len + 1 > s["max_len"]:
+            raise ValueError(f"sequences would grow to {self._host_len + 1} tokens, past max_len={s['max_len']}; "
+                             f"allocate a larger session")
+        if self.graph is None:
+            self.output = torch.empty(s["batch"], s["heads_q"], 1, s["head_dim"], dtype=torch.float32,
+                                      device=self.device)
+            saved = self.cache.lengths.clone()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up compiles the kernels; its writes are undone below
+                self._graph_step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.cache.lengths.copy_(saved)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._graph_step()
+        self.graph.replay()
+        self._host_len += 1
 
     def get_output(self) -> torch.Tensor:
         """The fp32 output buffer (B, Hq, Nq, D); it is overwritten by the next decode."""
@@ -89,10 +151,11 @@ class DecodeSession:
         """A new generation: lengths to 0, buffers kept."""
         self._enter("reset")
         self.cache.reset()
+        self._host_len = 0
         self.steps = 0
         self.state = "ready"
 
     def close(self) -> None:
         self._enter("close")
-        self.cache = self.output = None
+        self.cache = self.output = self.graph = None
         self.state = "closed"

@@ -1,0 +1,211 @@
+"""GPU benchmark: fa2lab's Triton kernels next to torch SDPA's backends and FlexAttention.
+
+One process, one device, `triton.testing.do_bench` medians. Every figure comes with its formula
+and its ratio to the baselines and to the machine's own matmul and copy peaks, measured in the
+same run. Each benchmarked shape is also checked for exactness on a slice of query rows against
+float64 (fa2lab's error must be at most 2x that of SDPA's same-dtype result, plus bf16 rounding).
+
+    python -m fa2lab.bench.gpu [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from fa2lab.kernels.attention import triton_attention
+from fa2lab.kernels.decode import decode_triton
+from fa2lab.kernels.decode import kernel_num_splits
+
+
+def _bench(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3  # seconds
+
+
+def peaks() -> dict:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = _bench(lambda: a @ a)
+    x = torch.empty(2**30 // 2, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    tc = _bench(lambda: y.copy_(x))
+    return {"matmul_tflops": 2 * 8192**3 / t / 1e12, "copy_tbps": 2 * x.numel() * 2 / tc / 1e12}
+
+
+def _sdpa(backend):
+    def run(q, k, v, causal):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+    return run
+
+
+def _flex():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    compiled = torch.compile(flex_attention)
+    masks = {}
+
+    def run(q, k, v, causal):
+        if not causal:
+            return compiled(q, k, v)
+        key = (q.shape[2], k.shape[2])
+        if key not in masks:
+            masks[key] = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, q.shape[2], k.shape[2])
+        return compiled(q, k, v, block_mask=masks[key])
+    return run
+
+
+def _fa2lab(q, k, v, causal):
+    return triton_attention(q, k, v, scale=q.shape[-1] ** -0.5, left=-1, right=0 if causal else -1)
+
+
+FWD_IMPLS = {"fa2lab triton": lambda: _fa2lab, "sdpa flash": lambda: _sdpa(SDPBackend.FLASH_ATTENTION),
+             "sdpa cudnn": lambda: _sdpa(SDPBackend.CUDNN_ATTENTION),
+             "sdpa efficient": lambda: _sdpa(SDPBackend.EFFICIENT_ATTENTION), "flex (compiled)": _flex}
+
+
+def _check_rows(out, ref_out, q, k, v, causal, rows=128):
+    """Error of `out` and `ref_out` against float64 on the first and last `rows` query rows of batch 0."""
+    n = q.shape[2]
+    idx = torch.cat([torch.arange(min(rows, n)), torch.arange(max(0, n - rows), n)]).unique().to(q.device)
+    qd, kd, vd = q[:1, :, idx].double(), k[:1].double(), v[:1].double()
+    kd = kd.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    vd = vd.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    s = qd @ kd.transpose(-1, -2) * q.shape[-1] ** -0.5  # (1, H, rows, N)
+    if causal:
+        s = s.masked_fill(torch.arange(k.shape[2], device=q.device)[None, :] > idx[:, None] + k.shape[2] - n, float("-inf"))
+    truth = torch.softmax(s, -1) @ vd
+    err = lambda o: (o[:1, :, idx].double() - truth).abs().max().item()  # noqa: E731
+    return err(out), err(ref_out)
+
+
+def forward_backward(cases, dtype=torch.bfloat16, with_bwd=True, pk=None, log=print):
+    rows = []
+    for n, d, causal in cases:
+        h = 2048 // d  # hidden 2048 as in the FA2 paper
+        b = max(1, 32768 // n)  # B * N = 32k tokens
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for _ in range(3))
+        flops = 4 * b * h * n * n * d / (2 if causal else 1)  # 2 matmuls of 2*N*N*D, half masked if causal
+        ref = _sdpa(SDPBackend.FLASH_ATTENTION)(q, k, v, causal)
+        for name, make in FWD_IMPLS.items():
+            try:
+                fn = make()
+                out = fn(q, k, v, causal)
+                t = _bench(lambda: fn(q, k, v, causal))
+                row = dict(kind="fwd", impl=name, N=n, D=d, B=b, H=h, causal=causal, ms=t * 1e3,
+                           tflops=flops / t / 1e12)
+                if name == "fa2lab triton":
+                    e_ours, e_sdpa = _check_rows(out, ref, q, k, v, causal)
+                    row.update(err=e_ours, err_sdpa=e_sdpa, exact=e_ours <= 2 * e_sdpa + 1e-3)
+                rows.append(row)
+                log(f"fwd {name:<16} N={n:>6} D={d:>3} causal={causal!s:<5} {t * 1e3:8.3f} ms {flops / t / 1e12:7.1f} TFLOP/s")
+            except Exception as exc:  # a backend that cannot run this shape is reported, not fatal
+                rows.append(dict(kind="fwd", impl=name, N=n, D=d, causal=causal, error=str(exc)[:200]))
+                log(f"fwd {name:<16} N={n:>6} D={d:>3}: {type(exc).__name__}: {str(exc)[:120]}")
+        if with_bwd:
+            do = torch.randn_like(q)
+            for name, fn in (("fa2lab triton", _fa2lab), ("sdpa flash", _sdpa(SDPBackend.FLASH_ATTENTION))):
+                try:
+                    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+                    out = fn(*leaves, causal)
+                    t = _bench(lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
+                    rows.append(dict(kind="bwd", impl=name, N=n, D=d, B=b, H=h, causal=causal, ms=t * 1e3,
+                                     tflops=2.5 * flops / t / 1e12))
+                    log(f"bwd {name:<16} N={n:>6} D={d:>3} causal={causal!s:<5} {t * 1e3:8.3f} ms {2.5 * flops / t / 1e12:7.1f} TFLOP/s")
+                except Exception as exc:
+                    rows.append(dict(kind="bwd", impl=name, N=n, D=d, causal=causal, error=str(exc)[:200]))
+                    log(f"bwd {name:<16} N={n:>6}: {type(exc).__name__}: {str(exc)[:120]}")
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def decode(cases, dtype=torch.bfloat16, log=print):
+    rows = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for b, hq, hkv, n, d in cases:
+        q = torch.randn(b, hq, 1, d, device="cuda", dtype=dtype)
+        k, v = (torch.randn(b, hkv, n, d, device="cuda", dtype=dtype) for _ in range(2))
+        seqlens = torch.full((b,), n, dtype=torch.int32, device="cuda")
+        nbytes = 2 * b * hkv * n * d * k.element_size()  # K and V read once
+        splits = kernel_num_splits(b * hkv, n, sms)
+        impls = {f"fa2lab triton (splits={splits})": lambda: decode_triton(q, k, v, seqlens, scale=d ** -0.5, left=-1,
+                                                                             right=0, num_splits=splits)[0],
+                 "sdpa flash": lambda: _sdpa(SDPBackend.FLASH_ATTENTION)(q, k, v, False),
+                 "sdpa cudnn": lambda: _sdpa(SDPBackend.CUDNN_ATTENTION)(q, k, v, False),
+                 "sdpa math": lambda: _sdpa(SDPBackend.MATH)(q, k, v, False)}
+        ref = impls["sdpa math"]()
+        for name, fn in impls.items():
+            try:
+                out = fn()
+                t = _bench(fn)
+                row = dict(kind="decode", impl=name, B=b, Hq=hq, Hkv=hkv, L=n, D=d, us=t * 1e6, tbps=nbytes / t / 1e12)
+                if name.startswith("fa2lab"):
+                    truth = _sdpa(SDPBackend.MATH)(q.double(), k.double(), v.double(), False)
+                    row.update(err=(out.double() - truth).abs().max().item(),
+                               err_sdpa=(ref.double() - truth).abs().max().item())
+                rows.append(row)
+                log(f"decode {name:<26} B={b:>3} L={n:>6} {t * 1e6:9.1f} us {nbytes / t / 1e12:6.2f} TB/s")
+            except Exception as exc:
+                rows.append(dict(kind="decode", impl=name, B=b, L=n, error=str(exc)[:200]))
+                log(f"decode {name:<26} B={b} L={n}: {type(exc).__name__}: {str(exc)[:120]}")
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+FWD_CASES = [(1024, 128, False), (4096, 128, False), (16384, 128, False), (4096, 64, False),
+             (1024, 128, True), (4096, 128, True), (16384, 128, True)]
+DECODE_CASES = [(1, 32, 8, 32768, 128), (8, 32, 8, 8192, 128), (1, 32, 32, 131072, 128), (64, 32, 8, 4096, 128)]
+
+
+def environment() -> dict:
+    import triton
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    return dict(date=time.strftime("%Y-%m-%d"), device=torch.cuda.get_device_name(0), torch=torch.__version__,
+                triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version(),
+                fa2lab_commit=commit or "unknown")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--quick", action="store_true", help="a few shapes, no FlexAttention")
+    p.add_argument("--no-bwd", action="store_true")
+    p.add_argument("--only", choices=["fwd", "decode"], default=None)
+    p.add_argument("--out", type=Path, default=Path("experiments/results"))
+    args = p.parse_args(argv)
+    if args.quick:
+        FWD_IMPLS.pop("flex (compiled)")
+    env = environment()
+    print(env)
+    pk = peaks()
+    print(f"peaks: bf16 matmul {pk['matmul_tflops']:.0f} TFLOP/s, copy {pk['copy_tbps']:.2f} TB/s")
+    rows = []
+    if args.only in (None, "fwd"):
+        cases = FWD_CASES[1:2] + FWD_CASES[5:6] if args.quick else FWD_CASES
+        rows += forward_backward(cases, with_bwd=not args.no_bwd)
+    if args.only in (None, "decode"):
+        rows += decode(DECODE_CASES[:1] if args.quick else DECODE_CASES)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = args.out / f"gpu-{stamp}.json"
+    path.write_text(json.dumps(dict(environment=env, peaks=pk, rows=rows), indent=1))
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

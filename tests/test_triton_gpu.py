@@ -1,0 +1,68 @@
+"""Full-size checks of the Triton kernels on a GPU (`pytest -m gpu`); skipped without CUDA."""
+
+import pytest
+import torch
+from helpers import assert_within_torch_error, make_qkv
+
+import fa2lab
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hq,hkv,nq,nk,d,causal,window", [
+    (32, 8, 1025, 1025, 128, True, (-1, -1)),
+    (8, 8, 4096, 4096, 64, False, (-1, -1)),
+    (8, 2, 1000, 3000, 256, True, (-1, -1)),
+    (16, 4, 2048, 2048, 96, True, (256, -1)),
+    (4, 4, 3000, 1000, 80, True, (-1, -1)),
+])
+def test_triton_full_size_within_torch_rule(dtype, hq, hkv, nq, nk, d, causal, window):
+    q, k, v = (t.cuda() for t in make_qkv(2, hq, hkv, nq, nk, d, seed=7))
+    fn = lambda *a, **kw: fa2lab.attention(*a, backend="triton", **kw)  # noqa: E731
+    assert_within_torch_error(fn, q, k, v, dtype, causal=causal, window_size=window)
+
+
+@pytest.mark.parametrize("page_size", [None, 1, 16, 256])
+def test_triton_decode_full_size(page_size):
+    b, hq, hkv, d, n = 4, 32, 8, 128, 8192
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, hq, 1, d, generator=g).half().cuda()
+    k = torch.randn(b, hkv, n, d, generator=g).half().cuda()
+    v = torch.randn(b, hkv, n, d, generator=g).half().cuda()
+    seqlens = torch.tensor([1, 97, 4000, 8192], dtype=torch.int32, device="cuda")
+    truth = fa2lab.decode_attention(q.double(), k.double(), v.double(), cache_seqlens=seqlens, backend="reference")
+    if page_size is None:
+        out = fa2lab.decode_attention(q, k, v, cache_seqlens=seqlens, backend="triton")
+    else:
+        per_seq = n // page_size
+        table = torch.randperm(b * per_seq, generator=g).view(b, per_seq).to(torch.int32).cuda()
+        kp = torch.empty(b * per_seq, hkv, page_size, d, dtype=torch.half, device="cuda")
+        vp = torch.empty_like(kp)
+        pos = torch.arange(n, device="cuda")
+        for bi in range(b):
+            kp[table[bi, pos // page_size].long(), :, pos % page_size] = k[bi].transpose(0, 1)
+            vp[table[bi, pos // page_size].long(), :, pos % page_size] = v[bi].transpose(0, 1)
+        out = fa2lab.decode_attention(q, kp, vp, cache_seqlens=seqlens, block_table=table, backend="triton")
+    assert (out.double() - truth).abs().max().item() < 2e-3
+
+
+def test_decode_session_cuda_graph_matches_eager():
+    from fa2lab.kvcache import DecodeSession
+
+    b, hq, hkv, d, steps = 2, 8, 2, 64, 40
+    g = torch.Generator().manual_seed(0)
+    qs = torch.randn(steps, b, hq, 1, d, generator=g).half().cuda()
+    ks = torch.randn(steps, b, hkv, 1, d, generator=g).half().cuda()
+    vs = torch.randn(steps, b, hkv, 1, d, generator=g).half().cuda()
+    outs = {}
+    for graph in (False, True):
+        s = DecodeSession(b, hq, hkv, 256, d, dtype=torch.float16, device="cuda", cuda_graph=graph).init()
+        res = []
+        for t in range(steps):
+            s.load_qkv(qs[t], ks[t], vs[t])
+            s.decode()
+            res.append(s.get_output().clone())
+        outs[graph] = torch.stack(res)
+        assert s.seqlens.tolist() == [steps] * b
+    assert (outs[True] - outs[False]).abs().max().item() < 2e-3
