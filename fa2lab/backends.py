@@ -121,15 +121,18 @@ class Triton:
 BACKENDS = {b.name: b for b in (Reference(), Tiled(), Sdpa(), Triton())}
 
 # Fastest first, per device type (measured: BENCHMARKS.md). CPU: torch's fused kernel beats the
-# PyTorch-level FA2 wherever it applies; the tiled FA2 runs everything else in O(N) memory. CUDA:
-# SDPA where it applies, the Triton kernels for what it cannot do (windows, lse, bottom-right causal).
-AUTO_ORDER = {"cpu": ("sdpa", "tiled"), "cuda": ("sdpa", "triton", "tiled")}
+# PyTorch-level FA2 wherever it applies; the tiled FA2 runs everything else in O(N) memory. CUDA,
+# fp16/bf16: the Triton kernels (1.3-1.4x SDPA's default flash forward, >= its backward on the
+# H100); fp32 on CUDA: SDPA first (the kernels' exact-fp32 dots are slow).
+AUTO_ORDER = {"cpu": ("sdpa", "tiled"), "cuda": ("triton", "sdpa", "tiled"), "cuda-fp32": ("sdpa", "triton", "tiled")}
 DEFAULT_AUTO_ORDER = ("sdpa", "tiled")
 
 
 def choose(cases: list[Case]) -> tuple[str, str]:
     """(backend name, reason) for "auto": the first in AUTO_ORDER that runs every case."""
     device = cases[0].device if cases else "cpu"
+    if device == "cuda" and cases[0].dtype in (torch.float32, torch.float64):
+        device = "cuda-fp32"
     skipped = []
     for name in AUTO_ORDER.get(device, DEFAULT_AUTO_ORDER):
         reasons = [r for r in (BACKENDS[name].unsupported(c) for c in cases) if r]
