@@ -48,20 +48,23 @@ class PagedKVCache:
             raise ValueError(f"expected k of shape (Hkv={self.heads_kv}, n, D={self.head_dim}), got {tuple(k.shape)}")
         if v.shape != (self.heads_kv, k.shape[1], self.head_dim_v):
             raise ValueError(f"expected v of shape {(self.heads_kv, k.shape[1], self.head_dim_v)}, got {tuple(v.shape)}")
+        if not (k.dtype.is_floating_point and v.dtype.is_floating_point):
+            raise ValueError(f"expected floating-point k and v, got {k.dtype} and {v.dtype}")
         n, start = k.shape[1], self.lengths[seq_id]
         need = math.ceil((start + n) / self.page_size) - len(self.pages[seq_id])
         if need > len(self.free_pages):
             raise RuntimeError(f"page pool exhausted: sequence {seq_id!r} needs {need} more pages of "
                                f"{self.page_size} tokens, {len(self.free_pages)} are free; free finished "
                                f"sequences or make the pool larger (num_pages={self.num_pages})")
-        pages = self.pages[seq_id]
-        for _ in range(need):
-            pages.append(self.free_pages.pop())
+        pages = self.pages[seq_id] + self.free_pages[len(self.free_pages) - need:][::-1]  # the pages pop() would give
         pos = torch.arange(start, start + n)
         phys = torch.tensor(pages, dtype=torch.long)[pos // self.page_size].to(self.k_pages.device)  # (n,)
         off = (pos % self.page_size).to(self.k_pages.device)  # (n,)
         self.k_pages[phys, :, off] = k.transpose(0, 1).to(self.k_pages.dtype)  # (n, Hkv, D)
         self.v_pages[phys, :, off] = v.transpose(0, 1).to(self.v_pages.dtype)
+        # Pages change hands only after the writes succeeded: a failed write takes nothing.
+        del self.free_pages[len(self.free_pages) - need:]
+        self.pages[seq_id] = pages
         self.lengths[seq_id] = start + n
 
     def free(self, seq_id) -> None:

@@ -33,10 +33,18 @@ class StaticKVCache(KVCache):
         n = check_new_tokens("k", k, self.batch, self.heads_kv, self.head_dim)
         if check_new_tokens("v", v, self.batch, self.heads_kv, self.head_dim_v) != n:
             raise ValueError(f"expected k and v to bring the same number of tokens, got {n} and {v.shape[2]}")
-        take = torch.full((self.batch,), n, dtype=torch.int32, device=self.lengths.device) if lengths is None \
-            else lengths.to(device=self.lengths.device, dtype=torch.int32)
-        if take.shape != (self.batch,) or bool((take < 0).any()) or bool((take > n).any()):
-            raise ValueError(f"expected lengths of shape ({self.batch},) with values in [0, {n}], got {lengths}")
+        for name, x in (("k", k), ("v", v)):
+            if not x.dtype.is_floating_point:
+                raise ValueError(f"expected floating-point {name}, got {x.dtype}; it is stored as {self.k.dtype}")
+        if lengths is None:
+            take = torch.full((self.batch,), n, dtype=torch.int32, device=self.lengths.device)
+        else:
+            take = torch.as_tensor(lengths)
+            if take.dtype.is_floating_point or take.dtype == torch.bool or take.shape != (self.batch,):
+                raise ValueError(f"expected lengths to be integers of shape ({self.batch},), got {lengths!r}")
+            take = take.to(device=self.lengths.device, dtype=torch.int32)
+        if bool((take < 0).any()) or bool((take > n).any()):
+            raise ValueError(f"expected lengths with values in [0, {n}] (the tokens this step brings), got {take.tolist()}")
         new_len = self.lengths + take
         if bool((new_len > self.max_len).any()):
             b = int((new_len > self.max_len).nonzero()[0])
