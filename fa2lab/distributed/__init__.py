@@ -1,0 +1,18 @@
+"""Context parallelism: attention over a sequence sharded across the ranks of a process group.
+
+    ring_attention(q, k, v, *, causal, window_size, softmax_scale, group, return_lse)
+        exact attention of this rank's query shard against the whole sequence; K/V shards travel
+        around the ring (torch.distributed P2P), partial results merge by their log-sum-exp
+    plan_ring(world_size, nq_local, nk_local, *, causal, window_size, layout)
+        the ring schedule without a process group: which K/V shard each rank holds at each step,
+        which blocks it computes or skips, and the work balance (`RingPlan.schedule/balance`)
+
+Files: plan.py (layouts, block cropping, schedule), comm.py (P2P transport, re-sharding, errors),
+ring.py (the forward/backward ring and the public function).
+"""
+
+from fa2lab.distributed.comm import RingError
+from fa2lab.distributed.plan import RingPlan, plan_ring
+from fa2lab.distributed.ring import ring_attention
+
+__all__ = ["ring_attention", "plan_ring", "RingPlan", "RingError"]

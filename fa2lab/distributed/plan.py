@@ -1,0 +1,201 @@
+"""The ring schedule, planned once per shape: which K/V shard each rank holds at each step, and
+which (query segment x key segment) blocks it computes there.
+
+With W ranks, rank r holds its own K/V shard at step 0 and the shard of rank (r - s) mod W at
+step s: every step each rank sends the shard it holds to rank r + 1 and receives one from r - 1.
+
+Layouts (how the global sequence is cut into the ranks' shards; N_local = N / W):
+
+    contiguous   rank r holds positions [r*N_local, (r+1)*N_local)           (the input layout)
+    zigzag       the sequence is cut into 2W chunks; rank r holds chunks r and 2W-1-r
+
+With a causal mask the contiguous layout gives rank W-1 all of its keys' work and rank 0 almost
+none; zig-zag pairs an early chunk with a late one, so every rank sees the same number of
+(query, key) pairs. W = 2, 4 chunks c0..c3, zigzag: rank 0 = (c0, c3), rank 1 = (c1, c2).
+
+A block is one query segment against one key segment, cropped to the rows that see a key and the
+keys that a row sees. After the crop the mask is always a bottom-right-aligned window of the
+cropped block (the last kept row sees the last kept key, and the band's edges stay on the
+block's own diagonals), so `fa2lab.tiled` runs it unchanged. A pair with nothing visible is
+skipped: it is not computed and costs no FLOPs, only the ring hop that brings its K/V.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fa2lab import masks
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+@dataclass(frozen=True)
+class Block:
+    """One computed block of a ring step: local query rows against local rows of the K/V shard
+    held at that step, with the mask as a window of the cropped block."""
+
+    q_rows: tuple[int, int]  # [a, b) rows of this rank's q shard
+    k_rows: tuple[int, int]  # [a, b) rows of the K/V shard held at this step
+    window: tuple[int, int]  # (left, right), bottom-right aligned in the cropped block; -1 unbounded
+    pairs: int  # visible (query, key) pairs: the block's work is 4 * B * Hq * pairs * D FLOPs
+
+
+@dataclass(frozen=True)
+class RingStep:
+    rank: int
+    step: int
+    kv_rank: int  # whose K/V shard this rank holds at this step: (rank - step) mod W
+    blocks: tuple[Block, ...]  # computed
+    skipped: int  # segment pairs left out because the mask hides all of them
+
+
+@dataclass(frozen=True)
+class RingPlan:
+    """Everything `ring_attention` decides before it touches a tensor."""
+
+    world_size: int
+    nq_local: int
+    nk_local: int
+    causal: bool
+    window_size: tuple[int, int]
+    layout: str  # "contiguous" or "zigzag"; see the module docstring
+    steps: tuple[tuple[RingStep, ...], ...]  # steps[rank][step]
+
+    def segments(self, rank: int, n_local: int) -> list[tuple[int, int, int]]:
+        return _segments(self.layout, rank, self.world_size, n_local)
+
+    def schedule(self) -> list[dict]:
+        """One row per (rank, step): the K/V shard held, blocks computed and skipped, work."""
+        return [dict(rank=st.rank, step=st.step, kv_rank=st.kv_rank, computed=len(st.blocks),
+                     skipped=st.skipped, pairs=sum(b.pairs for b in st.blocks),
+                     windows=[b.window for b in st.blocks])
+                for per_rank in self.steps for st in per_rank]
+
+    def global_blocks(self) -> list[dict]:
+        """Every computed block in global positions: rank, step, query rows [q0, q1), keys
+        [k0, k1) of the gathered sequence, window and pairs - rectangles to draw on the mask."""
+        def to_global(rank, n_local, a, b):
+            for g, local, n in self.segments(rank, n_local):
+                if local <= a < local + n:
+                    return g + a - local, g + b - local  # a block never straddles two segments
+            raise AssertionError("block outside its shard")
+
+        rows = []
+        for per_rank in self.steps:
+            for st in per_rank:
+                for blk in st.blocks:
+                    q0, q1 = to_global(st.rank, self.nq_local, *blk.q_rows)
+                    k0, k1 = to_global(st.kv_rank, self.nk_local, *blk.k_rows)
+                    rows.append(dict(rank=st.rank, step=st.step, kv_rank=st.kv_rank, q0=q0, q1=q1, k0=k0, k1=k1,
+                                     window=blk.window, pairs=blk.pairs))
+        return rows
+
+    def balance(self) -> list[dict]:
+        """Per rank: blocks computed and skipped over the whole ring, visible pairs, and the
+        pairs as a share of the busiest rank's (1.0 everywhere = perfectly balanced)."""
+        rows = [dict(rank=r, computed=sum(len(st.blocks) for st in per_rank),
+                     skipped=sum(st.skipped for st in per_rank),
+                     pairs=sum(b.pairs for st in per_rank for b in st.blocks))
+                for r, per_rank in enumerate(self.steps)]
+        busiest = max(row["pairs"] for row in rows) or 1
+        for row in rows:
+            row["share_of_busiest"] = round(row["pairs"] / busiest, 3)
+        return rows
+
+    def critical_path_pairs(self) -> int:
+        """Sum over steps of the busiest rank's pairs: the ring waits for its slowest member at
+        every step, so this (not the total) is what the wall time follows."""
+        return sum(max(sum(b.pairs for b in self.steps[r][s].blocks) for r in range(self.world_size))
+                   for s in range(self.world_size))
+
+
+def _segments(layout: str, rank: int, world: int, n_local: int) -> list[tuple[int, int, int]]:
+    """(global start, local start, length) of each contiguous piece of a rank's shard."""
+    if layout == "contiguous":
+        return [(rank * n_local, 0, n_local)]
+    c = n_local // 2  # zig-zag chunk length
+    return [(rank * c, 0, c), ((2 * world - 1 - rank) * c, c, c)]
+
+
+def default_layout(world_size: int, nq_local: int, nk_local: int, causal: bool,
+                   window_size: tuple[int, int]) -> str:
+    """zigzag where the mask hides the future but not the past (causal, or a right-bounded window
+    with no left bound) - the masks that leave contiguous shards unbalanced - and both shard
+    lengths split into two chunks; contiguous otherwise (already balanced, or impossible)."""
+    left, right = masks.effective_window(causal, window_size)
+    even = nq_local % 2 == 0 and nk_local % 2 == 0 and nq_local > 0 and nk_local > 0
+    return "zigzag" if world_size > 1 and left < 0 and right >= 0 and even else "contiguous"
+
+
+def crop_block(qa: int, lq: int, ka: int, lk: int, off: int, left: int, right: int):
+    """Crop the block of global query rows [qa, qa+lq) x keys [ka, ka+lk) to its visible part.
+
+    Globally query i sees key j iff off - left <= j - i <= off + right (off = Nk - Nq, -1 =
+    unbounded). Returns None if nothing is visible, else (i0, i1, j0, j1, (left_s, right_s), pairs)
+    with rows/keys relative to the block and the window relative to the cropped block.
+    """
+    inf = float("inf")
+    lo_d = off - left - (ka - qa) if left >= 0 else -inf  # bounds on j' - i' in block coordinates
+    hi_d = off + right - (ka - qa) if right >= 0 else inf
+    i0 = int(max(0, -hi_d))  # rows that see at least one key of [0, lk)
+    i1 = int(min(lq, lk - lo_d))
+    if i1 <= i0 or lk == 0:
+        return None
+    j0 = int(max(0, i0 + lo_d))  # keys seen by at least one kept row
+    j1 = int(min(lk, i1 + hi_d))
+    nq_s, nk_s = i1 - i0, j1 - j0
+    off_s, shift = nk_s - nq_s, j0 - i0
+    # The crop keeps the last row's view ending at the last key, so both bounds are >= 0 here.
+    left_s = -1 if lo_d == -inf else int(off_s - (lo_d - shift))
+    right_s = -1 if hi_d == inf else int((hi_d - shift) - off_s)
+    if left_s >= nk_s - 1:
+        left_s = -1  # the bound cuts nothing inside the block
+    if right_s >= nq_s - 1:
+        right_s = -1
+    rows = torch.arange(i0, i1, dtype=torch.int64)
+    hi = (rows + hi_d + 1).clamp(max=lk) if hi_d != inf else torch.full_like(rows, lk)
+    lo = (rows + lo_d).clamp(min=0) if lo_d != -inf else torch.zeros_like(rows)
+    pairs = int((hi - lo).clamp(min=0).sum())
+    return i0, i1, j0, j1, (left_s, right_s), pairs
+
+
+def plan_ring(world_size: int, nq_local: int, nk_local: int | None = None, *, causal: bool = False,
+              window_size: tuple[int, int] = (-1, -1), layout: str | None = None) -> RingPlan:
+    """Plan ring attention over `world_size` ranks holding `nq_local` queries and `nk_local` keys
+    each (nk_local defaults to nq_local). Masks as in `fa2lab.attention`, on the global sequence
+    (Nq = W * nq_local, Nk = W * nk_local, bottom-right aligned). `layout=None` picks
+    `default_layout`. Pure arithmetic: no process group needed, so a notebook can draw it.
+    """
+    nk_local = nq_local if nk_local is None else nk_local
+    if world_size < 1 or nq_local < 0 or nk_local < 0:
+        raise ValueError(f"expected world_size >= 1 and lengths >= 0, got {world_size}, {nq_local}, {nk_local}")
+    layout = layout or default_layout(world_size, nq_local, nk_local, causal, window_size)
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+    if layout == "zigzag" and (nq_local % 2 or nk_local % 2):
+        raise ValueError(
+            f"the zigzag layout cuts each shard into two equal chunks; got nq_local={nq_local}, "
+            f"nk_local={nk_local}; use even shard lengths or layout='contiguous'"
+        )
+    left, right = masks.effective_window(causal, window_size)
+    off = world_size * (nk_local - nq_local)  # global Nk - Nq
+    steps = []
+    for rank in range(world_size):
+        q_segs = _segments(layout, rank, world_size, nq_local)
+        per_rank = []
+        for step in range(world_size):
+            kv_rank = (rank - step) % world_size
+            blocks, skipped = [], 0
+            for qa, q_local, lq in q_segs:
+                for ka, k_local, lk in _segments(layout, kv_rank, world_size, nk_local):
+                    crop = crop_block(qa, lq, ka, lk, off, left, right) if lq and lk else None
+                    if crop is None:
+                        skipped += 1
+                        continue
+                    i0, i1, j0, j1, window, pairs = crop
+                    blocks.append(Block((q_local + i0, q_local + i1), (k_local + j0, k_local + j1), window, pairs))
+            per_rank.append(RingStep(rank, step, kv_rank, tuple(blocks), skipped))
+        steps.append(tuple(per_rank))
+    return RingPlan(world_size, nq_local, nk_local, bool(causal), tuple(window_size), layout, tuple(steps))

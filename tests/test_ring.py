@@ -1,0 +1,334 @@
+"""Ring attention: the plan (single process) and the ring itself on gloo with 2, 3 and 4 processes,
+against single-process `fa2lab.attention` on the gathered sequence.
+
+Spawning a process group costs a few seconds, so each spawn runs a list of cases; every rank
+writes what it saw to a file and the test process asserts on it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import finite_lse, max_err
+
+import fa2lab
+from fa2lab import masks
+from fa2lab.distributed import plan_ring, ring_attention
+from fa2lab.reference import attention_ref
+
+# --- the plan: pure arithmetic, checked against the dense mask ---------------------------------
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("nq_local,nk_local", [(6, 6), (4, 10), (10, 4), (7, 7)])
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (3, 2)),
+                                           (True, (5, -1)), (False, (-1, 0)), (False, (0, 9))])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_plan_blocks_tile_the_mask_exactly(world, nq_local, nk_local, causal, window, layout):
+    if layout == "zigzag" and (nq_local % 2 or nk_local % 2):
+        with pytest.raises(ValueError, match="two equal chunks"):
+            plan_ring(world, nq_local, nk_local, causal=causal, window_size=window, layout=layout)
+        return
+    plan = plan_ring(world, nq_local, nk_local, causal=causal, window_size=window, layout=layout)
+    nq, nk = world * nq_local, world * nk_local
+    covered = torch.zeros(nq, nk, dtype=torch.int64)
+    for rank in range(world):
+        q_pos = torch.cat([torch.arange(g, g + n) for g, _, n in plan.segments(rank, nq_local)])
+        for st in plan.steps[rank]:
+            k_pos = torch.cat([torch.arange(g, g + n) for g, _, n in plan.segments(st.kv_rank, nk_local)])
+            for blk in st.blocks:
+                (a, b), (c, d) = blk.q_rows, blk.k_rows
+                vis = masks.tile_mask(0, b - a, 0, d - c, b - a, d - c, *blk.window)  # the block's own mask
+                assert int(vis.sum()) == blk.pairs
+                covered[q_pos[a:b, None], k_pos[None, c:d]] += vis.long()
+    assert torch.equal(covered, masks.dense_mask(nq, nk, causal, window).long())  # each pair once
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_zigzag_balances_causal_work(world):
+    zig = plan_ring(world, 64, causal=True)
+    contiguous = plan_ring(world, 64, causal=True, layout="contiguous")
+    assert zig.layout == "zigzag"
+    assert len({row["pairs"] for row in zig.balance()}) == 1  # every rank sees as many (query, key) pairs
+    shares = [row["share_of_busiest"] for row in contiguous.balance()]
+    assert shares[0] < shares[-1] == 1.0
+    assert zig.critical_path_pairs() < contiguous.critical_path_pairs()
+    assert plan_ring(world, 64).layout == "contiguous"  # non-causal is balanced already
+    assert plan_ring(world, 63, causal=True).layout == "contiguous"  # odd shards cannot be halved
+
+
+def test_schedule_rows_name_the_shard_held_at_each_step():
+    rows = plan_ring(4, 8, causal=True).schedule()
+    assert len(rows) == 16
+    assert all(r["kv_rank"] == (r["rank"] - r["step"]) % 4 for r in rows)
+    assert all(r["computed"] + r["skipped"] == 4 for r in rows)  # 2 query x 2 key chunks
+
+
+def test_global_blocks_cover_the_causal_mask_once():
+    plan = plan_ring(3, 8, causal=True)
+    covered = torch.zeros(24, 24, dtype=torch.int64)
+    for b in plan.global_blocks():
+        vis = masks.tile_mask(0, b["q1"] - b["q0"], 0, b["k1"] - b["k0"], b["q1"] - b["q0"], b["k1"] - b["k0"],
+                              *b["window"])
+        covered[b["q0"]:b["q1"], b["k0"]:b["k1"]] += vis.long()
+    assert torch.equal(covered, masks.dense_mask(24, 24, True, (-1, -1)).long())
+
+
+def test_uninitialised_process_group_is_a_clear_error():
+    assert not dist.is_initialized()
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ring_attention(q, q, q)
+
+
+# --- the ring on gloo ---------------------------------------------------------------------------
+
+
+def _full_inputs(world, b, hq, hkv, n, nk, d, dv, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in
+                   ((b, hq, world * n, d), (b, hkv, world * nk, d), (b, hkv, world * nk, dv), (b, hq, world * n, dv)))
+    dlse = torch.randn(b, hq, world * n, generator=g, dtype=torch.float64)
+    return q, k, v, do, dlse
+
+
+def _loss_grads(fn, q, k, v, do, dlse, dtype, **kw):
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = fn(*leaves, return_lse=True, **kw)
+    loss = (out.double() * do).sum() + (finite_lse(lse.double()) * dlse).sum()
+    return out, lse, torch.autograd.grad(loss, leaves)
+
+
+def _compare(rank, world, *, b=1, hq=2, hkv=2, n=8, nk=None, d=16, dv=None, causal=False, window=(-1, -1),
+             dtype=torch.float64, group=None, seed=0, overlap=True):
+    """Errors of this rank's shards of out, lse, dq, dk, dv against the single-process call; for a
+    low-precision dtype also plain PyTorch's error at that dtype (the foundation's error rule)."""
+    nk, dv = nk or n, dv or d
+    q, k, v, do, dlse = _full_inputs(world, b, hq, hkv, n, nk, d, dv, seed)
+    qs, ks = slice(rank * n, (rank + 1) * n), slice(rank * nk, (rank + 1) * nk)
+    local = lambda x, s: x[:, :, s].contiguous()  # noqa: E731
+
+    def ring(q_, k_, v_, **kw):
+        if overlap:
+            return ring_attention(q_, k_, v_, group=group, **kw)
+        from fa2lab.distributed.comm import Ring
+        from fa2lab.distributed.ring import _run
+        plan = plan_ring(world, n, nk, causal=kw["causal"], window_size=kw["window_size"])
+        return _run(q_, k_, v_, plan, Ring(group or dist.group.WORLD), d ** -0.5, overlap=False)
+
+    mask = dict(causal=causal, window_size=window)
+    out, lse, grads = _loss_grads(ring, local(q, qs), local(k, ks), local(v, ks), local(do, qs), local(dlse, qs),
+                                  dtype, **mask)
+    out_r, lse_r, grads_r = _loss_grads(fa2lab.attention, q, k, v, do, dlse, torch.float64, **mask)
+    pieces = dict(out=(out, out_r[:, :, qs]), lse=(finite_lse(lse), finite_lse(lse_r)[:, :, qs]),
+                  dq=(grads[0], grads_r[0][:, :, qs]), dk=(grads[1], grads_r[1][:, :, ks]),
+                  dv=(grads[2], grads_r[2][:, :, ks]))
+    errs = {name: max_err(a, t) for name, (a, t) in pieces.items()}
+    if dtype != torch.float64:
+        naive = lambda *a, **kw: attention_ref(*a, upcast=False, **kw)  # noqa: E731
+        out_t, _, grads_t = _loss_grads(naive, q, k, v, do, dlse, dtype, **mask)
+        torch_pieces = dict(out=out_t[:, :, qs], dq=grads_t[0][:, :, qs], dk=grads_t[1][:, :, ks],
+                            dv=grads_t[2][:, :, ks])
+        errs.update({f"torch_{name}": max_err(t, pieces[name][1]) for name, t in torch_pieces.items()})
+    return errs
+
+
+def _raises(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the parent asserts on type and message
+        return {"raised": type(e).__name__, "message": str(e)}
+    return {"raised": None}
+
+
+CASES_2 = {
+    "noncausal": lambda r, w: _compare(r, w, n=12),
+    "causal": lambda r, w: _compare(r, w, n=12, causal=True),  # zig-zag
+    "causal_odd": lambda r, w: _compare(r, w, n=7, causal=True),  # contiguous fallback
+    "gqa_causal": lambda r, w: _compare(r, w, b=2, hq=6, hkv=2, n=10, d=40, dv=24, causal=True),
+    "window": lambda r, w: _compare(r, w, n=12, window=(5, 3)),
+    "nq_ne_nk_causal": lambda r, w: _compare(r, w, n=6, nk=10, causal=True),
+    "no_overlap": lambda r, w: _compare(r, w, n=12, causal=True, overlap=False),
+    "bf16_gqa_causal": lambda r, w: _compare(r, w, hq=4, hkv=1, n=64, d=32, causal=True, dtype=torch.bfloat16),
+    "uneven": lambda r, w: _raises(lambda: ring_attention(*[torch.randn(1, 2, 5 + r, 8)] * 3)),
+    "mismatch": lambda r, w: _raises(lambda: ring_attention(  # rank 1 has 4 query heads, rank 0 has 2
+        torch.randn(1, 2 + 2 * r, 4, 8), *[torch.randn(1, 2, 4, 8)] * 2)),
+    "bad_rank_input": lambda r, w: _raises(lambda: ring_attention(  # rank 0 passes a 3-D q
+        torch.randn(2, 4, 8) if r == 0 else torch.randn(1, 2, 4, 8), *[torch.randn(1, 2, 4, 8)] * 2)),
+}
+
+
+def _subgroup_case(r, w):
+    sub = dist.new_group([0, 1, 2])  # every rank must call new_group
+    return _compare(r, 3, n=8, hq=4, hkv=2, causal=True, group=sub) if r < 3 else {}
+
+
+CASES_4 = {
+    "noncausal": lambda r, w: _compare(r, w, n=6),
+    "causal": lambda r, w: _compare(r, w, n=6, causal=True),
+    "gqa_causal": lambda r, w: _compare(r, w, hq=4, hkv=1, n=8, d=24, causal=True),
+    "window": lambda r, w: _compare(r, w, n=6, window=(4, 0)),
+    "subgroup_w3_causal": _subgroup_case,
+    "uneven": lambda r, w: _raises(lambda: ring_attention(*[torch.randn(1, 2, 4 + (r == 3), 8)] * 3, causal=True)),
+}
+
+
+def _exit_in_backward(r, w):
+    """Rank 1 dies in the middle of the backward ring; rank 0 must raise, not hang."""
+    q = torch.randn(1, 2, 8, 16, requires_grad=True)
+    out = ring_attention(q, q.detach(), q.detach(), causal=True)
+    if r == 1:
+        import fa2lab.distributed.ring as ring_mod
+        ring_mod.flash_backward = lambda *a, **k: os._exit(3)
+    return _raises(lambda: out.sum().backward())
+
+
+def _stall_before_backward(r, w):
+    """Rank 1 stops calling after the forward (alive, silent); rank 0 must time out."""
+    q = torch.randn(1, 2, 8, 16, requires_grad=True)
+    out = ring_attention(q, q.detach(), q.detach())
+    if r == 1:
+        time.sleep(4)  # past rank 0's 3 s timeout
+        os._exit(0)
+    t0 = time.perf_counter()
+    res = _raises(lambda: out.sum().backward())
+    return {**res, "waited_s": time.perf_counter() - t0}
+
+
+CASE_SETS = {"w2": CASES_2, "w4": CASES_4, "dies": {"dies": _exit_in_backward},
+             "stalls": {"stalls": _stall_before_backward}}
+
+
+def _worker(rank, world, init_file, case_set, out_dir, timeout_s):
+    torch.set_num_threads(1)  # W processes share this machine's cores
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    results = {}
+    for name, case in CASE_SETS[case_set].items():
+        try:
+            results[name] = case(rank, world)
+        except Exception:  # noqa: BLE001 - reported to the test process
+            results[name] = {"crashed": traceback.format_exc()}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))  # after each case: survives an exit
+    dist.destroy_process_group()
+
+
+def _launch(world, case_set, tmp_path, timeout_s=30, deadline_s=90):
+    # forkserver: torch and this module are imported once, in the server, not once per rank
+    mp.set_forkserver_preload(["torch", "torch.distributed", "fa2lab.distributed", __name__])
+    ctx = mp.get_context("forkserver")
+    procs = [ctx.Process(target=_worker, args=(r, world, str(tmp_path / "init"), case_set, str(tmp_path), timeout_s))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    end = time.monotonic() + deadline_s
+    for p in procs:
+        p.join(max(0.0, end - time.monotonic()))
+    for p in procs:
+        if p.is_alive():  # only our own children, by handle
+            p.kill()
+            p.join()
+    results = [torch.load(tmp_path / f"rank{r}.pt") if (tmp_path / f"rank{r}.pt").exists() else {}
+               for r in range(world)]
+    return results, [p.exitcode for p in procs]
+
+
+FWD_TOL, GRAD_TOL = 1e-12, 1e-11  # float64, as test_tiled's oracle comparisons
+
+
+def _assert_exact(results, name, ranks):
+    for r in ranks:
+        errs = results[r][name]
+        assert "crashed" not in errs, f"{name}, rank {r}:\n{errs.get('crashed')}"
+        assert errs["out"] < FWD_TOL and errs["lse"] < FWD_TOL, (name, r, errs)
+        assert max(errs["dq"], errs["dk"], errs["dv"]) < GRAD_TOL, (name, r, errs)
+
+
+@pytest.fixture(scope="module")
+def ring2(tmp_path_factory):
+    return _launch(2, "w2", tmp_path_factory.mktemp("ring2"))
+
+
+@pytest.fixture(scope="module")
+def ring4(tmp_path_factory):
+    return _launch(4, "w4", tmp_path_factory.mktemp("ring4"))
+
+
+@pytest.mark.parametrize("name", ["noncausal", "causal", "causal_odd", "gqa_causal", "window", "nq_ne_nk_causal",
+                                  "no_overlap"])
+def test_ring_2_ranks_equals_single_process(ring2, name):
+    results, codes = ring2
+    assert codes == [0, 0]
+    _assert_exact(results, name, range(2))
+
+
+def test_ring_2_ranks_bf16_within_torch_error(ring2):
+    for r in range(2):
+        e = ring2[0][r]["bf16_gqa_causal"]
+        assert "crashed" not in e, e.get("crashed")
+        floor = torch.finfo(torch.bfloat16).eps / 4
+        assert e["out"] <= 2 * e["torch_out"] + floor, e
+        for g in ("dq", "dk", "dv"):
+            assert e[g] <= 3 * e[f"torch_{g}"] + floor, (g, e)
+
+
+def test_ring_2_ranks_errors_are_clear_and_on_every_rank(ring2):
+    results, _ = ring2
+    for r in range(2):
+        uneven = results[r]["uneven"]
+        assert uneven["raised"] == "ValueError", uneven
+        assert "[5, 6]" in uneven["message"] and "pad it to 12" in uneven["message"]
+        mismatch = results[r]["mismatch"]
+        assert mismatch["raised"] == "ValueError" and "disagree on q" in mismatch["message"]
+        assert "rank 1: ((1, 4, 4, 8)" in mismatch["message"]
+    assert "expected q to have 4 dims" in results[0]["bad_rank_input"]["message"]
+    assert "rank 0 rejected its inputs" in results[1]["bad_rank_input"]["message"]
+
+
+@pytest.mark.parametrize("name", ["noncausal", "causal", "gqa_causal", "window"])
+def test_ring_4_ranks_equals_single_process(ring4, name):
+    results, codes = ring4
+    assert codes == [0, 0, 0, 0]
+    _assert_exact(results, name, range(4))
+
+
+def test_ring_on_a_subgroup_of_3(ring4):
+    _assert_exact(ring4[0], "subgroup_w3_causal", range(3))
+
+
+def test_ring_4_ranks_uneven_error(ring4):
+    for r in range(4):
+        e = ring4[0][r]["uneven"]
+        assert e["raised"] == "ValueError" and "[4, 4, 4, 5]" in e["message"], e
+
+
+def test_dead_rank_raises_instead_of_hanging(tmp_path):
+    results, codes = _launch(2, "dies", tmp_path, timeout_s=5, deadline_s=40)
+    assert codes[1] == 3
+    e = results[0]["dies"]
+    assert e["raised"] == "RingError" and "rank 0" in e["message"] and "rank 1" in e["message"], e
+
+
+def test_silent_rank_times_out_with_a_clear_error(tmp_path):
+    results, codes = _launch(2, "stalls", tmp_path, timeout_s=3, deadline_s=40)
+    e = results[0]["stalls"]
+    assert e["raised"] == "RingError" and "timeout" in e["message"], e
+    assert e["waited_s"] < 7, e
+
+
+def test_overlap_bench_reports_every_variant():
+    from fa2lab.bench.ring import COLUMNS, run
+
+    rows = run(lengths=(64,), causal=(True,), heads=2, heads_kv=1, head_dim=16, repeats=1, progress=lambda s: None)
+    assert all(list(row) == COLUMNS for row in rows)
+    kinds = {(row["mode"], row["kind"]) for row in rows}
+    assert kinds == {(m, k) for m in ("fwd", "fwd+bwd") for k in ("overlap", "serial", "compute", "comm", "single")} | {
+        ("fwd", "reshard")}
+    assert all(row["ms"] > 0 for row in rows)
