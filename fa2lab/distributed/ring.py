@@ -52,11 +52,43 @@ def _block_kw(blk, scale):
                 block_q=DEFAULT_TILES.block_q, block_k=DEFAULT_TILES.block_k)
 
 
+def _use_kernels(q) -> bool:
+    """fp16/bf16 on CUDA: each block goes through the Triton kernels (same semantics, same (out,
+    lse) contract, dLSE-aware backward); elsewhere through the PyTorch FA2."""
+    from fa2lab.backends import triton_unavailable
+
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and \
+        triton_unavailable("cuda", q.dtype, (q.shape[-1],)) is None
+
+
+def _block_forward(q_b, k_b, v_b, blk, scale, kernels):
+    if kernels:
+        from fa2lab.kernels.fwd import flash_fwd_triton
+
+        o_b, l_b = flash_fwd_triton(q_b, k_b, v_b, scale=scale, left=blk.window[0], right=blk.window[1])
+        return o_b.float(), l_b
+    acc_t = accum_dtype(q_b.dtype)
+    return flash_forward(q_b.to(acc_t), k_b.to(acc_t), v_b.to(acc_t), **_block_kw(blk, scale))
+
+
+def _block_backward(do_b, dlse_b, q_b, k_b, v_b, out_b, lse_b, blk, scale, kernels):
+    if kernels:
+        from fa2lab.kernels.bwd import flash_bwd_triton
+
+        return flash_bwd_triton(do_b.contiguous(), dlse_b, q_b.contiguous(), k_b.contiguous(), v_b.contiguous(),
+                                out_b.contiguous(), lse_b.float(), scale=scale, left=blk.window[0],
+                                right=blk.window[1])
+    acc_t = accum_dtype(q_b.dtype)
+    return flash_backward(do_b.to(acc_t), dlse_b, q_b.to(acc_t), k_b.to(acc_t), v_b.to(acc_t), out_b.to(acc_t),
+                          lse_b, **_block_kw(blk, scale))
+
+
 def ring_forward(q, k, v, plan: RingPlan, ring: Ring, scale: float, overlap: bool = True):
     """This rank's (out (B, Hq, Nq_local, Dv) in q's dtype, lse (B, Hq, Nq_local) in fp32/fp64)."""
     acc_t = accum_dtype(q.dtype)
     b, hq, nq, _ = q.shape
-    q_acc = q.to(acc_t)
+    kernels = _use_kernels(q)
+    q_in = q if kernels else q.to(acc_t)
     out = torch.zeros(b, hq, nq, v.shape[-1], dtype=acc_t, device=q.device)  # (B, Hq, Nq_local, Dv)
     lse = torch.full((b, hq, nq), NEG_INF, dtype=acc_t, device=q.device)  # (B, Hq, Nq_local)
     kv = [k.contiguous(), v.contiguous()]
@@ -66,8 +98,8 @@ def ring_forward(q, k, v, plan: RingPlan, ring: Ring, scale: float, overlap: boo
         pending = ring.shift(kv, TAG_KV, what) if overlap and not last else None
         k_s, v_s = kv
         for blk in step.blocks:
-            o_b, l_b = flash_forward(_rows(q_acc, blk.q_rows), _rows(k_s, blk.k_rows).to(acc_t),
-                                     _rows(v_s, blk.k_rows).to(acc_t), **_block_kw(blk, scale))
+            o_b, l_b = _block_forward(_rows(q_in, blk.q_rows), _rows(k_s, blk.k_rows), _rows(v_s, blk.k_rows),
+                                      blk, scale, kernels)
             a, z = blk.q_rows
             out[:, :, a:z], lse[:, :, a:z] = merge_states(out[:, :, a:z], lse[:, :, a:z], o_b, l_b)
         if not last:
@@ -78,7 +110,9 @@ def ring_forward(q, k, v, plan: RingPlan, ring: Ring, scale: float, overlap: boo
 def ring_backward(do, dlse, q, k, v, out, lse, plan: RingPlan, ring: Ring, scale: float, overlap: bool = True):
     """Gradients (dq, dk, dv) of this rank's shards, in the dtypes of q, k, v."""
     acc_t = accum_dtype(q.dtype)
-    q_acc, do_acc, out_acc = q.to(acc_t), do.to(acc_t), out.to(acc_t)
+    kernels = _use_kernels(q)
+    q_in, do_in, out_in = (q, do, out) if kernels else (q.to(acc_t), do.to(acc_t), out.to(acc_t))
+    q_acc = q.to(acc_t)
     dlse = torch.zeros_like(lse) if dlse is None else dlse.to(acc_t)
     dq = torch.zeros_like(q_acc)  # (B, Hq, Nq_local, D)
     kv = [k.contiguous(), v.contiguous()]
@@ -92,9 +126,9 @@ def ring_backward(do, dlse, q, k, v, out, lse, plan: RingPlan, ring: Ring, scale
         dv_b = torch.zeros(v.shape, dtype=acc_t, device=v.device)  # (B, Hkv, Nk_local, Dv)
         for blk in step.blocks:
             qr, kr = blk.q_rows, blk.k_rows
-            g_q, g_k, g_v = flash_backward(
-                _rows(do_acc, qr), _rows(dlse, qr), _rows(q_acc, qr), _rows(k_s, kr).to(acc_t),
-                _rows(v_s, kr).to(acc_t), _rows(out_acc, qr), _rows(lse, qr), **_block_kw(blk, scale))
+            g_q, g_k, g_v = _block_backward(
+                _rows(do_in, qr), _rows(dlse, qr), _rows(q_in, qr), _rows(k_s, kr), _rows(v_s, kr),
+                _rows(out_in, qr), _rows(lse, qr), blk, scale, kernels)
             _rows(dq, qr).add_(g_q)
             _rows(dk_b, kr).add_(g_k)
             _rows(dv_b, kr).add_(g_v)
