@@ -27,7 +27,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(FA2LAB_TORCH)
-	$(PIP) install -e .
+	$(PIP) install -e ".[hf]"
 	touch $@
 
 test: $(STAMP)

@@ -20,9 +20,11 @@ def test_peak_extra_bytes_sees_a_known_allocation_after_heap_reuse():
         del a, b
         torch.ones(1024, 1024)
 
-    # Least of three: other threads of the test process may fault in a few pages meanwhile.
-    peak = min(memory.peak_extra_bytes(two_live_then_one) for _ in range(3)) / 2**20
-    assert 7.5 <= peak <= 9.5, peak
+    # Least of five: under load, other threads of the test process (OpenMP workers, pytest plugins)
+    # may fault in a few MiB meanwhile. The bounds still tell "sees the reused heap" (>= 8 MiB)
+    # from "misses it" (~4 MiB or 0).
+    peak = min(memory.peak_extra_bytes(two_live_then_one) for _ in range(5)) / 2**20
+    assert 7.5 <= peak <= 13, peak
 
 
 def test_sweep_writes_rows_as_it_goes_and_resumes(tmp_path):

@@ -1,0 +1,154 @@
+"""Attention as a model layer needs it: padded batches through varlen, packed batches, and the
+one naive path (probabilities for `output_attentions`, dense custom masks, dropout).
+
+Model layers hold keys in slots: k (B, Hkv, Nk, D), where the Nq new queries are the last Nq
+slots and `key_mask` (B, Nk) marks which slots hold real tokens (a tokenizer's attention mask,
+extended over the cache). `padded_attention` never builds an Nq x Nk mask: it packs the real
+tokens of each sequence, runs `fa2lab.varlen_attention`, and scatters the result back.
+
+    slots      0 1 2 3 4 5        key_mask row  0 0 1 1 1 1   (left padding, Nq = 2)
+    queries            q q        packed: keys 2..5, queries 4..5, causal bottom-right
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from fa2lab import masks
+from fa2lab.api import attention, varlen_attention
+from fa2lab.backends import Case
+from fa2lab.models.selection import select_backend
+
+log = logging.getLogger("fa2lab")
+_naive_logged: set = set()
+
+__all__ = ["padded_attention", "packed_attention", "cu_seqlens_from_position_ids", "naive_attention"]
+
+
+def _decode_window(causal: bool, window_size, nq: int) -> tuple[bool, tuple[int, int]]:
+    """A single causal query in the last slot sees every key at or before it: non-causal with the
+    same left bound is the same mask, and one that torch SDPA can run."""
+    if causal and nq == 1:
+        return False, (window_size[0], -1)
+    return causal, tuple(window_size)
+
+
+def padded_attention(q, k, v, key_mask=None, *, causal=True, window_size=(-1, -1), scale=None, backend="auto"):
+    """q (B, Hq, Nq, D) are the last Nq of the Nk slots of k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv);
+    key_mask (B, Nk) bool, True for real tokens, or None (all real). -> (B, Hq, Nq, Dv); rows of
+    padding queries are zeros. Causal and window masks count real tokens only."""
+    b, hq, nq, _ = q.shape
+    nk = k.shape[2]
+    if key_mask is not None:
+        key_mask = key_mask.to(device=q.device, dtype=torch.bool)
+        if key_mask.shape != (b, nk):
+            raise ValueError(f"expected key_mask of shape (B, Nk) = ({b}, {nk}), got {tuple(key_mask.shape)}")
+        if bool(key_mask.all()):
+            key_mask = None
+    if key_mask is None:
+        causal, window_size = _decode_window(causal, window_size, nq)
+        choice = select_backend(Case.of(q, k, v, causal, window_size, False), backend)
+        return attention(q, k, v, causal=causal, window_size=window_size, softmax_scale=scale, backend=choice.name)
+
+    query_mask = key_mask[:, nk - nq:]  # (B, Nq)
+    lens_q, lens_k = query_mask.sum(1), key_mask.sum(1)  # (B,)
+    q_packed = q.transpose(1, 2)[query_mask]  # (total_q, Hq, D)
+    k_packed = k.transpose(1, 2)[key_mask]  # (total_k, Hkv, D)
+    v_packed = v.transpose(1, 2)[key_mask]  # (total_k, Hkv, Dv)
+    out = packed_attention(q_packed, k_packed, v_packed, _cumsum(lens_q), _cumsum(lens_k), causal=causal,
+                           window_size=window_size, scale=scale, backend=backend)  # (total_q, Hq, Dv)
+    full = out.new_zeros(b, nq, hq, v.shape[-1])
+    full[query_mask] = out
+    return full.transpose(1, 2)  # (B, Hq, Nq, Dv)
+
+
+def packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=True, window_size=(-1, -1), scale=None,
+                     backend="auto"):
+    """`fa2lab.varlen_attention` with the model-layer backend choice: q (total_q, Hq, D),
+    k (total_k, Hkv, D), v (total_k, Hkv, Dv), cu_seqlens int32 (S + 1,) -> (total_q, Hq, Dv)."""
+    cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
+    lens = [(int(a), int(b)) for a, b in zip((cu_q[1:] - cu_q[:-1]).tolist(), (cu_k[1:] - cu_k[:-1]).tolist())]
+    if max((n for n, _ in lens), default=0) <= 1:
+        causal, window_size = _decode_window(causal, window_size, 1)
+    hq, hkv, d, dv = q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
+    cases = [Case(q.device.type, q.dtype, a, b, hq, hkv, d, dv, bool(causal), tuple(window_size), False)
+             for a, b in lens if a > 0]
+    choice = select_backend(cases, backend)
+    return varlen_attention(q, k, v, cu_q, cu_k, causal=causal, window_size=window_size, softmax_scale=scale,
+                            backend=choice.name)
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Several sequences packed in one row (padding-free training): each starts where the position
+    returns to the row's first (smallest) position, as in transformers' FA2 path. Positions that
+    merely jump (multimodal RoPE's text row after an image) do not start one. position_ids (1, N)
+    -> int32 (S + 1,), or None when the row holds a single sequence."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1 or position_ids.shape[1] < 2:
+        return None
+    pos = position_ids[0]
+    starts = torch.nonzero(pos == pos.min()).flatten()  # (S,)
+    if starts.numel() < 2 or int(starts[0]) != 0:
+        return None
+    end = torch.tensor([pos.numel()], device=pos.device)
+    return torch.cat([starts, end]).to(torch.int32)
+
+
+def _cumsum(lens: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)  # (B + 1,)
+
+
+def naive_attention(q, k, v, *, key_mask=None, dense_mask=None, causal=True, window_size=(-1, -1), scale=None,
+                    dropout=0.0, softcap=None, reason="output_attentions=True"):
+    """Materialised attention that also returns the probabilities: the one path that forms Nq x Nk.
+
+    q (B, Hq, Nq, D) are the last Nq of Nk slots, k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv);
+    key_mask (B, Nk) bool; dense_mask (B or 1, 1 or Hq, Nq, Nk), bool (True = attend) or additive
+    float. -> out (B, Hq, Nq, Dv) in q's dtype, probs (B, Hq, Nq, Nk) in q's dtype (rows with no
+    visible key are zeros). Logged at WARNING once per reason: FA2 never forms these.
+    """
+    if reason not in _naive_logged:
+        _naive_logged.add(reason)
+        log.warning("fa2lab: %s -> naive attention path (materialises Nq x Nk probabilities; FA2 never forms "
+                    "them): O(Nq*Nk) memory", reason)
+    nq, nk = q.shape[2], k.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = q.shape[1] // k.shape[1]
+    k_rep = k.repeat_interleave(group, dim=1)  # (B, Hq, Nk, D)
+    v_rep = v.repeat_interleave(group, dim=1)  # (B, Hq, Nk, Dv)
+    s = (q @ k_rep.transpose(-2, -1)).to(acc) * scale  # (B, Hq, Nq, Nk)
+    if softcap is not None and softcap > 0:
+        s = torch.tanh(s / softcap) * softcap
+    visible = _visible(q, nq, nk, key_mask, causal, window_size)  # (B or 1, 1, Nq, Nk)
+    if dense_mask is not None:
+        if dense_mask.dtype == torch.bool:
+            visible = visible & dense_mask
+        else:
+            s = s + dense_mask.to(acc)
+            visible = visible & (dense_mask > torch.finfo(dense_mask.dtype).min / 2)
+    s = s.masked_fill(~visible, float("-inf"))
+    has_key = visible.any(dim=-1, keepdim=True)  # (., ., Nq, 1)
+    p = torch.softmax(s.masked_fill(~has_key, 0.0), dim=-1).masked_fill(~has_key, 0.0)
+    p = p.to(q.dtype)
+    p_drop = torch.nn.functional.dropout(p, p=dropout) if dropout > 0 else p
+    return p_drop @ v_rep, p  # (B, Hq, Nq, Dv), (B, Hq, Nq, Nk)
+
+
+def _visible(q, nq, nk, key_mask, causal, window_size) -> torch.Tensor:
+    """(B or 1, 1, Nq, Nk) bool. With a key mask, causal and window distances count real tokens
+    only, as in `padded_attention` (the rank of a slot among the real slots of its row)."""
+    left, right = masks.effective_window(causal, window_size)
+    if key_mask is None:
+        return masks.dense_mask(nq, nk, causal, window_size, device=q.device)[None, None]
+    key_mask = key_mask.to(device=q.device, dtype=torch.bool)  # (B, Nk)
+    rank = key_mask.long().cumsum(1) - 1  # (B, Nk): index of each real slot among real slots
+    rank_q = rank[:, nk - nq:, None]  # (B, Nq, 1)
+    rank_k = rank[:, None, :]  # (B, 1, Nk)
+    visible = key_mask[:, None, :] & key_mask[:, nk - nq:, None]  # (B, Nq, Nk)
+    if left >= 0:
+        visible &= rank_k >= rank_q - left
+    if right >= 0:
+        visible &= rank_k <= rank_q + right
+    return visible[:, None]
