@@ -89,7 +89,34 @@ def main(argv=None) -> int:
     d = sub.add_parser("bench-decode", help="decode latency vs cache length: split-K vs torch SDPA")
     d.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     d.add_argument("--out", type=Path, default=REPO / "results" / "decode" / "decode.csv")
+    pr = sub.add_parser("profile", help="a hardware profile: its numbers, derived tiles, roofline table")
+    pr.add_argument("name", nargs="?", default=None, help="built-in profile (default: this machine, as --detect)")
+    pr.add_argument("--detect", action="store_true", help="profile this machine (CUDA properties or CPU caches)")
+    pr.add_argument("--calibrate", action="store_true", help="with --detect on a CPU: measure its rates (~10 s)")
+    pr.add_argument("--yaml", type=Path, default=None, help="a user profile (fa2lab.hardware.load_profile)")
+    bt = sub.add_parser("bench-tiles", help="tiled forward over tile sizes on this CPU: predicted vs measured")
+    bt.add_argument("--config", type=Path, default=EXPERIMENTS / "tile_sweep.yaml",
+                    help="sweep YAML (fields of fa2lab.bench.tiles.TileSweep)")
+    bt.add_argument("--ns", type=int, nargs="+", default=None, help="override the sequence lengths")
+    bt.add_argument("--tiles", type=int, nargs="+", default=None, help="override the tile sizes")
+    bt.add_argument("--out", type=Path, default=REPO / "results" / "tiles")
+    bt.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    from fa2lab.sweep.cli import add_parsers as add_sweep_parsers
+
+    add_sweep_parsers(sub)
     args = p.parse_args(argv)
+    if args.command in ("sweep", "report"):
+        from fa2lab.sweep.cli import cli_report, cli_sweep
+
+        return cli_sweep(args) if args.command == "sweep" else cli_report(args)
+    if args.command == "profile":
+        from fa2lab.hardware.report import cli_profile
+
+        return cli_profile(args)
+    if args.command == "bench-tiles":
+        from fa2lab.bench.tiles import cli_bench_tiles
+
+        return cli_bench_tiles(args)
     if args.command == "bench-decode":
         from fa2lab.bench import decode
 

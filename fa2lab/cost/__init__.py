@@ -1,0 +1,21 @@
+"""The cost model: FLOPs, bytes moved, peak memory, KV-cache size and roofline time of attention.
+
+    schedule.tile_schedule(Nq, Nk, Br, Bc, causal, window)  the FA2 tile grid, counted
+    flops.formula_flops / exact_flops / executed_flops / varlen_flops
+    traffic.naive_bytes / fa1_bytes / fa2_forward_bytes / fa2_backward_bytes /
+           split_k_decode_bytes / theorem2_bytes             off-chip bytes, exact per schedule
+    memory.peak_extra_bytes(algo, ...), memory.kv_cache_bytes(model, tokens)
+    roofline.roofline / fa2_forward / decode / cpu_tiled_forward
+"""
+
+from fa2lab.cost.flops import exact_flops, executed_flops, formula_flops, varlen_flops
+from fa2lab.cost.memory import QWEN3_VL_8B, ModelConfig, kv_cache_bytes, peak_extra_bytes
+from fa2lab.cost.roofline import Roofline, cpu_tiled_forward, decode, fa2_forward, roofline
+from fa2lab.cost.schedule import Schedule, tile_schedule, visible_pairs
+from fa2lab.cost.traffic import (Traffic, fa1_bytes, fa2_backward_bytes, fa2_forward_bytes, naive_bytes,
+                                 split_k_decode_bytes, theorem2_bytes)
+
+__all__ = ["Schedule", "tile_schedule", "visible_pairs", "formula_flops", "exact_flops", "executed_flops",
+           "varlen_flops", "Traffic", "naive_bytes", "fa1_bytes", "fa2_forward_bytes", "fa2_backward_bytes",
+           "split_k_decode_bytes", "theorem2_bytes", "peak_extra_bytes", "ModelConfig", "QWEN3_VL_8B",
+           "kv_cache_bytes", "Roofline", "roofline", "fa2_forward", "decode", "cpu_tiled_forward"]

@@ -1,0 +1,172 @@
+"""`HardwareProfile`: the numbers of one device that decide tile sizes and predicted cost.
+
+Every field carries its "why" (in the field's metadata, printed by `describe()`); every number of
+a profile carries its source in `sources` (datasheet, paper, or measurement with date and command).
+GPU and CPU share one schema; where a field means something different on the two, its "why" says
+both. Sizes in bytes, rates per second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+
+def _f(why: str, **kw):
+    return field(metadata={"why": why}, **kw)
+
+
+# Names accepted for dtypes in `peak_flops` (and as strings wherever a dtype is expected).
+DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16",
+               torch.bfloat16: "bfloat16"}
+
+
+def dtype_name(dtype) -> str:
+    """'float16' for torch.float16 or 'float16' or 'fp16'."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"unsupported dtype {dtype}; expected one of {list(DTYPE_NAMES.values())}")
+        return DTYPE_NAMES[dtype]
+    aliases = {"fp64": "float64", "fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+    name = aliases.get(str(dtype), str(dtype).removeprefix("torch."))
+    if name not in DTYPE_NAMES.values():
+        raise ValueError(f"unsupported dtype {dtype!r}; expected one of {list(DTYPE_NAMES.values())}")
+    return name
+
+
+def dtype_bytes(dtype) -> int:
+    return {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}[dtype_name(dtype)]
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str = _f("key for get_profile(); free text for detected and YAML profiles")
+    kind: str = _f("'gpu' or 'cpu': GPUs tile into programmer-managed shared memory, CPUs into caches")
+    arch: str = _f("architecture in words, for people reading the profile")
+    compute_capability: tuple[int, int] | None = _f(
+        "CUDA sm_XY (GPU only): decides async copies (>= 8.0), tensor-core dtypes, Triton support")
+    units: int = _f("SMs (GPU) or physical cores (CPU): the parallel workers a grid of tiles is spread over")
+    clock_hz: float = _f("boost clock; peak rates below are units x per-clock rate x this")
+    smem_per_block: int = _f(
+        "on-chip bytes ONE tile program may use: opt-in shared memory per block (GPU), L2 per core "
+        "(CPU). This is M in the FA paper's Bc = ceil(M / 4d)")
+    smem_per_unit: int = _f(
+        "shared memory per SM (GPU; blocks per SM = this // block's smem) or L2 per core (CPU)")
+    l1_bytes: int = _f("L1 data cache per SM/core (GPU: the L1 + shared-memory pool)")
+    llc_bytes: int = _f("last-level cache, whole device (GPU L2, CPU L3): K/V reuse across tiles may hit it")
+    registers_per_unit: int = _f(
+        "32-bit registers per SM (GPU): the O_i accumulator and S tile live here in FA2. On a CPU, "
+        "architectural fp32 vector lanes (registers x lanes): tiles never fit; recorded for completeness")
+    max_regs_per_thread: int = _f("GPU: registers one thread may hold before spilling (255 since sm_35); CPU: 0")
+    max_threads_per_unit: int = _f("GPU: resident threads per SM (occupancy); CPU: hardware threads per core")
+    vector_width: int = _f("warp size (GPU) or fp32 SIMD lanes (CPU): the natural granularity of a tile edge")
+    mem_bw: float = _f("off-chip bandwidth, bytes/s (HBM/GDDR or DRAM): the roof that IO-aware tiling lowers")
+    peak_flops: dict = _f(
+        "dense FLOP/s per dtype name WITH tensor/matrix units where the device has them (None: dtype "
+        "not supported natively); the compute roof of the matmuls", default_factory=dict)
+    peak_flops_simd: dict = _f(
+        "dense FLOP/s per dtype WITHOUT tensor/matrix units (CUDA cores, CPU FMA SIMD): the roof "
+        "for the softmax arithmetic and for devices without tensor cores", default_factory=dict)
+    exp_per_s: float | None = _f(
+        "exponentials per second (GPU: special-function units; CPU: torch.exp measured): the third "
+        "roof, one exp per score element", default=None)
+    step_overhead_s: float = _f(
+        "fixed cost per step of work: one kernel launch (GPU); one tile step of fa2lab's Python "
+        "tiled loop, ~15 torch op dispatches (CPU). Makes tiny tiles overhead-bound", default=0.0)
+    score_s: float | None = _f(
+        "CPU: seconds per score element of a tile step at d=64 whose score tiles stay in L2 (two "
+        "matmuls + the softmax passes, eager PyTorch); None: 4d/peak + 1/exp_per_s", default=None)
+    row_s: float = _f(
+        "CPU: seconds per accumulator element per step (acc *= alpha, plus the row max/sum updates): "
+        "Br x Dv work per head and step, FA2's non-matmul cost that a wider Bc amortises", default=0.0)
+    spill_factor: float = _f(
+        "CPU: how much slower a score element gets when the score tiles a core holds outgrow its L2 "
+        "(the softmax passes then stream from L3/DRAM)", default=1.0)
+    mask_s: float = _f(
+        "CPU: extra seconds per element of a partial (diagonal/window-edge) tile: building the boolean "
+        "mask and masked_fill over every head", default=0.0)
+    fault_s_per_byte: float = _f(
+        "CPU: seconds per byte to fault in freshly mapped memory; glibc maps allocations >= 32 MiB "
+        "fresh from the OS (fa2lab's timing setting), so score tiles that large pay it every step",
+        default=0.0)
+    sources: dict = _f("field name -> where its number comes from (datasheet, paper, measurement + date)",
+                       default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in ("cpu", "gpu"):
+            raise ValueError(f"profile {self.name!r}: kind must be 'cpu' or 'gpu', got {self.kind!r}")
+        for name in ("units", "smem_per_block", "smem_per_unit", "vector_width"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"profile {self.name!r}: {name} must be positive, got {getattr(self, name)}")
+        if self.mem_bw <= 0:
+            raise ValueError(f"profile {self.name!r}: mem_bw must be positive bytes/s, got {self.mem_bw}")
+        for table in ("peak_flops", "peak_flops_simd"):
+            for key in getattr(self, table):
+                dtype_name(key)  # raises on an unknown dtype name
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind == "gpu"
+
+    def flops(self, dtype, tensor_cores: bool = True) -> float | None:
+        """Peak dense FLOP/s for `dtype`: the matrix-unit figure, else the SIMD one. 16-bit inputs
+        may also be upcast and computed in float32 (as kernels do on Pascal, where fp16 runs at
+        1/64 rate), so they never get less than the float32 SIMD rate."""
+        name = dtype_name(dtype)
+        candidates = [self.peak_flops.get(name) if tensor_cores else None, self.peak_flops_simd.get(name)]
+        if name in ("float16", "bfloat16"):
+            candidates.append(self.peak_flops_simd.get("float32"))
+        known = [c for c in candidates if c]
+        return max(known) if known else None
+
+    def tile_config(self, head_dim: int, dtype="float16", causal: bool = False, **kw):
+        """Tile sizes derived from this profile; see fa2lab.hardware.tiles.tile_config."""
+        from fa2lab.hardware.tiles import tile_config
+
+        return tile_config(self, head_dim, dtype, causal, **kw)
+
+    def decode_splits(self, batch: int, heads: int, cache_len: int, **kw) -> int:
+        """Split-K count for decode; see fa2lab.hardware.tiles.decode_splits."""
+        from fa2lab.hardware.tiles import decode_splits
+
+        return decode_splits(self, batch, heads, cache_len, **kw)
+
+    def describe(self) -> str:
+        """Every field with its value, its why and its source, one per line."""
+        lines = []
+        for f in fields(self):
+            if f.name == "sources":
+                continue
+            value = getattr(self, f.name)
+            lines.append(f"{f.name:<20} {_show(f.name, value)}")
+            lines.append(f"{'':<20}   why: {f.metadata['why']}")
+            if f.name in self.sources:
+                lines.append(f"{'':<20}   source: {self.sources[f.name]}")
+        return "\n".join(lines)
+
+
+def _show(name: str, value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_rate(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, float) and name in ("mem_bw",):
+        return f"{value / 1e9:.1f} GB/s"
+    if isinstance(value, float) and name == "clock_hz":
+        return f"{value / 1e9:.3g} GHz"
+    if isinstance(value, float) and name == "exp_per_s":
+        return f"{value / 1e9:.3g} G exp/s"
+    if isinstance(value, float) and name in ("score_s", "mask_s", "row_s"):
+        return f"{value * 1e9:.3g} ns"
+    if isinstance(value, float) and name == "fault_s_per_byte":
+        return f"{value * 2**30:.3g} s/GiB"
+    if isinstance(value, float) and name == "step_overhead_s":
+        return f"{value * 1e6:.3g} us"
+    if name in ("smem_per_block", "smem_per_unit", "l1_bytes", "llc_bytes"):
+        return f"{value} B ({value / 1024:.4g} KiB)"
+    return str(value)
+
+
+def _rate(v) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v / 1e12:.4g} TFLOP/s" if v >= 1e12 else f"{v / 1e9:.4g} GFLOP/s"

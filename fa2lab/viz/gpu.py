@@ -1,0 +1,101 @@
+"""GPU kernels (notebook 07): benchmark results of fa2lab's Triton kernels against SDPA (flash,
+cuDNN, efficient, math) and FlexAttention, as TFLOP/s and TB/s next to the measured peaks.
+
+Results files are what `python -m fa2lab.bench.gpu` writes: experiments/results/gpu-*.json,
+{"environment": {...}, "peaks": {"matmul_tflops", "copy_tbps"}, "rows": [...]} with rows of kind
+fwd / bwd (tflops) and decode (tbps).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import plotly.graph_objects as go
+
+from fa2lab.viz.style import styled
+
+RESULTS = Path(__file__).resolve().parents[2] / "experiments" / "results"
+IMPL_ORDER = ("fa2lab triton", "sdpa flash", "sdpa cudnn", "flex (compiled)", "sdpa efficient", "sdpa math")
+IMPL_COLORS = {"fa2lab triton": "#4c78a8", "sdpa flash": "#f58518", "sdpa cudnn": "#54a24b",
+               "flex (compiled)": "#b279a2", "sdpa efficient": "#72b7b2", "sdpa math": "#9d755d"}
+
+
+def latest_gpu_results(folder=None) -> tuple[Path | None, dict | None]:
+    """The newest gpu-*.json under `folder` (default experiments/results/) and its contents; file
+    names carry a sortable timestamp (gpu-YYYYMMDD-HHMMSS.json). (None, None) if there is none."""
+    folder = Path(folder) if folder is not None else RESULTS
+    files = sorted(folder.glob("gpu-*.json"))
+    if not files:
+        return None, None
+    return files[-1], json.loads(files[-1].read_text())
+
+
+def impl_name(impl: str) -> str:
+    """'fa2lab triton (splits=66)' -> 'fa2lab triton': one series per implementation."""
+    return impl.split(" (splits")[0]
+
+
+def case_label(row: dict) -> str:
+    if row["kind"] == "decode":
+        return f"B={row['B']} Hq={row['Hq']} Hkv={row['Hkv']} L={row['L']}"
+    return f"N={row['N']} D={row['D']} {'causal' if row['causal'] else 'full'}"
+
+
+def throughput_figure(results: dict, kind: str = "fwd") -> go.Figure:
+    """Grouped bars, one group per benchmarked shape and one bar per implementation: TFLOP/s for
+    fwd / bwd, TB/s for decode; the peak measured in the same run (bf16 matmul or device copy)
+    as a dotted line. Rows that failed (an `error` field) are left out."""
+    if kind not in ("fwd", "bwd", "decode"):
+        raise ValueError(f"expected kind 'fwd', 'bwd' or 'decode', got {kind!r}")
+    rows = [r for r in results.get("rows", []) if r.get("kind") == kind and "error" not in r]
+    metric, unit = ("tbps", "TB/s") if kind == "decode" else ("tflops", "TFLOP/s")
+    cases = list(dict.fromkeys(case_label(r) for r in rows))
+    impls = [i for i in IMPL_ORDER if any(impl_name(r["impl"]) == i for r in rows)]
+    impls += [i for i in dict.fromkeys(impl_name(r["impl"]) for r in rows) if i not in impls]
+    fig = go.Figure()
+    for impl in impls:
+        by_case = {case_label(r): r[metric] for r in rows if impl_name(r["impl"]) == impl}
+        fig.add_bar(x=cases, y=[by_case.get(c) for c in cases], name=impl, marker_color=IMPL_COLORS.get(impl))
+    peaks = results.get("peaks", {})
+    peak = peaks.get("copy_tbps" if kind == "decode" else "matmul_tflops")
+    if peak:
+        fig.add_hline(y=peak, line_dash="dot", line_color="#333333",
+                      annotation_text=f"measured peak {peak:.3g} {unit}", annotation_position="top left")
+    env = results.get("environment", {})
+    what = {"fwd": "forward", "bwd": "backward", "decode": "decode, one token (bytes = K and V read once)"}[kind]
+    return styled(fig, title=f"{what}: {env.get('device', 'GPU')}, {env.get('date', '')}", barmode="group",
+                  yaxis_title=unit, width=980, height=440, legend=dict(orientation="h", y=-0.25))
+
+
+def ratio_table(results: dict, kind: str = "fwd", baseline: str = "sdpa flash") -> list[dict]:
+    """fa2lab triton's throughput over `baseline`'s for every shape of `kind` that both ran."""
+    metric = "tbps" if kind == "decode" else "tflops"
+    rows = [r for r in results.get("rows", []) if r.get("kind") == kind and "error" not in r]
+    ours = {case_label(r): r for r in rows if impl_name(r["impl"]) == "fa2lab triton"}
+    base = {case_label(r): r for r in rows if impl_name(r["impl"]) == baseline}
+    return [dict(case=c, fa2lab=ours[c][metric], baseline=base[c][metric], ratio=ours[c][metric] / base[c][metric],
+                 exact=ours[c].get("exact")) for c in ours if c in base]
+
+
+def run_live(quick: bool = True, log=print) -> dict:
+    """Run fa2lab.bench.gpu on the CUDA device here (quick: two forward shapes and one decode
+    shape, no FlexAttention); the result has the results files' format."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device: run_live needs a GPU (torch.cuda.is_available() is False)")
+    from fa2lab.bench import gpu
+
+    cases = gpu.FWD_CASES[1:2] + gpu.FWD_CASES[5:6] if quick else gpu.FWD_CASES
+    saved = dict(gpu.FWD_IMPLS)
+    if quick:  # torch.compile of FlexAttention takes minutes; leave it to the full benchmark
+        gpu.FWD_IMPLS.pop("flex (compiled)", None)
+    try:
+        pk = gpu.peaks()
+        rows = gpu.forward_backward(cases, pk=pk, log=log)
+        rows += gpu.decode(gpu.DECODE_CASES[:1] if quick else gpu.DECODE_CASES, log=log)
+    finally:
+        gpu.FWD_IMPLS.clear()
+        gpu.FWD_IMPLS.update(saved)
+    return dict(environment=gpu.environment(), peaks=pk, rows=rows)
