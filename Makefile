@@ -1,6 +1,7 @@
 # fa2lab set-up and entry points. Needs only python3 (>=3.11), pip and make.
 #   make test                set up .venv if needed, run tests/ and notebooks/ (what CI runs)
-#   make run / make bench    python -m fa2lab run / bench-cpu
+#   make run                 the main job: smoke run, notebook sweeps (papermill), results/report.html
+#   make bench               python -m fa2lab bench-cpu
 #   make env-sync            regenerate environment.yml from pyproject.toml
 
 PYTHON ?= python3
@@ -16,6 +17,8 @@ STAMP  := $(VENV)/.fa2lab-installed
 FA2LAB_TORCH ?= torch==2.13.0
 
 PYTEST_ARGS ?=
+# The notebook sweeps of the main job (fa2lab sweep); each resumes where it stopped.
+SWEEPS ?= experiments/tile_schedule.yaml experiments/memory_scaling.yaml experiments/split_k.yaml
 # notebooks/ is absent from a fresh clone until it holds a tracked notebook.
 NOTEBOOKS := $(wildcard notebooks)
 
@@ -31,10 +34,13 @@ $(STAMP): pyproject.toml
 	touch $@
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests $(NOTEBOOKS) --nbval-lax $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests $(NOTEBOOKS) --nbval-lax --nbval-current-env $(PYTEST_ARGS)
 
+# The report is written even when a sweep point failed (its error is in the report); the exit
+# status is still the sweep's.
 run: $(STAMP)
 	$(PY) -m fa2lab run
+	$(PY) -m fa2lab sweep $(SWEEPS) --jobs 2; status=$$?; $(PY) -m fa2lab report && exit $$status
 
 bench: $(STAMP)
 	$(PY) -m fa2lab bench-cpu

@@ -1,4 +1,4 @@
-"""Command line: `python -m fa2lab run` (the main job) and `python -m fa2lab bench-cpu`."""
+"""Command line: `python -m fa2lab run` (the main job), sweeps, reports and benchmarks (`--help` lists them)."""
 
 from __future__ import annotations
 
@@ -101,14 +101,34 @@ def main(argv=None) -> int:
     bt.add_argument("--tiles", type=int, nargs="+", default=None, help="override the tile sizes")
     bt.add_argument("--out", type=Path, default=REPO / "results" / "tiles")
     bt.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    # GPU benchmarks keep their own options: everything after the subcommand is passed through.
+    g = sub.add_parser("bench", add_help=False, help="GPU: Triton kernels vs SDPA backends and FlexAttention "
+                       "(python -m fa2lab.bench.gpu; options: --quick --no-bwd --only fwd|decode --out DIR)")
+    r = sub.add_parser("bench-ring", add_help=False, help="ring attention vs one device (python -m fa2lab.bench.ring; "
+                       "options: --world --lengths --causal --device cpu|cuda --dtype)")
     from fa2lab.sweep.cli import add_parsers as add_sweep_parsers
 
     add_sweep_parsers(sub)
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    if rest and args.command not in ("bench", "bench-ring"):
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command in ("bench", "bench-ring"):
+        args.rest = rest
     if args.command in ("sweep", "report"):
         from fa2lab.sweep.cli import cli_report, cli_sweep
 
         return cli_sweep(args) if args.command == "sweep" else cli_report(args)
+    if args.command == "bench":
+        if not torch.cuda.is_available():
+            raise SystemExit("fa2lab bench times GPU kernels and needs a CUDA device; none is visible here. "
+                             "On a CPU use `fa2lab bench-cpu`, `fa2lab bench-decode` or `fa2lab bench-tiles`.")
+        from fa2lab.bench import gpu
+
+        return gpu.main(args.rest)
+    if args.command == "bench-ring":
+        from fa2lab.bench import ring
+
+        return ring.main(args.rest)
     if args.command == "profile":
         from fa2lab.hardware.report import cli_profile
 

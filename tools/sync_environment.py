@@ -22,7 +22,7 @@ ENVIRONMENT = ROOT / "environment.yml"
 
 # PyPI name -> conda-forge name, where they differ. Everything else is the PyPI name lower-cased.
 # (conda-forge, not the `pytorch` channel: that one stopped publishing at 2.5.)
-CONDA_NAMES = {"torch": "pytorch"}
+CONDA_NAMES = {"torch": "pytorch", "playwright": "playwright-python"}
 
 _REQUIREMENT = re.compile(
     r"^\s*(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)\s*(?P<extras>\[[^\]]*\])?"

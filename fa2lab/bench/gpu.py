@@ -181,7 +181,7 @@ def environment() -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="fa2lab bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="a few shapes, no FlexAttention")
     p.add_argument("--no-bwd", action="store_true")
     p.add_argument("--only", choices=["fwd", "decode"], default=None)

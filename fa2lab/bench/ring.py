@@ -256,17 +256,22 @@ def run(world_sizes=(2,), lengths=(1024, 4096), causal=(False, True), batch=1, h
     return rows
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(description="ring attention: overlap and time against one device")
+    ap = argparse.ArgumentParser(prog="fa2lab bench-ring", description="ring attention: overlap and time against one device")
     ap.add_argument("--world", type=int, nargs="+", default=[2])
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--causal", choices=["no", "yes", "both"], default="both")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: NCCL, one GPU per rank")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     run(world_sizes=tuple(args.world), lengths=tuple(args.lengths), repeats=args.repeats, device=args.device,
         dtype=getattr(torch, args.dtype),
         causal={"no": (False,), "yes": (True,), "both": (False, True)}[args.causal])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
