@@ -85,6 +85,12 @@ def test_gpu_tiles_known_cases():
     pascal = get_profile("gtx1080").tile_config(64, "float16")
     assert (pascal.block_m, pascal.block_n, pascal.num_stages) == (128, 128, 1)  # 48 KB exactly
     assert pascal.onchip_bytes == 48 * 1024
+    # Hopper: two warpgroups for 128 rows, and Bc <= d, as the H200 tile sweep measured
+    # (BENCHMARKS.md, python -m fa2lab.bench.tiles_gpu).
+    for name in ("h100", "h200"):
+        for d, bc in ((64, 64), (128, 128)):
+            cfg = get_profile(name).tile_config(d, "bfloat16")
+            assert (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages) == (128, bc, 8, 3)
 
 
 def test_cpu_tiles_follow_cache_heads_and_length():

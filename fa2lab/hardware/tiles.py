@@ -85,6 +85,20 @@ def _gpu_tiles(p: HardwareProfile, d: int, dtype, causal: bool) -> TileConfig:
     async_copy = p.compute_capability is not None and p.compute_capability >= (8, 0)
     stage_options = (3, 2) if async_copy else (1,)
     lines.append(f"stages: {'2-3 (cp.async, sm_80+)' if async_copy else '1 (no cp.async before sm_80)'}")
+    hopper = p.compute_capability is not None and p.compute_capability >= (9, 0)
+
+    def rank(br, bc, warps, stages):
+        # Largest tile first. On sm_90+ Triton issues wgmma, whose M is 64 rows per warpgroup of
+        # 4 warps: Br=128 wants 8 warps. There a key tile wider than the head dim does not pay:
+        # measured on the H200 (2026-11-30, python -m fa2lab.bench.tiles_gpu), D=64 128x64 beats
+        # 128x128 by 8-15% at every N while D=128 is best at 128x128. Before sm_90, FA2's own
+        # kernels (e.g. A100, d=64: 128 x 128, 4 warps) are the reference: fewest warps.
+        if hopper:
+            return (br * min(bc, d), -bc, br, warps, stages)
+        return (br * bc, 0, br, -warps, stages)
+
+    if hopper:
+        lines.append("sm_90+: Br/16 warps (wgmma: 64 rows per 4-warp group); Bc <= d preferred (measured, H200)")
     best, rejected = None, []
     for br in GPU_TILE_EDGES:
         for bc in GPU_TILE_EDGES:
@@ -97,7 +111,7 @@ def _gpu_tiles(p: HardwareProfile, d: int, dtype, causal: bool) -> TileConfig:
                     if why:
                         rejected.append((br, bc, warps, stages, why))
                         continue
-                    key = (br * bc, br, -warps, stages)
+                    key = rank(br, bc, warps, stages)
                     if best is None or key > best[0]:
                         best = (key, br, bc, warps, stages, smem, regs)
     if best is None:
@@ -108,8 +122,7 @@ def _gpu_tiles(p: HardwareProfile, d: int, dtype, causal: bool) -> TileConfig:
     threads = 32 * warps
     occupancy = min(p.smem_per_unit // smem, p.registers_per_unit // (regs * threads),
                     p.max_threads_per_unit // threads)
-    better = sorted((r for r in rejected if (r[0] * r[1], r[0], -r[2], r[3]) > best[0]),
-                    key=lambda r: (r[0] * r[1], r[0], -r[2], r[3]), reverse=True)
+    better = sorted((r for r in rejected if rank(*r[:4]) > best[0]), key=lambda r: rank(*r[:4]), reverse=True)
     for r in better[:2]:  # the closest candidates that the limits ruled out
         lines.append(f"rejected {r[0]} x {r[1]}, {r[2]} warps, {r[3]} stages: {r[4]}")
     lines += [f"chosen Br x Bc = {br} x {bc}, {warps} warps, {stages} stages: shared memory "
