@@ -12,7 +12,7 @@ from fa2lab.sweep.spec import METRICS_PARAM, notebook_parameters, type_problem
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 EXPECTED = ["00_quickstart", "01_online_softmax", "02_tiling", "03_memory_scaling", "04_split_k_decoding",
-            "05_kv_caches", "06_hardware_profiles", "07_gpu_kernels"]
+            "05_kv_caches", "06_hardware_profiles", "07_gpu_kernels", "08_ring_attention"]
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
 CLEAN = "python -m fa2lab.sweep.clean notebooks/*.ipynb"
 
@@ -31,6 +31,8 @@ SMOKE = {
     "06_hardware_profiles": dict(profiles=["t4", "h100", "cpu-generic"], head_dims=[64], dtype="bfloat16",
                                  roofline_profile="a100", cpu_ns=[128], cpu_tiles=[64]),
     "07_gpu_kernels": dict(live=False),  # results_file: a synthetic one, written by the fixture
+    "08_ring_attention": dict(world_size=3, seq_len=18, causal=True, layout="auto", heads_q=2, heads_kv=1,
+                              head_dim=8, seed=1),
 }
 
 

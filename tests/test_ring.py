@@ -81,6 +81,37 @@ def test_global_blocks_cover_the_causal_mask_once():
     assert torch.equal(covered, masks.dense_mask(24, 24, True, (-1, -1)).long())
 
 
+@pytest.mark.parametrize("world,nq_local,nk_local,causal,window", [
+    (1, 5, 5, False, (-1, -1)), (2, 6, 6, True, (-1, -1)), (3, 5, 7, True, (-1, -1)), (4, 8, 8, False, (3, 0)),
+    (3, 4, 4, False, (2, 2)),
+])
+def test_simulated_ring_equals_float64_attention(world, nq_local, nk_local, causal, window):
+    from fa2lab.distributed import gather, shard, simulate_ring
+
+    g = torch.Generator().manual_seed(world * 100 + nq_local)
+    q = torch.randn(2, 4, world * nq_local, 16, generator=g, dtype=torch.float64)  # GQA: 4 query heads, 2 KV
+    k = torch.randn(2, 2, world * nk_local, 16, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 2, world * nk_local, 8, generator=g, dtype=torch.float64)
+    plan = plan_ring(world, nq_local, nk_local, causal=causal, window_size=window)
+    states = simulate_ring(q, k, v, plan)
+    assert [len(s) for s in states] == [world] * world
+    out = gather([s[-1][0] for s in states], plan, nq_local)
+    lse = gather([s[-1][1].unsqueeze(-1) for s in states], plan, nq_local).squeeze(-1)
+    ref, ref_lse = attention_ref(q, k, v, causal=causal, window_size=window, return_lse=True)
+    assert max_err(out, ref) < 1e-12
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)) and max_err(finite_lse(lse), finite_lse(ref_lse)) < 1e-12
+    assert torch.equal(gather([shard(q, plan, r, nq_local) for r in range(world)], plan, nq_local), q)
+
+
+def test_simulated_ring_rejects_a_sequence_the_plan_is_not_for():
+    from fa2lab.distributed import simulate_ring
+
+    plan = plan_ring(2, 4)
+    x = torch.randn(1, 1, 6, 8)
+    with pytest.raises(ValueError, match="pass the gathered sequence"):
+        simulate_ring(x, x, x, plan)
+
+
 def test_uninitialised_process_group_is_a_clear_error():
     assert not dist.is_initialized()
     q = torch.randn(1, 2, 4, 8)

@@ -269,3 +269,39 @@ def test_sweep_figure():
     assert list(fig.data[1].y) == [2.0, 4.0, 8.0]  # the failed point is left out
     with pytest.raises(ValueError, match="not in the results table"):
         viz.sweeps.sweep_figure(table, "N", "z")
+
+
+def test_ring_pair_steps_follow_the_ring_and_the_mask():
+    from fa2lab.distributed import plan_ring
+
+    plan = plan_ring(2, 2, causal=True)  # zigzag: rank 0 holds positions 0 and 3, rank 1 holds 1 and 2
+    steps = viz.ring.pair_steps(plan)
+    nan = float("nan")
+    expected = torch.tensor([[0, nan, nan, nan], [1, 0, nan, nan], [1, 0, 0, nan], [0, 1, 1, 0]])
+    assert torch.equal(torch.isnan(torch.from_numpy(steps)), torch.isnan(expected))
+    assert (torch.from_numpy(steps).nan_to_num(-1) == expected.nan_to_num(-1)).all()
+    # every visible pair of a bigger ring is computed exactly once, at step (owner(q) - owner(k)) mod W
+    big = plan_ring(4, 6, causal=False)
+    s = viz.ring.pair_steps(big)
+    owner = torch.arange(24) // 6
+    assert torch.equal(torch.from_numpy(s).long(), (owner[:, None] - owner[None, :]) % 4)
+
+
+def test_ring_figures_show_schedule_balance_and_a_converging_merge():
+    from fa2lab.distributed import plan_ring
+
+    plan = plan_ring(4, 4, causal=True)
+    fig = viz.ring.ring_schedule_figure(plan)
+    held, pairs, *bars = fig.data
+    assert held.text[1][2] == "K/V of 3"  # rank 1 holds rank (1 - 2) mod 4 = 3's shard at step 2
+    assert {b.name for b in bars} == {"contiguous", "zigzag"}
+    zigzag = next(b for b in bars if b.name == "zigzag")
+    assert len(set(zigzag.y)) == 1  # equal work on every rank
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=g) for _ in range(3))
+    errors = viz.ring.ring_merge_errors(q, k, v, plan)
+    assert len(errors) == 16
+    for rank in range(4):
+        mine = [r["max_error"] for r in errors if r["rank"] == rank]
+        assert mine[-1] < 1e-5 < mine[0]  # exact only once every shard has been merged
+    assert len(viz.ring.ring_merge_figure(errors).data) == 4

@@ -6,13 +6,16 @@
     plan_ring(world_size, nq_local, nk_local, *, causal, window_size, layout)
         the ring schedule without a process group: which K/V shard each rank holds at each step,
         which blocks it computes or skips, and the work balance (`RingPlan.schedule/balance`)
+    simulate_ring(q, k, v, plan)
+        the ring in one process: every rank's merged (out, lse) after every step (notebooks)
 
 Files: plan.py (layouts, block cropping, schedule), comm.py (P2P transport, re-sharding, errors),
-ring.py (the forward/backward ring and the public function).
+ring.py (the forward/backward ring and the public function), simulate.py (one-process ring).
 """
 
 from fa2lab.distributed.comm import RingError
 from fa2lab.distributed.plan import RingPlan, plan_ring
 from fa2lab.distributed.ring import ring_attention
+from fa2lab.distributed.simulate import gather, shard, simulate_ring
 
-__all__ = ["ring_attention", "plan_ring", "RingPlan", "RingError"]
+__all__ = ["ring_attention", "plan_ring", "RingPlan", "RingError", "simulate_ring", "shard", "gather"]

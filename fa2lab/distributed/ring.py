@@ -83,6 +83,16 @@ def _block_backward(do_b, dlse_b, q_b, k_b, v_b, out_b, lse_b, blk, scale, kerne
                           lse_b, **_block_kw(blk, scale))
 
 
+def step_forward(out, lse, q_in, k_s, v_s, step, scale: float, kernels: bool = False) -> None:
+    """One ring step on one rank: every block of `step` against the K/V shard (k_s, v_s) it holds,
+    merged in place into the rank's running (out, lse) by log-sum-exp."""
+    for blk in step.blocks:
+        o_b, l_b = _block_forward(_rows(q_in, blk.q_rows), _rows(k_s, blk.k_rows), _rows(v_s, blk.k_rows),
+                                  blk, scale, kernels)
+        a, z = blk.q_rows
+        out[:, :, a:z], lse[:, :, a:z] = merge_states(out[:, :, a:z], lse[:, :, a:z], o_b, l_b)
+
+
 def ring_forward(q, k, v, plan: RingPlan, ring: Ring, scale: float, overlap: bool = True):
     """This rank's (out (B, Hq, Nq_local, Dv) in q's dtype, lse (B, Hq, Nq_local) in fp32/fp64)."""
     acc_t = accum_dtype(q.dtype)
@@ -96,12 +106,7 @@ def ring_forward(q, k, v, plan: RingPlan, ring: Ring, scale: float, overlap: boo
         last = step.step == ring.world - 1
         what = f"the K/V shard of rank {step.kv_rank} (forward, ring step {step.step + 1} of {ring.world})"
         pending = ring.shift(kv, TAG_KV, what) if overlap and not last else None
-        k_s, v_s = kv
-        for blk in step.blocks:
-            o_b, l_b = _block_forward(_rows(q_in, blk.q_rows), _rows(k_s, blk.k_rows), _rows(v_s, blk.k_rows),
-                                      blk, scale, kernels)
-            a, z = blk.q_rows
-            out[:, :, a:z], lse[:, :, a:z] = merge_states(out[:, :, a:z], lse[:, :, a:z], o_b, l_b)
+        step_forward(out, lse, q_in, *kv, step, scale, kernels)
         if not last:
             kv = (pending or ring.shift(kv, TAG_KV, what)).wait()
     return out.to(q.dtype), lse

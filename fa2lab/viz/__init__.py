@@ -11,10 +11,11 @@ on import (`use_notebook_renderer()` does, when a notebook calls it).
     kvcache    05 paged allocator, sliding-window ring, memory against error of compressed caches
     hardware   06 derived tiles, rooflines, predicted against measured
     gpu        07 GPU benchmark results against SDPA, cuDNN, FlexAttention and the peaks
+    ring       08 ring attention: the schedule of a plan, the LSE merge step by step
     sweeps     figures of sweep results tables (fa2lab report)
 """
 
-from fa2lab.viz import decoding, gpu, hardware, kvcache, scaling, softmax, sweeps, tiling
+from fa2lab.viz import decoding, gpu, hardware, kvcache, ring, scaling, softmax, sweeps, tiling
 from fa2lab.viz.decoding import decode_latency, decode_latency_figure, splitk_merge_figure, unified_max_figure
 from fa2lab.viz.softmax import naive_vs_safe_figure, online_softmax_figure, online_softmax_trace, softmax_stability
 from fa2lab.viz.style import f32, styled, use_notebook_renderer
@@ -22,7 +23,7 @@ from fa2lab.viz.tiling import (CASES, TracedBlock, running_stats_figure, tile_ca
                                tile_schedule_figure, trace_schedule)
 
 __all__ = [
-    "decoding", "gpu", "hardware", "kvcache", "scaling", "softmax", "sweeps", "tiling", "widgets",
+    "decoding", "gpu", "hardware", "kvcache", "ring", "scaling", "softmax", "sweeps", "tiling", "widgets",
     "use_notebook_renderer", "styled", "f32",
     "explore", "int_slider", "float_slider", "choice",
     "online_softmax_trace", "online_softmax_figure", "softmax_stability", "naive_vs_safe_figure",
