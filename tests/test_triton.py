@@ -104,3 +104,25 @@ def test_auto_never_picks_the_interpreter():
 
         name, _ = choose([Case.of(q, k, v, True, (4, -1), False)])
         assert name == "tiled"
+
+
+def test_backward_kernels_take_row_slices_without_copies():
+    # Ring attention hands the kernels row slices of (B, H, N, D) shards: strided views, not copies.
+    from fa2lab.kernels.bwd import flash_bwd_triton
+    from fa2lab.kernels.fwd import flash_fwd_triton
+
+    g = torch.Generator().manual_seed(3)
+    q, do = (torch.randn(2, 4, 60, 40, generator=g).to(DEVICE) for _ in range(2))
+    k, v = (torch.randn(2, 2, 50, 40, generator=g).to(DEVICE) for _ in range(2))
+    rows, keys = slice(7, 45), slice(3, 41)
+    views = [q[:, :, rows], k[:, :, keys], v[:, :, keys], do[:, :, rows]]
+    assert not any(t.is_contiguous() for t in views)
+    kw = dict(scale=40 ** -0.5, left=-1, right=0)
+    out, lse = flash_fwd_triton(*views[:3], **kw)
+    dlse = torch.randn(lse.shape, generator=g).to(DEVICE)
+    strided = flash_bwd_triton(views[3], dlse, *views[:3], out, lse, **kw)
+    copied = flash_bwd_triton(*(t.contiguous() for t in (views[3], dlse, *views[:3], out, lse)), **kw)
+    assert all(torch.equal(a, b) for a, b in zip(strided, copied))
+    out_nc = torch.empty(out.shape[:-1] + (2 * out.shape[-1],), device=DEVICE)[..., ::2].copy_(out)  # strided O
+    assert all(torch.equal(a, b) for a, b in zip(flash_bwd_triton(views[3], dlse, *views[:3], out_nc, lse, **kw),
+                                                     strided))

@@ -75,9 +75,9 @@ def _block_backward(do_b, dlse_b, q_b, k_b, v_b, out_b, lse_b, blk, scale, kerne
     if kernels:
         from fa2lab.kernels.bwd import flash_bwd_triton
 
-        return flash_bwd_triton(do_b.contiguous(), dlse_b, q_b.contiguous(), k_b.contiguous(), v_b.contiguous(),
-                                out_b.contiguous(), lse_b.float(), scale=scale, left=blk.window[0],
-                                right=blk.window[1])
+        # Row slices of (B, H, N, D) stay views: the kernels take strides (no copies of q, dO, O).
+        return flash_bwd_triton(do_b, dlse_b, q_b, k_b, v_b, out_b, lse_b.float(), scale=scale,
+                                left=blk.window[0], right=blk.window[1])
     acc_t = accum_dtype(q_b.dtype)
     return flash_backward(do_b.to(acc_t), dlse_b, q_b.to(acc_t), k_b.to(acc_t), v_b.to(acc_t), out_b.to(acc_t),
                           lse_b, **_block_kw(blk, scale))
@@ -117,9 +117,8 @@ def ring_backward(do, dlse, q, k, v, out, lse, plan: RingPlan, ring: Ring, scale
     acc_t = accum_dtype(q.dtype)
     kernels = _use_kernels(q)
     q_in, do_in, out_in = (q, do, out) if kernels else (q.to(acc_t), do.to(acc_t), out.to(acc_t))
-    q_acc = q.to(acc_t)
     dlse = torch.zeros_like(lse) if dlse is None else dlse.to(acc_t)
-    dq = torch.zeros_like(q_acc)  # (B, Hq, Nq_local, D)
+    dq = torch.zeros(q.shape, dtype=acc_t, device=q.device)  # (B, Hq, Nq_local, D)
     kv = [k.contiguous(), v.contiguous()]
     dkv_pending = None
     for step in plan.steps[ring.rank]:

@@ -190,6 +190,43 @@ def _bwd_dq_kernel(
              mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
+@triton.jit
+def _bwd_preprocess_kernel(O, DO, DELTA, so_b, so_h, so_m, so_d, sdo_b, sdo_h, sdo_m, sdo_d, sd_b, sd_h, sd_m,
+                           H, N, DV: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Delta = rowsum(dO * O) in fp32, one (BLOCK_M rows, head) tile per program: FA2's backward
+    preprocess, without the fp32 copies of dO and O that an eager upcast would allocate."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_V)
+    mask = (offs_m[:, None] < N) & (offs_d[None, :] < DV)
+    o = tl.load(O + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :] * so_d, mask=mask, other=0.0)
+    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_m + offs_d[None, :] * sdo_d, mask=mask,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + b * sd_b + h * sd_h + offs_m * sd_m, delta, mask=offs_m < N)
+
+
+def _delta(do, out, varlen: bool) -> torch.Tensor:
+    """rowsum(dO * O) in fp32: (B, Hq, Nq) dense, (Hq, total_q) varlen (lse's layouts)."""
+    if varlen:  # (total_q, Hq, Dv): one "batch" of total_q rows per head
+        total, h, dv = out.shape
+        delta = torch.empty(h, total, dtype=torch.float32, device=out.device)
+        st = lambda t: (0, t.stride(1), t.stride(0), t.stride(2))  # noqa: E731
+        sd, batch, n = (0, delta.stride(0), delta.stride(1)), 1, total
+    else:
+        batch, h, n, dv = out.shape
+        delta = torch.empty(batch, h, n, dtype=torch.float32, device=out.device)
+        st = lambda t: t.stride()  # noqa: E731
+        sd = delta.stride()
+    if delta.numel():
+        block = 64 if dv <= 128 else 32
+        _bwd_preprocess_kernel[(triton.cdiv(n, block), batch * h)](
+            out, do, delta, *st(out), *st(do), *sd, h, n, DV=dv, HEAD_DIM_V=_pow2(dv), BLOCK_M=block)
+    return delta
+
+
 def bwd_config(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Per-kernel tiles (BLOCK_M, BLOCK_N, num_warps, num_stages): dK/dV keeps BLOCK_N key rows and
     steps through queries, dQ the reverse. From `python -m fa2lab.bench.tune_gpu` on the H100
@@ -208,12 +245,9 @@ def flash_bwd_triton(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=No
     """Dense: q (B, Hq, Nq, D) etc., lse (B, Hq, Nq). Varlen (cu_q given): q (total_q, Hq, D),
     lse (Hq, total_q). Returns dq, dk, dv in the dtypes and layouts of q, k, v."""
     varlen = cu_q is not None
-    delta = (do.float() * out.float()).sum(-1)  # (B, Hq, Nq) or (total_q, Hq)
-    if varlen:
-        delta = delta.transpose(0, 1)  # (Hq, total_q), lse's layout
+    delta = _delta(do, out, varlen)  # (B, Hq, Nq) or (Hq, total_q), fp32
     if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
+        delta -= dlse.float()
     lse = lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel() == 0 or k.numel() == 0:
