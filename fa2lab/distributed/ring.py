@@ -139,6 +139,7 @@ def ring_backward(do, dlse, q, k, v, out, lse, plan: RingPlan, ring: Ring, scale
         if dkv_pending is not None:
             dk_in, dv_in = dkv_pending.wait()  # the accumulators of the shard held now
             dk_b, dv_b = dk_b.add_(dk_in), dv_b.add_(dv_in)
+            del dk_in, dv_in  # a third fp32 dK/dV set alive would cost 2 * Hkv * D * 4 B per token
         if ring.world > 1:
             owner = step.kv_rank
             dkv_pending = ring.shift([dk_b, dv_b], TAG_DKV,
