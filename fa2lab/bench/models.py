@@ -8,6 +8,9 @@ attn_implementation "fa2lab" (auto), "fa2lab_tiled" (the PyTorch FA2), "sdpa" an
 
 Ratios are against "sdpa" measured in the same run. Run: python -m fa2lab.bench.models
 (needs transformers: pip install -e ".[hf]"). Importing this module changes no global state.
+On a GPU: python -m fa2lab.bench.models --gpu (a Qwen3-0.6B-shaped model in bf16, N up to 16k;
+peak memory from torch.cuda.max_memory_allocated). Prefill asks for the last position's logits
+only (logits_to_keep=1, as generate does), so the vocabulary projection does not swamp attention.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -41,6 +44,17 @@ class ModelBench:
     decode_steps: int = 16  # T
     rounds: int = 3  # interleaved repeats; the best is kept
     impls: tuple[str, ...] = IMPLS
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+# Qwen3-0.6B's shape (its public config.json): 28 layers, hidden 1024, 16 query / 8 KV heads of
+# 128, MLP 3072, vocabulary 151936 - about 0.6 B parameters, random weights.
+GPU_BENCH = ModelBench(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                       head_dim=128, intermediate_size=3072, vocab_size=151936, lengths=(1024, 4096, 16384),
+                       decode_steps=32, rounds=3, impls=("fa2lab", "sdpa", "eager"), device="cuda",
+                       dtype="bfloat16")
+NOT_MODEL = ("batch", "lengths", "decode_steps", "rounds", "impls", "device", "dtype")
 
 
 def build_model(cfg: ModelBench):
@@ -50,31 +64,57 @@ def build_model(cfg: ModelBench):
 
     fa2lab.hf.register()
     fa2lab.hf.register("fa2lab_tiled", backend="tiled")
-    shape = {k: v for k, v in asdict(cfg).items() if k not in ("batch", "lengths", "decode_steps", "rounds", "impls")}
+    shape = {k: v for k, v in asdict(cfg).items() if k not in NOT_MODEL}
     torch.manual_seed(0)
     model_cfg = tiny_qwen3_config(max_position_embeddings=2 * max(cfg.lengths) + cfg.decode_steps, **shape)
-    return AutoModelForCausalLM.from_config(model_cfg, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_config(model_cfg, attn_implementation="sdpa").eval()
+    return model.to(cfg.device, getattr(torch, cfg.dtype))
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _prefill_seconds(model, ids) -> float:
+    _sync(ids.device)
     t0 = time.perf_counter()
-    model(ids, use_cache=False)
+    model(ids, use_cache=False, logits_to_keep=1)
+    _sync(ids.device)
     return time.perf_counter() - t0
 
 
 def _decode_seconds(model, ids, steps) -> float:
-    out = model(ids, use_cache=True)
+    out = model(ids, use_cache=True, logits_to_keep=1)
     past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    _sync(ids.device)
     t0 = time.perf_counter()
     for _ in range(steps):
         out = model(token, past_key_values=past, use_cache=True)
         past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    _sync(ids.device)
     return time.perf_counter() - t0
+
+
+def _peak_extra_bytes(fn, device) -> int | None:
+    """The most memory fn() added: VmHWM on a CPU (fa2lab.bench.memory), the allocator's peak on CUDA."""
+    if torch.device(device).type != "cuda":
+        from fa2lab.bench import memory
+
+        return memory.peak_extra_bytes(fn)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
 
 
 def run(cfg: ModelBench = ModelBench(), out_csv: Path | None = None, progress=print) -> list[dict]:
     """Per length, `rounds` rounds that each time every implementation once (interleaved, so a
-    burst of load from other processes hits all of them); the best round of each is kept."""
+    burst of load from other processes hits all of them); the best round of each is kept. An
+    implementation that fails at a length is reported with its error and the others go on."""
     from fa2lab.bench import memory
 
     memory.configure_for_timing()
@@ -82,21 +122,32 @@ def run(cfg: ModelBench = ModelBench(), out_csv: Path | None = None, progress=pr
     rows = []
     with torch.no_grad():
         model.set_attn_implementation("sdpa")
-        model(torch.zeros(cfg.batch, 64, dtype=torch.long))  # warm-up
+        model(torch.zeros(cfg.batch, 64, dtype=torch.long, device=cfg.device))  # warm-up
         for n in cfg.lengths:
             ids = torch.randint(0, cfg.vocab_size, (cfg.batch, n), generator=torch.Generator().manual_seed(n))
+            ids = ids.to(cfg.device)
             flops = 4 * cfg.num_hidden_layers * cfg.batch * cfg.num_attention_heads * n * n * cfg.head_dim / 2
             pre = {impl: float("inf") for impl in cfg.impls}
-            dec = dict(pre)
+            dec, errors = dict(pre), {}
             for _ in range(cfg.rounds):
                 for impl in cfg.impls:
+                    if impl in errors:
+                        continue
                     model.set_attn_implementation(impl)
-                    pre[impl] = min(pre[impl], _prefill_seconds(model, ids))
-                    dec[impl] = min(dec[impl], _decode_seconds(model, ids, cfg.decode_steps))
+                    try:
+                        pre[impl] = min(pre[impl], _prefill_seconds(model, ids))
+                        dec[impl] = min(dec[impl], _decode_seconds(model, ids, cfg.decode_steps))
+                    except Exception as exc:  # noqa: BLE001 - recorded in the row, the others go on
+                        errors[impl] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             for impl in cfg.impls:
+                if impl in errors:
+                    rows.append(dict(impl=impl, N=n, prefill_s=None, prefill_tok_s=None, attn_gflop_s=None,
+                                     decode_tok_s=None, peak_mib=None, error=errors[impl]))
+                    progress(f"N={n:>5} {impl:<13} failed: {errors[impl]}")
+                    continue
                 model.set_attn_implementation(impl)
-                peak = memory.peak_extra_bytes(lambda: model(ids, use_cache=False))
-                rows.append(dict(impl=impl, N=n, prefill_s=round(pre[impl], 3),
+                peak = _peak_extra_bytes(lambda: model(ids, use_cache=False, logits_to_keep=1), cfg.device)
+                rows.append(dict(impl=impl, N=n, prefill_s=round(pre[impl], 4),
                                  prefill_tok_s=round(cfg.batch * n / pre[impl], 1),
                                  attn_gflop_s=round(flops / pre[impl] / 1e9, 2),
                                  decode_tok_s=round(cfg.batch * cfg.decode_steps / dec[impl], 1),
@@ -105,12 +156,13 @@ def run(cfg: ModelBench = ModelBench(), out_csv: Path | None = None, progress=pr
                          f"decode {rows[-1]['decode_tok_s']:6.1f} tok/s  peak {rows[-1]['peak_mib']} MiB")
     for r in rows:
         base = next((b for b in rows if b["N"] == r["N"] and b["impl"] == "sdpa"), None)
-        r["prefill_vs_sdpa"] = round(r["prefill_tok_s"] / base["prefill_tok_s"], 2) if base else None
-        r["decode_vs_sdpa"] = round(r["decode_tok_s"] / base["decode_tok_s"], 2) if base else None
+        ok = base and base["prefill_tok_s"] and r["prefill_tok_s"]
+        r["prefill_vs_sdpa"] = round(r["prefill_tok_s"] / base["prefill_tok_s"], 2) if ok else None
+        r["decode_vs_sdpa"] = round(r["decode_tok_s"] / base["decode_tok_s"], 2) if ok else None
     if out_csv is not None:
         out_csv.parent.mkdir(parents=True, exist_ok=True)
         with out_csv.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            w = csv.DictWriter(f, fieldnames=COLUMNS + ["error"], restval="")
             w.writeheader()
             w.writerows(rows)
     return rows
@@ -165,27 +217,35 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['N']} | {r['impl']} | {r['prefill_tok_s']} | {r['prefill_vs_sdpa']} | {r['attn_gflop_s']} | "
               f"{r['decode_tok_s']} | {r['decode_vs_sdpa']} | {r['peak_mib']} |" for r in rows]
+    lines += [f"N={r['N']} {r['impl']} failed: {r['error']}" for r in rows if r.get("error")]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fa2lab.bench.models", description=__doc__.split("\n\n")[0])
-    p.add_argument("--lengths", type=int, nargs="+", default=list(ModelBench.lengths))
-    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
-    p.add_argument("--steps", type=int, default=ModelBench.decode_steps, help="decode steps T")
-    p.add_argument("--rounds", type=int, default=ModelBench.rounds, help="interleaved repeats, best kept")
+    p.add_argument("--gpu", action="store_true", help="the Qwen3-0.6B-shaped bf16 model on CUDA (GPU_BENCH)")
+    p.add_argument("--lengths", type=int, nargs="+", default=None)
+    p.add_argument("--impls", nargs="+", default=None, choices=IMPLS)
+    p.add_argument("--steps", type=int, default=None, help="decode steps T")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved repeats, best kept")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--out", type=Path, default=Path("results") / "models" / "cpu_models.csv")
+    p.add_argument("--out", type=Path, default=None, help="CSV (default results/models/{cpu,gpu}_models.csv)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = ModelBench(lengths=tuple(args.lengths), impls=tuple(args.impls), decode_steps=args.steps,
-                     rounds=args.rounds)
-    print(f"fa2lab model benchmark {time.strftime('%Y-%m-%d')}: torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; {cfg}")
-    print(sizing_report(), "\n")
-    print(crossover_report(cfg), "\n")
-    rows = run(cfg, args.out)
+    base = GPU_BENCH if args.gpu else ModelBench()
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA device; none is visible (run without --gpu for the CPU model)")
+    overrides = dict(lengths=tuple(args.lengths) if args.lengths else None, impls=tuple(args.impls) if args.impls
+                     else None, decode_steps=args.steps, rounds=args.rounds)
+    cfg = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    out = args.out or Path("results") / "models" / f"{'gpu' if args.gpu else 'cpu'}_models.csv"
+    where = torch.cuda.get_device_name(0) if args.gpu else f"{torch.get_num_threads()} threads"
+    print(f"fa2lab model benchmark {time.strftime('%Y-%m-%d')}: torch {torch.__version__}, {where}; {cfg}")
+    if not args.gpu:
+        print(sizing_report(), "\n")
+        print(crossover_report(cfg), "\n")
+    rows = run(cfg, out)
     print(markdown(rows))
     return 0
 
