@@ -7,6 +7,9 @@ runs it on dense (B, H, N, D) inputs. `fa2lab.api` is the one dispatch point; ad
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -88,12 +91,15 @@ class Sdpa:
                                               enable_gqa=q.shape[1] != k.shape[1])
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    # find_spec walks sys.path: tens of microseconds, once per process instead of per call
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_unavailable(device: str, dtype: torch.dtype, head_dims: tuple[int, ...]) -> str | None:
     """Why the Triton kernels cannot run a case, or None."""
-    import importlib.util
-    import os
-
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return "triton is not installed (pip install triton; Linux x86-64)"
     if device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"the Triton kernels need a CUDA device, got {device} (TRITON_INTERPRET=1 interprets them on the CPU, slowly)"

@@ -269,3 +269,28 @@ def test_fa2lab_imports_without_transformers():
     assert done.returncode == 0, done.stderr
     assert "imported transformers: False" in done.stdout
     assert 'ImportError: fa2lab.hf needs transformers' in done.stdout and 'pip install -e ".[hf]"' in done.stdout
+
+
+@pytest.mark.parametrize("nq,window", [(1, (-1, -1)), (3, (-1, -1)), (4, (5, -1))])
+def test_generation_steps_take_the_split_k_path_with_the_same_result(monkeypatch, nq, window):
+    # On CUDA a few new queries against a long cache go through fa2lab.decode_attention (split-K);
+    # here the route is forced on the CPU to check it keeps the semantics (bottom-right, window, GQA).
+    from fa2lab.models import functional
+
+    calls = []
+    real = functional.decode_attention
+    monkeypatch.setattr(functional, "_split_k_decodes", lambda q, k, v, backend: True)
+    monkeypatch.setattr(functional, "decode_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    g = torch.Generator().manual_seed(nq)
+    q = torch.randn(2, 4, nq, 32, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 97, 32, generator=g, dtype=torch.float64) for _ in range(2))
+    out = functional.padded_attention(q, k, v, causal=True, window_size=window, scale=0.2)
+    ref = attention_ref(q, k, v, causal=True, window_size=window, softmax_scale=0.2)
+    assert calls and (out - ref).abs().max().item() < 1e-12
+
+
+def test_split_k_route_is_for_cuda_generation_without_gradients():
+    from fa2lab.models.functional import _split_k_decodes
+
+    q, k = torch.randn(1, 4, 1, 64, dtype=torch.bfloat16), torch.randn(1, 2, 500, 64, dtype=torch.bfloat16)
+    assert not _split_k_decodes(q, k, k, "auto")  # CPU: torch SDPA / the tiled path, as measured there

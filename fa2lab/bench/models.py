@@ -111,6 +111,21 @@ def _peak_extra_bytes(fn, device) -> int | None:
     return torch.cuda.max_memory_allocated() - base
 
 
+def decode_step_agreement(model, cfg: ModelBench, n: int) -> dict:
+    """Logits of one decode step after an n-token prefill, per implementation, against "sdpa":
+    max |difference|. Same-precision implementations differ by rounding; fa2lab's difference
+    should be of the size of eager's (the model-level form of the error rule)."""
+    ids = torch.randint(0, cfg.vocab_size, (cfg.batch, n), generator=torch.Generator().manual_seed(1)).to(cfg.device)
+    logits = {}
+    for impl in cfg.impls:
+        model.set_attn_implementation(impl)
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        token = torch.full((cfg.batch, 1), 7, dtype=torch.long, device=cfg.device)
+        logits[impl] = model(token, past_key_values=out.past_key_values, use_cache=True).logits.float()
+    base = logits.get("sdpa")
+    return {impl: (x - base).abs().max().item() for impl, x in logits.items() if base is not None and impl != "sdpa"}
+
+
 def run(cfg: ModelBench = ModelBench(), out_csv: Path | None = None, progress=print) -> list[dict]:
     """Per length, `rounds` rounds that each time every implementation once (interleaved, so a
     burst of load from other processes hits all of them); the best round of each is kept. An
@@ -123,6 +138,10 @@ def run(cfg: ModelBench = ModelBench(), out_csv: Path | None = None, progress=pr
     with torch.no_grad():
         model.set_attn_implementation("sdpa")
         model(torch.zeros(cfg.batch, 64, dtype=torch.long, device=cfg.device))  # warm-up
+        if "sdpa" in cfg.impls:
+            agree = decode_step_agreement(model, cfg, min(cfg.lengths))
+            progress("decode-step logits, max |impl - sdpa| after a " f"{min(cfg.lengths)}-token prefill: "
+                     + ", ".join(f"{k} {v:.3g}" for k, v in agree.items()))
         for n in cfg.lengths:
             ids = torch.randint(0, cfg.vocab_size, (cfg.batch, n), generator=torch.Generator().manual_seed(n))
             ids = ids.to(cfg.device)

@@ -88,22 +88,36 @@ def decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, block_table=Non
     seqlens = _check_seqlens(cache_seqlens, batch, reader.capacity, q.device)
     if paged:
         _check_block_table(block_table, seqlens, reader)
-    return decode_with_reader(q, reader, seqlens, num_splits=num_splits, softmax_scale=softmax_scale,
-                              causal=causal, window_size=window_size, return_lse=return_lse, backend=backend,
-                              unified_max=unified_max)
+    _check_backend_and_q(backend, q, reader)
+    # A full cache's longest sequence is its capacity: known without reading seqlens back (no sync).
+    return _decode(q, reader, seqlens, reader.capacity if cache_seqlens is None else None, num_splits=num_splits,
+                   softmax_scale=softmax_scale, causal=causal, window_size=window_size, return_lse=return_lse,
+                   backend=backend, unified_max=unified_max)
 
 
 def decode_with_reader(q, reader, seqlens, *, num_splits=None, softmax_scale=None, causal=True,
                        window_size=(-1, -1), return_lse=False, backend="auto", unified_max=None):
     """`decode_attention` over any KVReader (the KV cache classes use this): q (B, Hq, Nq, D),
     seqlens int32 (B,) valid lengths, positions [0, seqlens[b]) read in order."""
+    _check_backend_and_q(backend, q, reader)
+    seqlens = _check_seqlens(seqlens, q.shape[0], reader.capacity, q.device)
+    return _decode(q, reader, seqlens, None, num_splits=num_splits, softmax_scale=softmax_scale, causal=causal,
+                   window_size=window_size, return_lse=return_lse, backend=backend, unified_max=unified_max)
+
+
+def _check_backend_and_q(backend, q, reader) -> None:
     if backend not in DECODE_BACKENDS:
         raise ValueError(f"unknown decode backend {backend!r}; choose one of {list(DECODE_BACKENDS)}")
-    window_size = _checks.check_window(window_size)
     if q.shape[-1] != reader.head_dim or q.shape[1] % reader.heads_kv or q.shape[0] != reader.batch:
         raise ValueError(f"expected q (B={reader.batch}, Hq multiple of {reader.heads_kv}, Nq, D={reader.head_dim}) "
                          f"for this cache, got {tuple(q.shape)}")
-    seqlens = _check_seqlens(seqlens, q.shape[0], reader.capacity, q.device)
+
+
+def _decode(q, reader, seqlens, max_len, *, num_splits, softmax_scale, causal, window_size, return_lse, backend,
+            unified_max):
+    """The decode itself, on checked inputs. max_len: max(seqlens) where the caller knows it
+    (None: read it back from the device)."""
+    window_size = _checks.check_window(window_size)
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"expected num_splits to be a positive int or None (auto), got {num_splits!r}")
     scale = _checks.resolve_scale(softmax_scale, q.shape[-1])
@@ -126,7 +140,7 @@ def decode_with_reader(q, reader, seqlens, *, num_splits=None, softmax_scale=Non
                              f"{why_not or 'it reads dense or paged caches without unified_max'}; use backend='auto'")
         from fa2lab.kernels.decode import decode_triton, kernel_num_splits
 
-        max_len = int(seqlens.max()) if batch else 0
+        max_len = (int(seqlens.max()) if batch else 0) if max_len is None else max_len
         if num_splits is None:
             num_splits = kernel_num_splits(batch * reader.heads_kv, max_len, default_num_units(q.device))
         paged = isinstance(reader, PagedReader)
@@ -135,7 +149,7 @@ def decode_with_reader(q, reader, seqlens, *, num_splits=None, softmax_scale=Non
                                  max_len=max_len)
     else:
         if num_splits is None:
-            max_len = int(seqlens.max()) if batch else 0
+            max_len = (int(seqlens.max()) if batch else 0) if max_len is None else max_len
             num_splits = auto_num_splits(batch * reader.heads_kv, max_len, default_num_units(q.device))
         out, lse, stats = splitk_decode(q, reader, seqlens, scale=scale, left=left, right=right,
                                         num_splits=num_splits, block_k=DECODE_BLOCK_K, unified_max=unified_max)

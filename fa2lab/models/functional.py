@@ -13,11 +13,13 @@ tokens of each sequence, runs `fa2lab.varlen_attention`, and scatters the result
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
 from fa2lab import masks
 from fa2lab.api import attention, varlen_attention
+from fa2lab.decode import decode_attention
 from fa2lab.backends import Case
 from fa2lab.models.selection import select_backend
 
@@ -35,6 +37,18 @@ def _decode_window(causal: bool, window_size, nq: int) -> tuple[bool, tuple[int,
     return causal, tuple(window_size)
 
 
+DECODE_MAX_NQ = 16  # new tokens per step that still count as decoding (speculative, chunked)
+
+
+def _split_k_decodes(q, k, v, backend: str) -> bool:
+    """A generation step on CUDA: a few new queries against the whole cache, no gradients. FA2's
+    forward would give each (sequence, head) one program and leave most SMs idle; the split-K
+    Triton kernel (fa2lab.decode_attention) spreads the cache over the whole GPU."""
+    return (backend == "auto" and q.is_cuda and q.shape[2] <= DECODE_MAX_NQ < k.shape[2]
+            and q.dtype in (torch.float16, torch.bfloat16)
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
+
+
 def padded_attention(q, k, v, key_mask=None, *, causal=True, window_size=(-1, -1), scale=None, backend="auto"):
     """q (B, Hq, Nq, D) are the last Nq of the Nk slots of k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv);
     key_mask (B, Nk) bool, True for real tokens, or None (all real). -> (B, Hq, Nq, Dv); rows of
@@ -48,6 +62,8 @@ def padded_attention(q, k, v, key_mask=None, *, causal=True, window_size=(-1, -1
         if bool(key_mask.all()):
             key_mask = None
     if key_mask is None:
+        if _split_k_decodes(q, k, v, backend):
+            return decode_attention(q, k, v, causal=causal, window_size=window_size, softmax_scale=scale)
         causal, window_size = _decode_window(causal, window_size, nq)
         choice = select_backend(Case.of(q, k, v, causal, window_size, False), backend)
         return attention(q, k, v, causal=causal, window_size=window_size, softmax_scale=scale, backend=choice.name)
@@ -87,7 +103,20 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor | N
     -> int32 (S + 1,), or None when the row holds a single sequence."""
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1 or position_ids.shape[1] < 2:
         return None
-    pos = position_ids[0]
+    # Every layer of one forward asks about the same tensor; finding the starts reads the device
+    # (a host sync), so the answer is kept for that tensor until it changes.
+    # (Keyed by the object itself, not its address: a freed tensor's memory can hold the next one.)
+    ref, version = _packed_cache.get("tensor", lambda: None)(), _packed_cache.get("version")
+    if ref is not position_ids or version != position_ids._version:
+        _packed_cache.update(tensor=weakref.ref(position_ids), version=position_ids._version,
+                             value=_packed_starts(position_ids[0]))
+    return _packed_cache["value"]
+
+
+_packed_cache: dict = {}
+
+
+def _packed_starts(pos: torch.Tensor) -> torch.Tensor | None:
     starts = torch.nonzero(pos == pos.min()).flatten()  # (S,)
     if starts.numel() < 2 or int(starts[0]) != 0:
         return None
