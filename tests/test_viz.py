@@ -227,6 +227,13 @@ def test_gpu_results_figures_and_ratios(tmp_path):
     path, res = viz.gpu.latest_gpu_results(tmp_path)
     assert path.name == "gpu-20260101-000000.json" and res["tag"] == path.name
     assert viz.gpu.latest_gpu_results(tmp_path / "empty") == (None, None)
+    # a newer partial run (no backward rows here, no decode rows there) does not hide a full one
+    full = dict(GPU_RESULTS, rows=GPU_RESULTS["rows"] + [dict(kind="bwd", impl="fa2lab triton", N=1024, D=64,
+                                                               causal=True, ms=2.0, tflops=250.0)], tag="full")
+    (tmp_path / "gpu-20260601-000000.json").write_text(json.dumps(full))
+    (tmp_path / "gpu-20260701-000000.json").write_text(json.dumps(dict(GPU_RESULTS, rows=GPU_RESULTS["rows"][:2])))
+    assert viz.gpu.latest_gpu_results(tmp_path)[1]["tag"] == "full"
+    assert viz.gpu.has_kind(full, "bwd") and not viz.gpu.has_kind(None, "fwd")
     fig = viz.gpu.throughput_figure(res, "fwd")
     assert [t.name for t in fig.data] == ["fa2lab triton", "sdpa flash"]  # the failed flex row is left out
     assert fig.layout.shapes[0].y0 == 700.0  # the matmul peak of the same run

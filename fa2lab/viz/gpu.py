@@ -21,14 +21,23 @@ IMPL_COLORS = {"fa2lab triton": "#4c78a8", "sdpa flash": "#f58518", "sdpa cudnn"
                "flex (compiled)": "#b279a2", "sdpa efficient": "#72b7b2", "sdpa math": "#9d755d"}
 
 
+KINDS = ("fwd", "bwd", "decode")
+
+
+def has_kind(results: dict | None, kind: str) -> bool:
+    """Whether a results file holds rows of this kind ("fwd", "bwd" or "decode")."""
+    return bool(results) and any(r.get("kind") == kind for r in results.get("rows", []))
+
+
 def latest_gpu_results(folder=None) -> tuple[Path | None, dict | None]:
     """The newest gpu-*.json under `folder` (default experiments/results/) and its contents; file
-    names carry a sortable timestamp (gpu-YYYYMMDD-HHMMSS.json). (None, None) if there is none."""
+    names carry a sortable timestamp (gpu-YYYYMMDD-HHMMSS.json). The newest that holds forward,
+    backward and decode rows wins, so a partial run (--quick, --only) does not hide the last full
+    one; without a full one, the newest file. (None, None) if there is none."""
     folder = Path(folder) if folder is not None else RESULTS
-    files = sorted(folder.glob("gpu-*.json"))
-    if not files:
-        return None, None
-    return files[-1], json.loads(files[-1].read_text())
+    loaded = [(path, json.loads(path.read_text())) for path in sorted(folder.glob("gpu-*.json"), reverse=True)]
+    full = [(path, res) for path, res in loaded if all(has_kind(res, kind) for kind in KINDS)]
+    return (full or loaded or [(None, None)])[0]
 
 
 def impl_name(impl: str) -> str:
