@@ -19,8 +19,8 @@ import torch
 
 from fa2lab import masks
 from fa2lab.api import attention, varlen_attention
-from fa2lab.decode import decode_attention
 from fa2lab.backends import Case
+from fa2lab.decode import decode_attention
 from fa2lab.models.selection import select_backend
 
 log = logging.getLogger("fa2lab")
