@@ -1,8 +1,9 @@
 """Strip a notebook for committing: `python -m fa2lab.sweep.clean notebooks/*.ipynb`.
 
-Removes every output and execution count, and saved widget state, except in cells tagged
-`nbval-check-output`: those keep their printed lines (and an execution count, which nbval needs
-to compare them), since they are the expected values that `pytest --nbval-lax` checks.
+Removes every output, execution count and saved widget state: notebooks are committed without
+outputs. The cells tagged `checks` hold the notebook's own assertions (the online softmax equals
+the exact one, the fitted exponent is below 1.1, ...); nbval runs them, and a failed assert fails
+the test. The tag of an older layout, `nbval-check-output`, is renamed on the way.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-CHECK_TAG = "nbval-check-output"
+CHECK_TAG = "checks"
+OLD_CHECK_TAG = "nbval-check-output"  # compared stored outputs: incompatible with output-free commits
 
 
 def is_check_cell(cell: dict) -> bool:
@@ -23,12 +25,11 @@ def strip_notebook(nb: dict) -> dict:
     for cell in nb.get("cells", []):
         if cell.get("cell_type") != "code":
             continue
-        cell.get("metadata", {}).pop("execution", None)
-        if is_check_cell(cell):
-            cell["outputs"] = [o for o in cell.get("outputs", []) if o.get("output_type") == "stream"]
-            cell["execution_count"] = 1 if cell["outputs"] else None
-        else:
-            cell["outputs"], cell["execution_count"] = [], None
+        meta = cell.setdefault("metadata", {})
+        meta.pop("execution", None)
+        if OLD_CHECK_TAG in meta.get("tags", []):
+            meta["tags"] = [CHECK_TAG if t == OLD_CHECK_TAG else t for t in meta["tags"]]
+        cell["outputs"], cell["execution_count"] = [], None
     return nb
 
 
