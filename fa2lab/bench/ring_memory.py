@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from fa2lab.bench.ring import _spawn
 
 SHAPE = dict(B=1, Hq=16, Hkv=4, D=128)
 
@@ -106,15 +107,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"give at least two lengths, each a multiple of 2 * world = {2 * args.world} (zig-zag)")
     with tempfile.TemporaryDirectory() as tmp:
         init, outs = os.path.join(tmp, "init"), [os.path.join(tmp, f"rows{r}.pt") for r in range(args.world)]
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker, args=(r, args.world, init, args.lengths, outs[r]))
-                 for r in range(args.world)]
-        for proc in procs:
-            proc.start()
-        for proc in procs:
-            proc.join()
-        if any(proc.exitcode for proc in procs):
-            raise SystemExit(f"a worker failed: exit codes {[proc.exitcode for proc in procs]}")
+        _spawn([(_worker, (r, args.world, init, args.lengths, outs[r])) for r in range(args.world)])
         rows = [row for f in outs for row in torch.load(f)]
     dev = next(r for r in rows if r.get("mode") == "device")
     fits = [fit(rows, "single"), fit(rows, f"ring x{args.world}")]
