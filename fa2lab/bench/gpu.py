@@ -180,6 +180,15 @@ def environment() -> dict:
                 fa2lab_commit=commit or "unknown")
 
 
+def save_results(folder: Path, prefix: str, payload: dict) -> Path:
+    """Write `folder/prefix-YYYYMMDD-HHMMSS.json` (names sort by time: fa2lab.viz.gpu reads the newest)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(payload, indent=1))
+    print(f"\nwrote {path}")
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fa2lab bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="a few shapes, no FlexAttention")
@@ -199,11 +208,7 @@ def main(argv=None) -> int:
         rows += forward_backward(cases, with_bwd=not args.no_bwd)
     if args.only in (None, "decode"):
         rows += decode(DECODE_CASES[:1] if args.quick else DECODE_CASES)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = args.out / f"gpu-{stamp}.json"
-    path.write_text(json.dumps(dict(environment=env, peaks=pk, rows=rows), indent=1))
-    print(f"\nwrote {path}")
+    save_results(args.out, "gpu", dict(environment=env, peaks=pk, rows=rows))
     return 0
 
 

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import time
 from pathlib import Path
 
 import torch
 
-from fa2lab.bench.gpu import _bench, environment, peaks
+from fa2lab.bench.gpu import _bench, environment, peaks, save_results
 from fa2lab.cost import fa2_forward
 from fa2lab.hardware import detect, get_profile
 from fa2lab.kernels.fwd import flash_fwd_triton
@@ -98,10 +96,7 @@ def main(argv=None) -> int:
               f"{c['best_tflops']:6.1f}  profile/best {c['profile_over_best'] or float('nan'):.3f}  "
               f"measured/predicted {c['median_measured_over_predicted']:.2f} "
               f"(at the measured matmul peak: {c['chosen_measured_over_predicted_measured_peak']:.2f})", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"tiles-gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(dict(environment=env, choices=choices, rows=rows), indent=1))
-    print(f"\nwrote {path}")
+    save_results(args.out, "tiles-gpu", dict(environment=env, choices=choices, rows=rows))
     return 0
 
 
