@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from fa2lab.decode.merge import merge_states_stack
+from fa2lab.tiled.softmax import online_softmax_step
 
 NEG_INF = float("-inf")
 DECODE_BLOCK_K = 512  # keys per tile: the score tile has only Nq*G rows, so long tiles amortise op overhead
@@ -109,16 +110,10 @@ def _partial(q_p, reader, seqlens, j0, j1, nq, group, left, right, block_k, acc_
         if bool(stale.any()):
             v_t = v_t.masked_fill(stale[:, None, :, None], 0.0)
         s = (q_p @ k_t.transpose(-1, -2)).masked_fill_(~visible, NEG_INF)  # (B, Hkv, Nq*G, Bc)
-        m_tile = s.amax(dim=-1, keepdim=True)
         if phi is None:
-            m_new = torch.maximum(m_i, m_tile)
-            m_ref = m_new.masked_fill(m_new == NEG_INF, 0.0)
-            alpha = (m_i - m_ref).exp_()
-            p = s.sub_(m_ref).exp_()
-            l_i = l_i.mul_(alpha).add_(p.sum(-1, keepdim=True))
-            acc = acc.mul_(alpha).add_(p @ v_t)
-            m_i = m_new
+            m_i, l_i, acc, _ = online_softmax_step(s, m_i, l_i, acc, v_t)
         else:  # unified max: no rescaling; m_i only records the row max for the range check
+            m_tile = s.amax(dim=-1, keepdim=True)
             p = s.sub_(phi).exp_()
             l_i = l_i.add_(p.sum(-1, keepdim=True))
             acc = acc.add_(p @ v_t)

@@ -13,23 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fa2lab.kernels.fwd import LOG2E, _pow2, ieee_dot
-
-
-@triton.jit
-def _seq_offsets(CU_Q, CU_K, b, Nq, Nk, IS_VARLEN: tl.constexpr):
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        k_start = tl.load(CU_K + b)
-        return q_start, tl.load(CU_Q + b + 1) - q_start, k_start, tl.load(CU_K + b + 1) - k_start
-    return 0, Nq, 0, Nk
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
+from fa2lab.kernels.common import LOG2E, LOG2E_K, dot, ieee_dot, pow2, seq_offsets
 
 
 @triton.jit
@@ -46,7 +30,7 @@ def _bwd_dkdv_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     hk = pid_bh % HKV
-    q_start, nq, k_start, nk = _seq_offsets(CU_Q, CU_K, b, Nq, Nk, IS_VARLEN)
+    q_start, nq, k_start, nk = seq_offsets(CU_Q, CU_K, b, Nq, Nk, IS_VARLEN)
     j0 = pid_n * BLOCK_N
     if j0 >= nk:
         return
@@ -93,20 +77,20 @@ def _bwd_dkdv_kernel(
                         mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, HEAD_DIM)
             do = tl.load(DO + bdo + h * sdoh + rows[:, None] * sdom + offs_dv[None, :] * sdod,
                          mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)  # (BLOCK_M, HEAD_DIM_V)
-            lse2 = tl.load(LSE + bl + h * slh + rows * slm, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            lse2 = tl.load(LSE + bl + h * slh + rows * slm, mask=row_ok, other=float("inf")) * LOG2E_K
             lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows with no key: P = 0
             delta = tl.load(DELTA + bl + h * slh + rows * slm, mask=row_ok, other=0.0)
-            s_t = _dot(k, tl.trans(q), IEEE_DOT) * qk_scale  # (BLOCK_N, BLOCK_M) = S^T
+            s_t = dot(k, tl.trans(q), IEEE_DOT) * qk_scale  # (BLOCK_N, BLOCK_M) = S^T
             valid = (cols[:, None] < nk) & row_ok[None, :]
             if HAS_LEFT:
                 valid = valid & (cols[:, None] >= rows[None, :] + off - LEFT)
             if HAS_RIGHT:
                 valid = valid & (cols[:, None] <= rows[None, :] + off + RIGHT)
             p_t = tl.where(valid, tl.math.exp2(s_t - lse2[None, :]), 0.0)  # P^T
-            dv += _dot(p_t.to(do.dtype), do, IEEE_DOT)
-            dp_t = _dot(v, tl.trans(do), IEEE_DOT)  # (BLOCK_N, BLOCK_M) = dP^T
+            dv += dot(p_t.to(do.dtype), do, IEEE_DOT)
+            dp_t = dot(v, tl.trans(do), IEEE_DOT)  # (BLOCK_N, BLOCK_M) = dP^T
             ds_t = p_t * (dp_t - delta[None, :])
-            dk += _dot(ds_t.to(q.dtype), q, IEEE_DOT)
+            dk += dot(ds_t.to(q.dtype), q, IEEE_DOT)
     dk = dk * sm_scale
     tl.store(DKEY + bdk + hk * sdkh + cols[:, None] * sdkn + offs_d[None, :] * sdkd, dk.to(DKEY.dtype.element_ty),
              mask=(cols[:, None] < nk) & (offs_d[None, :] < D))
@@ -129,7 +113,7 @@ def _bwd_dq_kernel(
     b = pid_bh // H
     h = pid_bh % H
     hk = h // G
-    q_start, nq, k_start, nk = _seq_offsets(CU_Q, CU_K, b, Nq, Nk, IS_VARLEN)
+    q_start, nq, k_start, nk = seq_offsets(CU_Q, CU_K, b, Nq, Nk, IS_VARLEN)
     i0 = pid_m * BLOCK_M
     if i0 >= nq:
         return
@@ -156,7 +140,7 @@ def _bwd_dq_kernel(
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     do = tl.load(DO + bdo + h * sdoh + rows[:, None] * sdom + offs_dv[None, :] * sdod,
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    lse2 = tl.load(LSE + bl + h * slh + rows * slm, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + bl + h * slh + rows * slm, mask=row_ok, other=float("inf")) * LOG2E_K
     lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
     delta = tl.load(DELTA + bl + h * slh + rows * slm, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -175,16 +159,16 @@ def _bwd_dq_kernel(
                     mask=(cols[:, None] < nk) & (offs_d[None, :] < D), other=0.0)
         v = tl.load(V + bv + hk * svh + cols[:, None] * svn + offs_dv[None, :] * svd,
                     mask=(cols[:, None] < nk) & (offs_dv[None, :] < DV), other=0.0)
-        s = _dot(q, tl.trans(k), IEEE_DOT) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = dot(q, tl.trans(k), IEEE_DOT) * qk_scale  # (BLOCK_M, BLOCK_N)
         valid = (cols[None, :] < nk) & row_ok[:, None]
         if HAS_LEFT:
             valid = valid & (cols[None, :] >= rows[:, None] + off - LEFT)
         if HAS_RIGHT:
             valid = valid & (cols[None, :] <= rows[:, None] + off + RIGHT)
         p = tl.where(valid, tl.math.exp2(s - lse2[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), IEEE_DOT)
+        dp = dot(do, tl.trans(v), IEEE_DOT)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, IEEE_DOT)
+        dq += dot(ds.to(k.dtype), k, IEEE_DOT)
     dq = dq * sm_scale
     tl.store(DQ + bdq + h * sdqh + rows[:, None] * sdqm + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))
@@ -223,7 +207,7 @@ def _delta(do, out, varlen: bool) -> torch.Tensor:
     if delta.numel():
         block = 64 if dv <= 128 else 32
         _bwd_preprocess_kernel[(triton.cdiv(n, block), batch * h)](
-            out, do, delta, *st(out), *st(do), *sd, h, n, DV=dv, HEAD_DIM_V=_pow2(dv), BLOCK_M=block)
+            out, do, delta, *st(out), *st(do), *sd, h, n, DV=dv, HEAD_DIM_V=pow2(dv), BLOCK_M=block)
     return delta
 
 
@@ -267,7 +251,7 @@ def flash_bwd_triton(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=No
         sl = lse.stride()
         grid_q, grid_k = nq, nk
         cu_q = cu_k = torch.zeros(1, dtype=torch.int32, device=q.device)
-    common = dict(D=d, DV=dvd, HEAD_DIM=_pow2(d), HEAD_DIM_V=_pow2(dvd), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
+    common = dict(D=d, DV=dvd, HEAD_DIM=pow2(d), HEAD_DIM_V=pow2(dvd), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
                   IS_VARLEN=varlen, IEEE_DOT=ieee_dot(q.dtype))
     group = h // hkv
     bm, bn, warps, stages = cfg["dkdv"]

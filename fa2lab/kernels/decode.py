@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fa2lab.kernels.fwd import LOG2E, _pow2, ieee_dot
+from fa2lab.kernels.common import LOG2E, LOG2E_K, dot, ieee_dot, online_softmax_step, pow2
 
 
 @triton.jit
@@ -62,27 +62,15 @@ def _decode_partial_kernel(
                     mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_N, HEAD_DIM)
         v = tl.load(V + hk * svh + v_row[:, None] + offs_dv[None, :] * svd,
                     mask=col_ok[:, None] & (offs_dv[None, :] < D_V), other=0.0)  # (BLOCK_N, HEAD_DIM_V)
-        if IEEE_DOT:
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale
+        s = dot(q, tl.trans(k), IEEE_DOT) * qk_scale  # (BLOCK_M, BLOCK_N) logits in log2 units
         valid = col_ok[None, :] & row_ok[:, None]
         if HAS_LEFT:
             valid = valid & (cols[None, :] >= qpos[:, None] - LEFT)
         if HAS_RIGHT:
             valid = valid & (cols[None, :] <= qpos[:, None] + RIGHT)
         s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_ref[:, None])
-        alpha = tl.math.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        p, alpha, l_i, m_i = online_softmax_step(s, m_i, l_i)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE_DOT)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))  # log2 units
@@ -106,7 +94,7 @@ def _decode_merge_kernel(OP, LP, O, LSE, S, ROWS, sop_s, slp_s,
                     mask=(offs_s[:, None] < S) & (offs_d[None, :] < D_V), other=0.0)  # (BLOCK_S, HEAD_DIM_V)
     out = tl.sum(parts * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
     tl.store(O + row * D_V + offs_d, out.to(O.dtype.element_ty), mask=offs_d < D_V)
-    final = tl.where(total == 0.0, float("-inf"), (m_ref + tl.math.log2(tl.where(total == 0.0, 1.0, total))) / 1.4426950408889634)
+    final = tl.where(total == 0.0, float("-inf"), (m_ref + tl.math.log2(tl.where(total == 0.0, 1.0, total))) / LOG2E_K)
     tl.store(LSE + row, final)
 
 
@@ -150,10 +138,10 @@ def decode_triton(q, k_cache, v_cache, seqlens, *, scale, left, right, num_split
         *q.stride(), *k_cache.stride(), *v_cache.stride(), bt.stride(0) if paged else 0,
         *o_part.stride(), *l_part.stride(),
         hkv, nq, group, scale * LOG2E, max(left, 0), max(right, 0), keys_per_split,
-        D=d, D_V=dv, HEAD_DIM=_pow2(d), HEAD_DIM_V=_pow2(dv), BLOCK_M=_pow2(group * nq), BLOCK_N=block_n,
+        D=d, D_V=dv, HEAD_DIM=pow2(d), HEAD_DIM_V=pow2(dv), BLOCK_M=pow2(group * nq), BLOCK_N=block_n,
         PAGE_SIZE=page_size, PAGED=paged, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, IEEE_DOT=ieee_dot(q.dtype),
         num_warps=num_warps, num_stages=num_stages)
     _decode_merge_kernel[(b * hq * nq,)](
         o_part, l_part, out, lse, splits, b * hq * nq, o_part.stride(0), l_part.stride(0),
-        D_V=dv, HEAD_DIM_V=_pow2(dv), BLOCK_S=max(2, _pow2(splits) if splits > 1 else 2), num_warps=1)
+        D_V=dv, HEAD_DIM_V=pow2(dv), BLOCK_S=max(2, pow2(splits) if splits > 1 else 2), num_warps=1)
     return out, lse

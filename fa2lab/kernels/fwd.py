@@ -9,13 +9,11 @@ copies), varlen through cu_seqlens.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from fa2lab.kernels.common import LOG2E, LOG2E_K, dot, ieee_dot, interpreting, online_softmax_step, pow2, seq_offsets
 
 
 @triton.jit
@@ -31,11 +29,7 @@ def _attn_blocks(acc, l_i, m_i, q, k_base, v_base, start, stop, offs_m, offs_n, 
                         mask=(cols[:, None] < nk) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_N, HEAD_DIM)
         else:
             k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=offs_d[None, :] < D, other=0.0)
-        if IEEE_DOT:
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale  # (BLOCK_M, BLOCK_N) logits in log2 units
+        s = dot(q, tl.trans(k), IEEE_DOT) * qk_scale  # (BLOCK_M, BLOCK_N) logits in log2 units
         if MASKED:
             valid = cols[None, :] < nk
             if HAS_LEFT:
@@ -43,22 +37,15 @@ def _attn_blocks(acc, l_i, m_i, q, k_base, v_base, start, stop, offs_m, offs_n, 
             if HAS_RIGHT:
                 valid = valid & (cols[None, :] <= offs_m[:, None] + off + RIGHT)
             s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet
-        p = tl.math.exp2(s - m_ref[:, None])
-        alpha = tl.math.exp2(m_i - m_ref)  # line 10: rescale what was accumulated so far
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, l_i, m_i = online_softmax_step(s, m_i, l_i)
         if MASKED:
             v = tl.load(v_base + cols[:, None] * svn + offs_dv[None, :] * svd,
                         mask=(cols[:, None] < nk) & (offs_dv[None, :] < DV), other=0.0)  # (BLOCK_N, HEAD_DIM_V)
         else:
             v = tl.load(v_base + cols[:, None] * svn + offs_dv[None, :] * svd, mask=offs_dv[None, :] < DV, other=0.0)
-        if IEEE_DOT:  # p is rounded to v's dtype first, as on the tensor-core path
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32),
-                                                input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        # Line 10: rescale what was accumulated so far; p is rounded to v's dtype first, as on the
+        # tensor-core path.
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE_DOT)
     return acc, l_i, m_i
 
 
@@ -76,19 +63,14 @@ def _fwd_kernel(
     b = pid_bh // H
     h = pid_bh % H
     hk = h // G  # GQA: the K/V head this query head shares
+    q_start, nq, k_start, nk = seq_offsets(CU_Q, CU_K, b, Nq, Nk, IS_VARLEN)
     if IS_VARLEN:  # packed sequences: batch index b selects a slice of the token dimension
-        q_start = tl.load(CU_Q + b)
-        nq = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        nk = tl.load(CU_K + b + 1) - k_start
         b_off_q = q_start.to(tl.int64) * sqm
         b_off_k = k_start.to(tl.int64) * skn
         b_off_v = k_start.to(tl.int64) * svn
         b_off_o = q_start.to(tl.int64) * som
         b_off_l = q_start.to(tl.int64) * slm
     else:
-        nq = Nq
-        nk = Nk
         b_off_q = b.to(tl.int64) * sqb
         b_off_k = b.to(tl.int64) * skb
         b_off_v = b.to(tl.int64) * svb
@@ -139,25 +121,10 @@ def _fwd_kernel(
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / LOG2E_K)
     o_ptrs = O + b_off_o + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < nq) & (offs_dv[None, :] < DV))
     tl.store(LSE + b_off_l + h * slh + offs_m * slm, lse, mask=offs_m < nq)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def ieee_dot(dtype: torch.dtype) -> bool:
-    """fp32 inputs get exact fp32 dots (not tf32: fa2lab's error rule compares with fp32 PyTorch).
-    Under the interpreter bf16 dots are computed in fp32 too: triton 3.9's interpreter returns
-    garbage for a bf16 tl.dot (a bf16 product is exact in fp32, so results are the same)."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
-
-
-def _pow2(d: int) -> int:
-    return max(16, 1 << (d - 1).bit_length())
 
 
 def fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
@@ -182,7 +149,7 @@ def _launch(q, k, v, out, lse, strides_q, strides_k, strides_v, strides_o, strid
         q, k, v, out, lse, dummy, cu_k if cu_k is not None else dummy,
         *strides_q, *strides_k, *strides_v, *strides_o, *strides_l,
         h, nq, nk, h // hkv, scale * LOG2E, max(left, 0), max(right, 0),
-        D=d, DV=dv, HEAD_DIM=_pow2(d), HEAD_DIM_V=_pow2(dv), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
+        D=d, DV=dv, HEAD_DIM=pow2(d), HEAD_DIM_V=pow2(dv), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
         IS_VARLEN=varlen, IEEE_DOT=ieee_dot(q.dtype), **cfg)
 
 

@@ -22,6 +22,7 @@ import torch
 from fa2lab import masks
 from fa2lab.masks import TileState
 from fa2lab.tiled.layout import pack_rows, unpack_lse, unpack_rows
+from fa2lab.tiled.softmax import online_softmax_step
 
 NEG_INF = float("-inf")
 
@@ -74,15 +75,7 @@ def flash_forward(q, k, v, *, scale, causal, window_size, block_q, block_k, trac
             s = torch.bmm(q_i, k_p[:, j0:j1].transpose(1, 2))  # (B*Hkv, Br*G, Bc)
             if state is TileState.PARTIAL:
                 s.masked_fill_(~packed_row_mask(i0, i1, j0, j1, nq, nk, left, right, group, q.device), NEG_INF)
-            m_new = torch.maximum(m_i, s.amax(dim=-1, keepdim=True))
-            # A row that has seen only masked keys so far keeps m = -inf; use 0 as its reference so
-            # exp(-inf - 0) = 0 instead of exp(-inf - -inf) = nan.
-            m_ref = m_new.masked_fill(m_new == NEG_INF, 0.0)
-            p = s.sub_(m_ref).exp_()  # (B*Hkv, Br*G, Bc), in place: S is not needed again
-            alpha = (m_i - m_ref).exp_()  # rescale factor of everything accumulated so far
-            l_i = l_i.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
-            acc = acc.mul_(alpha).baddbmm_(p, v_p[:, j0:j1])  # (B*Hkv, Br*G, Dv)  line 10
-            m_i = m_new
+            m_i, l_i, acc, _ = online_softmax_step(s, m_i, l_i, acc, v_p[:, j0:j1])  # acc (B*Hkv, Br*G, Dv)
             if tracer is not None:
                 tracer.record(qt, kt, (i0, i1), (j0, j1), state.value,
                               unpack_lse(m_i.squeeze(-1), b, hq, hkv) if tracer.record_stats else None,

@@ -2,7 +2,8 @@
 
 The row s (N,) and its values V (N, Dv) are visited Bc keys at a time, keeping only the running
 max m, the running sum l and an unnormalised output acc, as FA2's forward does per query row
-(fa2lab/tiled/forward.py, Algorithm 1):
+(fa2lab/tiled/forward.py, Algorithm 1), with the same step function
+(fa2lab/tiled/softmax.online_softmax_step):
 
     m'   = max(m, max(s_j))                  new running max
     alpha = exp(m - m')                      rescale factor of everything accumulated so far
@@ -20,6 +21,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from fa2lab.tiled.softmax import online_softmax_step
 from fa2lab.viz.style import BAD, GOOD, f32, styled
 
 
@@ -47,23 +49,22 @@ def online_softmax_trace(scores: torch.Tensor, values: torch.Tensor, block: int)
         raise ValueError(f"expected a positive tile size, got block={block!r}")
     s, v = scores.double(), values.double()
     exact = torch.softmax(s, 0) @ v  # (Dv,)
-    m, l = -math.inf, 0.0
-    acc = torch.zeros(v.shape[1], dtype=torch.float64)
+    # One query row: m, l (1, 1), acc (1, Dv); the step is the tiled forward's own.
+    m = torch.full((1, 1), -math.inf, dtype=torch.float64)
+    l = torch.zeros(1, 1, dtype=torch.float64)
+    acc = torch.zeros(1, v.shape[1], dtype=torch.float64)
     ends, ms, ls, alphas, errs = [], [], [], [], []
     for j0 in range(0, s.shape[0], block):
-        s_j, v_j = s[j0:j0 + block], v[j0:j0 + block]  # (Bc,), (Bc, Dv)
-        m_new = max(m, s_j.max().item())
-        alpha = math.exp(m - m_new)  # 0 at the first tile (m = -inf): nothing to rescale
-        p = (s_j - m_new).exp()  # (Bc,)
-        l = alpha * l + p.sum().item()
-        acc = alpha * acc + p @ v_j  # line 10: rescale the accumulator, add this tile
-        m = m_new
-        ends.append(j0 + s_j.shape[0])
-        ms.append(m)
-        ls.append(l)
-        alphas.append(alpha if j0 else 1.0)
-        errs.append((acc / l - exact).abs().max().item())
-    return OnlineSoftmaxTrace(s, block, ends, ms, ls, alphas, errs, acc / l, exact, (s - m).exp() / l,
+        s_j, v_j = s[j0:j0 + block].clone()[None, :], v[j0:j0 + block]  # (1, Bc), (Bc, Dv)
+        # alpha is 0 at the first tile (m = -inf): nothing to rescale yet.
+        m, l, acc, alpha = online_softmax_step(s_j, m, l, acc, v_j)
+        ends.append(j0 + v_j.shape[0])
+        ms.append(m.item())
+        ls.append(l.item())
+        alphas.append(alpha.item() if j0 else 1.0)
+        errs.append((acc[0] / l.item() - exact).abs().max().item())
+    out = acc[0] / l.item()
+    return OnlineSoftmaxTrace(s, block, ends, ms, ls, alphas, errs, out, exact, (s - m.item()).exp() / l.item(),
                               torch.softmax(s, 0))
 
 
