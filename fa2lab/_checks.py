@@ -109,3 +109,18 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, batch: int | None)
             f"the offsets and the packed tensor disagree"
         )
     return values
+
+
+def check_dense(q, k, v, window_size) -> tuple[int, int]:
+    """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> the checked window (left, right)."""
+    check_tensor("q", q, 4, "(B, Hq, Nq, D)")
+    check_tensor("k", k, 4, "(B, Hkv, Nk, D)")
+    check_tensor("v", v, 4, "(B, Hkv, Nk, Dv)")
+    check_same_dtype_device(q=q, k=k, v=v)
+    if not q.shape[0] == k.shape[0] == v.shape[0]:
+        raise ValueError(f"expected q, k, v to share the batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"expected k and v to have the same length Nk, got {k.shape[2]} and {v.shape[2]}")
+    check_head_dims(q.shape[-1], k.shape[-1])
+    check_heads(q.shape[1], k.shape[1], v.shape[1])
+    return check_window(window_size)

@@ -1,22 +1,18 @@
 """The public entry points, `attention` and `varlen_attention`: validate, choose, run.
 
-This is fa2lab's single dispatch point. "auto" picks the fastest backend that supports the case
-and logs the choice (once per distinct case) at INFO on the "fa2lab" logger; an explicit backend
-that cannot run the case raises a ValueError that says why and what to use instead.
+Validation happens here, once; the decision is `fa2lab.backends.choose` (op "dense" / "varlen"):
+"auto" picks the fastest backend that supports the case and logs the choice (once per distinct
+decision) at INFO on the "fa2lab" logger; an explicit backend that cannot run the case raises a
+ValueError that says why and what to use instead. The backends then run unchecked internals.
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from fa2lab import _checks
-from fa2lab._checks import resolve_scale
+from fa2lab._checks import check_dense, resolve_scale
 from fa2lab.backends import BACKENDS, Case, choose
-
-log = logging.getLogger("fa2lab")
-_logged_cases: set = set()
 
 __all__ = ["attention", "varlen_attention", "available_backends", "check_dense", "resolve_scale"]
 
@@ -25,34 +21,10 @@ def available_backends() -> list[str]:
     return ["auto", *BACKENDS]
 
 
-def check_dense(q, k, v, window_size) -> tuple[int, int]:
-    _checks.check_tensor("q", q, 4, "(B, Hq, Nq, D)")
-    _checks.check_tensor("k", k, 4, "(B, Hkv, Nk, D)")
-    _checks.check_tensor("v", v, 4, "(B, Hkv, Nk, Dv)")
-    _checks.check_same_dtype_device(q=q, k=k, v=v)
-    if not q.shape[0] == k.shape[0] == v.shape[0]:
-        raise ValueError(f"expected q, k, v to share the batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(f"expected k and v to have the same length Nk, got {k.shape[2]} and {v.shape[2]}")
-    _checks.check_head_dims(q.shape[-1], k.shape[-1])
-    _checks.check_heads(q.shape[1], k.shape[1], v.shape[1])
-    return _checks.check_window(window_size)
-
-
-def _resolve_backend(backend: str, cases: list[Case]) -> str:
+def _resolve_backend(backend: str, cases: list[Case], op: str = "dense") -> str:
     if backend not in available_backends():
         raise ValueError(f"unknown backend {backend!r}; choose one of {available_backends()}")
-    if backend != "auto":
-        reason = next((r for r in map(BACKENDS[backend].unsupported, cases) if r), None)
-        if reason:
-            raise ValueError(f"backend {backend!r} cannot run this case: {reason}; use backend='auto' or 'tiled'")
-        return backend
-    name, reason = choose(cases)
-    key = (name, tuple(cases[:1]), len(cases))
-    if key not in _logged_cases:
-        _logged_cases.add(key)
-        log.info("fa2lab: attention backend=%s (reason: %s)", name, reason)
-    return name
+    return choose(op, cases, backend).name
 
 
 def attention(q, k, v, *, causal=False, window_size=(-1, -1), softmax_scale=None, return_lse=False,
@@ -113,7 +85,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     as_dense = lambda x, a, b: x[a:b].transpose(0, 1).unsqueeze(0)  # noqa: E731
     cases = [Case.of(as_dense(q, a, b), as_dense(k, c, d), as_dense(v, c, d), causal, window_size, return_lse)
              for a, b, c, d in seqs]
-    name = _resolve_backend(backend, cases) if cases else "tiled"
+    name = _resolve_backend(backend, cases, "varlen") if cases else "tiled"
     if name == "triton":  # one launch over the packed batch instead of one call per sequence
         from fa2lab import masks
         from fa2lab.kernels.attention import triton_varlen_attention

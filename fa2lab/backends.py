@@ -1,15 +1,33 @@
-"""The attention backends and how "auto" chooses among them.
+"""The attention backends and the one place that decides which of them runs: `choose(op, case)`.
 
-Each backend says for a `Case` whether it can run it (`unsupported` returns a reason or None) and
-runs it on dense (B, H, N, D) inputs. `fa2lab.api` is the one dispatch point; adding a backend
-(the Triton kernels) means adding a class here and a place in `AUTO_ORDER`.
+Every entry point asks `choose`: `fa2lab.attention` (op "dense"), `fa2lab.varlen_attention`
+("varlen"), `fa2lab.decode_attention` and the KV caches ("decode"), ring attention's blocks
+("ring") and the model layers of `fa2lab.models` / `fa2lab.hf` ("model"). One set of backend
+names serves them all (`BACKENDS`); `support_table(op, case)` says for each backend whether it can
+run a case and, when not, why. "auto" takes the first supported backend of `auto_order(op, case)`;
+an explicit backend that cannot run the case raises a ValueError with the reason. Each distinct
+decision (op, backend, reason) is logged once at INFO on the "fa2lab" logger, in a bounded set.
+
+How to add a column (an option such as softcap, ALiBi, a bias, sinks, dropout, a score_mod):
+  1. add a field to `Case` whose default means "off" (`softcap: float | None = None`), so every
+     existing `Case(...)` and `Case.of(...)` call stays valid; set it where the entry point builds
+     its case;
+  2. in each backend's `unsupported(case, op)`, return a reason when the field is set and the
+     backend cannot do it ("torch SDPA has no softcap"); return None where it can;
+  3. add the field to the grid of tests/test_dispatch.py, which checks that every entry point
+     reaches `choose`'s decision.
+Adding a backend means a class here (`name`, `summary`, `unsupported`, `__call__`) and a place in
+`AUTO_ORDER` for the ops it serves.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib.util
+import logging
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +35,7 @@ import torch.nn.functional as F
 
 from fa2lab import masks
 from fa2lab.reference import attention_ref
-from fa2lab.tiled import tiled_attention
+from fa2lab.tiled.attention import tiled_attention_unchecked
 
 
 @dataclass(frozen=True)
@@ -35,11 +53,15 @@ class Case:
     causal: bool
     window_size: tuple[int, int]
     return_lse: bool
+    # Columns added after the first eleven have defaults meaning "off" (see the module docstring).
+    cache: str = "dense"  # how the K/V are held: "dense" | "paged" | "compressed" (decode) | "packed" (varlen)
+    unified_max: bool = False  # decode: FlashDecoding++'s fixed softmax reference (PyTorch split-K only)
+    requires_grad: bool = False  # model: a backward pass will follow (no split-K decode route then)
 
     @classmethod
-    def of(cls, q, k, v, causal, window_size, return_lse) -> "Case":
+    def of(cls, q, k, v, causal, window_size, return_lse, **columns) -> "Case":
         return cls(q.device.type, q.dtype, q.shape[-2], k.shape[-2], q.shape[1], k.shape[1],
-                   q.shape[-1], v.shape[-1], bool(causal), tuple(window_size), bool(return_lse))
+                   q.shape[-1], v.shape[-1], bool(causal), tuple(window_size), bool(return_lse), **columns)
 
     @property
     def window(self) -> tuple[int, int]:
@@ -50,7 +72,9 @@ class Reference:
     name = "reference"
     summary = "naive materialised attention, fp32 (fp64 for fp64) inside: O(Nq*Nk) memory"
 
-    def unsupported(self, case: Case) -> str | None:
+    def unsupported(self, case: Case, op: str = "dense") -> str | None:
+        if op == "ring":
+            return "ring attention merges FA2 blocks by their LSE: use 'tiled' or 'triton'"
         return None
 
     def __call__(self, q, k, v, *, causal, window_size, scale, return_lse):
@@ -60,22 +84,27 @@ class Reference:
 
 class Tiled:
     name = "tiled"
-    summary = "FlashAttention-2 in PyTorch (fa2lab.tiled): O(N) memory, every mask and shape"
+    summary = ("FlashAttention-2 in PyTorch (fa2lab.tiled; split-K decode: fa2lab.decode.splitk): O(N) memory, "
+               "every mask and shape")
 
-    def unsupported(self, case: Case) -> str | None:
+    def unsupported(self, case: Case, op: str = "dense") -> str | None:
         return None
 
     def __call__(self, q, k, v, *, causal, window_size, scale, return_lse):
-        return tiled_attention(q, k, v, causal=causal, window_size=window_size, softmax_scale=scale,
-                               return_lse=return_lse)
+        return tiled_attention_unchecked(q, k, v, causal=causal, window_size=window_size, scale=scale,
+                                         return_lse=return_lse)
 
 
 class Sdpa:
     name = "sdpa"
     summary = "torch.nn.functional.scaled_dot_product_attention (torch's fused kernels)"
 
-    def unsupported(self, case: Case) -> str | None:
+    def unsupported(self, case: Case, op: str = "dense") -> str | None:
         left, right = case.window
+        if op == "decode":
+            return "torch SDPA does not read KV caches (per-sequence lengths, pages): use 'tiled' or 'triton'"
+        if op == "ring":
+            return "torch SDPA does not return the log-sum-exp that ring attention merges by"
         if case.return_lse:
             return "torch SDPA does not return the log-sum-exp"
         if left >= 0 or (right >= 0 and not case.causal):
@@ -114,7 +143,11 @@ class Triton:
     name = "triton"
     summary = "fa2lab's Triton FA2 kernels (fa2lab.kernels): forward + backward, every mask, GQA, varlen"
 
-    def unsupported(self, case: Case) -> str | None:
+    def unsupported(self, case: Case, op: str = "dense") -> str | None:
+        if op == "decode" and case.cache not in ("dense", "paged"):
+            return f"the Triton decode kernel reads dense or paged caches, not a {case.cache} one"
+        if op == "decode" and case.unified_max:
+            return "the Triton decode kernel has no unified max (FlashDecoding++): use 'tiled'"
         return triton_unavailable(case.device, case.dtype, (case.d, case.dv))
 
     def __call__(self, q, k, v, *, causal, window_size, scale, return_lse):
@@ -125,25 +158,127 @@ class Triton:
 
 
 BACKENDS = {b.name: b for b in (Reference(), Tiled(), Sdpa(), Triton())}
+OPS = ("dense", "varlen", "decode", "ring", "model")
 
-# Fastest first, per device type (measured: BENCHMARKS.md). CPU: torch's fused kernel beats the
-# PyTorch-level FA2 wherever it applies; the tiled FA2 runs everything else in O(N) memory. CUDA,
-# fp16/bf16: the Triton kernels (1.3-1.4x SDPA's default flash forward, >= its backward on the
-# H100); fp32 on CUDA: SDPA first (the kernels' exact-fp32 dots are slow).
-AUTO_ORDER = {"cpu": ("sdpa", "tiled"), "cuda": ("triton", "sdpa", "tiled"), "cuda-fp32": ("sdpa", "triton", "tiled")}
+# Fastest first, per op and device class (measured: BENCHMARKS.md). Dense, varlen and model
+# layers: on the CPU torch's fused kernel beats the PyTorch-level FA2 wherever it applies and the
+# tiled FA2 runs everything else in O(N) memory; on CUDA fp16/bf16 the Triton kernels (1.3-1.4x
+# SDPA's default flash forward, >= its backward on the H100); fp32 on CUDA: SDPA first (the
+# kernels' exact-fp32 dots are slow). Decode: the Triton split-K kernel on CUDA, the PyTorch
+# split-K elsewhere (never the interpreter). Ring blocks: the kernels for fp16/bf16 on CUDA.
+AUTO_ORDER = {
+    "dense": {"cpu": ("sdpa", "tiled"), "cuda": ("triton", "sdpa", "tiled"), "cuda-fp32": ("sdpa", "triton", "tiled")},
+    "decode": {"cpu": ("tiled",), "cuda": ("triton", "tiled"), "cuda-fp32": ("triton", "tiled")},
+    "ring": {"cpu": ("tiled",), "cuda": ("triton", "tiled"), "cuda-fp32": ("tiled",)},
+}
+AUTO_ORDER["varlen"] = AUTO_ORDER["model"] = AUTO_ORDER["dense"]
 DEFAULT_AUTO_ORDER = ("sdpa", "tiled")
 
+DECODE_MAX_NQ = 16  # new tokens per step that a model layer still sends to split-K decode (speculative, chunked)
 
-def choose(cases: list[Case]) -> tuple[str, str]:
-    """(backend name, reason) for "auto": the first in AUTO_ORDER that runs every case."""
-    device = cases[0].device if cases else "cpu"
-    if device == "cuda" and cases[0].dtype in (torch.float32, torch.float64):
-        device = "cuda-fp32"
-    skipped = []
-    for name in AUTO_ORDER.get(device, DEFAULT_AUTO_ORDER):
-        reasons = [r for r in (BACKENDS[name].unsupported(c) for c in cases) if r]
-        if not reasons:
-            why = f"fastest supported on {device}" + (f"; {'; '.join(skipped)}" if skipped else "")
-            return name, why
-        skipped.append(f"not {name}: {reasons[0]}")
-    return "reference", "; ".join(skipped)
+log = logging.getLogger("fa2lab")
+_LOG_MEMORY = 256  # distinct decisions remembered for the log-once rule; the oldest is forgotten first
+_logged: collections.OrderedDict = collections.OrderedDict()
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The decision: backend `name` (a key of BACKENDS), why, and the op that runs it (a model
+    layer's generation step runs as op "decode")."""
+
+    name: str
+    reason: str
+    op: str = "dense"
+
+
+def device_class(case: Case) -> str:
+    if case.device == "cuda" and case.dtype in (torch.float32, torch.float64):
+        return "cuda-fp32"
+    return case.device
+
+
+def auto_order(op: str, case: Case) -> tuple[str, ...]:
+    fallback = DEFAULT_AUTO_ORDER if op in ("dense", "varlen", "model") else ("tiled",)
+    return AUTO_ORDER[op].get(device_class(case), fallback)
+
+
+def support_table(op: str, cases: Case | list[Case]) -> dict[str, str | None]:
+    """{backend: None if it runs every case, else the reason it cannot}: the support table."""
+    _check_op(op)
+    cases = [cases] if isinstance(cases, Case) else list(cases)
+    return {name: next((r for r in (b.unsupported(c, op) for c in cases) if r), None) for name, b in BACKENDS.items()}
+
+
+def _check_op(op: str) -> None:
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; choose one of {list(OPS)}")
+
+
+def _is_generation_step(case: Case) -> bool:
+    """A model layer's decode step on CUDA: a few new queries against a long cache, no gradients.
+    FA2's forward would give each (sequence, head) one program and leave most SMs idle; the split-K
+    kernel spreads the cache over the whole GPU."""
+    return (case.device == "cuda" and case.cache == "dense" and case.nq <= DECODE_MAX_NQ < case.nk
+            and case.dtype in (torch.float16, torch.bfloat16) and not case.requires_grad)
+
+
+def choose(op: str, cases: Case | list[Case], backend: str = "auto", *, crossover=None,
+           log_choice: bool = True) -> Choice:
+    """Which backend runs `cases` (one Case, or the sequences of a varlen batch, all run by one
+    backend) for `op` in OPS.
+
+    backend: "auto" or a name in BACKENDS; an explicit one that cannot run a case raises a
+    ValueError naming the reason. crossover (op "model" only): a measurement with
+    `plain_is_faster(backend, nq, nk)`, `length(backend)` and `source` (fa2lab.models.selection
+    measures it); "auto" then picks plain attention ("reference") where it was measured faster."""
+    _check_op(op)
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {list(BACKENDS)}")
+    cases = [cases] if isinstance(cases, Case) else list(cases)
+    if not cases:
+        return Choice("tiled", "empty batch", op)
+    table = support_table(op, cases)
+    if backend != "auto":
+        if table[backend]:
+            raise ValueError(f"backend {backend!r} cannot run this {op} case: {table[backend]}; "
+                             f"use backend='auto' or one of {[n for n, r in table.items() if r is None]}")
+        return _logged_choice(op, Choice(backend, "requested", op), log_choice)
+    case = cases[0]
+    if op == "model" and len(cases) == 1 and _is_generation_step(case):
+        decode = support_table("decode", cases)
+        name = next((n for n in auto_order("decode", case) if decode[n] is None), "tiled")
+        return _logged_choice(op, Choice(name, f"generation step (Nq <= {DECODE_MAX_NQ} < Nk on CUDA, no "
+                                               f"gradients): split-K decode", "decode"), log_choice)
+    order = auto_order(op, case)
+    supported = [n for n in order if table[n] is None]
+    skipped = [f"not {n}: {table[n]}" for n in order if table[n] is not None]
+    if not supported:
+        return _logged_choice(op, Choice("reference", "; ".join(skipped) or "no FA2 backend supports this case", op),
+                              log_choice)
+    if op == "model" and crossover is not None:
+        nq, nk = max(c.nq for c in cases), max(c.nk for c in cases)
+        scores = sum(c.hq * c.nq * c.nk for c in cases)
+        if scores <= MAX_PLAIN_SCORES and crossover.plain_is_faster(supported[0], nq, nk):
+            return _logged_choice(op, Choice("reference", f"plain attention measured faster than {supported[0]} "
+                                             f"below N={crossover.length(supported[0])} ({crossover.source})", op),
+                                  log_choice)
+    why = f"fastest supported on {device_class(case)}"
+    return _logged_choice(op, Choice(supported[0], "; ".join([why, *skipped]), op), log_choice)
+
+
+# Plain attention materialises Nq x Nk scores per head; never choose it beyond this many scores
+# (B * Hq * Nq * Nk), whatever a measurement says: memory, not speed, is then the constraint.
+MAX_PLAIN_SCORES = 1 << 24  # 64 MiB of float32 scores
+
+
+def _logged_choice(op: str, choice: Choice, enabled: bool = True) -> Choice:
+    """Log each distinct (op, backend, reason) once, the numbers in a reason left out of the key, so
+    a generation loop (Nk grows each step) logs once. The memory is bounded all the same."""
+    key = (op, choice.name, re.sub(r"\d+", "#", choice.reason))  # Nq=1 != Nk=47 and Nk=48: one reason
+    if not enabled or key in _logged:
+        return choice
+    _logged[key] = None
+    while len(_logged) > _LOG_MEMORY:
+        _logged.popitem(last=False)
+    log.info("fa2lab: attention backend=%s (reason: %s; op: %s)", choice.name, choice.reason, op)
+    return choice

@@ -1,5 +1,6 @@
 """fa2lab.attention / varlen_attention: backends, dispatch, validation, edge cases."""
 
+import collections
 import logging
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from helpers import finite_lse, loss_and_grads, make_qkv, max_err
 
 import fa2lab
-from fa2lab import attention, varlen_attention
+from fa2lab import attention, backends, varlen_attention
 from fa2lab.reference import attention_ref
 
 
@@ -25,18 +26,32 @@ def test_every_backend_matches_reference(backend, hq, hkv):
         assert all(max_err(a, b) < 1e-11 for a, b in zip(g, g_ref))
 
 
-def test_auto_logs_its_choice_once_per_case(caplog):
+@pytest.fixture
+def fresh_log(monkeypatch):
+    monkeypatch.setattr(backends, "_logged", collections.OrderedDict())
+
+
+def test_auto_logs_its_choice_once_per_decision(caplog, fresh_log):
     q, k, v = make_qkv(1, 2, 2, 31, 29, 16)
     with caplog.at_level(logging.INFO, logger="fa2lab"):
         attention(q, k, v, causal=True)  # Nq != Nk: SDPA's causal would be top-left
         attention(q, k, v, causal=True)
-        attention(q, k, v, causal=True, return_lse=True)  # same backend, another case
+        attention(q, k, v, causal=True, return_lse=True)  # same backend, another reason
+        for n in range(40, 48):  # a generation loop: lengths change, the decision does not
+            attention(*make_qkv(1, 2, 2, 1, n, 16), causal=True)
     lines = [r.getMessage() for r in caplog.records if "attention backend=" in r.getMessage()]
     assert len(lines) == 2, lines
     assert lines[0].startswith("fa2lab: attention backend=tiled (reason:") and "top-left" in lines[0]
 
 
-def test_auto_uses_sdpa_where_it_applies(caplog):
+def test_the_log_once_memory_is_bounded(fresh_log):
+    words = [f"reason {chr(97 + a)}{chr(97 + b)}" for a in range(26) for b in range(26)]  # distinct kinds
+    for w in words:
+        backends._logged_choice("dense", backends.Choice("tiled", w))
+    assert len(backends._logged) == backends._LOG_MEMORY
+
+
+def test_auto_uses_sdpa_where_it_applies(caplog, fresh_log):
     q, k, v = make_qkv(1, 2, 2, 37, 37, 16)
     with caplog.at_level(logging.INFO, logger="fa2lab"):
         attention(q, k, v, causal=True)

@@ -11,7 +11,7 @@ import torch
 from helpers import max_err
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fa2lab.backends import Case
+from fa2lab.backends import Case, Choice
 from fa2lab.kvcache.static import StaticKVCache
 from fa2lab.models import (DynamicKVCache, FlashAttention2, FlashAttention2TransformerLayer, FlashAttention2Vision,
                            LayerConfig, SplitKCache, create_flash_attention_2, functional, padded_attention, selection)
@@ -220,7 +220,6 @@ def _crossover(times, lengths=(16, 64, 256)):
 
 def test_selection_uses_plain_attention_only_below_a_measured_crossover(monkeypatch, caplog):
     monkeypatch.setattr(selection, "_crossovers", {})
-    monkeypatch.setattr(selection, "_logged", set())
     case = lambda n, window=(-1, -1): Case("cpu", torch.float32, n, n, 4, 2, 16, 16, True, window, False)  # noqa: E731
     assert selection.select_backend(case(32)).name == "sdpa"  # nothing measured: never plain
     c = _crossover({"reference": (1.0, 2.0, 9.0), "sdpa": (2.0, 1.0, 1.0), "tiled": (3.0, 3.0, 3.0)})
@@ -230,9 +229,8 @@ def test_selection_uses_plain_attention_only_below_a_measured_crossover(monkeypa
     assert selection.select_backend(case(64)).name == "sdpa"
     assert selection.select_backend(case(100, window=(8, 0))).name == "reference"  # sdpa cannot: vs tiled
     assert selection.select_backend(case(1000, window=(8, 0))).name == "tiled"  # beyond the measurement
-    with caplog.at_level(logging.WARNING, logger="fa2lab"):
-        choice = selection.select_backend(case(1000, window=(8, 0)), requested="sdpa")
-    assert choice.name == "tiled" and "requested 'sdpa' cannot run it" in caplog.text
+    with pytest.raises(ValueError, match="backend 'sdpa' cannot run this model case: torch SDPA has no sliding"):
+        selection.select_backend(case(1000, window=(8, 0)), requested="sdpa")  # one rule with fa2lab.attention
     with pytest.raises(ValueError, match="unknown backend 'flash'"):
         selection.select_backend(case(8), requested="flash")
 
@@ -279,7 +277,8 @@ def test_generation_steps_take_the_split_k_path_with_the_same_result(monkeypatch
 
     calls = []
     real = functional.decode_attention
-    monkeypatch.setattr(functional, "_split_k_decodes", lambda q, k, v, backend: True)
+    forced = Choice("tiled", "forced generation step", "decode")
+    monkeypatch.setattr(functional, "select_backend", lambda case, backend: forced)
     monkeypatch.setattr(functional, "decode_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     g = torch.Generator().manual_seed(nq)
     q = torch.randn(2, 4, nq, 32, generator=g, dtype=torch.float64)
@@ -290,7 +289,10 @@ def test_generation_steps_take_the_split_k_path_with_the_same_result(monkeypatch
 
 
 def test_split_k_route_is_for_cuda_generation_without_gradients():
-    from fa2lab.models.functional import _split_k_decodes
+    from fa2lab.backends import choose
 
-    q, k = torch.randn(1, 4, 1, 64, dtype=torch.bfloat16), torch.randn(1, 2, 500, 64, dtype=torch.bfloat16)
-    assert not _split_k_decodes(q, k, k, "auto")  # CPU: torch SDPA / the tiled path, as measured there
+    case = lambda device, **kw: Case(device, torch.bfloat16, 1, 500, 4, 2, 64, 64, False, (-1, -1), False, **kw)  # noqa: E731
+    assert choose("model", case("cpu")).op == "model"  # CPU: torch SDPA / the tiled path, as measured there
+    assert choose("model", case("cuda")) == Choice("triton", choose("model", case("cuda")).reason, "decode")
+    assert choose("model", case("cuda", requires_grad=True)).op == "model"
+    assert choose("model", case("cuda", cache="packed")).op == "model"

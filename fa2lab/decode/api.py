@@ -7,13 +7,13 @@ import logging
 import torch
 
 from fa2lab import _checks, masks
+from fa2lab.backends import BACKENDS, Case, choose
 from fa2lab.decode.readers import DenseReader, PagedReader
 from fa2lab.decode.splitk import DECODE_BLOCK_K, auto_num_splits, default_num_units, splitk_decode
 from fa2lab.reference import attention_ref
 
 log = logging.getLogger("fa2lab")
-DECODE_BACKENDS = ("auto", "tiled", "triton", "reference")
-_logged: set = set()
+DECODE_BACKENDS = ("auto", *BACKENDS)  # one set of names with fa2lab.attention; "sdpa" says why it cannot
 
 
 def _check_seqlens(cache_seqlens, batch: int, capacity: int, device) -> torch.Tensor:
@@ -56,7 +56,8 @@ def decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, block_table=Non
     num_splits: None chooses from the device (enough parallel work, never more splits than cache
     tiles); 1 is plain FA2. unified_max: a fixed softmax reference phi (FlashDecoding++); results
     are checked and recomputed exactly when phi over- or underflows. backend: "auto" | "tiled"
-    (this split-K) | "reference" (naive, per sequence).
+    (this split-K) | "triton" (the split-K kernel) | "reference" (naive, per sequence), decided by
+    `fa2lab.backends.choose("decode", ...)`; one that cannot run the case raises a ValueError.
     """
     _checks.check_tensor("q", q, 4, "(B, Hq, Nq, D)")
     paged = block_table is not None
@@ -124,20 +125,12 @@ def _decode(q, reader, seqlens, max_len, *, num_splits, softmax_scale, causal, w
     left, right = masks.effective_window(causal, window_size)
     batch = q.shape[0]
 
-    asked = backend
-    if backend == "auto":
-        # The Triton split-K kernel on CUDA for dense and paged caches; everything else (CPU,
-        # compressed caches, unified max) goes through the PyTorch split-K.
-        kernel_ok = isinstance(reader, (DenseReader, PagedReader)) and unified_max is None
-        why_not = backend_triton_unavailable(q) if kernel_ok else "cache or option outside the kernel"
-        backend = "triton" if kernel_ok and why_not is None and q.device.type == "cuda" else "tiled"
+    # The Triton split-K kernel on CUDA for dense and paged caches; everything else (CPU,
+    # compressed caches, unified max) goes through the PyTorch split-K (fa2lab.backends decides).
+    backend = choose("decode", decode_case(q, reader, causal, window_size, unified_max), backend).name
     if backend == "reference":
         out, lse = _reference(q, reader, seqlens, causal, window_size, scale)
     elif backend == "triton":
-        why_not = backend_triton_unavailable(q)
-        if why_not or not isinstance(reader, (DenseReader, PagedReader)) or unified_max is not None:
-            raise ValueError(f"decode backend 'triton' cannot run this case: "
-                             f"{why_not or 'it reads dense or paged caches without unified_max'}; use backend='auto'")
         from fa2lab.kernels.decode import decode_triton, kernel_num_splits
 
         max_len = (int(seqlens.max()) if batch else 0) if max_len is None else max_len
@@ -157,19 +150,16 @@ def _decode(q, reader, seqlens, max_len, *, num_splits, softmax_scale, causal, w
             log.warning("fa2lab: unified max phi=%g out of range (max logit - phi = %.3g, smallest row max - "
                         "phi = %.3g); recomputed with the online softmax", stats.phi, stats.max_shift,
                         stats.min_row_shift)
-    key = (asked, backend, q.device.type, num_splits)
-    if asked == "auto" and key not in _logged:
-        _logged.add(key)
-        log.info("fa2lab: decode backend=%s (reason: %s, num_splits=%s)", backend,
-                 "Triton split-K kernel on CUDA" if backend == "triton" else "split-K in PyTorch", num_splits)
     lse = lse.float() if q.dtype != torch.float64 else lse
     return (out, lse) if return_lse else out
 
 
-def backend_triton_unavailable(q) -> str | None:
-    from fa2lab.backends import triton_unavailable
-
-    return triton_unavailable(q.device.type, q.dtype, (q.shape[-1],))
+def decode_case(q, reader, causal, window_size, unified_max) -> Case:
+    """The `fa2lab.backends.Case` of a decode call: Nk is the cache's capacity."""
+    cache = "paged" if isinstance(reader, PagedReader) else "dense" if isinstance(reader, DenseReader) else "compressed"
+    return Case(q.device.type, q.dtype, q.shape[2], reader.capacity, q.shape[1], reader.heads_kv, q.shape[-1],
+                reader.head_dim_v, bool(causal), tuple(window_size), True, cache=cache,
+                unified_max=unified_max is not None)
 
 
 def _reference(q, reader, seqlens, causal, window_size, scale):

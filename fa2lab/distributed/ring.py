@@ -31,7 +31,8 @@ import logging
 
 import torch
 
-from fa2lab import _checks, api, masks
+from fa2lab import _checks, masks
+from fa2lab.backends import Case, choose
 from fa2lab.decode.merge import merge_states
 from fa2lab.distributed.comm import TAG_DKV, TAG_KV, Ready, Reshard, Ring, check_group, gather_objects
 from fa2lab.distributed.plan import RingPlan, plan_ring
@@ -52,13 +53,13 @@ def _block_kw(blk, scale):
                 block_q=DEFAULT_TILES.block_q, block_k=DEFAULT_TILES.block_k)
 
 
-def _use_kernels(q) -> bool:
+def _use_kernels(q, k=None, v=None) -> bool:
     """fp16/bf16 on CUDA: each block goes through the Triton kernels (same semantics, same (out,
-    lse) contract, dLSE-aware backward); elsewhere through the PyTorch FA2."""
-    from fa2lab.backends import triton_unavailable
-
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and \
-        triton_unavailable("cuda", q.dtype, (q.shape[-1],)) is None
+    lse) contract, dLSE-aware backward); elsewhere through the PyTorch FA2. Decided by
+    `fa2lab.backends.choose("ring", ...)`."""
+    k = q if k is None else k
+    v = k if v is None else v
+    return choose("ring", Case.of(q, k, v, False, (-1, -1), True)).name == "triton"
 
 
 def _block_forward(q_b, k_b, v_b, blk, scale, kernels):
@@ -97,7 +98,7 @@ def ring_forward(q, k, v, plan: RingPlan, ring: Ring, scale: float, overlap: boo
     """This rank's (out (B, Hq, Nq_local, Dv) in q's dtype, lse (B, Hq, Nq_local) in fp32/fp64)."""
     acc_t = accum_dtype(q.dtype)
     b, hq, nq, _ = q.shape
-    kernels = _use_kernels(q)
+    kernels = _use_kernels(q, k, v)
     q_in = q if kernels else q.to(acc_t)
     out = torch.zeros(b, hq, nq, v.shape[-1], dtype=acc_t, device=q.device)  # (B, Hq, Nq_local, Dv)
     lse = torch.full((b, hq, nq), NEG_INF, dtype=acc_t, device=q.device)  # (B, Hq, Nq_local)
@@ -115,7 +116,7 @@ def ring_forward(q, k, v, plan: RingPlan, ring: Ring, scale: float, overlap: boo
 def ring_backward(do, dlse, q, k, v, out, lse, plan: RingPlan, ring: Ring, scale: float, overlap: bool = True):
     """Gradients (dq, dk, dv) of this rank's shards, in the dtypes of q, k, v."""
     acc_t = accum_dtype(q.dtype)
-    kernels = _use_kernels(q)
+    kernels = _use_kernels(q, k, v)
     q_in, do_in, out_in = (q, do, out) if kernels else (q.to(acc_t), do.to(acc_t), out.to(acc_t))
     dlse = torch.zeros_like(lse) if dlse is None else dlse.to(acc_t)
     dq = torch.zeros(q.shape, dtype=acc_t, device=q.device)  # (B, Hq, Nq_local, D)
@@ -171,7 +172,7 @@ class _RingAttention(torch.autograd.Function):
 
 def _local_problem(q, k, v, window_size) -> str | None:
     try:
-        api.check_dense(q, k, v, window_size)
+        _checks.check_dense(q, k, v, window_size)
     except (TypeError, ValueError) as e:
         return str(e)
     return None

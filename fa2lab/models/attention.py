@@ -226,7 +226,7 @@ def create_flash_attention_2(config, layer_idx: int | None = None, backend: str 
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {list(BACKENDS)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    order = AUTO_ORDER.get(device, DEFAULT_AUTO_ORDER)
+    order = AUTO_ORDER["model"].get(device, DEFAULT_AUTO_ORDER)
     log.info("fa2lab: FlashAttention2 layer %s: backend=%s (auto order on %s: %s; chosen per call by dtype, "
              "head dim and length)", layer_idx, backend, device, ", ".join(order))
     return FlashAttention2(config, layer_idx, backend=backend)

@@ -37,16 +37,8 @@ def _decode_window(causal: bool, window_size, nq: int) -> tuple[bool, tuple[int,
     return causal, tuple(window_size)
 
 
-DECODE_MAX_NQ = 16  # new tokens per step that still count as decoding (speculative, chunked)
-
-
-def _split_k_decodes(q, k, v, backend: str) -> bool:
-    """A generation step on CUDA: a few new queries against the whole cache, no gradients. FA2's
-    forward would give each (sequence, head) one program and leave most SMs idle; the split-K
-    Triton kernel (fa2lab.decode_attention) spreads the cache over the whole GPU."""
-    return (backend == "auto" and q.is_cuda and q.shape[2] <= DECODE_MAX_NQ < k.shape[2]
-            and q.dtype in (torch.float16, torch.bfloat16)
-            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def padded_attention(q, k, v, key_mask=None, *, causal=True, window_size=(-1, -1), scale=None, backend="auto"):
@@ -62,11 +54,13 @@ def padded_attention(q, k, v, key_mask=None, *, causal=True, window_size=(-1, -1
         if bool(key_mask.all()):
             key_mask = None
     if key_mask is None:
-        if _split_k_decodes(q, k, v, backend):
-            return decode_attention(q, k, v, causal=causal, window_size=window_size, softmax_scale=scale)
-        causal, window_size = _decode_window(causal, window_size, nq)
-        choice = select_backend(Case.of(q, k, v, causal, window_size, False), backend)
-        return attention(q, k, v, causal=causal, window_size=window_size, softmax_scale=scale, backend=choice.name)
+        causal_1, window_1 = _decode_window(causal, window_size, nq)
+        choice = select_backend(Case.of(q, k, v, causal_1, window_1, False, requires_grad=_needs_grad(q, k, v)),
+                                backend)
+        if choice.op == "decode":  # a generation step on CUDA: split-K over the whole cache
+            return decode_attention(q, k, v, causal=causal, window_size=window_size, softmax_scale=scale,
+                                    backend=choice.name)
+        return attention(q, k, v, causal=causal_1, window_size=window_1, softmax_scale=scale, backend=choice.name)
 
     query_mask = key_mask[:, nk - nq:]  # (B, Nq)
     lens_q, lens_k = query_mask.sum(1), key_mask.sum(1)  # (B,)
@@ -89,8 +83,9 @@ def packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=True, window
     if max((n for n, _ in lens), default=0) <= 1:
         causal, window_size = _decode_window(causal, window_size, 1)
     hq, hkv, d, dv = q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
-    cases = [Case(q.device.type, q.dtype, a, b, hq, hkv, d, dv, bool(causal), tuple(window_size), False)
-             for a, b in lens if a > 0]
+    grad = _needs_grad(q, k, v)
+    cases = [Case(q.device.type, q.dtype, a, b, hq, hkv, d, dv, bool(causal), tuple(window_size), False,
+                  cache="packed", requires_grad=grad) for a, b in lens if a > 0]
     choice = select_backend(cases, backend)
     return varlen_attention(q, k, v, cu_q, cu_k, causal=causal, window_size=window_size, softmax_scale=scale,
                             backend=choice.name)

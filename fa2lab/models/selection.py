@@ -11,35 +11,25 @@ never picks plain attention.
     c = measure_crossover(device="cpu", dtype=torch.float32, head_dim=64)   # ~1-3 s; registers it
     c.length("tiled")                        # N from which the PyTorch FA2 beats plain attention
 
-An explicit backend that cannot run a case (e.g. "sdpa" with a sliding window) falls back to the
-automatic choice with a WARNING that names the reason; it never silently changes semantics.
+The decision itself is `fa2lab.backends.choose("model", case, crossover=...)`, the one dispatch
+point: this module only measures and keeps the crossover. An explicit backend that cannot run a
+case (e.g. "sdpa" with a sliding window) raises a ValueError that names the reason.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
 import torch
 
 from fa2lab import backends
-from fa2lab.backends import BACKENDS, Case
-
-log = logging.getLogger("fa2lab")
-
-# Plain attention materialises Nq x Nk scores per head; never choose it beyond this many scores
-# (B * Hq * Nq * Nk), whatever a measurement says: memory, not speed, is then the constraint.
-MAX_PLAIN_SCORES = 1 << 24  # 64 MiB of float32 scores
+from fa2lab.backends import BACKENDS, MAX_PLAIN_SCORES, Case, Choice
 
 _crossovers: dict[tuple[str, torch.dtype, int], "Crossover"] = {}
-_logged: set = set()
 
-
-@dataclass(frozen=True)
-class Choice:
-    name: str  # a key of fa2lab.backends.BACKENDS
-    reason: str
+__all__ = ["Choice", "Crossover", "MAX_PLAIN_SCORES", "clear_crossovers", "get_crossover", "measure_crossover",
+           "select_backend", "set_crossover"]
 
 
 @dataclass(frozen=True)
@@ -101,7 +91,9 @@ def measure_crossover(*, device="cpu", dtype=torch.float32, head_dim=64, heads=8
     every backend once, interleaved, so a burst of load from other processes hits all of them; the
     fastest round of each backend is kept."""
     heads_kv = heads_kv or heads
-    names = ["reference", *(n for n in backends.AUTO_ORDER.get(device, backends.DEFAULT_AUTO_ORDER) if n in BACKENDS)]
+    probe = Case(str(torch.device(device).type), dtype, 1, 1, heads, heads_kv, head_dim, head_dim, True, (-1, -1),
+                 False)
+    names = ["reference", *backends.auto_order("model", probe)]
     times: dict[str, list[float]] = {n: [] for n in names}
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     g = torch.Generator().manual_seed(0)
@@ -134,49 +126,8 @@ def measure_crossover(*, device="cpu", dtype=torch.float32, head_dim=64, heads=8
 
 def select_backend(cases: Case | list[Case], requested: str = "auto") -> Choice:
     """The backend for one attention call of a model layer (a list: the sequences of a varlen
-    batch, all run by one backend); logs the choice once per kind of case."""
+    batch, all run by one backend): `fa2lab.backends.choose("model", ...)` with this machine's
+    measured crossover. An explicit backend that cannot run the case raises a ValueError."""
     cases = [cases] if isinstance(cases, Case) else list(cases)
-    if not cases:
-        return Choice("tiled", "empty batch")
-    if requested != "auto":
-        if requested not in BACKENDS:
-            raise ValueError(f"unknown backend {requested!r}; choose 'auto' or one of {list(BACKENDS)}")
-        why_not = _why_not(requested, cases)
-        if why_not is None:
-            return _logged_choice(cases[0], Choice(requested, "requested"))
-        auto = _auto(cases)
-        fallback = Choice(auto.name, f"requested {requested!r} cannot run it ({why_not}); fell back: {auto.reason}")
-        return _logged_choice(cases[0], fallback, level=logging.WARNING)
-    return _logged_choice(cases[0], _auto(cases))
-
-
-def _why_not(name: str, cases: list[Case]) -> str | None:
-    return next((r for r in map(BACKENDS[name].unsupported, cases) if r), None)
-
-
-def _auto(cases: list[Case]) -> Choice:
-    case = cases[0]
-    order = [n for n in backends.AUTO_ORDER.get(case.device, backends.DEFAULT_AUTO_ORDER) if n in BACKENDS]
-    supported = [n for n in order if _why_not(n, cases) is None]
-    if not supported:
-        return Choice("reference", "no FA2 backend supports this case")
-    crossover = get_crossover(case.device, case.dtype, case.d)
-    nq, nk = max(c.nq for c in cases), max(c.nk for c in cases)
-    scores = sum(c.hq * c.nq * c.nk for c in cases)
-    if crossover is not None and scores <= MAX_PLAIN_SCORES and crossover.plain_is_faster(supported[0], nq, nk):
-        return Choice("reference", f"plain attention measured faster than {supported[0]} below "
-                                   f"N={crossover.length(supported[0])} ({crossover.source})")
-    skipped = [f"not {n}: {_why_not(n, cases)}" for n in order if n not in supported]
-    why = f"fastest FA2 path supported on {case.device}"
-    if crossover is None:
-        why += f" (no plain-attention crossover measured for {case.device}/{str(case.dtype)[6:]}/D={case.d})"
-    return Choice(supported[0], "; ".join([why, *skipped]))
-
-
-def _logged_choice(case: Case, choice: Choice, level=logging.INFO) -> Choice:
-    key = (choice.name, choice.reason.split(" (")[0], case.device, case.dtype, case.d)
-    if key not in _logged:
-        _logged.add(key)
-        log.log(level, "fa2lab: model attention backend=%s for %s %s D=%d Nq=%d Nk=%d (reason: %s)", choice.name,
-                case.device, str(case.dtype).removeprefix("torch."), case.d, case.nq, case.nk, choice.reason)
-    return choice
+    crossover = get_crossover(cases[0].device, cases[0].dtype, cases[0].d) if cases else None
+    return backends.choose("model", cases, requested, crossover=crossover)

@@ -1,4 +1,7 @@
-"""`tiled_attention`: the FA2 forward and backward of this package joined by autograd."""
+"""`tiled_attention`: the FA2 forward and backward of this package joined by autograd.
+
+Readable twin of fa2lab/kernels/attention.py (the Triton kernels joined the same way).
+Tests: tests/test_tiled.py, tests/test_properties.py."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fa2lab import _checks
 from fa2lab.tiled.backward import flash_backward
 from fa2lab.tiled.forward import flash_forward
 
@@ -60,13 +64,19 @@ def tiled_attention(
     (and through lse). `block_q`/`block_k` set Br/Bc; `tracer` (a `TileTracer`) records the schedule.
     Inputs are validated by `fa2lab.attention`; call that for checked input and backend choice.
     """
-    from fa2lab import api  # deferred: api imports this module
-
-    api.check_dense(q, k, v, window_size)
-    scale = api.resolve_scale(softmax_scale, q.shape[-1])
+    window_size = _checks.check_dense(q, k, v, window_size)
+    scale = _checks.resolve_scale(softmax_scale, q.shape[-1])
     block_q = int(block_q or DEFAULT_TILES.block_q)
     block_k = int(block_k or DEFAULT_TILES.block_k)
     if block_q < 1 or block_k < 1:
         raise ValueError(f"expected positive tile sizes, got block_q={block_q}, block_k={block_k}")
+    return tiled_attention_unchecked(q, k, v, causal=causal, window_size=window_size, scale=scale,
+                                     return_lse=return_lse, block_q=block_q, block_k=block_k, tracer=tracer)
+
+
+def tiled_attention_unchecked(q, k, v, *, causal, window_size, scale, return_lse=False,
+                              block_q=DEFAULT_TILES.block_q, block_k=DEFAULT_TILES.block_k, tracer=None):
+    """`tiled_attention` on inputs already checked (fa2lab.backends runs this after fa2lab.attention
+    validated them, so each call is validated once); scale is a float."""
     out, lse = _TiledAttention.apply(q, k, v, scale, causal, tuple(window_size), block_q, block_k, tracer)
     return (out, lse) if return_lse else out
