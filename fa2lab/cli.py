@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from fa2lab.bench import cpu, memory
+from fa2lab.bench import cpu
+from fa2lab.measure import memory
+from fa2lab.measure.exactness import within_torch_error
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = REPO / "experiments"
@@ -63,7 +65,7 @@ def cmd_sweep(args, config: Path, out: Path, with_check: bool) -> int:
         print("\nExactness against the float64 oracle (ratio = error / PyTorch's own same-dtype error):")
         _print_table(rows, ["case", "dtype", "backend", "max_abs_err", "torch_same_dtype_err", "ratio"])
         (out / "correctness.json").write_text(json.dumps(rows, indent=2))
-        bad = [r for r in rows if r["max_abs_err"] > 2 * r["torch_same_dtype_err"] + 1e-6]
+        bad = [r for r in rows if not within_torch_error(r["max_abs_err"], r["torch_same_dtype_err"], floor=1e-6)]
         if bad:
             print(f"FAILED: {len(bad)} results exceed 2x PyTorch's own error")
             return 1

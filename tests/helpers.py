@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from fa2lab.measure.exactness import GRAD_FACTOR, FWD_FACTOR, exact_floor, max_err, within_torch_error
 from fa2lab.reference import attention_ref
+
+__all__ = ["assert_within_torch_error", "finite_lse", "loss_and_grads", "make_qkv", "max_err"]
 
 
 def make_qkv(b, hq, hkv, nq, nk, d, dv=None, dtype=torch.float64, seed=0, requires_grad=False):
@@ -26,13 +29,10 @@ def loss_and_grads(fn, q, k, v, do, dlse, **kw):
     return out, lse, torch.autograd.grad(loss, (q, k, v), allow_unused=True)
 
 
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-def assert_within_torch_error(fn, q64, k64, v64, dtype, fwd_factor=2.0, grad_factor=3.0, **kw):
+def assert_within_torch_error(fn, q64, k64, v64, dtype, fwd_factor=FWD_FACTOR, grad_factor=GRAD_FACTOR, **kw):
     """fa2lab's error against float64 truth must be at most `factor` times that of plain PyTorch
-    computing naively in `dtype` (attention_ref(upcast=False)), for outputs and gradients."""
+    computing naively in `dtype` (attention_ref(upcast=False)), for outputs and gradients: the
+    rule of fa2lab.measure.exactness."""
     g = torch.Generator().manual_seed(1)
     do = torch.randn(*q64.shape[:-1], v64.shape[-1], generator=g, dtype=torch.float64).to(q64.device)
     dlse = torch.zeros(q64.shape[:-1], dtype=torch.float64, device=q64.device)
@@ -43,9 +43,9 @@ def assert_within_torch_error(fn, q64, k64, v64, dtype, fwd_factor=2.0, grad_fac
     ours_out, _, ours_g = loss_and_grads(fn, *leaves(dtype), do, dlse, **kw)
     naive = lambda *a, **k_: attention_ref(*a, upcast=False, **k_)  # noqa: E731
     torch_out, _, torch_g = loss_and_grads(naive, *leaves(dtype), do, dlse, **kw)
-    floor = torch.finfo(dtype).eps / 4  # when PyTorch happens to be exact (e.g. a single key)
+    floor = exact_floor(dtype)  # when PyTorch happens to be exact (e.g. a single key)
     e_ours, e_torch = max_err(ours_out, truth_out), max_err(torch_out, truth_out)
-    assert e_ours <= fwd_factor * e_torch + floor, f"forward error {e_ours:.3g} vs torch's {e_torch:.3g}"
+    assert within_torch_error(e_ours, e_torch, fwd_factor, floor), f"forward error {e_ours:.3g} vs torch's {e_torch:.3g}"
     for name, a, t, r in zip("qkv", ours_g, torch_g, truth_g):
         e_ours, e_torch = max_err(a, r), max_err(t, r)
-        assert e_ours <= grad_factor * e_torch + floor, f"d{name} error {e_ours:.3g} vs torch's {e_torch:.3g}"
+        assert within_torch_error(e_ours, e_torch, grad_factor, floor), f"d{name} error {e_ours:.3g} vs torch's {e_torch:.3g}"

@@ -5,7 +5,8 @@ import csv
 import pytest
 import torch
 
-from fa2lab.bench import cpu, memory
+from fa2lab.bench import cpu
+from fa2lab.measure import memory
 
 
 @pytest.mark.skipif(not memory.supported(), reason="needs Linux /proc and glibc")
@@ -55,3 +56,17 @@ def test_fit_exponent_recovers_power_laws():
 def test_flop_formula():
     assert cpu.attention_flops("fwd", 1, 8, 4096, 64, causal=False) == 4 * 8 * 4096 * 4096 * 64
     assert cpu.attention_flops("fwd+bwd", 1, 8, 4096, 64, causal=True) == 3.5 * 2 * 8 * 4096 * 4096 * 64
+
+
+def test_measurement_tools_moved_to_measure_with_deprecated_aliases():
+    import importlib
+    import sys
+
+    for name in ("timing", "memory"):
+        sys.modules.pop(f"fa2lab.bench.{name}", None)
+        with pytest.warns(DeprecationWarning, match=f"fa2lab.bench.{name} moved to fa2lab.measure.{name}"):
+            old = importlib.import_module(f"fa2lab.bench.{name}")
+        new = importlib.import_module(f"fa2lab.measure.{name}")
+        public = [n for n in vars(new) if not n.startswith("_") and callable(getattr(new, n))
+                  and getattr(getattr(new, n), "__module__", None) == new.__name__]
+        assert public and all(getattr(old, n) is getattr(new, n) for n in public)

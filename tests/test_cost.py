@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fa2lab import TileTracer, tiled_attention
-from fa2lab.bench.memory import peak_extra_bytes as measured_peak
+from fa2lab.measure.memory import peak_extra_bytes as measured_peak
 from fa2lab.cost import (QWEN3_VL_8B, cpu_tiled_forward, decode, exact_flops, executed_flops, fa1_bytes,
                          fa2_backward_bytes, fa2_forward, fa2_forward_bytes, formula_flops, kv_cache_bytes,
                          naive_bytes, peak_extra_bytes, roofline, split_k_decode_bytes, theorem2_bytes,

@@ -6,6 +6,7 @@ import torch
 
 from fa2lab.api import attention
 from fa2lab.backends import BACKENDS, Case
+from fa2lab.measure.exactness import error_ratio, max_err
 from fa2lab.reference import attention_ref
 
 # (label, B, Hq, Hkv, Nq, Nk, D, causal, window)
@@ -28,15 +29,14 @@ def correctness_rows(dtypes=(torch.float32, torch.bfloat16)) -> list[dict]:
         truth = attention_ref(q64, k64, v64, causal=causal, window_size=window)
         for dtype in dtypes:
             q, k, v = (t.to(dtype) for t in (q64, k64, v64))
-            torch_err = (attention_ref(q, k, v, causal=causal, window_size=window, upcast=False).double()
-                         - truth).abs().max().item()
+            torch_err = max_err(attention_ref(q, k, v, causal=causal, window_size=window, upcast=False), truth)
             case = Case.of(q, k, v, causal, window, False)
             for name, backend in BACKENDS.items():
                 if backend.unsupported(case):
                     continue
                 out = attention(q, k, v, causal=causal, window_size=window, backend=name)
-                err = (out.double() - truth).abs().max().item()
+                err = max_err(out, truth)
                 rows.append(dict(case=label, dtype=str(dtype).removeprefix("torch."), backend=name,
                                  max_abs_err=err, torch_same_dtype_err=torch_err,
-                                 ratio=err / torch_err if torch_err else float("nan")))
+                                 ratio=error_ratio(err, torch_err)))
     return rows

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fa2lab.bench.memory import peak_extra_bytes
-from fa2lab.bench.timing import median_seconds
+from fa2lab.measure.memory import peak_extra_bytes
+from fa2lab.measure.timing import median_seconds
 from fa2lab.reference import attention_ref
 from fa2lab.tiled import tiled_attention
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fa2lab.bench.timing import median_seconds
+from fa2lab.measure.timing import median_seconds
 from fa2lab.decode import decode_attention
 from fa2lab.decode.splitk import auto_num_splits, default_num_units
 

@@ -4,7 +4,7 @@ attn_implementation "fa2lab" (auto), "fa2lab_tiled" (the PyTorch FA2), "sdpa" an
     prefill tokens/s = B * N / t_prefill                     one forward over an N-token prompt
     decode tokens/s  = B * T / t(T steps)                    T single-token steps on a DynamicCache
     attention flops  = 4 * layers * B * Hq * N * N * D / 2   prefill, causal (half the scores)
-    peak MiB         = the most memory a prefill added (fa2lab.bench.memory.peak_extra_bytes)
+    peak MiB         = the most memory a prefill added (fa2lab.measure.memory.peak_extra_bytes)
 
 Ratios are against "sdpa" measured in the same run. Run: python -m fa2lab.bench.models
 (needs transformers: pip install -e ".[hf]"). Importing this module changes no global state.
@@ -97,9 +97,9 @@ def _decode_seconds(model, ids, steps) -> float:
 
 
 def _peak_extra_bytes(fn, device) -> int | None:
-    """The most memory fn() added: VmHWM on a CPU (fa2lab.bench.memory), the allocator's peak on CUDA."""
+    """The most memory fn() added: VmHWM on a CPU (fa2lab.measure.memory), the allocator's peak on CUDA."""
     if torch.device(device).type != "cuda":
-        from fa2lab.bench import memory
+        from fa2lab.measure import memory
 
         return memory.peak_extra_bytes(fn)
     torch.cuda.synchronize()
@@ -130,7 +130,7 @@ def run(cfg: ModelBench = ModelBench(), out_csv: Path | None = None, progress=pr
     """Per length, `rounds` rounds that each time every implementation once (interleaved, so a
     burst of load from other processes hits all of them); the best round of each is kept. An
     implementation that fails at a length is reported with its error and the others go on."""
-    from fa2lab.bench import memory
+    from fa2lab.measure import memory
 
     memory.configure_for_timing()
     model = build_model(cfg)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from fa2lab.bench.memory import configure_for_timing, peak_extra_bytes
+from fa2lab.measure.memory import configure_for_timing, peak_extra_bytes
 from fa2lab.cost.flops import executed_flops, formula_flops
 from fa2lab.cost.memory import peak_extra_bytes as model_peak_bytes
 from fa2lab.cost.roofline import cpu_tiled_forward

@@ -1,17 +1,9 @@
-"""Wall-clock medians on the CPU (on a GPU, use triton.testing.do_bench instead)."""
+"""Deprecated: moved to fa2lab.measure.timing (bench/ holds only benchmark drivers). This alias
+goes in the next release."""
 
-from __future__ import annotations
+import warnings
 
-import statistics
-import time
+from fa2lab.measure.timing import median_seconds  # noqa: F401
 
-
-def median_seconds(fn, *, min_repeats: int = 3, max_repeats: int = 20, budget_s: float = 2.0) -> float:
-    """Median wall time of fn() after one warm-up call; repeats until `budget_s` is spent."""
-    fn()
-    times: list[float] = []
-    while len(times) < max_repeats and (len(times) < min_repeats or sum(times) < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+warnings.warn("fa2lab.bench.timing moved to fa2lab.measure.timing; import it from there", DeprecationWarning,
+              stacklevel=2)

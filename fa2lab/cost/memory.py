@@ -1,7 +1,7 @@
 """Peak extra memory of each attention algorithm, and the size of a model's KV cache.
 
 "Extra" means on top of the inputs q, k, v, output included: the quantity that
-fa2lab.bench.memory.peak_extra_bytes measures. On-chip tiles of the GPU kernels are not memory
+fa2lab.measure.memory.peak_extra_bytes measures. On-chip tiles of the GPU kernels are not memory
 in this sense; the host-memory tiles of fa2lab's PyTorch forward are.
 
     naive        S and P live together (B*Hq*Nq*Nk each) + O; fwd+bwd keeps S, P, dP, dS: 4 of them
@@ -45,7 +45,7 @@ def peak_extra_bytes(algo: str, b: int, hq: int, nq: int, nk: int, d: int, dv: i
     if algo == "tiled_cpu":
         if mode != "fwd":
             raise ValueError("the tiled_cpu memory model covers the forward only; measure fwd+bwd with "
-                             "fa2lab.bench.memory.peak_extra_bytes")
+                             "fa2lab.measure.memory.peak_extra_bytes")
         if block_q is None or block_k is None:
             raise ValueError("tiled_cpu needs block_q and block_k (the tile sizes of the call)")
         acc = 8 if elem == 8 else 4

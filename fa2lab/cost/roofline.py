@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fa2lab.bench.memory import TIMING_MMAP_THRESHOLD
+from fa2lab.measure.memory import TIMING_MMAP_THRESHOLD
 from fa2lab.cost.schedule import tile_schedule
 from fa2lab.cost.traffic import fa2_forward_bytes, split_k_decode_bytes
 from fa2lab.hardware.profile import HardwareProfile, dtype_bytes

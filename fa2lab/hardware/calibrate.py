@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from fa2lab.bench.timing import median_seconds
+from fa2lab.measure.timing import median_seconds
 from fa2lab.hardware.profile import HardwareProfile
 
 log = logging.getLogger("fa2lab")
@@ -137,7 +137,7 @@ def _tiled_seconds(heads: int, n: int, d: int, tile: int, causal: bool = False) 
 
 def fault_cost(nbytes: int = 64 * 2**20) -> float:
     """Seconds per byte of first-touching memory that glibc maps fresh (allocations >= 32 MiB)."""
-    from fa2lab.bench.memory import configure_for_timing
+    from fa2lab.measure.memory import configure_for_timing
 
     configure_for_timing()
     old = torch.empty(nbytes // 4)

@@ -113,7 +113,7 @@ def measure_cpu_tiles(ns=(512, 1024), tiles=(64, 128, 256), *, heads: int = 4, h
                       causal: bool = True, profile=None, budget_s: float = 0.1) -> list[dict]:
     """fa2lab's tiled forward on this CPU at each (N, tile), next to the cost model's prediction
     (fa2lab.cost.roofline.cpu_tiled_forward with `profile`, default fa2lab.hardware.detect())."""
-    from fa2lab.bench.timing import median_seconds
+    from fa2lab.measure.timing import median_seconds
     from fa2lab.cost.roofline import cpu_tiled_forward
     from fa2lab.hardware import detect
     from fa2lab.tiled import tiled_attention

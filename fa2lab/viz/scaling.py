@@ -2,7 +2,7 @@
 measured on this machine and set next to the cost model's prediction.
 
 Measurement reuses the CPU benchmark's calls (fa2lab.bench.cpu) and accounting
-(fa2lab.bench.memory.peak_extra_bytes: the most resident memory a call added); the model is
+(fa2lab.measure.memory.peak_extra_bytes: the most resident memory a call added); the model is
 fa2lab.cost (memory.peak_extra_bytes, roofline.cpu_tiled_forward) where that package exists.
 """
 
@@ -12,8 +12,9 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from fa2lab.bench import cpu, memory
-from fa2lab.bench.timing import median_seconds
+from fa2lab.bench import cpu
+from fa2lab.measure import memory
+from fa2lab.measure.timing import median_seconds
 from fa2lab.tiled import tiled_attention
 from fa2lab.viz.style import styled
 
@@ -28,7 +29,7 @@ def measure_scaling(ns, impls=("tiled", "sdpa", "naive"), *, mode: str = "fwd", 
                     seed: int = 0, progress=None) -> list[dict]:
     """Median time and peak extra memory of each (impl, N), fp32, B=1. Rows have the columns of
     fa2lab.bench.cpu (impl, mode, N, seconds, peak_extra_mib, gflops), so cpu.fit_exponent reads
-    them. Sets glibc's timing thresholds (fa2lab.bench.memory.configure_for_timing) first."""
+    them. Sets glibc's timing thresholds (fa2lab.measure.memory.configure_for_timing) first."""
     unknown = [i for i in impls if i not in cpu.IMPLS]
     if unknown:
         raise ValueError(f"unknown implementation(s) {unknown}; choose from {list(cpu.IMPLS)}")
