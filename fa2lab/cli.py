@@ -132,7 +132,7 @@ def main(argv=None) -> int:
 
         return ring.main(args.rest)
     if args.command == "profile":
-        from fa2lab.hardware.report import cli_profile
+        from fa2lab.cost.report import cli_profile
 
         return cli_profile(args)
     if args.command == "bench-tiles":

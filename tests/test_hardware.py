@@ -8,10 +8,9 @@ import os
 
 import pytest
 
-from fa2lab.hardware import (HardwareProfile, decode_splits, detect, dtype_bytes, get_profile, list_profiles,
-                             load_profile)
+from fa2lab.cost.tiles import REG_BASE, decode_splits, tile_config
+from fa2lab.hardware import HardwareProfile, detect, dtype_bytes, get_profile, list_profiles, load_profile
 from fa2lab.hardware.detect import cpu_caches
-from fa2lab.hardware.tiles import REG_BASE
 
 NAMES = ["gtx1080", "t4", "a100", "rtx4090", "h100", "h200", "i5-10210u", "cpu-generic"]
 # Hardware numbers that must say where they come from.
@@ -52,7 +51,7 @@ def test_every_number_has_a_source(name):
 @pytest.mark.parametrize("causal", [False, True])
 def test_tiles_fit_on_chip(name, d, dtype, causal):
     p = get_profile(name)
-    cfg = p.tile_config(d, dtype, causal)
+    cfg = tile_config(p, d, dtype, causal)
     assert cfg.derivation and "Bc = ceil(M / 4d)" in cfg.derivation[0]
     if p.is_gpu:
         elem = dtype_bytes(dtype)
@@ -72,46 +71,46 @@ def test_tiles_fit_on_chip(name, d, dtype, causal):
 
 def test_paper_starting_point_matches_the_design_notes():
     # The notes' "tile 64 for an i5-10210U" is the FA paper's Br = min(Bc, d) for a 256 KB L2, d=64.
-    line = get_profile("i5-10210u").tile_config(64, "float32").derivation[0]
+    line = tile_config(get_profile("i5-10210u"), 64, "float32").derivation[0]
     assert "ceil(65536 / 256) = 256; Br = min(Bc, d) = 64" in line
     # A100, fp16, d=128: M = 163 KB / 2 B = 83456 elements -> Bc = 163, Br = 128.
-    assert "ceil(83456 / 512) = 163; Br = min(Bc, d) = 128" in get_profile("a100").tile_config(128).derivation[0]
+    assert "ceil(83456 / 512) = 163; Br = min(Bc, d) = 128" in tile_config(get_profile("a100"), 128).derivation[0]
 
 
 def test_gpu_tiles_known_cases():
     # FA2's own A100 kernel for d=64 is 128 x 128 with 4 warps; the notes' GTX 10-series tile is 128.
-    a100 = get_profile("a100").tile_config(64, "float16")
+    a100 = tile_config(get_profile("a100"), 64, "float16")
     assert (a100.block_m, a100.block_n, a100.num_warps) == (128, 128, 4)
-    pascal = get_profile("gtx1080").tile_config(64, "float16")
+    pascal = tile_config(get_profile("gtx1080"), 64, "float16")
     assert (pascal.block_m, pascal.block_n, pascal.num_stages) == (128, 128, 1)  # 48 KB exactly
     assert pascal.onchip_bytes == 48 * 1024
     # Hopper: two warpgroups for 128 rows, and Bc <= d, as the H200 tile sweep measured
     # (BENCHMARKS.md, python -m fa2lab.bench.tiles_gpu).
     for name in ("h100", "h200"):
         for d, bc in ((64, 64), (128, 128)):
-            cfg = get_profile(name).tile_config(d, "bfloat16")
+            cfg = tile_config(get_profile(name), d, "bfloat16")
             assert (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages) == (128, bc, 8, 3)
 
 
 def test_cpu_tiles_follow_cache_heads_and_length():
     p = get_profile("cpu-generic")
-    one = p.tile_config(64, "float32", batch_heads=p.units)
-    many = p.tile_config(64, "float32", batch_heads=16 * p.units)
+    one = tile_config(p, 64, "float32", batch_heads=p.units)
+    many = tile_config(p, 64, "float32", batch_heads=16 * p.units)
     assert many.block_m <= one.block_m  # more heads per core: smaller tiles stay in L2
     bigger_l2 = dataclasses.replace(p, smem_per_block=4 * p.smem_per_block, smem_per_unit=4 * p.smem_per_unit)
-    assert bigger_l2.tile_config(64, "float32", batch_heads=16 * p.units).block_m >= many.block_m
-    short = p.tile_config(64, "float32", causal=True, seq_len=100, batch_heads=p.units)
+    assert tile_config(bigger_l2, 64, "float32", batch_heads=16 * p.units).block_m >= many.block_m
+    short = tile_config(p, 64, "float32", causal=True, seq_len=100, batch_heads=p.units)
     assert short.block_m <= 128  # never a tile beyond the sequence
     # Without per-step and per-row costs nothing pays for big tiles, and causal waste favours small ones.
     free = dataclasses.replace(p, step_overhead_s=0.0, row_s=0.0)
-    assert free.tile_config(64, "float32", causal=True, seq_len=4096).block_m == 16
+    assert tile_config(free, 64, "float32", causal=True, seq_len=4096).block_m == 16
 
 
 def test_tile_config_rejects_bad_input():
     with pytest.raises(ValueError, match="head_dim"):
-        get_profile("h100").tile_config(0)
+        tile_config(get_profile("h100"), 0)
     with pytest.raises(ValueError, match="unsupported dtype"):
-        get_profile("h100").tile_config(64, "int8")
+        tile_config(get_profile("h100"), 64, "int8")
 
 
 def test_decode_splits_hand_computed():
@@ -119,9 +118,9 @@ def test_decode_splits_hand_computed():
     # 8 work items on 132 SMs, 256 key blocks: 15 splits is the first with >= 85% of the best wave
     # efficiency (8*15/132 = 0.91; 14 gives 0.85 - 0.002).
     assert decode_splits(h100, 1, 8, 32768) == 15
-    assert h100.decode_splits(64, 8, 4096) == 1  # 512 work items fill the SMs
-    assert h100.decode_splits(1, 8, 256) == 2  # only 2 key blocks of 128
-    assert get_profile("cpu-generic").decode_splits(1, 8, 100_000) == 1  # 8 heads >= 4 cores
+    assert decode_splits(h100, 64, 8, 4096) == 1  # 512 work items fill the SMs
+    assert decode_splits(h100, 1, 8, 256) == 2  # only 2 key blocks of 128
+    assert decode_splits(get_profile("cpu-generic"), 1, 8, 100_000) == 1  # 8 heads >= 4 cores
 
 
 def test_flops_fallbacks():
@@ -139,7 +138,7 @@ def test_detect_this_machine():
         caches = cpu_caches()
         if 2 in caches:
             assert p.smem_per_block == caches[2]["size"] // caches[2]["shared_cpus"]
-        p.tile_config(64, "float32")  # a detected profile derives tiles like a built-in one
+        tile_config(p, 64, "float32")  # a detected profile derives tiles like a built-in one
 
 
 def test_cpu_caches_from_fake_sysfs(tmp_path):
@@ -167,7 +166,7 @@ def test_load_profile_from_yaml(tmp_path):
                     "registers_per_unit: 128\nmax_regs_per_thread: 0\nmax_threads_per_unit: 1\nvector_width: 8\n"
                     "mem_bw: 10 * GB\npeak_flops_simd: {float32: 32 * G}\n")
     tiny = load_profile(full)
-    assert tiny.peak_flops_simd == {"float32": 32e9} and tiny.tile_config(64, "float32").block_m >= 16
+    assert tiny.peak_flops_simd == {"float32": 32e9} and tile_config(tiny, 64, "float32").block_m >= 16
 
 
 def test_load_profile_errors(tmp_path):
@@ -183,3 +182,13 @@ def test_load_profile_errors(tmp_path):
     wrong.write_text("base: t4\nkind: tpu\n")
     with pytest.raises(ValueError, match="kind must be 'cpu' or 'gpu'"):
         load_profile(wrong)
+
+
+def test_tile_choice_moved_to_cost_with_deprecated_aliases():
+    import fa2lab.hardware as hardware
+
+    p = get_profile("a100")
+    with pytest.warns(DeprecationWarning, match="moved to fa2lab.cost.tile_config"):
+        assert hardware.tile_config(p, 64) == tile_config(p, 64)
+    with pytest.warns(DeprecationWarning, match="HardwareProfile.decode_splits"):
+        assert p.decode_splits(1, 8, 4096) == decode_splits(p, 1, 8, 4096)

@@ -11,7 +11,7 @@ forward and sets them against three predictions:
                  (non-causal, N=2048 / 1024)
     model_mib    fa2lab.cost.memory.peak_extra_bytes("tiled_cpu", ...)
 
-and, per N, compares the tile the profile picks (`profile.tile_config`) with the sweep's fastest.
+and, per N, compares the tile the profile picks (`fa2lab.cost.tile_config`) with the sweep's fastest.
 Ratios are measured / predicted. All timings of a sweep come from one process, in one run; each
 is repeated when another process took more than 10% of the CPUs meanwhile (`others_cpu` is the
 share during the kept measurement).
@@ -30,7 +30,8 @@ from fa2lab.measure.memory import configure_for_timing, peak_extra_bytes
 from fa2lab.cost.flops import executed_flops, formula_flops
 from fa2lab.cost.memory import peak_extra_bytes as model_peak_bytes
 from fa2lab.cost.roofline import cpu_tiled_forward
-from fa2lab.cost.schedule import tile_schedule
+from fa2lab.cost.tiles import tile_config
+from fa2lab.tiled.schedule import tile_schedule
 from fa2lab.cost.traffic import fa2_forward_bytes
 from fa2lab.hardware.calibrate import quiet_median_seconds
 from fa2lab.hardware.profile import HardwareProfile
@@ -124,7 +125,7 @@ def predict(cfg, profile, row: dict) -> dict:
 
 
 def _choice(cfg, profile, n, rows) -> dict:
-    cfg_tile = profile.tile_config(cfg.head_dim, cfg.dtype, cfg.causal, batch_heads=cfg.batch * cfg.heads,
+    cfg_tile = tile_config(profile, cfg.head_dim, cfg.dtype, cfg.causal, batch_heads=cfg.batch * cfg.heads,
                                    seq_len=n)
     best = min(rows, key=lambda r: r["measured_ms"])
     model_best = min(rows, key=lambda r: r["model_ms"])

@@ -6,7 +6,7 @@ For each shape (the FA2 paper's protocol: B*N = 16k tokens, H*D = 2048, bf16) th
 kernel runs with every launch configuration in CONFIGS that compiles, timed by
 `triton.testing.do_bench` medians. Each row carries the roofline prediction of
 `fa2lab.cost.fa2_forward` for its tiles, and each shape reports the configuration that
-`profile.tile_config` derives against the best one measured: the GPU half of the hardware issue's
+`fa2lab.cost.tile_config` derives against the best one measured: the GPU half of the hardware issue's
 "the profile's tile within 10% of the best found by a sweep".
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from fa2lab.bench.gpu import _bench, environment, peaks, save_results
-from fa2lab.cost import fa2_forward
+from fa2lab.cost import fa2_forward, tile_config
 from fa2lab.hardware import detect, get_profile
 from fa2lab.kernels.fwd import flash_fwd_triton
 
@@ -55,7 +55,7 @@ def sweep_shape(profile, n: int, d: int, causal: bool, matmul_tflops: float, tok
 
 def choice(profile, rows: list[dict]) -> dict:
     n, d, causal = rows[0]["N"], rows[0]["D"], rows[0]["causal"]
-    tc = profile.tile_config(d, "bfloat16", causal)
+    tc = tile_config(profile, d, "bfloat16", causal)
     ok = [r for r in rows if r["measured_ms"] is not None]
     best = min(ok, key=lambda r: r["measured_ms"])
     model_best = min(rows, key=lambda r: r["predicted_ms"])

@@ -13,7 +13,7 @@ whole partial tiles included; `varlen_flops` sums per sequence.
 
 from __future__ import annotations
 
-from fa2lab.cost.schedule import tile_schedule, visible_pairs
+from fa2lab.tiled.schedule import tile_schedule, visible_pairs
 
 BWD_FACTOR = 2.5
 

@@ -2,8 +2,8 @@
 
 The third roof is the exponential: one per computed score element, on the special-function units
 of a GPU (FA3: 3.9 T/s against 989 TFLOP/s of matmul on an H100) or through torch.exp on a CPU.
-`fa2_forward` and `decode` apply it to FA2's exact tile schedule and byte count for a profile's
-own tile config; `cpu_tiled_forward` is the CPU version, step by step (see its docstring).
+`cpu_tiled_forward` is fa2lab's tiled PyTorch forward on a CPU, step by step (see its docstring);
+fa2lab.cost.predict applies the roofs to FA2's exact tile schedule for a profile's own tiles.
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fa2lab.measure.memory import TIMING_MMAP_THRESHOLD
-from fa2lab.cost.schedule import tile_schedule
-from fa2lab.cost.traffic import fa2_forward_bytes, split_k_decode_bytes
+from fa2lab.tiled.schedule import tile_schedule
+from fa2lab.cost.traffic import fa2_forward_bytes
 from fa2lab.hardware.profile import HardwareProfile, dtype_bytes
-from fa2lab.hardware.tiles import cpu_seconds_per_score
 
 
 @dataclass(frozen=True)
@@ -52,42 +51,6 @@ def roofline(profile: HardwareProfile, flops: float, nbytes: float, dtype="float
     return Roofline(flops, nbytes, exps, flops / peak, nbytes / profile.mem_bw, t_exp, overhead)
 
 
-def fa2_forward(profile: HardwareProfile, b: int, hq: int, nq: int, nk: int, d: int, dtype="float16", *,
-                causal: bool = False, window_size=(-1, -1), hkv: int | None = None, block_q: int | None = None,
-                block_k: int | None = None, cache_reuse: bool = True) -> Roofline:
-    """One FA2 forward kernel launch with the profile's tiles (or the given ones).
-
-    The FA paper counts every K_j/V_j load as off-chip traffic. On a real GPU the query tiles of
-    one head run at about the same time and re-read K/V from L2: with `cache_reuse` (default), when
-    the K/V of the heads in flight fit the last-level cache, K and V cost one read per head.
-    """
-    if block_q is None or block_k is None:
-        cfg = profile.tile_config(d, dtype, causal, batch_heads=b * hq, seq_len=nq)
-        block_q, block_k = cfg.block_m, cfg.block_n
-    elem = dtype_bytes(dtype)
-    sched = tile_schedule(nq, nk, block_q, block_k, causal, window_size)
-    elems = b * hq * sched.computed_elements  # scores computed, masked ones of partial tiles included
-    nbytes = fa2_forward_bytes(sched, b, hq, d, elem=elem, hkv=hkv).total
-    heads_in_flight = -(-profile.units // sched.q_tiles)  # a head's query tiles run side by side
-    if cache_reuse and heads_in_flight * nk * 2 * d * elem <= profile.llc_bytes:
-        reread = b * hq * (sched.kv_rows - nk) * 2 * d * elem  # loads after the first come from L2
-        nbytes -= max(0, reread)
-    return roofline(profile, 4.0 * d * elems, nbytes, dtype, exps=elems, overhead=profile.step_overhead_s)
-
-
-def decode(profile: HardwareProfile, b: int, hq: int, hkv: int, cache_len: int, d: int, dtype="float16", *,
-           splits: int | None = None) -> Roofline:
-    """Decode one token per sequence against `cache_len` cached keys, split-K as the profile picks."""
-    if splits is None:
-        splits = profile.decode_splits(b, hkv, cache_len)
-    nbytes = split_k_decode_bytes(b, hq, hkv, cache_len, d, splits=splits, elem=dtype_bytes(dtype)).total
-    elems = b * hq * cache_len
-    launches = 2 if splits > 1 else 1  # split kernel + merge kernel
-    # matmul-vector products: tensor cores do not help a single query row
-    return roofline(profile, 4.0 * d * elems, nbytes, dtype, exps=elems,
-                    overhead=launches * profile.step_overhead_s, tensor_cores=False)
-
-
 def cpu_tiled_forward(profile: HardwareProfile, b: int, hq: int, nq: int, nk: int, d: int, *,
                       block_q: int, block_k: int, causal: bool = False, window_size=(-1, -1)) -> Roofline:
     """fa2lab's PyTorch tiled forward on a CPU, summed over its tile steps (all B*Hq heads per step):
@@ -117,3 +80,11 @@ def cpu_tiled_forward(profile: HardwareProfile, b: int, hq: int, nq: int, nk: in
     overhead = sched.computed * (profile.step_overhead_s + fault)
     return Roofline(4.0 * d * elems, nbytes, elems, t_scores, nbytes / profile.mem_bw, 0.0, overhead)
 
+
+def cpu_seconds_per_score(p: HardwareProfile, d: int) -> float:
+    """Seconds per score element of one tile step whose tiles stay in L2: the profile's measured
+    `score_s` at d=64, plus 4(d-64) FLOPs at peak for other head dims; else 4d FLOPs + one exp."""
+    flops = p.flops("float32", tensor_cores=False)
+    if p.score_s is not None:
+        return max(p.score_s + 4 * (d - 64) / flops, 4 * d / flops)
+    return 4 * d / flops + (1.0 / p.exp_per_s if p.exp_per_s else 0.0)

@@ -1,6 +1,6 @@
 """Bytes moved between off-chip memory (HBM, DRAM) and on-chip memory, per algorithm.
 
-Counts are exact for the schedule they are given (`fa2lab.cost.schedule`), per whole call, with
+Counts are exact for the schedule they are given (`fa2lab.tiled.schedule`), per whole call, with
 `elem` bytes per element of Q/K/V/O and 4-byte float32 statistics (m, l, LSE, Delta) and partials.
 Caches are ignored: every load the algorithm issues counts, as in the FA paper's analysis.
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from fa2lab.cost.schedule import Schedule
+from fa2lab.tiled.schedule import Schedule
 
 STAT = 4  # bytes of a float32 statistic (m, l, LSE, Delta) or partial-output element
 

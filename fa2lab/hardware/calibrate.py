@@ -166,7 +166,7 @@ def step_model(heads: int, d: int = 64, n: int = 2048, tiles=(32, 64, 128, 256, 
 
 def mask_cost(heads: int, overhead: float, score: float, row: float, d: int = 64, n: int = 1024,
               tile: int = 512) -> float:
-    from fa2lab.cost.schedule import tile_schedule
+    from fa2lab.tiled.schedule import tile_schedule
 
     sched = tile_schedule(n, n, tile, tile, causal=True)
     seconds = _tiled_seconds(heads, n, d, tile, causal=True)

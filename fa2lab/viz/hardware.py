@@ -1,7 +1,7 @@
 """Hardware profiles (notebook 06): the tile sizes each profile derives, rooflines, and the cost
 model's predictions against measurements (this CPU live; GPUs from benchmark results files).
 
-Uses fa2lab.hardware (profiles, tile_config) and fa2lab.cost (fa2_forward, decode,
+Uses fa2lab.hardware (profiles) and fa2lab.cost (tile_config, fa2_forward, decode,
 cpu_tiled_forward); `available()` says whether both are importable.
 """
 
@@ -13,6 +13,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from fa2lab.cost.tiles import tile_config
 from fa2lab.viz.style import GOOD, styled
 
 
@@ -34,7 +35,7 @@ def tile_table(names, head_dim: int = 128, dtype: str = "float16", causal: bool 
     rows = []
     for name in names:
         p = get_profile(name)
-        cfg = p.tile_config(head_dim, dtype, causal)
+        cfg = tile_config(p, head_dim, dtype, causal)
         rows.append(dict(profile=name, kind=p.kind, block_m=cfg.block_m, block_n=cfg.block_n,
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages, onchip_bytes=cfg.onchip_bytes,
                          limit_bytes=p.smem_per_block))

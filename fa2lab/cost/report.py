@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fa2lab.cost.tiles import decode_splits, tile_config
 from fa2lab.hardware.profile import HardwareProfile
 
 ROOFLINE_NS = (512, 2048, 8192, 32768)
@@ -21,7 +22,7 @@ def tile_lines(profile: HardwareProfile, dtype: str, head_dims=(64, 128)) -> lis
     lines = []
     for d in head_dims:
         for causal in (False, True):
-            cfg = profile.tile_config(d, dtype, causal)
+            cfg = tile_config(profile, d, dtype, causal)
             extra = (f", {cfg.num_warps} warps, {cfg.num_stages} stages, {cfg.blocks_per_unit} block(s)/SM"
                      if profile.is_gpu else f", {cfg.heads_per_step} heads per step")
             lines.append(f"D={d:<4} {dtype} causal={causal!s:<5}: Br x Bc = {cfg.block_m} x {cfg.block_n}{extra}")
@@ -41,14 +42,14 @@ def roofline_rows(profile: HardwareProfile, dtype: str, d: int = 128) -> list[di
             useful = formula_flops(b, PREFILL_HEADS, n, n, d, causal=causal)
             tiled = "-"
             if not profile.is_gpu:  # what fa2lab's eager PyTorch forward would take, step by step
-                cfg = profile.tile_config(d, "float32", causal, batch_heads=b * PREFILL_HEADS, seq_len=n)
+                cfg = tile_config(profile, d, "float32", causal, batch_heads=b * PREFILL_HEADS, seq_len=n)
                 tiled = cpu_tiled_forward(profile, b, PREFILL_HEADS, n, n, d, block_q=cfg.block_m,
                                           block_k=cfg.block_n, causal=causal).time * 1e6
             rows.append(dict(case=f"prefill {'causal' if causal else 'full'}", N=n, B=b, gflop=useful / 1e9,
                              mbytes=r.bytes / 1e6, t_compute_us=r.t_compute * 1e6, t_memory_us=r.t_memory * 1e6,
                              t_exp_us=r.t_exp * 1e6, predicted_us=r.time * 1e6, bound=r.bound,
                              rate=f"{useful / r.time / 1e12:.3g} TFLOP/s", fa2lab_tiled_us=tiled))
-        splits = profile.decode_splits(1, DECODE_HKV, n)
+        splits = decode_splits(profile, 1, DECODE_HKV, n)
         r = decode(profile, 1, DECODE_HQ, DECODE_HKV, n, d, dtype, splits=splits)
         rows.append(dict(case=f"decode Hq={DECODE_HQ} Hkv={DECODE_HKV} splits={splits}", N=n, B=1,
                          gflop=r.flops / 1e9, mbytes=r.bytes / 1e6, t_compute_us=r.t_compute * 1e6,

@@ -1,4 +1,5 @@
-"""Tile sizes from first principles: the on-chip budget, then registers and occupancy (GPU), or the
+"""Tile sizes from first principles (an optimisation over the cost model, so it lives in fa2lab.cost;
+fa2lab.hardware holds the facts it starts from): the on-chip budget, then registers and occupancy (GPU), or the
 cache and the per-step overhead of eager PyTorch (CPU). Every step of the arithmetic is kept in
 `TileConfig.derivation`, so a reader can check it with a pencil.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from fa2lab.cost.roofline import cpu_seconds_per_score, cpu_tiled_forward
 from fa2lab.hardware.profile import HardwareProfile, dtype_bytes, dtype_name
 
 REG_BASE = 32  # registers per thread besides O_i and S: addresses, m_i, l_i, loop state (estimate)
@@ -152,18 +154,7 @@ def _gpu_reject(p: HardwareProfile, smem: int, regs: int, threads: int) -> str:
     return ""
 
 
-def cpu_seconds_per_score(p: HardwareProfile, d: int) -> float:
-    """Seconds per score element of one tile step whose tiles stay in L2: the profile's measured
-    `score_s` at d=64, plus 4(d-64) FLOPs at peak for other head dims; else 4d FLOPs + one exp."""
-    flops = p.flops("float32", tensor_cores=False)
-    if p.score_s is not None:
-        return max(p.score_s + 4 * (d - 64) / flops, 4 * d / flops)
-    return 4 * d / flops + (1.0 / p.exp_per_s if p.exp_per_s else 0.0)
-
-
 def _cpu_tiles(p: HardwareProfile, d: int, dtype, causal: bool, batch_heads, seq_len) -> TileConfig:
-    from fa2lab.cost.roofline import cpu_tiled_forward  # deferred: fa2lab.cost imports this package
-
     elem = 8 if dtype_name(dtype) == "float64" else 4  # fa2lab's tiled code accumulates in fp32
     _, _, line = paper_start(p.smem_per_block, elem, d)
     heads = batch_heads or p.units
