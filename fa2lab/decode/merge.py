@@ -9,6 +9,8 @@ with lse = log(sum exp(s)) over each half,
 This is what makes split-K decoding (each split a chunk of the cache), paged attention and ring
 attention exact. A part that saw no key has lse = -inf and weight 0; if no part saw a key the
 result is 0 with lse = -inf, as for a single call.
+
+Fast twin: the merge kernel of fa2lab/kernels/decode.py. Tests: tests/test_decode.py, tests/test_ring.py.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ Optional FlashDecoding++ "unified max": every partial softmax uses one fixed ref
 of its running max, so partials need no rescaling. exp(s - phi) overflows when a logit exceeds
 phi by more than log(float max) and underflows to 0 when every logit of a row is far below phi;
 both are detected, and the call is recomputed with the exact online softmax.
+
+Fast twin: fa2lab/kernels/decode.py. Tests: tests/test_decode.py.
 """
 
 from __future__ import annotations

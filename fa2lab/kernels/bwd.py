@@ -5,6 +5,8 @@ the K/V head and over the query blocks that can see its keys, so GQA gradients a
 registers, without atomics or a per-query-head copy. dQ: one program per (query block, batch x
 query head), looping over visible key blocks. Delta = rowsum(dO * O) - dLSE is precomputed.
 Everything in the log2 domain as in the forward kernel.
+
+Readable twin: fa2lab/tiled/backward.py. Tests: tests/test_triton.py, tests/test_triton_gpu.py.
 """
 
 from __future__ import annotations

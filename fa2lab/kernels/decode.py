@@ -5,6 +5,8 @@ new tokens are packed as the rows of one tile (row r: query r // G of head hk*G 
 K/V byte is read once per split for the whole group. K/V come from a dense cache or, through a
 block table, from pages of any size. Each program writes its partial output (fp32) and LSE.
 Merge: one program per (batch, query head, query row) combines the splits by their LSEs.
+
+Readable twin: fa2lab/decode/splitk.py (and merge.py). Tests: tests/test_decode.py, tests/test_triton_gpu.py.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ instruction; scale * log2(e) is folded into the logits). Masks are FA2's (bottom
 sliding window); key blocks outside the window are never loaded. Any Nq, Nk (edges masked), any
 head dim up to 256 (padded to a power of two with masked loads), GQA by index arithmetic (no K/V
 copies), varlen through cu_seqlens.
+
+Readable twin: fa2lab/tiled/forward.py. Tests: tests/test_triton.py, tests/test_triton_gpu.py.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ P = exp(S - LSE), so no (Nq, Nk) tensor exists here either. Key/value tiles form
 
 With GQA packing (see layout.py) the rows of the G query heads that share a K/V head sit in one
 tile, so dK and dV come out already summed over the group.
+
+Fast twin: fa2lab/kernels/bwd.py. Tests: tests/test_tiled.py.
 """
 
 from __future__ import annotations

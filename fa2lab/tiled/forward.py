@@ -13,6 +13,8 @@ online softmax keeps per row a running max m_i, a running sum l_i and an unnorma
 Tiles that the causal / window mask leaves empty are never visited; fully visible tiles are
 computed without a mask; only tiles that straddle a mask edge are masked element by element.
 All heads of the batch go through each step together (one bmm), GQA groups packed as rows.
+
+Fast twin: fa2lab/kernels/fwd.py. Tests: tests/test_tiled.py, tests/test_properties.py.
 """
 
 from __future__ import annotations
