@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fa2lab.cost.flops import formula_flops
 from fa2lab.measure.memory import peak_extra_bytes
 from fa2lab.measure.timing import median_seconds
 from fa2lab.reference import attention_ref
@@ -46,10 +47,8 @@ class CpuSweep:
 
 
 def attention_flops(mode: str, b: int, h: int, n: int, d: int, causal: bool) -> float:
-    flops = 4.0 * b * h * n * n * d  # 2 matmuls (QK^T, PV) of 2*N*N*D each
-    if causal:
-        flops /= 2
-    return flops * (3.5 if mode == "fwd+bwd" else 1.0)  # backward = 2.5x forward (FA2 paper)
+    # 4*B*H*N*N*D: 2 matmuls (QK^T, PV) of 2*N*N*D each, /2 causal; backward = 2.5x forward (FA2 paper)
+    return formula_flops(b, h, n, n, d, causal=causal, mode=mode)
 
 
 def _load_done(path: Path) -> list[dict]:

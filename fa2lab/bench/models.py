@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from fa2lab.cost.flops import formula_flops
+
 IMPLS = ("fa2lab", "fa2lab_tiled", "sdpa", "eager")
 COLUMNS = ["impl", "N", "prefill_s", "prefill_tok_s", "attn_gflop_s", "decode_tok_s", "peak_mib",
            "prefill_vs_sdpa", "decode_vs_sdpa"]
@@ -145,7 +147,8 @@ def run(cfg: ModelBench = ModelBench(), out_csv: Path | None = None, progress=pr
         for n in cfg.lengths:
             ids = torch.randint(0, cfg.vocab_size, (cfg.batch, n), generator=torch.Generator().manual_seed(n))
             ids = ids.to(cfg.device)
-            flops = 4 * cfg.num_hidden_layers * cfg.batch * cfg.num_attention_heads * n * n * cfg.head_dim / 2
+            flops = cfg.num_hidden_layers * formula_flops(cfg.batch, cfg.num_attention_heads, n, n, cfg.head_dim,
+                                                          causal=True)  # per layer 4*B*H*N*N*D / 2
             pre = {impl: float("inf") for impl in cfg.impls}
             dec, errors = dict(pre), {}
             for _ in range(cfg.rounds):

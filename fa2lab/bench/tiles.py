@@ -26,16 +26,16 @@ from pathlib import Path
 
 import torch
 
-from fa2lab.measure.memory import configure_for_timing, peak_extra_bytes
 from fa2lab.cost.flops import executed_flops, formula_flops
 from fa2lab.cost.memory import peak_extra_bytes as model_peak_bytes
 from fa2lab.cost.roofline import cpu_tiled_forward
 from fa2lab.cost.tiles import tile_config
-from fa2lab.tiled.schedule import tile_schedule
 from fa2lab.cost.traffic import fa2_forward_bytes
 from fa2lab.hardware.calibrate import quiet_median_seconds
 from fa2lab.hardware.profile import HardwareProfile
+from fa2lab.measure.memory import configure_for_timing, peak_extra_bytes
 from fa2lab.tiled import tiled_attention
+from fa2lab.tiled.schedule import tile_schedule
 
 COLUMNS = ["N", "tile", "steps", "measured_ms", "model_ms", "ratio", "roofline_ms", "roofline_ratio",
            "gflops", "measured_mib", "model_mib", "mem_ratio", "others_cpu"]

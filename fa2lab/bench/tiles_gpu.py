@@ -20,6 +20,7 @@ import torch
 
 from fa2lab.bench.gpu import _bench, environment, peaks, save_results
 from fa2lab.cost import fa2_forward, tile_config
+from fa2lab.cost.flops import formula_flops
 from fa2lab.hardware import detect, get_profile
 from fa2lab.kernels.fwd import flash_fwd_triton
 
@@ -32,7 +33,7 @@ def sweep_shape(profile, n: int, d: int, causal: bool, matmul_tflops: float, tok
     b, h = max(1, tokens // n), 2048 // d
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     right = 0 if causal else -1
-    flops = 4 * b * h * n * n * d / (2 if causal else 1)
+    flops = formula_flops(b, h, n, n, d, causal=causal)  # 4*B*H*N*N*D, /2 causal
     rows = []
     for bm, bn, warps, stages in CONFIGS:
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from fa2lab.bench.gpu import _bench
+from fa2lab.cost.flops import formula_flops
 from fa2lab.kernels.bwd import flash_bwd_triton
 from fa2lab.kernels.decode import decode_triton, kernel_num_splits
 from fa2lab.kernels.fwd import flash_fwd_triton
@@ -29,7 +30,7 @@ def main() -> None:
     for n, d, causal in [(4096, 128, False), (4096, 128, True), (4096, 64, False)]:
         h, b = 2048 // d, 32768 // n
         q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
-        flops = 4 * b * h * n * n * d / (2 if causal else 1)
+        flops = formula_flops(b, h, n, n, d, causal=causal)  # 4*B*H*N*N*D, /2 causal
         right = 0 if causal else -1
         res = []
         for bm, bn, w, st in FWD:

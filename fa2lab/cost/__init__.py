@@ -15,9 +15,9 @@ from fa2lab.cost.memory import QWEN3_VL_8B, ModelConfig, kv_cache_bytes, peak_ex
 from fa2lab.cost.predict import decode, fa2_forward
 from fa2lab.cost.roofline import Roofline, cpu_tiled_forward, roofline
 from fa2lab.cost.tiles import TileConfig, decode_splits, tile_config
-from fa2lab.tiled.schedule import Schedule, tile_schedule, visible_pairs
 from fa2lab.cost.traffic import (Traffic, fa1_bytes, fa2_backward_bytes, fa2_forward_bytes, naive_bytes,
                                  split_k_decode_bytes, theorem2_bytes)
+from fa2lab.tiled.schedule import Schedule, tile_schedule, visible_pairs
 
 __all__ = ["Schedule", "tile_schedule", "visible_pairs", "formula_flops", "exact_flops", "executed_flops",
            "varlen_flops", "Traffic", "naive_bytes", "fa1_bytes", "fa2_forward_bytes", "fa2_backward_bytes",

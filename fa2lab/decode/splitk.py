@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from fa2lab.decode.merge import merge_states_stack
+from fa2lab.tiled.layout import pack_rows, unpack_lse, unpack_rows
 from fa2lab.tiled.softmax import online_softmax_step
 
 NEG_INF = float("-inf")
@@ -137,7 +138,7 @@ def splitk_decode(q, reader, seqlens, *, scale, left, right, num_splits, block_k
     hkv, group = reader.heads_kv, hq // reader.heads_kv
     acc_t = torch.float64 if q.dtype == torch.float64 else torch.float32
     # GQA packing: the G query heads of a K/V head are rows of one tile, so K/V are read once.
-    q_p = (q.to(acc_t) * scale).view(b, hkv, group, nq, d).transpose(2, 3).reshape(b, hkv, nq * group, d)
+    q_p = pack_rows(q.to(acc_t) * scale, hkv).view(b, hkv, nq * group, d)  # (B, Hkv, Nq*G, D)
     seqlens = seqlens.to(device=q.device, dtype=torch.long)
     max_len = int(seqlens.max()) if b else 0
     plan = plan_splits(max_len, num_splits, block_k)
@@ -170,12 +171,13 @@ def splitk_decode(q, reader, seqlens, *, scale, left, right, num_splits, block_k
         if not exact and fallback:
             out, lse, _, partials = run(None)
 
-    out = out.view(b, hkv, nq, group, -1).transpose(2, 3).reshape(b, hq, nq, -1)  # (B, Hq, Nq, Dv)
-    lse = lse.view(b, hkv, nq, group).transpose(2, 3).reshape(b, hq, nq)  # (B, Hq, Nq)
+    dv = out.shape[-1]
+    out = unpack_rows(out.reshape(b * hkv, nq * group, dv), b, hq, hkv)  # (B, Hq, Nq, Dv)
+    lse = unpack_lse(lse.reshape(b * hkv, nq * group), b, hq, hkv)  # (B, Hq, Nq)
     if not return_partials:
         return out.to(q.dtype), lse, stats
     outs, lses = partials
-    n_s = outs.shape[0]
-    outs = outs.view(n_s, b, hkv, nq, group, -1).transpose(3, 4).reshape(n_s, b, hq, nq, -1)  # (S, B, Hq, Nq, Dv)
-    lses = lses.view(n_s, b, hkv, nq, group).transpose(3, 4).reshape(n_s, b, hq, nq)  # (S, B, Hq, Nq)
+    n_s = outs.shape[0]  # the splits fold into the batch for unpacking
+    outs = unpack_rows(outs.reshape(n_s * b * hkv, nq * group, dv), n_s * b, hq, hkv).view(n_s, b, hq, nq, dv)
+    lses = unpack_lse(lses.reshape(n_s * b * hkv, nq * group), n_s * b, hq, hkv).view(n_s, b, hq, nq)
     return out.to(q.dtype), lse, stats, (outs, lses)

@@ -31,8 +31,8 @@ import time
 
 import torch
 
-from fa2lab.measure.timing import median_seconds
 from fa2lab.hardware.profile import HardwareProfile
+from fa2lab.measure.timing import median_seconds
 
 log = logging.getLogger("fa2lab")
 QUIET_LIMIT = 0.1  # share of the CPUs other processes may use during a measurement
