@@ -7,6 +7,7 @@ import math
 import os
 
 import pytest
+import torch
 
 from fa2lab.cost.tiles import REG_BASE, decode_splits, tile_config
 from fa2lab.hardware import HardwareProfile, detect, dtype_bytes, get_profile, list_profiles, load_profile
@@ -115,12 +116,33 @@ def test_tile_config_rejects_bad_input():
 
 def test_decode_splits_hand_computed():
     h100 = get_profile("h100")
-    # 8 work items on 132 SMs, 256 key blocks: 15 splits is the first with >= 85% of the best wave
-    # efficiency (8*15/132 = 0.91; 14 gives 0.85 - 0.002).
-    assert decode_splits(h100, 1, 8, 32768) == 15
-    assert decode_splits(h100, 64, 8, 4096) == 1  # 512 work items fill the SMs
-    assert decode_splits(h100, 1, 8, 256) == 2  # only 2 key blocks of 128
-    assert decode_splits(get_profile("cpu-generic"), 1, 8, 100_000) == 1  # 8 heads >= 4 cores
+    # The Triton kernel on a GPU: 4 programs per SM in flight, >= 2 tiles of 64 keys per split.
+    assert decode_splits(h100, 1, 8, 32768) == 66  # ceil(4 * 132 / 8)
+    assert decode_splits(h100, 64, 8, 4096) == 2  # ceil(528 / 512)
+    assert decode_splits(h100, 1, 8, 256) == 2  # only 256 // 128 = 2 splits of 2 tiles
+    # The PyTorch split-K on a CPU: FA2's rule, 8 work items already fill 4 cores.
+    assert decode_splits(get_profile("cpu-generic"), 1, 8, 100_000) == 1
+    assert decode_splits(h100, 1, 8, 32768, backend="tiled") == 15  # FA2's rule over 64 tiles of 512
+
+
+@pytest.mark.parametrize("backend", ["tiled", "triton"])
+def test_the_cost_model_predicts_the_split_count_decode_runs(monkeypatch, backend):
+    import fa2lab.decode.api as decode_api
+    import fa2lab.kernels.decode as kernel_decode
+    from fa2lab.decode import decode_attention
+
+    profile = get_profile("h100")
+    seen = []
+    monkeypatch.setattr(decode_api, "default_num_units", lambda device: profile.units)
+    for module, name in ((decode_api, "splitk_decode"), (kernel_decode, "decode_triton")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, **kw: seen.append(kw["num_splits"]) or real(*a, **kw))
+    q, kc = torch.randn(1, 8, 1, 16), torch.randn(1, 2, 3000, 16)
+    decode_attention(q, kc, kc, backend=backend)
+    assert seen == [decode_splits(profile, 1, 2, 3000, backend=backend)]
+    from fa2lab.decode.splits import KERNEL_BLOCK_N
+
+    assert kernel_decode.DECODE_BLOCK_N == KERNEL_BLOCK_N
 
 
 def test_flops_fallbacks():

@@ -23,8 +23,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fa2lab.cost.flops import formula_flops
 from fa2lab.kernels.attention import triton_attention
+from fa2lab.decode.splits import kernel_num_splits
 from fa2lab.kernels.decode import decode_triton
-from fa2lab.kernels.decode import kernel_num_splits
 from fa2lab.measure.exactness import max_err, within_torch_error
 from fa2lab.reference import attention_ref
 

@@ -13,8 +13,9 @@ import torch
 
 from fa2lab.bench.gpu import _bench
 from fa2lab.cost.flops import formula_flops
+from fa2lab.decode.splits import kernel_num_splits
 from fa2lab.kernels.bwd import flash_bwd_triton
-from fa2lab.kernels.decode import decode_triton, kernel_num_splits
+from fa2lab.kernels.decode import decode_triton
 from fa2lab.kernels.fwd import flash_fwd_triton
 
 FWD = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 4)]

@@ -28,7 +28,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from fa2lab.backends import AUTO_ORDER
 from fa2lab.cost.roofline import cpu_seconds_per_score, cpu_tiled_forward
+from fa2lab.decode.splits import num_splits
 from fa2lab.hardware.profile import HardwareProfile, dtype_bytes, dtype_name
 
 REG_BASE = 32  # registers per thread besides O_i and S: addresses, m_i, l_i, loop state (estimate)
@@ -195,31 +197,18 @@ def _cpu_tiles(p: HardwareProfile, d: int, dtype, causal: bool, batch_heads, seq
 
 
 def decode_splits(profile: HardwareProfile, batch: int, heads: int, cache_len: int, *,
-                  block_n: int = 128, max_splits: int = 128) -> int:
-    """Split-K count for decoding one token against `cache_len` cached keys (Flash-Decoding).
+                  backend: str | None = None) -> int:
+    """The split-K count decode runs for one token against `cache_len` cached keys (Flash-Decoding):
+    fa2lab.decode.splits.num_splits, for the backend decode would choose on this profile's device
+    (the Triton kernel on a GPU, the PyTorch split-K on a CPU) unless `backend` is given.
 
     `heads` counts the work items of one sequence: KV heads when the query heads of a GQA group are
-    packed into one tile (as fa2lab does), query heads otherwise. Heuristic of flash-attention's
-    num_splits_heuristic (csrc/flash_attn/flash_api.cpp): if batch*heads nearly fills the units,
-    one split; else the fewest splits reaching 85% of the best wave efficiency, each split at
-    least one key block of `block_n`.
+    packed into one tile (as fa2lab does), query heads otherwise.
     """
-    _check_positive(batch=batch, heads=heads, cache_len=cache_len, block_n=block_n, max_splits=max_splits)
-    work = batch * heads
-    if work >= 0.8 * profile.units:
-        return 1
-    n_blocks = math.ceil(cache_len / block_n)
-    limit = min(max_splits, profile.units, n_blocks)
-    eff = []
-    for s in range(1, limit + 1):
-        waves = work * s / profile.units
-        eff.append(waves / math.ceil(waves))
-    best = max(eff)
-    for s in range(1, limit + 1):
-        eligible = s == 1 or math.ceil(n_blocks / s) != math.ceil(n_blocks / (s - 1))
-        if eligible and eff[s - 1] >= 0.85 * best:
-            return s
-    return 1
+    _check_positive(batch=batch, heads=heads, cache_len=cache_len)
+    if backend is None:
+        backend = AUTO_ORDER["decode"]["cuda" if profile.is_gpu else "cpu"][0]
+    return num_splits(backend, batch * heads, cache_len, profile.units)
 
 
 def _check_positive(**values) -> None:

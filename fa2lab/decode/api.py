@@ -9,7 +9,8 @@ import torch
 from fa2lab import _checks, masks
 from fa2lab.backends import BACKENDS, Case, choose
 from fa2lab.decode.readers import DenseReader, PagedReader
-from fa2lab.decode.splitk import DECODE_BLOCK_K, auto_num_splits, default_num_units, splitk_decode
+from fa2lab.decode import splits
+from fa2lab.decode.splitk import DECODE_BLOCK_K, default_num_units, splitk_decode
 from fa2lab.reference import attention_ref
 
 log = logging.getLogger("fa2lab")
@@ -131,11 +132,11 @@ def _decode(q, reader, seqlens, max_len, *, num_splits, softmax_scale, causal, w
     if backend == "reference":
         out, lse = _reference(q, reader, seqlens, causal, window_size, scale)
     elif backend == "triton":
-        from fa2lab.kernels.decode import decode_triton, kernel_num_splits
+        from fa2lab.kernels.decode import decode_triton
 
         max_len = (int(seqlens.max()) if batch else 0) if max_len is None else max_len
         if num_splits is None:
-            num_splits = kernel_num_splits(batch * reader.heads_kv, max_len, default_num_units(q.device))
+            num_splits = splits.num_splits("triton", batch * reader.heads_kv, max_len, default_num_units(q.device))
         paged = isinstance(reader, PagedReader)
         out, lse = decode_triton(q, reader.k, reader.v, seqlens, scale=scale, left=left, right=right,
                                  num_splits=num_splits, block_table=reader.block_table if paged else None,
@@ -143,7 +144,7 @@ def _decode(q, reader, seqlens, max_len, *, num_splits, softmax_scale, causal, w
     else:
         if num_splits is None:
             max_len = (int(seqlens.max()) if batch else 0) if max_len is None else max_len
-            num_splits = auto_num_splits(batch * reader.heads_kv, max_len, default_num_units(q.device))
+            num_splits = splits.num_splits("tiled", batch * reader.heads_kv, max_len, default_num_units(q.device))
         out, lse, stats = splitk_decode(q, reader, seqlens, scale=scale, left=left, right=right,
                                         num_splits=num_splits, block_k=DECODE_BLOCK_K, unified_max=unified_max)
         if stats is not None and not stats.exact:

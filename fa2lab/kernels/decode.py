@@ -100,15 +100,7 @@ def _decode_merge_kernel(OP, LP, O, LSE, S, ROWS, sop_s, slp_s,
     tl.store(LSE + row, final)
 
 
-DECODE_BLOCK_N = 64  # keys per tile
-
-
-def kernel_num_splits(work_items: int, cache_len: int, num_sms: int, block_n: int = DECODE_BLOCK_N,
-                      programs_per_sm: int = 4) -> int:
-    """Decode is memory-bound: a GPU reaches its bandwidth only with several programs per SM in
-    flight, so split until B*Hkv*splits covers `programs_per_sm` per SM, keeping >= 2 tiles a split."""
-    want = -(-programs_per_sm * num_sms // max(1, work_items))
-    return max(1, min(want, cache_len // (2 * block_n)))
+DECODE_BLOCK_N = 64  # keys per tile; its split count: fa2lab.decode.splits.kernel_num_splits
 
 
 def decode_triton(q, k_cache, v_cache, seqlens, *, scale, left, right, num_splits, block_table=None,

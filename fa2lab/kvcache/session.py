@@ -102,7 +102,8 @@ class DecodeSession:
 
     def _graph_step(self) -> None:
         """One decode step on device tensors only (no sync): capturable."""
-        from fa2lab.kernels.decode import decode_triton, kernel_num_splits
+        from fa2lab.decode.splits import kernel_num_splits
+        from fa2lab.kernels.decode import decode_triton
 
         cache, s = self.cache, self.shape
         rows = torch.arange(s["batch"], device=self.device)

@@ -1,0 +1,32 @@
+"""How many splits a decode runs: one function, `num_splits(backend, ...)`, for every decode path
+(fa2lab.decode_attention, the KV-cache session) and for the cost model (fa2lab.cost.decode_splits),
+so that a prediction uses the split count that decode actually runs. Each implementation keeps the
+rule that suits its tiles: the PyTorch split-K FlashAttention-2's wave-efficiency rule over tiles
+of 512 keys (`auto_num_splits`), the Triton kernel enough programs per SM over tiles of 64 keys.
+Tests: tests/test_decode.py, tests/test_hardware.py.
+"""
+
+from __future__ import annotations
+
+from fa2lab.decode.splitk import auto_num_splits
+
+KERNEL_BLOCK_N = 64  # keys per tile of the Triton decode kernel (fa2lab.kernels.decode.DECODE_BLOCK_N; a test checks)
+
+
+def kernel_num_splits(work_items: int, cache_len: int, num_sms: int, block_n: int = KERNEL_BLOCK_N,
+                      programs_per_sm: int = 4) -> int:
+    """Decode is memory-bound: a GPU reaches its bandwidth only with several programs per SM in
+    flight, so split until B*Hkv*splits covers `programs_per_sm` per SM, keeping >= 2 tiles a split."""
+    want = -(-programs_per_sm * num_sms // max(1, work_items))
+    return max(1, min(want, cache_len // (2 * block_n)))
+
+
+def num_splits(backend: str, work_items: int, cache_len: int, num_units: int) -> int:
+    """The split count `backend` ("triton" or the PyTorch "tiled") runs for B*Hkv = `work_items`
+    against `cache_len` keys on `num_units` SMs (GPU) or threads (CPU)."""
+    if backend == "triton":
+        return kernel_num_splits(work_items, cache_len, num_units)
+    return auto_num_splits(work_items, cache_len, num_units)
+
+
+__all__ = ["KERNEL_BLOCK_N", "auto_num_splits", "kernel_num_splits", "num_splits"]
