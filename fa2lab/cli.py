@@ -15,8 +15,8 @@ import yaml
 from fa2lab.bench import cpu
 from fa2lab.measure import memory
 from fa2lab.measure.exactness import within_torch_error
+from fa2lab.sweep.spec import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = REPO / "experiments"
 
 

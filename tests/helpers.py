@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fa2lab.measure.exactness import GRAD_FACTOR, FWD_FACTOR, exact_floor, max_err, within_torch_error
 from fa2lab.reference import attention_ref
 
-__all__ = ["assert_within_torch_error", "finite_lse", "loss_and_grads", "make_qkv", "max_err"]
+__all__ = ["LargestTensor", "assert_within_torch_error", "finite_lse", "loss_and_grads", "make_qkv", "max_err",
+           "to_paged"]
 
 
 def make_qkv(b, hq, hkv, nq, nk, d, dv=None, dtype=torch.float64, seed=0, requires_grad=False):
@@ -49,3 +51,37 @@ def assert_within_torch_error(fn, q64, k64, v64, dtype, fwd_factor=FWD_FACTOR, g
     for name, a, t, r in zip("qkv", ours_g, torch_g, truth_g):
         e_ours, e_torch = max_err(a, r), max_err(t, r)
         assert within_torch_error(e_ours, e_torch, grad_factor, floor), f"d{name} error {e_ours:.3g} vs torch's {e_torch:.3g}"
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any aten op produces (`largest`, in elements)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def to_paged(k, v, seqlens, page_size, seed=0):
+    """Scatter a dense cache (B, Hkv, Nmax, D) into a shuffled page pool whose unused slots hold NaN;
+    returns pool K, V (num_pages, Hkv, page_size, D) and the int32 block table (B, pages per seq)."""
+    b, hkv, nmax, d = k.shape
+    pages_per_seq = -(-nmax // page_size)
+    num_pages = b * pages_per_seq + 3
+    perm = torch.randperm(num_pages, generator=torch.Generator().manual_seed(seed))
+    table = perm[: b * pages_per_seq].view(b, pages_per_seq).to(torch.int32).to(k.device)
+    kp = torch.full((num_pages, hkv, page_size, d), float("nan"), dtype=k.dtype, device=k.device)
+    vp = torch.full((num_pages, hkv, page_size, v.shape[-1]), float("nan"), dtype=v.dtype, device=v.device)
+    for bi in range(b):
+        n = int(seqlens[bi])
+        for pos in range(0, n, page_size):
+            phys, m = int(table[bi, pos // page_size]), min(page_size, n - pos)
+            kp[phys, :, :m] = k[bi, :, pos:pos + m]
+            vp[phys, :, :m] = v[bi, :, pos:pos + m]
+    return kp, vp, table

@@ -118,7 +118,7 @@ def test_nan_and_inf_inputs_never_crash():
         assert attention(q, k, v, causal=True, backend=backend).shape == q.shape
 
 
-# --- varlen ---------------------------------------------------------------------------------
+# varlen
 
 def _cu(lens):
     return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)

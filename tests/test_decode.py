@@ -4,7 +4,7 @@ import logging
 
 import pytest
 import torch
-from helpers import finite_lse, max_err
+from helpers import finite_lse, max_err, to_paged
 
 from fa2lab import decode_attention, merge_states, merge_states_stack
 from fa2lab.decode import auto_num_splits, plan_splits
@@ -32,24 +32,6 @@ def _per_request_reference(q, k, v, seqlens, **kw):
     return torch.cat(outs), torch.cat(lses)
 
 
-def _to_paged(k, v, seqlens, page_size, seed=0):
-    """Scatter a dense cache into a shuffled page pool; returns pool K, V and the block table."""
-    b, hkv, nmax, d = k.shape
-    pages_per_seq = -(-nmax // page_size)
-    num_pages = b * pages_per_seq + 3
-    perm = torch.randperm(num_pages, generator=torch.Generator().manual_seed(seed))
-    table = perm[: b * pages_per_seq].view(b, pages_per_seq).to(torch.int32)
-    kp = torch.full((num_pages, hkv, page_size, d), float("nan"), dtype=k.dtype)  # unused slots poison
-    vp = kp.clone()
-    for bi in range(b):
-        n = int(seqlens[bi])
-        for pos in range(0, n, page_size):
-            phys, m = int(table[bi, pos // page_size]), min(page_size, n - pos)
-            kp[phys, :, :m] = k[bi, :, pos:pos + m]
-            vp[phys, :, :m] = v[bi, :, pos:pos + m]
-    return kp, vp, table
-
-
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 16, 1000, None])
 @pytest.mark.parametrize("nq", [1, 4])
 @pytest.mark.parametrize("window", [(-1, -1), (100, 0)])
@@ -68,7 +50,7 @@ def test_dense_decode_matches_each_request(num_splits, nq, window):
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_paged_decode_matches_each_request(page_size, num_splits):
     q, k, v, seqlens = _dense_case(hq=4, hkv=4, d=32, nq=2, lengths=[1, 54, 97, 300])
-    kp, vp, table = _to_paged(k, v, seqlens, page_size)
+    kp, vp, table = to_paged(k, v, seqlens, page_size)
     out = decode_attention(q, kp, vp, cache_seqlens=seqlens, block_table=table, num_splits=num_splits)
     out_r, _ = _per_request_reference(q, k, v, seqlens, causal=True)
     assert max_err(out, out_r) < 1e-12  # NaN-poisoned unused slots never leak in

@@ -8,8 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import max_err
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import LargestTensor, max_err
 
 from fa2lab.backends import Case, Choice
 from fa2lab.kvcache.static import StaticKVCache
@@ -104,26 +103,13 @@ def test_layer_low_precision_within_twice_torch_error(dtype, backend):
     assert e_ours <= 3 * e_torch + floor, f"grad {e_ours:.3g} vs torch {e_torch:.3g}"
 
 
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("backend", ["auto", "tiled"])
 def test_padding_goes_through_varlen_without_an_nq_by_nk_tensor(backend):
     n = 1025  # tiles are 256 x 256: 65536 elements, a sixteenth of N x N
     q = torch.randn(2, 1, n, 16, requires_grad=True)
     k, v = torch.randn(2, 1, n, 16), torch.randn(2, 1, n, 16)
     mask = _mask([n, 300], n, "left").bool()
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         padded_attention(q, k, v, mask, causal=True, backend=backend).sum().backward()
     assert mode.largest < n * n // 8, f"largest tensor has {mode.largest} elements"
 

@@ -23,7 +23,7 @@ from fa2lab import masks
 from fa2lab.distributed import plan_ring, ring_attention
 from fa2lab.reference import attention_ref
 
-# --- the plan: pure arithmetic, checked against the dense mask ---------------------------------
+# the plan: pure arithmetic, checked against the dense mask
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -119,7 +119,7 @@ def test_uninitialised_process_group_is_a_clear_error():
         ring_attention(q, q, q)
 
 
-# --- the ring on gloo ---------------------------------------------------------------------------
+# the ring on gloo
 
 
 def _full_inputs(world, b, hq, hkv, n, nk, d, dv, seed):

@@ -51,7 +51,7 @@ def nb(tmp_path):
     return write_notebook(tmp_path / "nb.ipynb")
 
 
-# --- notebook parameters and types ---------------------------------------------------------
+# notebook parameters and types
 
 def test_notebook_parameters_reads_types_defaults_and_comments(nb):
     params = notebook_parameters(nb)
@@ -84,7 +84,7 @@ def test_type_problem(annotation, value, ok):
     assert (type_problem(annotation, value) is None) == ok
 
 
-# --- specs ---------------------------------------------------------------------------------
+# specs
 
 def test_good_spec_expands_the_grid(tmp_path, nb):
     spec = load_spec(write_spec(tmp_path, "notebook: nb.ipynb\nparameters: {scale: 2}\n"
@@ -134,7 +134,7 @@ def test_the_repository_specs_are_valid():
         assert load_spec(path).points()
 
 
-# --- metrics and atomic writes -------------------------------------------------------------
+# metrics and atomic writes
 
 def test_record_metrics_converts_and_writes(tmp_path):
     import numpy as np
@@ -166,7 +166,7 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypa
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
 
 
-# --- the runner, with a fake executor (no kernels) -----------------------------------------
+# the runner, with a fake executor (no kernels)
 
 class FakeExecutor:
     """Runs a 'notebook' as a Python function of its parameters; counts the points it ran."""
@@ -235,7 +235,7 @@ def test_parallel_points_and_max_jobs(tmp_path, nb):
     assert counts["ok"] == 4 and "capped at the spec's max_jobs=2" in said[0]
 
 
-# --- real papermill runs, the report and the CLI -------------------------------------------
+# real papermill runs, the report and the CLI
 
 def test_real_sweep_report_and_cli(tmp_path, nb, capsys):
     spec_path = write_spec(tmp_path, "notebook: nb.ipynb\ndescription: a tiny sweep\ngrid: {x: [2, 3]}\n"

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from helpers import assert_within_torch_error, finite_lse, loss_and_grads, make_qkv, max_err
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import LargestTensor, assert_within_torch_error, finite_lse, loss_and_grads, make_qkv, max_err
 
 from fa2lab import TileTracer, tiled_attention
 from fa2lab.reference import attention_ref
@@ -61,30 +60,15 @@ def test_output_dtype_follows_q_and_lse_is_float32():
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any aten op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("causal", [False, True])
 def test_no_tensor_of_size_nq_by_nk_in_forward_or_backward(causal):
     # One head, so a single (Nq, Nk) score matrix would be the largest tensor by far.
     q, k, v = make_qkv(1, 1, 1, 1025, 1025, 32, dtype=torch.float32, requires_grad=True)
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         out = tiled_attention(q, k, v, causal=causal, block_q=128, block_k=128)
         out.sum().backward()
     assert mode.largest < 1025 * 1025 // 8, f"largest tensor has {mode.largest} elements"
-    with _LargestTensor() as naive:
+    with LargestTensor() as naive:
         attention_ref(q.detach(), k.detach(), v.detach(), causal=causal)
     assert naive.largest >= 1025 * 1025  # the probe itself sees the naive matrix
 

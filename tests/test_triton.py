@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 import torch
-from helpers import assert_within_torch_error, finite_lse, loss_and_grads, make_qkv, max_err
+from helpers import assert_within_torch_error, finite_lse, loss_and_grads, make_qkv, max_err, to_paged
 
 import fa2lab
 from fa2lab.reference import attention_ref
@@ -83,14 +83,7 @@ def test_decode_kernel_dense_and_paged(page_size, nq, num_splits):
     if page_size is None:
         out = fa2lab.decode_attention(q, k, v, cache_seqlens=seqlens, num_splits=num_splits, backend="triton")
     else:
-        per_seq = nmax // page_size + 1
-        pages = torch.randperm(b * per_seq, generator=g).view(b, per_seq).to(torch.int32).to(DEVICE)
-        kp = torch.full((b * per_seq, hkv, page_size, d), float("nan"), dtype=torch.float16, device=DEVICE)
-        vp = kp.clone()
-        for bi, n in enumerate(lengths):
-            for pos in range(n):
-                kp[pages[bi, pos // page_size], :, pos % page_size] = k[bi, :, pos]
-                vp[pages[bi, pos // page_size], :, pos % page_size] = v[bi, :, pos]
+        kp, vp, pages = to_paged(k, v, seqlens, page_size, seed=1)
         out = fa2lab.decode_attention(q, kp, vp, cache_seqlens=seqlens, block_table=pages, num_splits=num_splits,
                                       backend="triton")
     # fp16 rule: no worse than twice naive fp16 PyTorch (which upcasts inside, like the kernel)

@@ -39,7 +39,7 @@ def test_splitk_and_unified_max_figures():
     assert colors[1] == "#4c78a8" and colors[0] == colors[2] == "#e45756"
 
 
-# --- style and widgets ---------------------------------------------------------------------
+# style and widgets
 
 def test_figures_are_small_and_float32():
     import numpy as np
@@ -86,7 +86,7 @@ def test_explorer_rebuilds_on_change_and_survives_errors(monkeypatch):
         viz.explore(builder)
 
 
-# --- 01 online softmax ---------------------------------------------------------------------
+# 01 online softmax
 
 def test_online_softmax_trace_is_exact_and_rescales_where_the_max_grows():
     s = torch.tensor([0.0, 1.0, 5.0, 2.0, 9.0, 1.0], dtype=torch.float64)
@@ -112,7 +112,7 @@ def test_naive_softmax_overflows_and_the_safe_one_does_not():
     assert list(fig.data[0].marker.symbol) == ["circle", "x"]
 
 
-# --- 02 tiling -----------------------------------------------------------------------------
+# 02 tiling
 
 @pytest.mark.parametrize("case", viz.CASES)
 def test_traced_cases_match_the_cost_model(case):
@@ -142,7 +142,7 @@ def test_tile_cases_figure_and_unknown_case():
         viz.trace_schedule("diagonal")
 
 
-# --- 03 scaling ----------------------------------------------------------------------------
+# 03 scaling
 
 def test_measure_scaling_rows_exponents_and_figure():
     rows = viz.scaling.measure_scaling([64, 128], ("tiled", "naive"), heads=1, head_dim=16, block=32, budget_s=0.0)
@@ -162,7 +162,7 @@ def test_measure_scaling_rows_exponents_and_figure():
         viz.scaling.measure_scaling([64], ("flash",))
 
 
-# --- 04 decoding ---------------------------------------------------------------------------
+# 04 decoding
 
 def test_decode_latency_figure_from_rows():
     rows = [dict(impl=f"fa2lab splits={s}", num_splits=s, L=L, us=L / s + 10 * s) for L in (1024, 4096) for s in (1, 4)]
@@ -174,7 +174,7 @@ def test_decode_latency_figure_from_rows():
     assert "split-K, L=4096" in names and "sdpa, L=1024" in names
 
 
-# --- 05 KV caches --------------------------------------------------------------------------
+# 05 KV caches
 
 def test_simulated_page_pool_is_consistent():
     tr = viz.kvcache.simulate_paged(num_pages=8, page_size=2, steps=30, max_active=3, seed=1)
@@ -207,7 +207,7 @@ def test_tradeoff_figure():
     assert [t.name for t in fig.data] == ["static", "int8", "lowrank"] and fig.data[0].y[0] == 1e-9
 
 
-# --- 06 hardware and 07 GPU results --------------------------------------------------------
+# 06 hardware and 07 GPU results
 
 GPU_RESULTS = dict(
     environment=dict(device="NVIDIA H100 80GB HBM3", date="2026-01-01"), peaks=dict(matmul_tflops=700.0, copy_tbps=3.0),
@@ -264,7 +264,7 @@ def test_hardware_figures():
     assert viz.hardware.available() is None
 
 
-# --- sweep results -------------------------------------------------------------------------
+# sweep results
 
 def test_sweep_figure():
     import pandas as pd

@@ -29,7 +29,6 @@ class PagedKVCache:
         self.pages: dict = {}  # seq_id -> [physical page, ...]
         self.lengths: dict = {}  # seq_id -> tokens held
 
-    # --- sequences ---------------------------------------------------------------------------
     def add_sequence(self, seq_id) -> None:
         if seq_id in self.pages:
             raise ValueError(f"sequence {seq_id!r} already exists; free it first or pick another id")
@@ -73,7 +72,6 @@ class PagedKVCache:
         self.free_pages.extend(reversed(self.pages.pop(seq_id)))
         del self.lengths[seq_id]
 
-    # --- decode ------------------------------------------------------------------------------
     def block_table(self, seq_ids) -> tuple[torch.Tensor, torch.Tensor]:
         """(block_table int32 (B, max_pages), cache_seqlens int32 (B,)) for these sequences, in
         order; unused entries are 0 (never read: they lie past the sequence's length)."""
@@ -94,7 +92,6 @@ class PagedKVCache:
         table, seqlens = self.block_table(seq_ids)
         return decode_attention(q, self.k_pages, self.v_pages, cache_seqlens=seqlens, block_table=table, **kwargs)
 
-    # --- accounting --------------------------------------------------------------------------
     def memory_bytes(self) -> int:
         return self.k_pages.numel() * self.k_pages.element_size() + self.v_pages.numel() * self.v_pages.element_size()
 

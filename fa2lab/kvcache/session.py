@@ -1,4 +1,5 @@
-"""DecodeSession: the GPU-resident decode life cycle of the CONTEXT's CUDA design, on any device.
+"""DecodeSession: the GPU-resident decode life cycle of the CUDA decode design fa2lab grew
+from, on any device.
 
     init() -> load_qkv(q, k, v) -> decode() -> get_output() -> load_qkv ... -> reset() -> close()
 

@@ -1,6 +1,6 @@
 """StaticKVCache: preallocated (B, Hkv, max_len, D) buffers per layer, appended in place.
 
-The CONTEXT's persistent buffers: allocated once on their device (GPU-resident on CUDA) and
+The persistent buffers of the CUDA decode design fa2lab grew from: allocated once on their device (GPU-resident on CUDA) and
 written in place, so a decode step allocates no cache memory and its addresses never change.
 """
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[2]  # the checkout (experiments/, notebooks/, results/); fa2lab.cli too
 METRICS_PARAM = "metrics_path"  # set by the runner for every point; notebooks pass it to record_metrics
 SPEC_KEYS = {"notebook", "description", "parameters", "grid", "repeats", "max_jobs", "timeout_s", "report", "name"}
 REPORT_KEYS = {"x", "y", "color", "log_x", "log_y", "fit", "title"}
