@@ -81,7 +81,7 @@ def make_attention_forward(backend: str = "auto"):
                         f"softcap {softcap}" if softcap else None)
         if naive_reason:
             out, probs = naive_attention(query, key, value, key_mask=mask2d, dense_mask=mask4d,
-                                         causal=causal and mask4d is None, window_size=window, scale=scaling,
+                                         causal=causal and mask4d is None, window_size=window, softmax_scale=scaling,
                                          dropout=dropout if module.training else 0.0, softcap=softcap,
                                          reason=naive_reason)
             return out.transpose(1, 2).contiguous(), probs
@@ -93,10 +93,10 @@ def make_attention_forward(backend: str = "auto"):
             b = query.shape[0]
             flat = lambda x: x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[-1])  # noqa: E731  (B*N, H, D)
             out = packed_attention(flat(query), flat(key), flat(value), cu_q, cu_k, causal=causal,
-                                   window_size=window, scale=scaling, backend=backend)  # (total_q, Hq, Dv)
+                                   window_size=window, softmax_scale=scaling, backend=backend)  # (total_q, Hq, Dv)
             return out.reshape(b, nq, *out.shape[1:]), None
 
-        out = padded_attention(query, key, value, mask2d, causal=causal, window_size=window, scale=scaling,
+        out = padded_attention(query, key, value, mask2d, causal=causal, window_size=window, softmax_scale=scaling,
                                backend=backend)  # (B, Hq, Nq, Dv)
         return out.transpose(1, 2).contiguous(), None
 

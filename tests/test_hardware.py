@@ -56,14 +56,14 @@ def test_tiles_fit_on_chip(name, d, dtype, causal):
     assert cfg.derivation and "Bc = ceil(M / 4d)" in cfg.derivation[0]
     if p.is_gpu:
         elem = dtype_bytes(dtype)
-        smem = elem * (cfg.block_m * d + cfg.num_stages * 2 * cfg.block_n * d)  # Q_i + stages x (K_j, V_j)
+        smem = elem * (cfg.block_q * d + cfg.num_stages * 2 * cfg.block_k * d)  # Q_i + stages x (K_j, V_j)
         assert smem == cfg.onchip_bytes <= p.smem_per_block
-        regs = math.ceil(cfg.block_m * (d + cfg.block_n) / (32 * cfg.num_warps)) + REG_BASE
+        regs = math.ceil(cfg.block_q * (d + cfg.block_k) / (32 * cfg.num_warps)) + REG_BASE
         assert regs == cfg.regs_per_thread <= p.max_regs_per_thread
         assert cfg.blocks_per_unit >= 1
         assert regs * 32 * cfg.num_warps <= p.registers_per_unit
     else:
-        t, per_core = cfg.block_m, math.ceil(cfg.heads_per_step / p.units)
+        t, per_core = cfg.block_q, math.ceil(cfg.heads_per_step / p.units)
         assert cfg.onchip_bytes == per_core * 4 * (t * t + 4 * t * d)  # S + Q_i, K_j, V_j, acc in fp32
         assert cfg.onchip_bytes <= max(p.smem_per_block, p.llc_bytes // p.units), cfg.describe()
         if cfg.onchip_bytes > p.smem_per_block:
@@ -81,30 +81,30 @@ def test_paper_starting_point_matches_the_design_notes():
 def test_gpu_tiles_known_cases():
     # FA2's own A100 kernel for d=64 is 128 x 128 with 4 warps; the notes' GTX 10-series tile is 128.
     a100 = tile_config(get_profile("a100"), 64, "float16")
-    assert (a100.block_m, a100.block_n, a100.num_warps) == (128, 128, 4)
+    assert (a100.block_q, a100.block_k, a100.num_warps) == (128, 128, 4)
     pascal = tile_config(get_profile("gtx1080"), 64, "float16")
-    assert (pascal.block_m, pascal.block_n, pascal.num_stages) == (128, 128, 1)  # 48 KB exactly
+    assert (pascal.block_q, pascal.block_k, pascal.num_stages) == (128, 128, 1)  # 48 KB exactly
     assert pascal.onchip_bytes == 48 * 1024
     # Hopper: two warpgroups for 128 rows, and Bc <= d, as the H200 tile sweep measured
     # (BENCHMARKS.md, python -m fa2lab.bench.tiles_gpu).
     for name in ("h100", "h200"):
         for d, bc in ((64, 64), (128, 128)):
             cfg = tile_config(get_profile(name), d, "bfloat16")
-            assert (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages) == (128, bc, 8, 3)
+            assert (cfg.block_q, cfg.block_k, cfg.num_warps, cfg.num_stages) == (128, bc, 8, 3)
 
 
 def test_cpu_tiles_follow_cache_heads_and_length():
     p = get_profile("cpu-generic")
     one = tile_config(p, 64, "float32", batch_heads=p.units)
     many = tile_config(p, 64, "float32", batch_heads=16 * p.units)
-    assert many.block_m <= one.block_m  # more heads per core: smaller tiles stay in L2
+    assert many.block_q <= one.block_q  # more heads per core: smaller tiles stay in L2
     bigger_l2 = dataclasses.replace(p, smem_per_block=4 * p.smem_per_block, smem_per_unit=4 * p.smem_per_unit)
-    assert tile_config(bigger_l2, 64, "float32", batch_heads=16 * p.units).block_m >= many.block_m
+    assert tile_config(bigger_l2, 64, "float32", batch_heads=16 * p.units).block_q >= many.block_q
     short = tile_config(p, 64, "float32", causal=True, seq_len=100, batch_heads=p.units)
-    assert short.block_m <= 128  # never a tile beyond the sequence
+    assert short.block_q <= 128  # never a tile beyond the sequence
     # Without per-step and per-row costs nothing pays for big tiles, and causal waste favours small ones.
     free = dataclasses.replace(p, step_overhead_s=0.0, row_s=0.0)
-    assert tile_config(free, 64, "float32", causal=True, seq_len=4096).block_m == 16
+    assert tile_config(free, 64, "float32", causal=True, seq_len=4096).block_q == 16
 
 
 def test_tile_config_rejects_bad_input():
@@ -188,7 +188,7 @@ def test_load_profile_from_yaml(tmp_path):
                     "registers_per_unit: 128\nmax_regs_per_thread: 0\nmax_threads_per_unit: 1\nvector_width: 8\n"
                     "mem_bw: 10 * GB\npeak_flops_simd: {float32: 32 * G}\n")
     tiny = load_profile(full)
-    assert tiny.peak_flops_simd == {"float32": 32e9} and tile_config(tiny, 64, "float32").block_m >= 16
+    assert tiny.peak_flops_simd == {"float32": 32e9} and tile_config(tiny, 64, "float32").block_q >= 16
 
 
 def test_load_profile_errors(tmp_path):
@@ -214,3 +214,5 @@ def test_tile_choice_moved_to_cost_with_deprecated_aliases():
         assert hardware.tile_config(p, 64) == tile_config(p, 64)
     with pytest.warns(DeprecationWarning, match="HardwareProfile.decode_splits"):
         assert p.decode_splits(1, 8, 4096) == decode_splits(p, 1, 8, 4096)
+    with pytest.warns(DeprecationWarning, match="TileConfig.block_m is now block_q"):
+        assert tile_config(p, 64).block_m == tile_config(p, 64).block_q

@@ -269,7 +269,7 @@ def test_generation_steps_take_the_split_k_path_with_the_same_result(monkeypatch
     g = torch.Generator().manual_seed(nq)
     q = torch.randn(2, 4, nq, 32, generator=g, dtype=torch.float64)
     k, v = (torch.randn(2, 2, 97, 32, generator=g, dtype=torch.float64) for _ in range(2))
-    out = functional.padded_attention(q, k, v, causal=True, window_size=window, scale=0.2)
+    out = functional.padded_attention(q, k, v, causal=True, window_size=window, softmax_scale=0.2)
     ref = attention_ref(q, k, v, causal=True, window_size=window, softmax_scale=0.2)
     assert calls and (out - ref).abs().max().item() < 1e-12
 
@@ -282,3 +282,14 @@ def test_split_k_route_is_for_cuda_generation_without_gradients():
     assert choose("model", case("cuda")) == Choice("triton", choose("model", case("cuda")).reason, "decode")
     assert choose("model", case("cuda", requires_grad=True)).op == "model"
     assert choose("model", case("cuda", cache="packed")).op == "model"
+
+
+@pytest.mark.parametrize("fn", ["padded_attention", "naive_attention"])
+def test_scale_is_a_deprecated_name_of_softmax_scale(fn):
+    q, k, v = (torch.randn(1, 2, 5, 8, dtype=torch.float64) for _ in range(3))
+    new = getattr(functional, fn)(q, k, v, softmax_scale=0.3)
+    with pytest.warns(DeprecationWarning, match=f"{fn}: scale= is deprecated, use softmax_scale="):
+        old = getattr(functional, fn)(q, k, v, scale=0.3)
+    assert all(torch.equal(a, b) for a, b in zip(*(x if isinstance(x, tuple) else (x,) for x in (new, old))))
+    with pytest.raises(ValueError, match="got both scale= and softmax_scale="):
+        getattr(functional, fn)(q, k, v, scale=0.3, softmax_scale=0.3)

@@ -129,9 +129,9 @@ def _choice(cfg, profile, n, rows) -> dict:
                                    seq_len=n)
     best = min(rows, key=lambda r: r["measured_ms"])
     model_best = min(rows, key=lambda r: r["model_ms"])
-    chosen = next((r for r in rows if r["tile"] == cfg_tile.block_m), None)
+    chosen = next((r for r in rows if r["tile"] == cfg_tile.block_q), None)
     ratio = chosen["measured_ms"] / best["measured_ms"] if chosen else None
-    return dict(N=n, profile_tile=cfg_tile.block_m, best_tile=best["tile"], model_best_tile=model_best["tile"],
+    return dict(N=n, profile_tile=cfg_tile.block_q, best_tile=best["tile"], model_best_tile=model_best["tile"],
                 chosen_ms=chosen["measured_ms"] if chosen else None, best_ms=best["measured_ms"],
                 chosen_over_best=ratio, within_10pct=None if ratio is None else ratio <= 1.10,
                 derivation=list(cfg_tile.derivation))

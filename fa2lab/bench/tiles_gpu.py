@@ -60,7 +60,7 @@ def choice(profile, rows: list[dict]) -> dict:
     ok = [r for r in rows if r["measured_ms"] is not None]
     best = min(ok, key=lambda r: r["measured_ms"])
     model_best = min(rows, key=lambda r: r["predicted_ms"])
-    key = (tc.block_m, tc.block_n, tc.num_warps, tc.num_stages)
+    key = (tc.block_q, tc.block_k, tc.num_warps, tc.num_stages)
     chosen = next((r for r in ok if (r["block_m"], r["block_n"], r["num_warps"], r["num_stages"]) == key), None)
     ratio = chosen["measured_ms"] / best["measured_ms"] if chosen else None
     return dict(N=n, D=d, causal=causal, profile_config="x".join(map(str, key)),

@@ -21,7 +21,7 @@ def fa2_forward(profile: HardwareProfile, b: int, hq: int, nq: int, nk: int, d: 
     """
     if block_q is None or block_k is None:
         cfg = tile_config(profile, d, dtype, causal, batch_heads=b * hq, seq_len=nq)
-        block_q, block_k = cfg.block_m, cfg.block_n
+        block_q, block_k = cfg.block_q, cfg.block_k
     elem = dtype_bytes(dtype)
     sched = tile_schedule(nq, nk, block_q, block_k, causal, window_size)
     elems = b * hq * sched.computed_elements  # scores computed, masked ones of partial tiles included

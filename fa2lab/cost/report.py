@@ -25,7 +25,7 @@ def tile_lines(profile: HardwareProfile, dtype: str, head_dims=(64, 128)) -> lis
             cfg = tile_config(profile, d, dtype, causal)
             extra = (f", {cfg.num_warps} warps, {cfg.num_stages} stages, {cfg.blocks_per_unit} block(s)/SM"
                      if profile.is_gpu else f", {cfg.heads_per_step} heads per step")
-            lines.append(f"D={d:<4} {dtype} causal={causal!s:<5}: Br x Bc = {cfg.block_m} x {cfg.block_n}{extra}")
+            lines.append(f"D={d:<4} {dtype} causal={causal!s:<5}: Br x Bc = {cfg.block_q} x {cfg.block_k}{extra}")
             if not causal:
                 lines += [f"    {step}" for step in cfg.derivation]
     return lines
@@ -43,8 +43,8 @@ def roofline_rows(profile: HardwareProfile, dtype: str, d: int = 128) -> list[di
             tiled = "-"
             if not profile.is_gpu:  # what fa2lab's eager PyTorch forward would take, step by step
                 cfg = tile_config(profile, d, "float32", causal, batch_heads=b * PREFILL_HEADS, seq_len=n)
-                tiled = cpu_tiled_forward(profile, b, PREFILL_HEADS, n, n, d, block_q=cfg.block_m,
-                                          block_k=cfg.block_n, causal=causal).time * 1e6
+                tiled = cpu_tiled_forward(profile, b, PREFILL_HEADS, n, n, d, block_q=cfg.block_q,
+                                          block_k=cfg.block_k, causal=causal).time * 1e6
             rows.append(dict(case=f"prefill {'causal' if causal else 'full'}", N=n, B=b, gflop=useful / 1e9,
                              mbytes=r.bytes / 1e6, t_compute_us=r.t_compute * 1e6, t_memory_us=r.t_memory * 1e6,
                              t_exp_us=r.t_exp * 1e6, predicted_us=r.time * 1e6, bound=r.bound,

@@ -26,6 +26,7 @@ outgrows L2 (`spill_factor`), summed over the causal/window tile schedule.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 from fa2lab.backends import AUTO_ORDER
@@ -43,8 +44,8 @@ CPU_DEFAULT_N = 4096  # sequence length a CPU config is optimised for when none 
 class TileConfig:
     """Tiles for one (profile, head dim, dtype); `derivation` shows how they were chosen."""
 
-    block_m: int  # Br (BLOCK_M): query rows per tile
-    block_n: int  # Bc (BLOCK_N): key rows per tile
+    block_q: int  # Br (BLOCK_M in a kernel): query rows per tile
+    block_k: int  # Bc (BLOCK_N in a kernel): key rows per tile
     num_warps: int | None  # GPU: warps per block (32 threads each); None on a CPU
     num_stages: int | None  # GPU: K/V tiles in flight (software pipelining); None on a CPU
     onchip_bytes: int  # shared memory per block (GPU) or working set per core (CPU)
@@ -55,6 +56,18 @@ class TileConfig:
 
     def describe(self) -> str:
         return "\n".join(self.derivation)
+
+    @property
+    def block_m(self) -> int:
+        """Deprecated name of block_q (one tile naming in Python: block_q / block_k)."""
+        warnings.warn("TileConfig.block_m is now block_q", DeprecationWarning, stacklevel=2)
+        return self.block_q
+
+    @property
+    def block_n(self) -> int:
+        """Deprecated name of block_k."""
+        warnings.warn("TileConfig.block_n is now block_k", DeprecationWarning, stacklevel=2)
+        return self.block_k
 
 
 def tile_config(profile: HardwareProfile, head_dim: int, dtype="float16", causal: bool = False, *,

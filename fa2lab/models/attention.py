@@ -122,10 +122,10 @@ class FlashAttention2(nn.Module):
             reason = ("output_attentions=True" if output_attentions else
                       "a 4-D attention mask" if mask4d is not None else f"attention dropout {dropout}")
             out, probs = naive_attention(q, k, v, key_mask=key_mask, dense_mask=mask4d, causal=True,
-                                         window_size=self.window_size, scale=self.scaling, dropout=dropout,
+                                         window_size=self.window_size, softmax_scale=self.scaling, dropout=dropout,
                                          reason=reason)
             return out, probs if output_attentions else None
-        out = padded_attention(q, k, v, key_mask, causal=True, window_size=self.window_size, scale=self.scaling,
+        out = padded_attention(q, k, v, key_mask, causal=True, window_size=self.window_size, softmax_scale=self.scaling,
                                backend=self.backend)
         return out, None
 
@@ -143,12 +143,12 @@ class FlashAttention2(nn.Module):
             if was_empty and new_mask is not None:
                 q = _right_align_queries(q, new_mask)
             out, probs = naive_attention(q, k_all, v_all, key_mask=slot_mask, causal=True,
-                                         window_size=self.window_size, scale=self.scaling)
+                                         window_size=self.window_size, softmax_scale=self.scaling)
             if was_empty and new_mask is not None:
                 out, probs = _unalign_queries(out, new_mask), _unalign_queries(probs, new_mask)
             return out, probs
         if was_empty:  # prefill: varlen over the real tokens of this call
-            return padded_attention(q, k, v, new_mask, causal=True, window_size=self.window_size, scale=self.scaling,
+            return padded_attention(q, k, v, new_mask, causal=True, window_size=self.window_size, softmax_scale=self.scaling,
                                     backend=self.backend), None
         # decode: the new tokens are the last n of each sequence's ragged cache
         out = cache.layers[idx].attend(q, causal=True, window_size=self.window_size, softmax_scale=self.scaling,

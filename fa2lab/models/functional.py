@@ -18,6 +18,7 @@ import weakref
 import torch
 
 from fa2lab import masks
+from fa2lab._deprecated import UNSET, renamed
 from fa2lab.api import attention, varlen_attention
 from fa2lab.backends import Case
 from fa2lab.decode import decode_attention
@@ -41,10 +42,13 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def padded_attention(q, k, v, key_mask=None, *, causal=True, window_size=(-1, -1), scale=None, backend="auto"):
+def padded_attention(q, k, v, key_mask=None, *, causal=True, window_size=(-1, -1), softmax_scale=None, backend="auto",
+                     scale=UNSET):
     """q (B, Hq, Nq, D) are the last Nq of the Nk slots of k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv);
     key_mask (B, Nk) bool, True for real tokens, or None (all real). -> (B, Hq, Nq, Dv); rows of
-    padding queries are zeros. Causal and window masks count real tokens only."""
+    padding queries are zeros. Causal and window masks count real tokens only. (`scale=` is the
+    deprecated name of softmax_scale.)"""
+    scale = renamed("padded_attention", "scale", "softmax_scale", scale, softmax_scale)
     b, hq, nq, _ = q.shape
     nk = k.shape[2]
     if key_mask is not None:
@@ -68,16 +72,18 @@ def padded_attention(q, k, v, key_mask=None, *, causal=True, window_size=(-1, -1
     k_packed = k.transpose(1, 2)[key_mask]  # (total_k, Hkv, D)
     v_packed = v.transpose(1, 2)[key_mask]  # (total_k, Hkv, Dv)
     out = packed_attention(q_packed, k_packed, v_packed, _cumsum(lens_q), _cumsum(lens_k), causal=causal,
-                           window_size=window_size, scale=scale, backend=backend)  # (total_q, Hq, Dv)
+                           window_size=window_size, softmax_scale=scale, backend=backend)  # (total_q, Hq, Dv)
     full = out.new_zeros(b, nq, hq, v.shape[-1])
     full[query_mask] = out
     return full.transpose(1, 2)  # (B, Hq, Nq, Dv)
 
 
-def packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=True, window_size=(-1, -1), scale=None,
-                     backend="auto"):
+def packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=True, window_size=(-1, -1), softmax_scale=None,
+                     backend="auto", scale=UNSET):
     """`fa2lab.varlen_attention` with the model-layer backend choice: q (total_q, Hq, D),
-    k (total_k, Hkv, D), v (total_k, Hkv, Dv), cu_seqlens int32 (S + 1,) -> (total_q, Hq, Dv)."""
+    k (total_k, Hkv, D), v (total_k, Hkv, Dv), cu_seqlens int32 (S + 1,) -> (total_q, Hq, Dv).
+    (`scale=` is the deprecated name of softmax_scale.)"""
+    scale = renamed("packed_attention", "scale", "softmax_scale", scale, softmax_scale)
     cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
     lens = [(int(a), int(b)) for a, b in zip((cu_q[1:] - cu_q[:-1]).tolist(), (cu_k[1:] - cu_k[:-1]).tolist())]
     if max((n for n, _ in lens), default=0) <= 1:
@@ -123,15 +129,17 @@ def _cumsum(lens: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)  # (B + 1,)
 
 
-def naive_attention(q, k, v, *, key_mask=None, dense_mask=None, causal=True, window_size=(-1, -1), scale=None,
-                    dropout=0.0, softcap=None, reason="output_attentions=True"):
+def naive_attention(q, k, v, *, key_mask=None, dense_mask=None, causal=True, window_size=(-1, -1), softmax_scale=None,
+                    dropout=0.0, softcap=None, reason="output_attentions=True", scale=UNSET):
     """Materialised attention that also returns the probabilities: the one path that forms Nq x Nk.
 
     q (B, Hq, Nq, D) are the last Nq of Nk slots, k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv);
     key_mask (B, Nk) bool; dense_mask (B or 1, 1 or Hq, Nq, Nk), bool (True = attend) or additive
     float. -> out (B, Hq, Nq, Dv) in q's dtype, probs (B, Hq, Nq, Nk) in q's dtype (rows with no
     visible key are zeros). Logged at WARNING once per reason: FA2 never forms these.
+    (`scale=` is the deprecated name of softmax_scale.)
     """
+    scale = renamed("naive_attention", "scale", "softmax_scale", scale, softmax_scale)
     if reason not in _naive_logged:
         _naive_logged.add(reason)
         log.warning("fa2lab: %s -> naive attention path (materialises Nq x Nk probabilities; FA2 never forms "

@@ -52,5 +52,5 @@ class FlashAttention2Vision(nn.Module):
         if position_embeddings is not None:
             q, k = apply_rotary_vision(q, k, *position_embeddings)
         cu = cu_seqlens.to(device=hidden_states.device, dtype=torch.int32)
-        out = packed_attention(q, k, v, cu, cu, causal=False, scale=self.scaling, backend=self.backend)  # (total, H, D)
+        out = packed_attention(q, k, v, cu, cu, causal=False, softmax_scale=self.scaling, backend=self.backend)  # (total, H, D)
         return self.proj(out.reshape(total, -1))

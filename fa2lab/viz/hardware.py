@@ -36,7 +36,7 @@ def tile_table(names, head_dim: int = 128, dtype: str = "float16", causal: bool 
     for name in names:
         p = get_profile(name)
         cfg = tile_config(p, head_dim, dtype, causal)
-        rows.append(dict(profile=name, kind=p.kind, block_m=cfg.block_m, block_n=cfg.block_n,
+        rows.append(dict(profile=name, kind=p.kind, block_q=cfg.block_q, block_k=cfg.block_k,
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages, onchip_bytes=cfg.onchip_bytes,
                          limit_bytes=p.smem_per_block))
     return rows
@@ -49,9 +49,9 @@ def tile_configs_figure(names, head_dims=(64, 128), dtype: str = "float16", caus
                         subplot_titles=("derived tile (area Br x Bc)", "on-chip bytes used / budget"))
     for d in head_dims:
         rows = tile_table(names, d, dtype, causal)
-        labels = [f"{r['block_m']}x{r['block_n']}" + (f", {r['num_warps']}w{r['num_stages']}s"
+        labels = [f"{r['block_q']}x{r['block_k']}" + (f", {r['num_warps']}w{r['num_stages']}s"
                                                       if r["num_warps"] else "") for r in rows]
-        fig.add_bar(x=[r["profile"] for r in rows], y=[r["block_m"] * r["block_n"] for r in rows], text=labels,
+        fig.add_bar(x=[r["profile"] for r in rows], y=[r["block_q"] * r["block_k"] for r in rows], text=labels,
                     name=f"D={d}", row=1, col=1)
         fig.add_scatter(x=[r["profile"] for r in rows], y=[r["onchip_bytes"] / r["limit_bytes"] for r in rows],
                         mode="markers", marker=dict(size=10), name=f"D={d} usage", row=1, col=2)
