@@ -144,8 +144,10 @@ def test_tile_cases_figure_and_unknown_case():
 
 # 03 scaling
 
-def test_measure_scaling_rows_exponents_and_figure():
-    rows = viz.scaling.measure_scaling([64, 128], ("tiled", "naive"), heads=1, head_dim=16, block=32, budget_s=0.0)
+def test_scaling_rows_exponents_and_figure():
+    from fa2lab.bench.cpu import scaling_rows
+
+    rows = scaling_rows([64, 128], ("tiled", "naive"), heads=1, head_dim=16, block=32, budget_s=0.0)
     assert [(r["impl"], r["N"]) for r in rows] == [("tiled", 64), ("naive", 64), ("tiled", 128), ("naive", 128)]
     assert all(r["seconds"] > 0 for r in rows)
     rows = [dict(impl=i, mode="fwd", N=n, seconds=n ** 2 * 1e-9, peak_extra_mib=n ** (2 if i == "naive" else 1) / 1e3)
@@ -159,7 +161,9 @@ def test_measure_scaling_rows_exponents_and_figure():
     names = [t.name for t in fig.data]
     assert "tiled (slope 1.00)" in names and "naive (slope 2.00)" in names and "naive model" in names
     with pytest.raises(ValueError, match="unknown implementation"):
-        viz.scaling.measure_scaling([64], ("flash",))
+        scaling_rows([64], ("flash",))
+    with pytest.warns(DeprecationWarning, match="moved to fa2lab.bench.cpu.scaling_rows"):
+        assert len(viz.scaling.measure_scaling([64], ("tiled",), heads=1, head_dim=16, block=32, budget_s=0.0)) == 1
 
 
 # 04 decoding
@@ -312,3 +316,16 @@ def test_ring_figures_show_schedule_balance_and_a_converging_merge():
         mine = [r["max_error"] for r in errors if r["rank"] == rank]
         assert mine[-1] < 1e-5 < mine[0]  # exact only once every shard has been merged
     assert len(viz.ring.ring_merge_figure(errors).data) == 4
+
+
+def test_figure_modules_do_not_measure():
+    # viz draws the rows it is given: no timing, memory accounting or device code of its own.
+    import ast
+    from pathlib import Path
+
+    banned = {"fa2lab.measure", "fa2lab.measure.timing", "fa2lab.measure.memory", "time", "fa2lab.kernels"}
+    for path in sorted((Path(viz.__file__).parent).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not banned.intersection(names), f"{path.name} imports {banned.intersection(names)}"

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fa2lab.cost.flops import formula_flops
-from fa2lab.measure.memory import peak_extra_bytes
+from fa2lab.measure.memory import configure_for_timing, peak_extra_bytes
 from fa2lab.measure.timing import median_seconds
 from fa2lab.reference import attention_ref
 from fa2lab.tiled import tiled_attention
@@ -148,3 +148,39 @@ def targets(rows: list[dict]) -> list[dict]:
 
 def config_dict(cfg: CpuSweep) -> dict:
     return asdict(cfg)
+
+
+def scaling_rows(ns, impls=("tiled", "sdpa", "naive"), *, mode: str = "fwd", heads: int = 4, head_dim: int = 64,
+                    causal: bool = True, block: int = 256, budget_s: float = 0.2, naive_max_n: int = 4096,
+                    seed: int = 0, progress=None) -> list[dict]:
+    """Median time and peak extra memory of each (impl, N), fp32, B=1. Rows have the columns of
+    fa2lab.bench.cpu (impl, mode, N, seconds, peak_extra_mib, gflops), so fit_exponent reads
+    them. Sets glibc's timing thresholds (fa2lab.measure.memory.configure_for_timing) first: a
+    process-wide change, as every fa2lab CPU benchmark makes (notebook 03 draws these rows)."""
+    unknown = [i for i in impls if i not in IMPLS]
+    if unknown:
+        raise ValueError(f"unknown implementation(s) {unknown}; choose from {list(IMPLS)}")
+    if mode not in ("fwd", "fwd+bwd"):
+        raise ValueError(f"expected mode 'fwd' or 'fwd+bwd', got {mode!r}")
+    configure_for_timing()
+    calls = dict(IMPLS, tiled=lambda q, k, v, c: tiled_attention(q, k, v, causal=c, block_q=block,
+                                                                 block_k=block))
+    rows = []
+    for n in ns:
+        g = torch.Generator().manual_seed(seed)
+        shape = (1, heads, n, head_dim)  # (B, H, N, D)
+        q, k, v, do = (torch.randn(shape, generator=g) for _ in range(4))
+        for impl in impls:
+            if impl == "naive" and n > naive_max_n:
+                continue
+            fn = _make_call(calls[impl], q, k, v, do, causal, mode)
+            seconds = median_seconds(fn, min_repeats=2, budget_s=budget_s)
+            # Other threads' allocations only ever add to a peak: the smaller of two readings is the call's.
+            peaks = [p for p in (peak_extra_bytes(fn), peak_extra_bytes(fn)) if p is not None]
+            peak = min(peaks) if peaks else None
+            flops = attention_flops(mode, 1, heads, n, head_dim, causal)
+            rows.append(dict(impl=impl, mode=mode, N=n, seconds=seconds, gflops=flops / seconds / 1e9,
+                             peak_extra_mib=None if peak is None else peak / 2**20))
+            if progress:
+                progress(f"{impl:>6} {mode} N={n}: {seconds * 1e3:.1f} ms, +{rows[-1]['peak_extra_mib']} MiB")
+    return rows

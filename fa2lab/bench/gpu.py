@@ -89,7 +89,10 @@ def _check_rows(out, ref_out, q, k, v, causal, rows=128):
     return max(errs_ours), max(errs_ref)
 
 
-def forward_backward(cases, dtype=torch.bfloat16, with_bwd=True, pk=None, log=print):
+def forward_backward(cases, dtype=torch.bfloat16, with_bwd=True, pk=None, log=print, impls=None):
+    """One row per (case, implementation of `impls`, default FWD_IMPLS): forward, and backward with
+    `with_bwd`. cases: (N, D, causal) with B*N = 32k tokens and H*D = 2048."""
+    impls = FWD_IMPLS if impls is None else impls
     rows = []
     for n, d, causal in cases:
         h = 2048 // d  # hidden 2048 as in the FA2 paper
@@ -97,7 +100,7 @@ def forward_backward(cases, dtype=torch.bfloat16, with_bwd=True, pk=None, log=pr
         q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for _ in range(3))
         flops = formula_flops(b, h, n, n, d, causal=causal)  # 4*B*H*N*N*D: 2 matmuls of 2*N*N*D, /2 causal
         ref = _sdpa(SDPBackend.FLASH_ATTENTION)(q, k, v, causal)
-        for name, make in FWD_IMPLS.items():
+        for name, make in impls.items():
             try:
                 fn = make()
                 out = fn(q, k, v, causal)
@@ -190,6 +193,25 @@ def save_results(folder: Path, prefix: str, payload: dict) -> Path:
     return path
 
 
+def run(quick: bool = False, with_bwd: bool = True, only: str | None = None, log=print) -> dict:
+    """The benchmark on the CUDA device here, in the results files' format: environment, peaks and
+    rows. quick: two forward shapes and one decode shape, no FlexAttention (its torch.compile takes
+    minutes). Changes no module state."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device: fa2lab.bench.gpu.run needs a GPU (torch.cuda.is_available() is False)")
+    impls = {k: v for k, v in FWD_IMPLS.items() if not (quick and k == "flex (compiled)")}
+    env = environment()
+    pk = peaks()
+    log(f"peaks: bf16 matmul {pk['matmul_tflops']:.0f} TFLOP/s, copy {pk['copy_tbps']:.2f} TB/s")
+    rows = []
+    if only in (None, "fwd"):
+        cases = FWD_CASES[1:2] + FWD_CASES[5:6] if quick else FWD_CASES
+        rows += forward_backward(cases, with_bwd=with_bwd, pk=pk, log=log, impls=impls)
+    if only in (None, "decode"):
+        rows += decode(DECODE_CASES[:1] if quick else DECODE_CASES, log=log)
+    return dict(environment=env, peaks=pk, rows=rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fa2lab bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help="a few shapes, no FlexAttention")
@@ -197,21 +219,10 @@ def main(argv=None) -> int:
     p.add_argument("--only", choices=["fwd", "decode"], default=None)
     p.add_argument("--out", type=Path, default=Path("experiments/results"))
     args = p.parse_args(argv)
-    if args.quick:
-        FWD_IMPLS.pop("flex (compiled)")
-    env = environment()
-    print(env)
-    pk = peaks()
-    print(f"peaks: bf16 matmul {pk['matmul_tflops']:.0f} TFLOP/s, copy {pk['copy_tbps']:.2f} TB/s")
-    rows = []
-    if args.only in (None, "fwd"):
-        cases = FWD_CASES[1:2] + FWD_CASES[5:6] if args.quick else FWD_CASES
-        rows += forward_backward(cases, with_bwd=not args.no_bwd)
-    if args.only in (None, "decode"):
-        rows += decode(DECODE_CASES[:1] if args.quick else DECODE_CASES)
-    save_results(args.out, "gpu", dict(environment=env, peaks=pk, rows=rows))
+    results = run(quick=args.quick, with_bwd=not args.no_bwd, only=args.only)
+    print(results["environment"])
+    save_results(args.out, "gpu", results)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

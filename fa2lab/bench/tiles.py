@@ -34,6 +34,7 @@ from fa2lab.cost.traffic import fa2_forward_bytes
 from fa2lab.hardware.calibrate import quiet_median_seconds
 from fa2lab.hardware.profile import HardwareProfile
 from fa2lab.measure.memory import configure_for_timing, peak_extra_bytes
+from fa2lab.measure.timing import median_seconds
 from fa2lab.tiled import tiled_attention
 from fa2lab.tiled.schedule import tile_schedule
 
@@ -213,3 +214,25 @@ def cli_bench_tiles(args) -> int:
     write_results(result, cfg, profile, args.out)
     print(f"\nwritten to {args.out}/tiles.csv and tiles.json; total {time.perf_counter() - t0:.0f} s")
     return 0 if all(c["within_10pct"] for c in result["choices"]) else 1
+
+
+def cpu_tile_rows(ns=(512, 1024), tiles=(64, 128, 256), *, heads: int = 4, head_dim: int = 64,
+                      causal: bool = True, profile=None, budget_s: float = 0.1) -> list[dict]:
+    """fa2lab's tiled forward on this CPU at each (N, tile), next to the cost model's prediction
+    (fa2lab.cost.roofline.cpu_tiled_forward with `profile`, default fa2lab.hardware.detect()):
+    rows for fa2lab.viz.hardware.predicted_vs_measured_figure (notebook 06)."""
+    from fa2lab.hardware import detect
+
+    profile = profile or detect()
+    rows = []
+    for n in ns:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, heads, n, head_dim, generator=g) for _ in range(3))  # (B, H, N, D)
+        for t in tiles:
+            with torch.no_grad():
+                seconds = median_seconds(lambda: tiled_attention(q, k, v, causal=causal, block_q=t, block_k=t),
+                                         min_repeats=2, budget_s=budget_s)
+            model = cpu_tiled_forward(profile, 1, heads, n, n, head_dim, block_q=t, block_k=t, causal=causal)
+            rows.append(dict(label=f"N={n} tile={t}", group=f"tile {t}", measured_s=seconds,
+                             predicted_s=model.time))
+    return rows

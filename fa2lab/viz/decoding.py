@@ -80,10 +80,12 @@ def unified_max_figure(q, k, v, phis) -> go.Figure:
 
 def decode_latency(lengths, splits=(1, 2, 4, 8), *, heads_q: int = 8, heads_kv: int = 2, head_dim: int = 64,
                    budget_s: float = 0.1) -> list[dict]:
-    """One query token against caches of each length: fa2lab's split-K at each fixed split count
-    and at its automatic choice, and torch SDPA, timed in one run (fa2lab.bench.decode.run)."""
+    """Deprecated: `fa2lab.bench.decode.run(lengths=..., splits=...)` (figures only draw)."""
+    import warnings
+
     from fa2lab.bench.decode import run
 
+    warnings.warn("fa2lab.viz.decode_latency moved to fa2lab.bench.decode.run", DeprecationWarning, stacklevel=2)
     return run(lengths=tuple(lengths), batch=1, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim,
                splits=tuple(splits), budget_s=budget_s, progress=lambda line: None)
 

@@ -88,23 +88,10 @@ def ratio_table(results: dict, kind: str = "fwd", baseline: str = "sdpa flash") 
 
 
 def run_live(quick: bool = True, log=print) -> dict:
-    """Run fa2lab.bench.gpu on the CUDA device here (quick: two forward shapes and one decode
-    shape, no FlexAttention); the result has the results files' format."""
-    import torch
+    """Deprecated: `fa2lab.bench.gpu.run(quick=...)` (figures only draw; the driver measures)."""
+    import warnings
 
-    if not torch.cuda.is_available():
-        raise RuntimeError("no CUDA device: run_live needs a GPU (torch.cuda.is_available() is False)")
     from fa2lab.bench import gpu
 
-    cases = gpu.FWD_CASES[1:2] + gpu.FWD_CASES[5:6] if quick else gpu.FWD_CASES
-    saved = dict(gpu.FWD_IMPLS)
-    if quick:  # torch.compile of FlexAttention takes minutes; leave it to the full benchmark
-        gpu.FWD_IMPLS.pop("flex (compiled)", None)
-    try:
-        pk = gpu.peaks()
-        rows = gpu.forward_backward(cases, pk=pk, log=log)
-        rows += gpu.decode(gpu.DECODE_CASES[:1] if quick else gpu.DECODE_CASES, log=log)
-    finally:
-        gpu.FWD_IMPLS.clear()
-        gpu.FWD_IMPLS.update(saved)
-    return dict(environment=gpu.environment(), peaks=pk, rows=rows)
+    warnings.warn("fa2lab.viz.gpu.run_live moved to fa2lab.bench.gpu.run", DeprecationWarning, stacklevel=2)
+    return gpu.run(quick=quick, log=log)

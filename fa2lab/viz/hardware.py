@@ -110,28 +110,15 @@ def roofline_figure(profile, dtype: str | None = None, points=None, measured=Non
                   yaxis=dict(title="FLOP/s", type="log"), width=760, height=440)
 
 
-def measure_cpu_tiles(ns=(512, 1024), tiles=(64, 128, 256), *, heads: int = 4, head_dim: int = 64,
-                      causal: bool = True, profile=None, budget_s: float = 0.1) -> list[dict]:
-    """fa2lab's tiled forward on this CPU at each (N, tile), next to the cost model's prediction
-    (fa2lab.cost.roofline.cpu_tiled_forward with `profile`, default fa2lab.hardware.detect())."""
-    from fa2lab.measure.timing import median_seconds
-    from fa2lab.cost.roofline import cpu_tiled_forward
-    from fa2lab.hardware import detect
-    from fa2lab.tiled import tiled_attention
+def measure_cpu_tiles(ns=(512, 1024), tiles=(64, 128, 256), **kw) -> list[dict]:
+    """Deprecated: `fa2lab.bench.tiles.cpu_tile_rows` (figures only draw; the benchmark drivers measure)."""
+    import warnings
 
-    profile = profile or detect()
-    rows = []
-    for n in ns:
-        g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(1, heads, n, head_dim, generator=g) for _ in range(3))  # (B, H, N, D)
-        for t in tiles:
-            with torch.no_grad():
-                seconds = median_seconds(lambda: tiled_attention(q, k, v, causal=causal, block_q=t, block_k=t),
-                                         min_repeats=2, budget_s=budget_s)
-            model = cpu_tiled_forward(profile, 1, heads, n, n, head_dim, block_q=t, block_k=t, causal=causal)
-            rows.append(dict(label=f"N={n} tile={t}", group=f"tile {t}", measured_s=seconds,
-                             predicted_s=model.time))
-    return rows
+    from fa2lab.bench.tiles import cpu_tile_rows
+
+    warnings.warn("fa2lab.viz.hardware.measure_cpu_tiles moved to fa2lab.bench.tiles.cpu_tile_rows",
+                  DeprecationWarning, stacklevel=2)
+    return cpu_tile_rows(ns, tiles, **kw)
 
 
 def gpu_predictions(results: dict, profile) -> list[dict]:

@@ -1,21 +1,19 @@
 """Peak memory and time against N for naive, tiled and torch SDPA attention (notebook 03),
 measured on this machine and set next to the cost model's prediction.
 
-Measurement reuses the CPU benchmark's calls (fa2lab.bench.cpu) and accounting
-(fa2lab.measure.memory.peak_extra_bytes: the most resident memory a call added); the model is
-fa2lab.cost (memory.peak_extra_bytes, roofline.cpu_tiled_forward) where that package exists.
+The rows come from the CPU benchmark (fa2lab.bench.cpu.scaling_rows: median time and
+fa2lab.measure.memory.peak_extra_bytes, the most resident memory a call added); the model is
+fa2lab.cost (memory.peak_extra_bytes, roofline.cpu_tiled_forward). This module only draws.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import plotly.graph_objects as go
-import torch
 from plotly.subplots import make_subplots
 
 from fa2lab.bench import cpu
-from fa2lab.measure import memory
-from fa2lab.measure.timing import median_seconds
-from fa2lab.tiled import tiled_attention
 from fa2lab.viz.style import styled
 
 IMPL_COLORS = {"tiled": "#4c78a8", "sdpa": "#54a24b", "naive": "#e45756"}
@@ -24,39 +22,11 @@ IMPL_COLORS = {"tiled": "#4c78a8", "sdpa": "#54a24b", "naive": "#e45756"}
 MODEL_ALGO = {"naive": "naive", "tiled": "tiled_cpu", "sdpa": "fa2"}
 
 
-def measure_scaling(ns, impls=("tiled", "sdpa", "naive"), *, mode: str = "fwd", heads: int = 4, head_dim: int = 64,
-                    causal: bool = True, block: int = 256, budget_s: float = 0.2, naive_max_n: int = 4096,
-                    seed: int = 0, progress=None) -> list[dict]:
-    """Median time and peak extra memory of each (impl, N), fp32, B=1. Rows have the columns of
-    fa2lab.bench.cpu (impl, mode, N, seconds, peak_extra_mib, gflops), so cpu.fit_exponent reads
-    them. Sets glibc's timing thresholds (fa2lab.measure.memory.configure_for_timing) first."""
-    unknown = [i for i in impls if i not in cpu.IMPLS]
-    if unknown:
-        raise ValueError(f"unknown implementation(s) {unknown}; choose from {list(cpu.IMPLS)}")
-    if mode not in ("fwd", "fwd+bwd"):
-        raise ValueError(f"expected mode 'fwd' or 'fwd+bwd', got {mode!r}")
-    memory.configure_for_timing()
-    calls = dict(cpu.IMPLS, tiled=lambda q, k, v, c: tiled_attention(q, k, v, causal=c, block_q=block,
-                                                                     block_k=block))
-    rows = []
-    for n in ns:
-        g = torch.Generator().manual_seed(seed)
-        shape = (1, heads, n, head_dim)  # (B, H, N, D)
-        q, k, v, do = (torch.randn(shape, generator=g) for _ in range(4))
-        for impl in impls:
-            if impl == "naive" and n > naive_max_n:
-                continue
-            fn = cpu._make_call(calls[impl], q, k, v, do, causal, mode)
-            seconds = median_seconds(fn, min_repeats=2, budget_s=budget_s)
-            # Other threads' allocations only ever add to a peak: the smaller of two readings is the call's.
-            peaks = [p for p in (memory.peak_extra_bytes(fn), memory.peak_extra_bytes(fn)) if p is not None]
-            peak = min(peaks) if peaks else None
-            flops = cpu.attention_flops(mode, 1, heads, n, head_dim, causal)
-            rows.append(dict(impl=impl, mode=mode, N=n, seconds=seconds, gflops=flops / seconds / 1e9,
-                             peak_extra_mib=None if peak is None else peak / 2**20))
-            if progress:
-                progress(f"{impl:>6} {mode} N={n}: {seconds * 1e3:.1f} ms, +{rows[-1]['peak_extra_mib']} MiB")
-    return rows
+def measure_scaling(ns, impls=("tiled", "sdpa", "naive"), **kw) -> list[dict]:
+    """Deprecated: `fa2lab.bench.cpu.scaling_rows` (figures only draw; the benchmark drivers measure)."""
+    warnings.warn("fa2lab.viz.scaling.measure_scaling moved to fa2lab.bench.cpu.scaling_rows", DeprecationWarning,
+                  stacklevel=2)
+    return cpu.scaling_rows(ns, impls, **kw)
 
 
 def exponents(rows: list[dict], column: str = "peak_extra_mib") -> dict[str, float | None]:
