@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fa2lab.cost.traffic import fa2_forward_bytes
-from fa2lab.hardware.profile import HardwareProfile, dtype_bytes
+from fa2lab.hardware.profile import HardwareProfile
 from fa2lab.measure.memory import TIMING_MMAP_THRESHOLD
 from fa2lab.tiled.schedule import tile_schedule
 

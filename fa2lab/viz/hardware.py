@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import plotly.graph_objects as go
-import torch
 from plotly.subplots import make_subplots
 
 from fa2lab.cost.tiles import tile_config
