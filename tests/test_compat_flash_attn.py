@@ -393,6 +393,19 @@ def test_kvcache_int_seqlens_and_full_cache():
     assert err(out, ref_attention(q, kc, vc)[0]) < 1e-12
 
 
+def test_kvcache_leftpad_on_a_cache_in_head_major_memory():
+    """A (B, Nmax, Hkv, D) view of (B, Hkv, Nmax, D) memory: leftpad's one-token pages need a copy
+    to read from; the append must still land in the caller's tensor."""
+    case, exp_k, exp_v = make_cache_case(nq=2, n_new=2, leftpad=True, hkv=2)
+    case["k_cache"] = case["k_cache"].transpose(1, 2).contiguous().transpose(1, 2)
+    case["v_cache"] = case["v_cache"].transpose(1, 2).contiguous().transpose(1, 2)
+    out = flash_attn_with_kvcache(**case, causal=True)
+    truth, _ = cache_reference(case, exp_k, exp_v, causal=True, window=(-1, -1), interleaved=True)
+    assert err(out, truth) < 1e-12
+    got_k, got_v = written_cache(case, exp_k.shape)
+    assert torch.equal(got_k, exp_k) and torch.equal(got_v, exp_v)
+
+
 def test_kvcache_reads_views_of_the_callers_cache(monkeypatch):
     seen = []
     real = fa2lab.decode_attention

@@ -308,19 +308,23 @@ def flash_attn_with_kvcache(
     if options.current_backend() not in DECODE_BACKENDS:
         raise ValueError(f"flash_attn_with_kvcache runs fa2lab's decode, whose backends are {list(DECODE_BACKENDS)}; "
                          f"got use_backend({options.current_backend()!r})")
+    new_kv = {}
     if k is not None:
         if rotary_cos is not None:
             positions = plan.seqlens.long()[:, None] + torch.arange(k.shape[1], device=q.device)  # (B, seqlen_new)
             k = apply_rotary(k, rotary_cos, rotary_sin, positions, rotary_interleaved)
-        kvcache.append(plan, k, v)
+        if options.accepts(fa2lab.decode_attention, "k_new") and kvcache.view_is_in_place(plan):
+            new_kv = dict(k_new=k.transpose(1, 2), v_new=v.transpose(1, 2))  # (B, Hkv, seqlen_new, D): decode appends
+        else:  # this fa2lab's decode does not append, or reads a copy: write the cache here first
+            kvcache.append(plan, k, v)
+    kc, vc, table, lengths = kvcache.decode_view(plan, appended=not new_kv)
     if rotary_cos is not None:
         steps = torch.arange(q.shape[1], device=q.device) if causal or local else \
             torch.zeros(q.shape[1], dtype=torch.long, device=q.device)
         q = apply_rotary(q, rotary_cos, rotary_sin, plan.seqlens.long()[:, None] + steps, rotary_interleaved)
-    kc, vc, table, lengths = kvcache.decode_view(plan)
     out, lse = fa2lab.decode_attention(q.transpose(1, 2), kc, vc, cache_seqlens=lengths, block_table=table,
                                        num_splits=splits, softmax_scale=softmax_scale, causal=causal,
                                        window_size=options.window(window_size), return_lse=True,
-                                       backend=options.current_backend(), **variants)
+                                       backend=options.current_backend(), **new_kv, **variants)
     out = out.transpose(1, 2).contiguous()  # (B, Nq, H, Dv)
     return (out, options.flash_lse(lse)) if return_softmax_lse else out

@@ -11,7 +11,8 @@ cache_leftpad (B,) moves sequence b's first key to position leftpad[b]: keys [le
 are read, as pages of one token (a view of the pool, table built on the device). Positions
 (for the append and for rotary) are absolute; masks count keys from leftpad.
 What fa2lab's decode reads is a view of the caller's cache, transposed to fa2lab's
-(pages, Hkv, page_size, D): nothing is copied for the dense and paged layouts.
+(pages, Hkv, page_size, D): nothing is copied, except for leftpad over a cache whose tokens are
+not evenly strided (read from a copy, written in place).
 """
 
 from __future__ import annotations
@@ -194,11 +195,12 @@ def append(plan: CachePlan, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
     plan.pool_v.index_put_((page, off), v_new)
 
 
-def decode_view(plan: CachePlan):
+def decode_view(plan: CachePlan, appended: bool):
     """(k_cache, v_cache, block_table, cache_seqlens) for fa2lab.decode_attention, in its layout:
-    dense (B, Hkv, Nmax, D) or pages (num_pages, Hkv, page_size, D) + int32 table."""
+    dense (B, Hkv, Nmax, D) or pages (num_pages, Hkv, page_size, D) + int32 table. cache_seqlens
+    counts the new tokens if they are `appended` already, else not (decode appends them)."""
     batch = plan.seqlens.shape[0]
-    lengths = (plan.seqlens + plan.n_new).to(torch.int32)  # (B,) keys after the append
+    lengths = (plan.seqlens + plan.n_new if appended else plan.seqlens).to(torch.int32)  # (B,)
     if plan.leftpad is None:
         if plan.table is None:  # dense: (B, Nmax, Hkv, D) -> (B, Hkv, Nmax, D), a view
             return plan.pool_k[:batch].transpose(1, 2), plan.pool_v[:batch].transpose(1, 2), None, lengths
@@ -216,3 +218,13 @@ def decode_view(plan: CachePlan):
         page = plan.table.long().gather(1, pos // page_size) if plan.table.shape[1] > 1 else plan.table.long()
     table1 = (page * page_size + pos % page_size).to(torch.int32)  # (B, capacity) one-token page ids
     return k1.transpose(1, 2), v1.transpose(1, 2), table1, (lengths - plan.leftpad).to(torch.int32)
+
+
+def view_is_in_place(plan: CachePlan) -> bool:
+    """Whether decode_view is the caller's memory, so that decode's own append through it is in
+    place: always, except one-token pages (leftpad) over a cache whose tokens are not evenly
+    strided (reshape copies it then)."""
+    def mergeable(t):
+        return t.shape[0] <= 1 or t.shape[1] <= 1 or t.stride(0) == t.shape[1] * t.stride(1)
+
+    return plan.leftpad is None or (mergeable(plan.pool_k) and mergeable(plan.pool_v))
