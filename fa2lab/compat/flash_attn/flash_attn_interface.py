@@ -33,7 +33,6 @@ import fa2lab
 from fa2lab import _checks
 from fa2lab.compat.flash_attn import kvcache, options
 from fa2lab.compat.flash_attn.rotary import apply_rotary
-from fa2lab.decode.api import DECODE_BACKENDS
 
 __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
            "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache"]
@@ -305,9 +304,6 @@ def flash_attn_with_kvcache(
     variants = options.variant_kwargs(fa2lab.decode_attention, softcap=softcap, alibi_slopes=alibi_slopes)
     splits = options.num_splits(num_splits)
     _checks.resolve_scale(softmax_scale, q.shape[-1])
-    if options.current_backend() not in DECODE_BACKENDS:
-        raise ValueError(f"flash_attn_with_kvcache runs fa2lab's decode, whose backends are {list(DECODE_BACKENDS)}; "
-                         f"got use_backend({options.current_backend()!r})")
     new_kv = {}
     if k is not None:
         if rotary_cos is not None:
