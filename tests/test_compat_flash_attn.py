@@ -411,14 +411,16 @@ def test_kvcache_reads_views_of_the_callers_cache(monkeypatch):
     real = fa2lab.decode_attention
 
     def spy(q, k_cache, v_cache, **kw):
-        seen.append(k_cache.untyped_storage().data_ptr())
+        seen.append((k_cache.untyped_storage().data_ptr(), kw["num_splits"]))
         return real(q, k_cache, v_cache, **kw)
 
     monkeypatch.setattr(fa2lab, "decode_attention", spy)
     for opts in (dict(), dict(batch_idx=True), dict(leftpad=True), dict(page_size=16), dict(page_size=16, leftpad=True)):
         case, _, _ = make_cache_case(**opts)
         flash_attn_with_kvcache(**case, causal=True)
-        assert seen[-1] == case["k_cache"].untyped_storage().data_ptr(), opts
+        assert seen[-1] == (case["k_cache"].untyped_storage().data_ptr(), None), opts  # num_splits 0: automatic
+    flash_attn_with_kvcache(**case, num_splits=3)
+    assert seen[-1][1] == 3
 
 
 def test_kvcache_refuses_before_writing():

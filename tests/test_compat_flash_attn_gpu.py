@@ -11,11 +11,10 @@ from fa2lab.compat.flash_attn import flash_attn_func, flash_attn_varlen_func, fl
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("b,nq,nk,h,hkv,d,causal,window", [
-    (2, 2048, 2048, 16, 4, 128, True, (-1, -1)),
-    (2, 1025, 3000, 8, 8, 64, True, (-1, -1)),
-    (1, 3000, 1000, 8, 2, 80, True, (256, -1)),
+@pytest.mark.parametrize("dtype,b,nq,nk,h,hkv,d,causal,window", [
+    (torch.bfloat16, 2, 2048, 2048, 16, 4, 128, True, (-1, -1)),
+    (torch.float16, 2, 1025, 3000, 8, 8, 64, True, (-1, -1)),
+    (torch.bfloat16, 1, 3000, 1000, 8, 2, 80, True, (256, -1)),
 ])
 def test_flash_attn_func_full_size(dtype, b, nq, nk, h, hkv, d, causal, window):
     q64, k64, v64 = (rand(*s, seed=i).cuda() for i, s in enumerate([(b, nq, h, d), (b, nk, hkv, d), (b, nk, hkv, d)]))
