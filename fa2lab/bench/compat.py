@@ -32,13 +32,13 @@ def _bench(fn) -> float:
 
 
 def measure(n: int = 4096, d: int = 128, causal: bool = False, rounds: int = 5, backward: bool = False,
-            dtype=torch.bfloat16, tokens: int = 32768) -> dict:
+            dtype=torch.bfloat16, tokens: int = 32768, device: str = "cuda") -> dict:
     b, h = max(1, tokens // n), 2048 // d
-    g = torch.Generator(device="cuda").manual_seed(0)
-    flash = [torch.randn(b, n, h, d, device="cuda", dtype=dtype, generator=g).requires_grad_(backward)
+    g = torch.Generator(device=device).manual_seed(0)
+    flash = [torch.randn(b, n, h, d, device=device, dtype=dtype, generator=g).requires_grad_(backward)
              for _ in range(3)]  # (B, N, H, D)
     native = [t.detach().transpose(1, 2).contiguous().requires_grad_(backward) for t in flash]  # (B, H, N, D)
-    do_native = torch.randn(b, h, n, d, device="cuda", dtype=dtype, generator=g)
+    do_native = torch.randn(b, h, n, d, device=device, dtype=dtype, generator=g)
     do_flash = do_native.transpose(1, 2).contiguous()
 
     def step(out, do, leaves):
