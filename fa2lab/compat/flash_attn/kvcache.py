@@ -41,12 +41,15 @@ class CachePlan:
         return self.pool_k.shape[1]
 
 
-def _check_index(name: str, t, batch: int, shape_text: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != batch:
-        raise ValueError(f"expected {name} to be an int32 tensor {shape_text} = ({batch},), got "
+def _check_index(name: str, t, batch: int, shape_text: str, device, ndim: int = 1) -> torch.Tensor:
+    """An int32 index tensor of `ndim` dims on q's device whose first dim is the batch."""
+    if not isinstance(t, torch.Tensor) or t.dim() != ndim or t.shape[0] != batch:
+        raise ValueError(f"expected {name} to be an int32 tensor {shape_text} with batch_size={batch}, got "
                          f"{tuple(t.shape) if isinstance(t, torch.Tensor) else t!r}")
     if t.dtype != torch.int32:
         raise ValueError(f"expected {name} to be int32, got {t.dtype}; use {name}.to(torch.int32)")
+    if t.device != device:
+        raise ValueError(f"expected {name} on {device} like q, got {t.device}; move it with .to({str(device)!r})")
     return t
 
 
@@ -96,14 +99,10 @@ def plan_cache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_
         if cache_batch_idx is not None:
             raise ValueError("a paged cache (block_table) does not take cache_batch_idx: the block table already "
                              "says which pages each sequence reads (flash-attn refuses it too)")
-        if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.shape[0] != batch:
-            raise ValueError(f"expected block_table to be int32 (batch_size={batch}, max_num_blocks_per_seq), got "
-                             f"{tuple(block_table.shape) if isinstance(block_table, torch.Tensor) else block_table!r}")
-        if block_table.dtype != torch.int32:
-            raise ValueError(f"expected block_table to be int32, got {block_table.dtype}; use .to(torch.int32)")
+        _check_index("block_table", block_table, batch, "(batch_size, max_num_blocks_per_seq)", q.device, ndim=2)
         table, capacity = block_table, block_table.shape[1] * k_cache.shape[1]
     elif cache_batch_idx is not None:
-        table = _check_index("cache_batch_idx", cache_batch_idx, batch, "(batch_size,)")[:, None]  # (B, 1)
+        table = _check_index("cache_batch_idx", cache_batch_idx, batch, "(batch_size,)", q.device)[:, None]  # (B, 1)
         capacity = k_cache.shape[1]
     else:
         if k_cache.shape[0] < batch:
@@ -117,8 +116,8 @@ def plan_cache(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_
     elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
         seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
     else:
-        seqlens = _check_index("cache_seqlens", cache_seqlens, batch, "(batch_size,)")
-    leftpad = None if cache_leftpad is None else _check_index("cache_leftpad", cache_leftpad, batch, "(batch_size,)")
+        seqlens = _check_index("cache_seqlens", cache_seqlens, batch, "(batch_size,)", q.device)
+    leftpad = None if cache_leftpad is None else _check_index("cache_leftpad", cache_leftpad, batch, "(batch_size,)", q.device)
     plan = CachePlan(k_cache, v_cache, table, capacity, seqlens, leftpad, n_new)
     _check_values(plan, rotary_cos, q_rope_span)
     return plan
