@@ -17,7 +17,10 @@ Where results differ from flash-attn's CUDA build:
   use no atomics; where "auto" picks torch SDPA, torch's determinism settings apply.
 - Options this fa2lab cannot honour raise NotImplementedError naming the option.
 - fp32/fp64 inputs, any head dim the chosen backend takes, and any page size work (flash-attn:
-  fp16/bf16, head dim <= 256, pages of a multiple of 256).
+  fp16/bf16, head dim <= 256, pages of a multiple of 256); so do cache_leftpad with a paged cache.
+- flash_attn_with_kvcache checks its index tensors (lengths, pages, rotary range) with one
+  host-device synchronisation before it writes anything (flash-attn checks none), so a step
+  cannot be captured in a CUDA graph; varlen calls read cu_seqlens back as fa2lab's do.
 
 `fa2lab.compat.use_backend(name)` picks the fa2lab backend for the calls in a block (default
 "auto", which logs its choice on the "fa2lab" logger).
