@@ -159,7 +159,10 @@ def flash_fwd_triton(q, k, v, *, scale, left, right, config=None):
     """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out (B, Hq, Nq, Dv), lse (B, Hq, Nq) fp32."""
     b, h, nq, _ = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    out = torch.empty(b, h, nq, v.shape[-1], dtype=q.dtype, device=q.device)
+    if q.stride(1) < q.stride(2):  # q is a (B, Nq, Hq, D) tensor seen as (B, Hq, Nq, D): write out the same way
+        out = torch.empty(b, nq, h, v.shape[-1], dtype=q.dtype, device=q.device).transpose(1, 2)
+    else:
+        out = torch.empty(b, h, nq, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
     if out.numel() == 0 or nq == 0:
         return out, lse.fill_(float("-inf"))
