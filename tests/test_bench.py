@@ -70,3 +70,14 @@ def test_measurement_tools_moved_to_measure_with_deprecated_aliases():
         public = [n for n in vars(new) if not n.startswith("_") and callable(getattr(new, n))
                   and getattr(getattr(new, n), "__module__", None) == new.__name__]
         assert public and all(getattr(old, n) is getattr(new, n) for n in public)
+
+
+def test_importing_the_cost_model_loads_no_libc_and_changes_no_malloc_setting():
+    import subprocess
+    import sys
+
+    code = ("import fa2lab.cost, fa2lab.hardware, fa2lab.measure.memory as m\n"
+            "print(m._libc.cache_info().currsize)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0"
