@@ -174,6 +174,9 @@ AUTO_ORDER = {
 AUTO_ORDER["varlen"] = AUTO_ORDER["model"] = AUTO_ORDER["dense"]
 DEFAULT_AUTO_ORDER = ("sdpa", "tiled")
 
+# Plain attention materialises Nq x Nk scores per head; never choose it beyond this many scores
+# (B * Hq * Nq * Nk), whatever a measurement says: memory, not speed, is then the constraint.
+MAX_PLAIN_SCORES = 1 << 24  # 64 MiB of float32 scores
 DECODE_MAX_NQ = 16  # new tokens per step that a model layer still sends to split-K decode (speculative, chunked)
 
 log = logging.getLogger("fa2lab")
@@ -264,11 +267,6 @@ def choose(op: str, cases: Case | list[Case], backend: str = "auto", *, crossove
                                   log_choice)
     why = f"fastest supported on {device_class(case)}"
     return _logged_choice(op, Choice(supported[0], "; ".join([why, *skipped]), op), log_choice)
-
-
-# Plain attention materialises Nq x Nk scores per head; never choose it beyond this many scores
-# (B * Hq * Nq * Nk), whatever a measurement says: memory, not speed, is then the constraint.
-MAX_PLAIN_SCORES = 1 << 24  # 64 MiB of float32 scores
 
 
 def _logged_choice(op: str, choice: Choice, enabled: bool = True) -> Choice:
