@@ -1,0 +1,77 @@
+"""Launch configurations of the Hopper kernels, per head dim, and when the Hopper path applies.
+
+The tables are the ones the sm_90 hardware profiles carry (`HardwareProfile.kernel_configs`, with
+the measurement that chose each row in `sources["kernel_configs"]`); they live here so that the
+kernels need no profile lookup per call. `python -m fa2lab.bench.hopper_sweep` re-measures them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Forward: BLOCK_M x BLOCK_N tile, warps, pipeline stages, persistent launch, producer warp.
+# Keys: head-dim bound -> (full, causal).
+FWD = {
+    64: (dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+         dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)),
+    128: (dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)),
+    256: (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)),
+}
+# Backward: per kernel (BLOCK_M, BLOCK_N, num_warps, num_stages); dK/dV holds BLOCK_N keys and
+# walks queries, dQ holds BLOCK_M queries and walks keys.
+BWD = {
+    64: dict(dkdv=(64, 128, 8, 2), dq=(128, 64, 8, 2)),
+    128: dict(dkdv=(64, 128, 8, 2), dq=(128, 64, 8, 2)),
+    256: dict(dkdv=(64, 64, 8, 1), dq=(64, 64, 8, 1)),
+}
+# Below this many query rows per head a persistent launch keeps the SMs busier than one wave of
+# short programs (N = 1024: 8 query blocks per head).
+PERSISTENT_BELOW = 0
+
+
+def _bound(head_dim: int) -> int:
+    for bound in (64, 128, 256):
+        if head_dim <= bound:
+            return bound
+    raise ValueError(f"head_dim {head_dim} > 256: the Hopper kernels hold at most 256 columns")
+
+
+def hopper_fwd_config(head_dim: int, *, causal: bool, seq_len: int) -> dict:
+    cfg = dict(FWD[_bound(head_dim)][1 if causal else 0])
+    if seq_len < PERSISTENT_BELOW:
+        cfg.setdefault("PERSISTENT", True)
+    return cfg
+
+
+def hopper_bwd_config(head_dim: int, *, causal: bool, seq_len: int) -> dict:
+    return dict(BWD[_bound(head_dim)])
+
+
+def tma_ok(t: torch.Tensor, token_dim: int) -> bool:
+    """TMA addresses a (tokens, head dim) slice by a 16-byte-aligned base, a 16-byte-aligned
+    non-zero token stride and unit stride in the head dim; batch and head strides become base
+    offsets, so they too must keep the base aligned."""
+    elem = t.element_size()
+    return (t.stride(-1) == 1 and t.stride(token_dim) > 0 and t.data_ptr() % 16 == 0
+            and all((t.stride(i) * elem) % 16 == 0 for i in range(t.dim() - 1)))
+
+
+def hopper_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The Hopper kernels run here: an sm_90 device (the capability the h100/h200 profiles
+    record), fp16/bf16, head dims 8..256 and strides TMA can address. Otherwise the portable
+    kernels run (they handle everything else: fp32, Ampere, the interpreter, odd strides)."""
+    from fa2lab.kernels.fwd import interpreting
+
+    if interpreting() or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    if not (8 <= q.shape[-1] <= 256 and 8 <= v.shape[-1] <= 256):
+        return False
+    token_dim = 0 if q.dim() == 3 else 2  # varlen (total, H, D) or dense (B, H, N, D)
+    return all(tma_ok(t, token_dim) for t in (q, k, v))
+
+
+__all__ = ["BWD", "FWD", "hopper_bwd_config", "hopper_eligible", "hopper_fwd_config", "tma_ok"]
