@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from fa2lab.kernels.bwd import _delta
-from fa2lab.kernels.fwd import LOG2E, _pow2
+from fa2lab.kernels.common import LOG2E, LOG2E_K, pow2, seq_offsets
 from fa2lab.kernels.hopper_fwd import ensure_allocator
 
 
@@ -34,7 +34,7 @@ def _dkdv_blocks(dk, dv, k, v, desc_q, desc_do, LSE_H, DELTA_H, slm, start, stop
         rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = rows < nq
         q = desc_q.load([start_m, 0])  # (BLOCK_M, HEAD_DIM)
-        lse2 = tl.load(LSE_H + rows * slm, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        lse2 = tl.load(LSE_H + rows * slm, mask=row_ok, other=float("inf")) * LOG2E_K
         lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows with no key: P = 0
         do = desc_do.load([start_m, 0])  # (BLOCK_M, HEAD_DIM_V)
         delta = tl.load(DELTA_H + rows * slm, mask=row_ok, other=0.0)
@@ -90,11 +90,8 @@ def _hopper_dkdv_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     hk = pid_bh % HKV
+    q_start, nq, k_start, nk = seq_offsets(CU_Q, CU_K, b, Nq, Nk, IS_VARLEN)
     if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        nq = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        nk = tl.load(CU_K + b + 1) - k_start
         bq = q_start.to(tl.int64) * sqm
         bk = k_start.to(tl.int64) * skn
         bv = k_start.to(tl.int64) * svn
@@ -103,8 +100,6 @@ def _hopper_dkdv_kernel(
         bdk = k_start.to(tl.int64) * sdkn
         bdv = k_start.to(tl.int64) * sdvn
     else:
-        nq = Nq
-        nk = Nk
         bq = b.to(tl.int64) * sqb
         bk = b.to(tl.int64) * skb
         bv = b.to(tl.int64) * svb
@@ -203,11 +198,8 @@ def _hopper_dq_kernel(
     b = pid_bh // H
     h = pid_bh % H
     hk = h // G
+    q_start, nq, k_start, nk = seq_offsets(CU_Q, CU_K, b, Nq, Nk, IS_VARLEN)
     if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        nq = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        nk = tl.load(CU_K + b + 1) - k_start
         bq = q_start.to(tl.int64) * sqm
         bk = k_start.to(tl.int64) * skn
         bv = k_start.to(tl.int64) * svn
@@ -215,8 +207,6 @@ def _hopper_dq_kernel(
         bl = q_start.to(tl.int64) * slm
         bdq = q_start.to(tl.int64) * sdqm
     else:
-        nq = Nq
-        nk = Nk
         bq = b.to(tl.int64) * sqb
         bk = b.to(tl.int64) * skb
         bv = b.to(tl.int64) * svb
@@ -238,7 +228,7 @@ def _hopper_dq_kernel(
     row_ok = rows < nq
     q = desc_q.load([i0, 0])  # (BLOCK_M, HEAD_DIM)
     do = desc_do.load([i0, 0])  # (BLOCK_M, HEAD_DIM_V)
-    lse2 = tl.load(LSE + bl + h * slh + rows * slm, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + bl + h * slh + rows * slm, mask=row_ok, other=float("inf")) * LOG2E_K
     lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
     delta = tl.load(DELTA + bl + h * slh + rows * slm, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -301,7 +291,7 @@ def hopper_bwd(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu
         grid_q, grid_k = nq, nk
         cu_q = cu_k = torch.zeros(1, dtype=torch.int32, device=q.device)
     cfg = dict(config or hopper_bwd_config(max(d, dvd), causal=causal, seq_len=grid_q))
-    common = dict(D=d, DV=dvd, HEAD_DIM=_pow2(d), HEAD_DIM_V=_pow2(dvd), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
+    common = dict(D=d, DV=dvd, HEAD_DIM=pow2(d), HEAD_DIM_V=pow2(dvd), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
                   IS_VARLEN=varlen, LONGEST_FIRST=causal)
     group = h // hkv
     # "dkdv": one kernel for both; or "dv" and "dk": two kernels, each with one accumulator (head

@@ -62,7 +62,7 @@ def hopper_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """The Hopper kernels run here: an sm_90 device (the capability the h100/h200 profiles
     record), fp16/bf16, head dims 8..256 and strides TMA can address. Otherwise the portable
     kernels run (they handle everything else: fp32, Ampere, the interpreter, odd strides)."""
-    from fa2lab.kernels.fwd import interpreting
+    from fa2lab.kernels.common import interpreting
 
     if interpreting() or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return False

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fa2lab.kernels.fwd import LOG2E, _pow2
+from fa2lab.kernels.common import LOG2E, LOG2E_K, online_softmax_step, pow2, seq_offsets
 
 
 @triton.jit
@@ -45,16 +45,12 @@ def _hopper_blocks(acc, l_i, m_i, q, desc_k, desc_v, start, stop, offs_m, offs_n
                 valid = valid & (cols[None, :] >= offs_m[:, None] + off - LEFT)
             if HAS_RIGHT:
                 valid = valid & (cols[None, :] <= offs_m[:, None] + off + RIGHT)
-            s = tl.where(valid, s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet
-            p = tl.math.exp2(s - m_ref[:, None])
-        else:  # every score visible: max before scaling, then one FMA per score
+            p, alpha, l_i, m_new = online_softmax_step(tl.where(valid, s * qk_scale, float("-inf")), m_i, l_i)
+        else:  # every score visible (no empty row): max before scaling, then one FMA per score
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            m_ref = m_new
             p = tl.math.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_ref)  # line 10: rescale what was accumulated so far
-        l_i = l_i * alpha + tl.sum(p, 1)
+            alpha = tl.math.exp2(m_i - m_new)  # line 10: rescale what was accumulated so far
+            l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         v = desc_v.load([start_n, 0])  # (BLOCK_N, HEAD_DIM_V)
         acc = tl.dot(p.to(v.dtype), v, acc)
@@ -76,19 +72,14 @@ def _hopper_fwd_tile(tile, Q, K, V, O, LSE, CU_Q, CU_K,
     b = bh // H
     h = bh % H
     hk = h // G  # GQA: the K/V head this query head shares
-    if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        nq = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        nk = tl.load(CU_K + b + 1) - k_start
+    q_start, nq, k_start, nk = seq_offsets(CU_Q, CU_K, b, Nq, Nk, IS_VARLEN)
+    if IS_VARLEN:  # packed sequences: batch index b selects a slice of the token dimension
         bq = q_start.to(tl.int64) * sqm
         bk = k_start.to(tl.int64) * skn
         bv = k_start.to(tl.int64) * svn
         bo = q_start.to(tl.int64) * som
         bl = q_start.to(tl.int64) * slm
     else:
-        nq = Nq
-        nk = Nk
         bq = b.to(tl.int64) * sqb
         bk = b.to(tl.int64) * skb
         bv = b.to(tl.int64) * svb
@@ -137,7 +128,7 @@ def _hopper_fwd_tile(tile, Q, K, V, O, LSE, CU_Q, CU_K,
 
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / LOG2E_K)
         desc_o.store([i0, 0], out.to(O.dtype.element_ty))  # rows past nq are clipped by the copy engine
         tl.store(LSE + bl + h * slh + offs_m * slm, lse, mask=offs_m < nq)
 
@@ -199,7 +190,7 @@ def launch_hopper_fwd(q, k, v, out, lse, strides_q, strides_k, strides_v, stride
         q, k, v, out, lse, dummy, cu_k if cu_k is not None else dummy,
         *strides_q, *strides_k, *strides_v, *strides_o, *strides_l,
         h, nq, nk, h // hkv, num_m, tiles, scale * LOG2E, max(left, 0), max(right, 0),
-        D=d, DV=dv, HEAD_DIM=_pow2(d), HEAD_DIM_V=_pow2(dv), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
+        D=d, DV=dv, HEAD_DIM=pow2(d), HEAD_DIM_V=pow2(dv), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
         IS_VARLEN=varlen, LONGEST_FIRST=right >= 0 and left < 0, PERSISTENT=persistent, WARP_SPECIALIZE=ws, **cfg)
 
 
