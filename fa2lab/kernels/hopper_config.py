@@ -7,28 +7,38 @@ kernels need no profile lookup per call. `python -m fa2lab.bench.hopper_sweep` r
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-# Forward: BLOCK_M x BLOCK_N tile, warps, pipeline stages, persistent launch, producer warp.
-# Keys: head-dim bound -> (full, causal).
+# Forward: BLOCK_M x BLOCK_N tile, warps, pipeline stages; HOST_DESC: descriptors built on the host
+# over (B, H, N, D) instead of per program on the device. Keys: head-dim bound -> (full, causal).
+# Chosen by `python -m fa2lab.bench.hopper_sweep` on the H200, 2026-12-02 (bf16, N = 4096, B*N = 32k,
+# kernel-level TFLOP/s; experiments/results/hopper-sweep-20261202-043936.json): D=64 128x64 8 warps
+# 3 stages 414 (128x128: 333); D=128 128x128 3 stages 472 full / 408 causal (2 stages 439 / 372,
+# 128x64 447 / 391, persistent 444 / 340, warp-specialised 437 / 370); D=256 128x64 2 stages 520
+# (warp-specialised 532, 128x32 380, 64x64 4 warps 424).
 FWD = {
-    64: (dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-         dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)),
-    128: (dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
-          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)),
-    256: (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)),
+    64: (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HOST_DESC=True),
+         dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HOST_DESC=True)),
+    128: (dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, HOST_DESC=True),
+          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, HOST_DESC=True)),
+    256: (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, WARP_SPECIALIZE=True, HOST_DESC=True),
+          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, WARP_SPECIALIZE=True, HOST_DESC=True)),
 }
-# Backward: per kernel (BLOCK_M, BLOCK_N, num_warps, num_stages); dK/dV holds BLOCK_N keys and
-# walks queries, dQ holds BLOCK_M queries and walks keys.
+# Backward: per kernel (BLOCK_M, BLOCK_N, num_warps, num_stages[, SWAP_AB]); dK/dV holds BLOCK_N keys
+# and walks queries, dQ holds BLOCK_M queries and walks keys. "dv" + "dk" instead of "dkdv": two
+# kernels with one accumulator each. Same sweep (2.5x flops): D=64 (32,128,4,3)/(128,32,4,3) 351
+# ((64,128,8,2)/(128,64,8,2) 290); D=128 (64,128,8,2)/(128,64,8,2) 366 full / 300 causal
+# ((32,128,8,2) 333 / 298, (64,64,8,3) 238 / 209); D=256 split dv (64,128,8,2) + dk (32,128,8,2)
+# + dq (64,64,8,2) 237 (one dkdv kernel (64,64,8,2), spilling: 214; the old portable tiles: 99).
 BWD = {
-    64: dict(dkdv=(64, 128, 8, 2), dq=(128, 64, 8, 2)),
+    64: dict(dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3)),
     128: dict(dkdv=(64, 128, 8, 2), dq=(128, 64, 8, 2)),
-    256: dict(dkdv=(64, 64, 8, 1), dq=(64, 64, 8, 1)),
+    256: dict(dv=(64, 128, 8, 2), dk=(32, 128, 8, 2), dq=(64, 64, 8, 2)),
 }
-# Below this many query rows per head a persistent launch keeps the SMs busier than one wave of
-# short programs (N = 1024: 8 query blocks per head).
-PERSISTENT_BELOW = 0
+# Above 227 KB of shared memory a config does not launch; every row above fits (ptxas, sm_90a).
+PERSISTENT_BELOW = 0  # persistent launches measured no faster at N = 1024 (349 against 353)
 
 
 def _bound(head_dim: int) -> int:
@@ -42,6 +52,8 @@ def hopper_fwd_config(head_dim: int, *, causal: bool, seq_len: int) -> dict:
     cfg = dict(FWD[_bound(head_dim)][1 if causal else 0])
     if seq_len < PERSISTENT_BELOW:
         cfg.setdefault("PERSISTENT", True)
+    if os.environ.get("FA2LAB_HOPPER_HOST_DESC", "1") == "0":  # per-program device descriptors instead
+        cfg["HOST_DESC"] = False
     return cfg
 
 
@@ -64,6 +76,8 @@ def hopper_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     kernels run (they handle everything else: fp32, Ampere, the interpreter, odd strides)."""
     from fa2lab.kernels.common import interpreting
 
+    if os.environ.get("FA2LAB_TRITON_PATH", "auto") == "portable":  # compare the two paths in one process
+        return False
     if interpreting() or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return False
     if torch.cuda.get_device_capability(q.device)[0] != 9:
