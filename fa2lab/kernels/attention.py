@@ -11,7 +11,7 @@ import torch
 
 from fa2lab.kernels.bwd import flash_bwd_triton
 from fa2lab.kernels.fwd import flash_fwd_triton, flash_fwd_varlen_triton
-from fa2lab.kernels.hopper_config import hopper_eligible, tma_ok
+from fa2lab.kernels.hopper_config import hopper_bwd_wanted, hopper_eligible, tma_ok
 
 
 def _fwd_impl(q, k, v, varlen: bool):
@@ -22,8 +22,9 @@ def _fwd_impl(q, k, v, varlen: bool):
     return (flash_fwd_varlen_triton if varlen else flash_fwd_triton), False
 
 
-def _bwd_impl(hopper: bool, dout, token_dim: int):
-    if hopper and tma_ok(dout, token_dim):
+def _bwd_impl(hopper: bool, dout, token_dim: int, head_dim: int, cfg: dict):
+    causal = cfg["right"] >= 0 and cfg["left"] < 0
+    if hopper and tma_ok(dout, token_dim) and hopper_bwd_wanted(head_dim, causal):
         from fa2lab.kernels.hopper_bwd import hopper_bwd
 
         return hopper_bwd
@@ -43,7 +44,8 @@ class _TritonAttention(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-        dq, dk, dv = _bwd_impl(ctx.hopper, dout, 2)(dout, dlse, q, k, v, out, lse, **ctx.cfg)
+        bwd = _bwd_impl(ctx.hopper, dout, 2, max(q.shape[-1], v.shape[-1]), ctx.cfg)
+        dq, dk, dv = bwd(dout, dlse, q, k, v, out, lse, **ctx.cfg)
         return dq, dk, dv, None, None, None
 
 
@@ -60,7 +62,8 @@ class _TritonVarlenAttention(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-        dq, dk, dv = _bwd_impl(ctx.hopper, dout, 0)(dout, dlse, q, k, v, out, lse, cu_q=cu_q, cu_k=cu_k, **ctx.cfg)
+        dq, dk, dv = _bwd_impl(ctx.hopper, dout, 0, max(q.shape[-1], v.shape[-1]), ctx.cfg)(
+            dout, dlse, q, k, v, out, lse, cu_q=cu_q, cu_k=cu_k, **ctx.cfg)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 

@@ -37,6 +37,9 @@ BWD = {
     128: dict(dkdv=(64, 128, 8, 2), dq=(128, 64, 8, 2)),
     256: dict(dv=(64, 128, 8, 2), dk=(32, 128, 8, 2), dq=(64, 64, 8, 2)),
 }
+# Where the portable backward measured faster in the same run (H200, 2026-12-02, `python -m fa2lab
+# bench --hopper`, gpu-20261202-045930.json): D=128 causal 314 against the Hopper kernels' 298.
+BWD_PORTABLE = {(128, True)}
 # Above 227 KB of shared memory a config does not launch; every row above fits (ptxas, sm_90a).
 PERSISTENT_BELOW = 0  # persistent launches measured no faster at N = 1024 (349 against 353)
 
@@ -59,6 +62,10 @@ def hopper_fwd_config(head_dim: int, *, causal: bool, seq_len: int) -> dict:
 
 def hopper_bwd_config(head_dim: int, *, causal: bool, seq_len: int) -> dict:
     return dict(BWD[_bound(head_dim)])
+
+
+def hopper_bwd_wanted(head_dim: int, causal: bool) -> bool:
+    return (_bound(head_dim), causal) not in BWD_PORTABLE
 
 
 def tma_ok(t: torch.Tensor, token_dim: int) -> bool:
@@ -88,4 +95,4 @@ def hopper_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return all(tma_ok(t, token_dim) for t in (q, k, v))
 
 
-__all__ = ["BWD", "FWD", "hopper_bwd_config", "hopper_eligible", "hopper_fwd_config", "tma_ok"]
+__all__ = ["BWD", "BWD_PORTABLE", "FWD", "hopper_bwd_config", "hopper_bwd_wanted", "hopper_eligible", "hopper_fwd_config", "tma_ok"]
