@@ -17,7 +17,9 @@ import torch
 # kernel-level TFLOP/s; experiments/results/hopper-sweep-20261202-043936.json): D=64 128x64 8 warps
 # 3 stages 414 (128x128: 333); D=128 128x128 3 stages 472 full / 408 causal (2 stages 439 / 372,
 # 128x64 447 / 391, persistent 444 / 340, warp-specialised 437 / 370); D=256 128x64 2 stages 520
-# (warp-specialised 532, 128x32 380, 64x64 4 warps 424).
+# (warp-specialised 532, 128x32 380, 64x64 4 warps 424). Those with per-program device
+# descriptors; with HOST_DESC through the public call (`python -m fa2lab bench --hopper`, same day,
+# gpu-20261202-045930.json): D=64 415, D=128 499 (portable kernels 486 in the same run), D=256 555.
 FWD = {
     64: (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HOST_DESC=True),
          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HOST_DESC=True)),
