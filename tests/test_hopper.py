@@ -111,3 +111,15 @@ def test_sm90_profiles_carry_the_hopper_configs():
         p = get_profile(name)
         assert p.kernel_configs["bwd"] == TABLE and set(p.kernel_configs["fwd"]) == {64, 128, 256}
         assert "2026-12-02" in p.sources["kernel_configs"]
+
+
+def test_cost_model_rows_for_the_h200_run():
+    import json
+    from pathlib import Path
+
+    from fa2lab.bench.hopper_sweep import roofline_rows
+
+    path = Path(__file__).parents[1] / "experiments/results/gpu-20261202-045930.json"
+    rows = roofline_rows(json.loads(path.read_text()))
+    assert len(rows) == 12  # every forward shape of issue 15's table
+    assert all(r["measured_over_predicted"] >= 1.0 for r in rows)  # a roofline is a lower bound

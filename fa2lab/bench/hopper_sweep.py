@@ -184,6 +184,27 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def roofline_rows(results: dict, profile_name: str = "h200") -> list[dict]:
+    """The cost model next to a `fa2lab bench --hopper` run: for every fa2lab forward row, the
+    roofline time of `fa2lab.cost.roofline.fa2_forward` with the Hopper tiles, and measured / predicted."""
+    from fa2lab.cost.roofline import fa2_forward
+    from fa2lab.hardware import get_profile
+    from fa2lab.kernels.hopper_config import hopper_fwd_config
+
+    prof = get_profile(profile_name)
+    out = []
+    for r in results["rows"]:
+        if r.get("kind") != "fwd" or r.get("impl") != "fa2lab triton" or "ms" not in r:
+            continue
+        cfg = hopper_fwd_config(r["D"], causal=r["causal"], seq_len=r["N"])
+        roof = fa2_forward(prof, r["B"], r["H"], r["N"], r["N"], r["D"], "bfloat16", causal=r["causal"],
+                           hkv=r.get("Hkv", r["H"]), block_q=cfg["BLOCK_M"], block_k=cfg["BLOCK_N"])
+        out.append(dict(N=r["N"], D=r["D"], causal=r["causal"], H=r["H"], Hkv=r.get("Hkv", r["H"]),
+                        measured_ms=r["ms"], predicted_ms=roof.time * 1e3, bound=roof.bound,
+                        measured_over_predicted=r["ms"] / (roof.time * 1e3)))
+    return out
+
+
 CASES = [(4096, 128, False), (4096, 128, True), (4096, 64, False), (4096, 256, False), (1024, 128, False)]
 
 
@@ -193,7 +214,16 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default=None, help="N:D:causal,... (default: the FA2-paper shapes)")
     p.add_argument("--out", type=Path, default=Path("experiments/results"))
     p.add_argument("--jsonl", type=Path, default=None, help="also append each row to this file as it is measured")
+    p.add_argument("--predict", type=Path, default=None,
+                   help="no GPU: print the cost model's forward times next to a gpu-*.json of `bench --hopper`")
     args = p.parse_args(argv)
+    if args.predict:
+        print("| case | measured ms | predicted ms (roofline) | bound | measured / predicted |\n|---|---|---|---|---|")
+        for r in roofline_rows(json.loads(args.predict.read_text())):
+            gqa = f" GQA {r['H']}:{r['Hkv']}" if r["H"] != r["Hkv"] else ""
+            print(f"| N={r['N']} D={r['D']} {'causal' if r['causal'] else 'full'}{gqa} | {r['measured_ms']:.3f} | "
+                  f"{r['predicted_ms']:.3f} | {r['bound']} | {r['measured_over_predicted']:.2f} |")
+        return 0
     cases = CASES if not args.cases else [(int(n), int(d), c == "1") for n, d, c in
                                           (x.split(":") for x in args.cases.split(","))]
     env = environment()
