@@ -7,6 +7,8 @@ hopper_bwd.py: TMA descriptors, sm_90 tiles) where `hopper_eligible` holds, the 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from fa2lab.kernels.bwd import flash_bwd_triton
@@ -14,11 +16,25 @@ from fa2lab.kernels.fwd import flash_fwd_triton, flash_fwd_varlen_triton
 from fa2lab.kernels.hopper_config import hopper_bwd_wanted, hopper_eligible, tma_ok
 
 
+_log = logging.getLogger("fa2lab")
+_logged: set = set()
+
+
+def _note(path: str, q) -> None:
+    """Log which kernels run, once per distinct (path, device, dtype)."""
+    key = (path, str(q.device), q.dtype)
+    if key not in _logged:
+        _logged.add(key)
+        _log.info("Triton attention on %s %s: %s kernels", q.device, str(q.dtype).removeprefix("torch."), path)
+
+
 def _fwd_impl(q, k, v, varlen: bool):
     if hopper_eligible(q, k, v):
         from fa2lab.kernels.hopper_fwd import hopper_fwd, hopper_fwd_varlen
 
+        _note("Hopper (sm_90, TMA)", q)
         return (hopper_fwd_varlen if varlen else hopper_fwd), True
+    _note("portable", q)
     return (flash_fwd_varlen_triton if varlen else flash_fwd_triton), False
 
 

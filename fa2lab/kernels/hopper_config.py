@@ -75,7 +75,11 @@ def tma_ok(t: torch.Tensor, token_dim: int) -> bool:
     non-zero token stride and unit stride in the head dim; batch and head strides become base
     offsets, so they too must keep the base aligned."""
     elem = t.element_size()
-    return (t.stride(-1) == 1 and t.stride(token_dim) > 0 and t.data_ptr() % 16 == 0
+    try:
+        ptr = t.data_ptr()
+    except RuntimeError:  # a tensor without storage (traced, fake): the portable kernels' rules apply
+        return False
+    return (t.stride(-1) == 1 and t.stride(token_dim) > 0 and ptr % 16 == 0
             and all((t.stride(i) * elem) % 16 == 0 for i in range(t.dim() - 1)))
 
 
