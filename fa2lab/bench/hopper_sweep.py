@@ -186,8 +186,8 @@ def table(rows) -> str:
 
 def roofline_rows(results: dict, profile_name: str = "h200") -> list[dict]:
     """The cost model next to a `fa2lab bench --hopper` run: for every fa2lab forward row, the
-    roofline time of `fa2lab.cost.roofline.fa2_forward` with the Hopper tiles, and measured / predicted."""
-    from fa2lab.cost.roofline import fa2_forward
+    roofline time of `fa2lab.cost.predict.fa2_forward` with the Hopper tiles, and measured / predicted."""
+    from fa2lab.cost.predict import fa2_forward
     from fa2lab.hardware import get_profile
     from fa2lab.kernels.hopper_config import hopper_fwd_config
 
