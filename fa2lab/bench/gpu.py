@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import time
@@ -71,6 +72,16 @@ def _fa2lab(q, k, v, causal):
     return triton_attention(q, k, v, scale=q.shape[-1] ** -0.5, left=-1, right=0 if causal else -1)
 
 
+def _fa2lab_portable(q, k, v, causal):
+    """The portable kernels on a GPU where the dispatcher would pick the Hopper ones (same run, same call)."""
+    old = os.environ.get("FA2LAB_TRITON_PATH")
+    os.environ["FA2LAB_TRITON_PATH"] = "portable"
+    try:
+        return _fa2lab(q, k, v, causal)
+    finally:
+        os.environ.pop("FA2LAB_TRITON_PATH") if old is None else os.environ.__setitem__("FA2LAB_TRITON_PATH", old)
+
+
 FWD_IMPLS = {"fa2lab triton": lambda: _fa2lab, "sdpa flash": lambda: _sdpa(SDPBackend.FLASH_ATTENTION),
              "sdpa cudnn": lambda: _sdpa(SDPBackend.CUDNN_ATTENTION),
              "sdpa efficient": lambda: _sdpa(SDPBackend.EFFICIENT_ATTENTION), "flex (compiled)": _flex}
@@ -89,15 +100,24 @@ def _check_rows(out, ref_out, q, k, v, causal, rows=128):
     return max(errs_ours), max(errs_ref)
 
 
-def forward_backward(cases, dtype=torch.bfloat16, with_bwd=True, pk=None, log=print, impls=None):
+def forward_backward(cases, dtype=torch.bfloat16, with_bwd=True, pk=None, log=print, impls=None, portable_cases=()):
     """One row per (case, implementation of `impls`, default FWD_IMPLS): forward, and backward with
-    `with_bwd`. cases: (N, D, causal) with B*N = 32k tokens and H*D = 2048."""
-    impls = FWD_IMPLS if impls is None else impls
+    `with_bwd`. cases: (N, D, causal) with B*N = 32k tokens and H*D = 2048, or (N, D, causal, Hq, Hkv)
+    for GQA. portable_cases: the cases that also time the portable kernels (impl "fa2lab portable")."""
+    base = FWD_IMPLS if impls is None else impls
     rows = []
-    for n, d, causal in cases:
+    for case in cases:
+        n, d, causal = case[:3]
         h = 2048 // d  # hidden 2048 as in the FA2 paper
+        hkv = h
+        if len(case) == 5:
+            h, hkv = case[3:]
         b = max(1, 32768 // n)  # B * N = 32k tokens
-        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for _ in range(3))
+        q = torch.randn(b, h, n, d, device="cuda", dtype=dtype)
+        k, v = (torch.randn(b, hkv, n, d, device="cuda", dtype=dtype) for _ in range(2))
+        impls = dict(base)
+        if case in portable_cases:
+            impls["fa2lab portable"] = lambda: _fa2lab_portable
         flops = formula_flops(b, h, n, n, d, causal=causal)  # 4*B*H*N*N*D: 2 matmuls of 2*N*N*D, /2 causal
         ref = _sdpa(SDPBackend.FLASH_ATTENTION)(q, k, v, causal)
         for name, make in impls.items():
@@ -105,9 +125,9 @@ def forward_backward(cases, dtype=torch.bfloat16, with_bwd=True, pk=None, log=pr
                 fn = make()
                 out = fn(q, k, v, causal)
                 t = _bench(lambda: fn(q, k, v, causal))
-                row = dict(kind="fwd", impl=name, N=n, D=d, B=b, H=h, causal=causal, ms=t * 1e3,
+                row = dict(kind="fwd", impl=name, N=n, D=d, B=b, H=h, Hkv=hkv, causal=causal, ms=t * 1e3,
                            tflops=flops / t / 1e12)
-                if name == "fa2lab triton":
+                if name.startswith("fa2lab"):
                     e_ours, e_sdpa = _check_rows(out, ref, q, k, v, causal)
                     row.update(err=e_ours, err_sdpa=e_sdpa, exact=within_torch_error(e_ours, e_sdpa, floor=1e-3))
                 rows.append(row)
@@ -117,12 +137,16 @@ def forward_backward(cases, dtype=torch.bfloat16, with_bwd=True, pk=None, log=pr
                 log(f"fwd {name:<16} N={n:>6} D={d:>3}: {type(exc).__name__}: {str(exc)[:120]}")
         if with_bwd:
             do = torch.randn_like(q)
-            for name, fn in (("fa2lab triton", _fa2lab), ("sdpa flash", _sdpa(SDPBackend.FLASH_ATTENTION))):
+            bwd_impls = [("fa2lab triton", _fa2lab), ("sdpa flash", _sdpa(SDPBackend.FLASH_ATTENTION)),
+                         ("sdpa cudnn", _sdpa(SDPBackend.CUDNN_ATTENTION))]
+            if case in portable_cases:
+                bwd_impls.append(("fa2lab portable", _fa2lab_portable))
+            for name, fn in bwd_impls:
                 try:
                     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
                     out = fn(*leaves, causal)
                     t = _bench(lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
-                    rows.append(dict(kind="bwd", impl=name, N=n, D=d, B=b, H=h, causal=causal, ms=t * 1e3,
+                    rows.append(dict(kind="bwd", impl=name, N=n, D=d, B=b, H=h, Hkv=hkv, causal=causal, ms=t * 1e3,
                                      tflops=2.5 * flops / t / 1e12))
                     log(f"bwd {name:<16} N={n:>6} D={d:>3} causal={causal!s:<5} {t * 1e3:8.3f} ms {2.5 * flops / t / 1e12:7.1f} TFLOP/s")
                 except Exception as exc:
@@ -169,6 +193,11 @@ def decode(cases, dtype=torch.bfloat16, log=print):
 
 FWD_CASES = [(1024, 128, False), (4096, 128, False), (16384, 128, False), (4096, 64, False),
              (1024, 128, True), (4096, 128, True), (16384, 128, True)]
+# The table of issue 15 (Hopper kernels against cuDNN): D = 64 / 128 / 256, full and causal, GQA.
+HOPPER_CASES = [(1024, 128, False), (4096, 128, False), (16384, 128, False), (4096, 64, False),
+                (4096, 256, False), (1024, 128, True), (4096, 128, True), (16384, 128, True), (4096, 64, True),
+                (4096, 256, True), (4096, 128, True, 32, 8), (8192, 128, False, 32, 4)]
+PORTABLE_CASES = [(4096, 128, False), (4096, 128, True), (4096, 256, False)]
 DECODE_CASES = [(1, 32, 8, 32768, 128), (8, 32, 8, 8192, 128), (1, 32, 32, 131072, 128), (64, 32, 8, 4096, 128)]
 
 
@@ -193,20 +222,23 @@ def save_results(folder: Path, prefix: str, payload: dict) -> Path:
     return path
 
 
-def run(quick: bool = False, with_bwd: bool = True, only: str | None = None, log=print) -> dict:
+def run(quick: bool = False, with_bwd: bool = True, only: str | None = None, log=print, hopper: bool = False,
+        flex: bool = True) -> dict:
     """The benchmark on the CUDA device here, in the results files' format: environment, peaks and
     rows. quick: two forward shapes and one decode shape, no FlexAttention (its torch.compile takes
-    minutes). Changes no module state."""
+    minutes). hopper: issue 15's table (HOPPER_CASES), the portable kernels beside on PORTABLE_CASES.
+    flex: include FlexAttention. Changes no module state."""
     if not torch.cuda.is_available():
         raise RuntimeError("no CUDA device: fa2lab.bench.gpu.run needs a GPU (torch.cuda.is_available() is False)")
-    impls = {k: v for k, v in FWD_IMPLS.items() if not (quick and k == "flex (compiled)")}
+    impls = {k: v for k, v in FWD_IMPLS.items() if not ((quick or not flex) and k == "flex (compiled)")}
     env = environment()
     pk = peaks()
     log(f"peaks: bf16 matmul {pk['matmul_tflops']:.0f} TFLOP/s, copy {pk['copy_tbps']:.2f} TB/s")
     rows = []
     if only in (None, "fwd"):
-        cases = FWD_CASES[1:2] + FWD_CASES[5:6] if quick else FWD_CASES
-        rows += forward_backward(cases, with_bwd=with_bwd, pk=pk, log=log, impls=impls)
+        cases = FWD_CASES[1:2] + FWD_CASES[5:6] if quick else HOPPER_CASES if hopper else FWD_CASES
+        rows += forward_backward(cases, with_bwd=with_bwd, pk=pk, log=log, impls=impls,
+                                 portable_cases=PORTABLE_CASES if hopper else ())
     if only in (None, "decode"):
         rows += decode(DECODE_CASES[:1] if quick else DECODE_CASES, log=log)
     return dict(environment=env, peaks=pk, rows=rows)
@@ -218,8 +250,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-bwd", action="store_true")
     p.add_argument("--only", choices=["fwd", "decode"], default=None)
     p.add_argument("--out", type=Path, default=Path("experiments/results"))
+    p.add_argument("--hopper", action="store_true",
+                   help="issue 15's table (D = 64/128/256, GQA), the portable kernels timed beside on three shapes")
+    p.add_argument("--no-flex", action="store_true", help="leave out FlexAttention (its compiles take minutes)")
     args = p.parse_args(argv)
-    results = run(quick=args.quick, with_bwd=not args.no_bwd, only=args.only)
+    results = run(quick=args.quick, with_bwd=not args.no_bwd, only=args.only, hopper=args.hopper,
+                  flex=not args.no_flex)
     print(results["environment"])
     save_results(args.out, "gpu", results)
     return 0

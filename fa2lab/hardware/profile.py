@@ -90,6 +90,9 @@ class HardwareProfile:
         "CPU: seconds per byte to fault in freshly mapped memory; glibc maps allocations >= 32 MiB "
         "fresh from the OS (fa2lab's timing setting), so score tiles that large pay it every step",
         default=0.0)
+    kernel_configs: dict = _f(
+        "GPU: launch configurations of fa2lab's Triton kernels tuned for this device ({'fwd': ..., "
+        "'bwd': ...} by head-dim bound); empty where the portable defaults apply", default_factory=dict)
     sources: dict = _f("field name -> where its number comes from (datasheet, paper, measurement + date)",
                        default_factory=dict)
 

@@ -1,17 +1,57 @@
-"""The Triton kernels joined by autograd: dense and varlen FA2, forward and backward."""
+"""The Triton kernels joined by autograd: dense and varlen FA2, forward and backward.
+
+Two implementations behind one choice made here per call: the Hopper kernels (hopper_fwd.py,
+hopper_bwd.py: TMA descriptors, sm_90 tiles) where `hopper_eligible` holds, the portable kernels
+(fwd.py, bwd.py: Ampere and newer, and the CPU interpreter) everywhere else.
+"""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from fa2lab.kernels.bwd import flash_bwd_triton
 from fa2lab.kernels.fwd import flash_fwd_triton, flash_fwd_varlen_triton
+from fa2lab.kernels.hopper_config import hopper_bwd_wanted, hopper_eligible, tma_ok
+
+
+_log = logging.getLogger("fa2lab")
+_logged: set = set()
+
+
+def _note(path: str, q) -> None:
+    """Log which kernels run, once per distinct (path, device, dtype)."""
+    key = (path, str(q.device), q.dtype)
+    if key not in _logged:
+        _logged.add(key)
+        _log.info("Triton attention on %s %s: %s kernels", q.device, str(q.dtype).removeprefix("torch."), path)
+
+
+def _fwd_impl(q, k, v, varlen: bool):
+    if hopper_eligible(q, k, v):
+        from fa2lab.kernels.hopper_fwd import hopper_fwd, hopper_fwd_varlen
+
+        _note("Hopper (sm_90, TMA)", q)
+        return (hopper_fwd_varlen if varlen else hopper_fwd), True
+    _note("portable", q)
+    return (flash_fwd_varlen_triton if varlen else flash_fwd_triton), False
+
+
+def _bwd_impl(hopper: bool, dout, token_dim: int, head_dim: int, cfg: dict):
+    causal = cfg["right"] >= 0 and cfg["left"] < 0
+    if hopper and tma_ok(dout, token_dim) and hopper_bwd_wanted(head_dim, causal):
+        from fa2lab.kernels.hopper_bwd import hopper_bwd
+
+        return hopper_bwd
+    return flash_bwd_triton
 
 
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, left, right):
-        out, lse = flash_fwd_triton(q, k, v, scale=scale, left=left, right=right)
+        fwd, ctx.hopper = _fwd_impl(q, k, v, False)
+        out, lse = fwd(q, k, v, scale=scale, left=left, right=right)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.cfg = dict(scale=scale, left=left, right=right)
         return out, lse
@@ -20,14 +60,16 @@ class _TritonAttention(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-        dq, dk, dv = flash_bwd_triton(dout, dlse, q, k, v, out, lse, **ctx.cfg)
+        bwd = _bwd_impl(ctx.hopper, dout, 2, max(q.shape[-1], v.shape[-1]), ctx.cfg)
+        dq, dk, dv = bwd(dout, dlse, q, k, v, out, lse, **ctx.cfg)
         return dq, dk, dv, None, None, None
 
 
 class _TritonVarlenAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right):
-        out, lse = flash_fwd_varlen_triton(q, k, v, cu_q, cu_k, max_q, scale=scale, left=left, right=right)
+        fwd, ctx.hopper = _fwd_impl(q, k, v, True)
+        out, lse = fwd(q, k, v, cu_q, cu_k, max_q, scale=scale, left=left, right=right)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
         ctx.cfg = dict(scale=scale, left=left, right=right, max_q=max_q, max_k=max_k)
         return out, lse
@@ -36,7 +78,8 @@ class _TritonVarlenAttention(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-        dq, dk, dv = flash_bwd_triton(dout, dlse, q, k, v, out, lse, cu_q=cu_q, cu_k=cu_k, **ctx.cfg)
+        dq, dk, dv = _bwd_impl(ctx.hopper, dout, 0, max(q.shape[-1], v.shape[-1]), ctx.cfg)(
+            dout, dlse, q, k, v, out, lse, cu_q=cu_q, cu_k=cu_k, **ctx.cfg)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 

@@ -223,7 +223,10 @@ def bwd_config(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
         return dict(dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3))
     if head_dim <= 128:
         return dict(dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 3))
-    return dict(dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2))  # head dim 256: untuned
+    # Head dim 256: with 4 warps the 64 x 256 fp32 dK and dV accumulators need 256 registers a
+    # thread and spill; 8 warps halve that. H200, 2026-12-02 (python -m fa2lab.bench.hopper_sweep,
+    # bf16, N=4096): 146 TFLOP/s against 99 with 4 warps.
+    return dict(dkdv=(32, 64, 8, 2), dq=(64, 32, 8, 2))
 
 
 def flash_bwd_triton(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu_k=None, max_q=0, max_k=0,

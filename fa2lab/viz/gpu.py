@@ -48,7 +48,8 @@ def impl_name(impl: str) -> str:
 def case_label(row: dict) -> str:
     if row["kind"] == "decode":
         return f"B={row['B']} Hq={row['Hq']} Hkv={row['Hkv']} L={row['L']}"
-    return f"N={row['N']} D={row['D']} {'causal' if row['causal'] else 'full'}"
+    gqa = f" GQA {row['H']}:{row['Hkv']}" if row.get("Hkv") not in (None, row.get("H")) else ""
+    return f"N={row['N']} D={row['D']} {'causal' if row['causal'] else 'full'}{gqa}"
 
 
 def throughput_figure(results: dict, kind: str = "fwd") -> go.Figure:

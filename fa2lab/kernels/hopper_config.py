@@ -1,0 +1,104 @@
+"""Launch configurations of the Hopper kernels, per head dim, and when the Hopper path applies.
+
+The tables are the ones the sm_90 hardware profiles carry (`HardwareProfile.kernel_configs`, with
+the measurement that chose each row in `sources["kernel_configs"]`); they live here so that the
+kernels need no profile lookup per call. `python -m fa2lab.bench.hopper_sweep` re-measures them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Forward: BLOCK_M x BLOCK_N tile, warps, pipeline stages; HOST_DESC: descriptors built on the host
+# over (B, H, N, D) instead of per program on the device. Keys: head-dim bound -> (full, causal).
+# Chosen by `python -m fa2lab.bench.hopper_sweep` on the H200, 2026-12-02 (bf16, N = 4096, B*N = 32k,
+# kernel-level TFLOP/s; experiments/results/hopper-sweep-20261202-043936.json): D=64 128x64 8 warps
+# 3 stages 414 (128x128: 333); D=128 128x128 3 stages 472 full / 408 causal (2 stages 439 / 372,
+# 128x64 447 / 391, persistent 444 / 340, warp-specialised 437 / 370); D=256 128x64 2 stages 520
+# (warp-specialised 532, 128x32 380, 64x64 4 warps 424). Those with per-program device
+# descriptors; with HOST_DESC through the public call (`python -m fa2lab bench --hopper`, same day,
+# gpu-20261202-045930.json): D=64 415, D=128 499 (portable kernels 486 in the same run), D=256 555.
+FWD = {
+    64: (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HOST_DESC=True),
+         dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HOST_DESC=True)),
+    128: (dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, HOST_DESC=True),
+          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, HOST_DESC=True)),
+    256: (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, WARP_SPECIALIZE=True, HOST_DESC=True),
+          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, WARP_SPECIALIZE=True, HOST_DESC=True)),
+}
+# Backward: per kernel (BLOCK_M, BLOCK_N, num_warps, num_stages[, SWAP_AB]); dK/dV holds BLOCK_N keys
+# and walks queries, dQ holds BLOCK_M queries and walks keys. "dv" + "dk" instead of "dkdv": two
+# kernels with one accumulator each. Same sweep (2.5x flops): D=64 (32,128,4,3)/(128,32,4,3) 351
+# ((64,128,8,2)/(128,64,8,2) 290); D=128 (64,128,8,2)/(128,64,8,2) 366 full / 300 causal
+# ((32,128,8,2) 333 / 298, (64,64,8,3) 238 / 209); D=256 split dv (64,128,8,2) + dk (32,128,8,2)
+# + dq (64,64,8,2) 237 (one dkdv kernel (64,64,8,2), spilling: 214; the old portable tiles: 99).
+BWD = {
+    64: dict(dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3)),
+    128: dict(dkdv=(64, 128, 8, 2), dq=(128, 64, 8, 2)),
+    256: dict(dv=(64, 128, 8, 2), dk=(32, 128, 8, 2), dq=(64, 64, 8, 2)),
+}
+# Where the portable backward measured faster in the same run (H200, 2026-12-02, `python -m fa2lab
+# bench --hopper`, gpu-20261202-045930.json): D=128 causal 314 against the Hopper kernels' 298.
+BWD_PORTABLE = {(128, True)}
+# Above 227 KB of shared memory a config does not launch; every row above fits (ptxas, sm_90a).
+PERSISTENT_BELOW = 0  # persistent launches measured no faster at N = 1024 (349 against 353)
+
+
+def _bound(head_dim: int) -> int:
+    for bound in (64, 128, 256):
+        if head_dim <= bound:
+            return bound
+    raise ValueError(f"head_dim {head_dim} > 256: the Hopper kernels hold at most 256 columns")
+
+
+def hopper_fwd_config(head_dim: int, *, causal: bool, seq_len: int) -> dict:
+    cfg = dict(FWD[_bound(head_dim)][1 if causal else 0])
+    if seq_len < PERSISTENT_BELOW:
+        cfg.setdefault("PERSISTENT", True)
+    if os.environ.get("FA2LAB_HOPPER_HOST_DESC", "1") == "0":  # per-program device descriptors instead
+        cfg["HOST_DESC"] = False
+    return cfg
+
+
+def hopper_bwd_config(head_dim: int, *, causal: bool, seq_len: int) -> dict:
+    return dict(BWD[_bound(head_dim)])
+
+
+def hopper_bwd_wanted(head_dim: int, causal: bool) -> bool:
+    return (_bound(head_dim), causal) not in BWD_PORTABLE
+
+
+def tma_ok(t: torch.Tensor, token_dim: int) -> bool:
+    """TMA addresses a (tokens, head dim) slice by a 16-byte-aligned base, a 16-byte-aligned
+    non-zero token stride and unit stride in the head dim; batch and head strides become base
+    offsets, so they too must keep the base aligned."""
+    elem = t.element_size()
+    try:
+        ptr = t.data_ptr()
+    except RuntimeError:  # a tensor without storage (traced, fake): the portable kernels' rules apply
+        return False
+    return (t.stride(-1) == 1 and t.stride(token_dim) > 0 and ptr % 16 == 0
+            and all((t.stride(i) * elem) % 16 == 0 for i in range(t.dim() - 1)))
+
+
+def hopper_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The Hopper kernels run here: an sm_90 device (the capability the h100/h200 profiles
+    record), fp16/bf16, head dims 8..256 and strides TMA can address. Otherwise the portable
+    kernels run (they handle everything else: fp32, Ampere, the interpreter, odd strides)."""
+    from fa2lab.kernels.common import interpreting
+
+    if os.environ.get("FA2LAB_TRITON_PATH", "auto") == "portable":  # compare the two paths in one process
+        return False
+    if interpreting() or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    if not (8 <= q.shape[-1] <= 256 and 8 <= v.shape[-1] <= 256):
+        return False
+    token_dim = 0 if q.dim() == 3 else 2  # varlen (total, H, D) or dense (B, H, N, D)
+    return all(tma_ok(t, token_dim) for t in (q, k, v))
+
+
+__all__ = ["BWD", "BWD_PORTABLE", "FWD", "hopper_bwd_config", "hopper_bwd_wanted", "hopper_eligible", "hopper_fwd_config", "tma_ok"]
