@@ -1,6 +1,6 @@
 # fa2lab set-up and entry points. Needs only python3 (>=3.11), pip and make.
 #   make test                set up .venv if needed, run tests/ and notebooks/ (what CI runs)
-#   make run                 the main job: smoke run, notebook sweeps (papermill), results/report.html
+#   make run                 the main job: smoke run, notebook sweeps (papermill; GPU ones with CUDA), results/report.html
 #   make bench               python -m fa2lab bench-cpu
 #   make env-sync            regenerate environment.yml from pyproject.toml
 
@@ -19,6 +19,8 @@ FA2LAB_TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 # The notebook sweeps of the main job (fa2lab sweep); each resumes where it stopped.
 SWEEPS ?= experiments/tile_schedule.yaml experiments/memory_scaling.yaml experiments/split_k.yaml
+# The GPU sweeps (notebook 07 live): run where torch sees a CUDA device, skipped (saying why) elsewhere.
+GPU_SWEEPS ?= experiments/gpu_kernels.yaml experiments/gpu_decode.yaml
 # notebooks/ is absent from a fresh clone until it holds a tracked notebook.
 NOTEBOOKS := $(wildcard notebooks)
 
@@ -40,7 +42,9 @@ test: $(STAMP)
 # status is still the sweep's.
 run: $(STAMP)
 	$(PY) -m fa2lab run
-	$(PY) -m fa2lab sweep $(SWEEPS) --jobs 2; status=$$?; $(PY) -m fa2lab report && exit $$status
+	$(PY) -m fa2lab sweep $(SWEEPS) --jobs 2; status=$$?; \
+	$(PY) -m fa2lab sweep $(GPU_SWEEPS) || status=1; \
+	$(PY) -m fa2lab report && exit $$status
 
 bench: $(STAMP)
 	$(PY) -m fa2lab bench-cpu

@@ -12,7 +12,8 @@ from fa2lab.sweep.spec import METRICS_PARAM, notebook_parameters, type_problem
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 EXPECTED = ["00_quickstart", "01_online_softmax", "02_tiling", "03_memory_scaling", "04_split_k_decoding",
-            "05_kv_caches", "06_hardware_profiles", "07_gpu_kernels", "08_ring_attention"]
+            "05_kv_caches", "06_hardware_profiles", "07_gpu_kernels", "08_ring_attention", "10_backward",
+            "11_numerics", "12_models"]
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
 CLEAN = "python -m fa2lab.sweep.clean notebooks/*.ipynb"
 
@@ -33,6 +34,11 @@ SMOKE = {
     "07_gpu_kernels": dict(live=False),  # results_file: a synthetic one, written by the fixture
     "08_ring_attention": dict(world_size=3, seq_len=18, layout="zigzag", heads_q=2, heads_kv=1,
                               head_dim=8, seed=1),
+    "10_backward": dict(seq_len=70, block_q=16, block_k=16, causal=False, ns=[64, 128], heads=1, head_dim=16),
+    "11_numerics": dict(ns=[32, 97], logit_scales=[2.0], dtypes=["float32", "bfloat16"], backends=["tiled", "sdpa"],
+                        heads=1, head_dim=16, source_dtype="float16"),
+    "12_models": dict(layers=1, hidden=32, heads=2, kv_heads=1, head_dim=8, prompt_len=17, ns=[64],
+                      impls=["fa2lab", "eager"], vision=False),
 }
 
 

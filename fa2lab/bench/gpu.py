@@ -208,9 +208,11 @@ def environment() -> dict:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = ""
+    from fa2lab.measure.versions import versions
+
     return dict(date=time.strftime("%Y-%m-%d"), device=torch.cuda.get_device_name(0), torch=torch.__version__,
-                triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version(),
-                fa2lab_commit=commit or "unknown")
+                triton=triton.__version__, cuda=torch.version.cuda, driver=versions()["driver"],
+                python=platform.python_version(), fa2lab_commit=commit or "unknown")
 
 
 def save_results(folder: Path, prefix: str, payload: dict) -> Path:
@@ -222,25 +224,61 @@ def save_results(folder: Path, prefix: str, payload: dict) -> Path:
     return path
 
 
+def parse_fwd_case(text: str) -> tuple[int, int, bool]:
+    """'4096,128,causal' -> (N, D, causal): a forward/backward shape of this benchmark (B*N = 32k
+    tokens, H*D = 2048, as in the FA2 paper)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 3 or not (parts[0].isdigit() and parts[1].isdigit()) or parts[2] not in ("full", "causal"):
+        raise ValueError(f"forward case {text!r}: expected 'N,D,full' or 'N,D,causal', e.g. '4096,128,causal'")
+    n, d = int(parts[0]), int(parts[1])
+    if n < 1 or d < 1 or 2048 % d:
+        raise ValueError(f"forward case {text!r}: N >= 1 and D dividing 2048 (H = 2048 / D), got N={n}, D={d}")
+    return n, d, parts[2] == "causal"
+
+
+def parse_decode_case(text: str) -> tuple[int, int, int, int, int]:
+    """'1,32,8,32768,128' -> (B, Hq, Hkv, L, D): one query token against a cache of L tokens."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 5 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"decode case {text!r}: expected five positive integers 'B,Hq,Hkv,L,D', e.g. '1,32,8,32768,128'")
+    b, hq, hkv, n, d = map(int, parts)
+    if hq % hkv:
+        raise ValueError(f"decode case {text!r}: Hq={hq} must be a multiple of Hkv={hkv}")
+    return b, hq, hkv, n, d
+
+
 def run(quick: bool = False, with_bwd: bool = True, only: str | None = None, log=print, hopper: bool = False,
-        flex: bool = True) -> dict:
+        flex: bool = True, *, fwd_cases=None, decode_cases=None, impls=None) -> dict:
     """The benchmark on the CUDA device here, in the results files' format: environment, peaks and
     rows. quick: two forward shapes and one decode shape, no FlexAttention (its torch.compile takes
     minutes). hopper: issue 15's table (HOPPER_CASES), the portable kernels beside on PORTABLE_CASES.
-    flex: include FlexAttention. Changes no module state."""
+    flex: include FlexAttention. fwd_cases ('N,D,full|causal') and decode_cases ('B,Hq,Hkv,L,D'),
+    when given, replace those lists (empty: none of that kind); impls: the forward implementations
+    (names of FWD_IMPLS). Cases are checked before the device is touched. Changes no module state."""
+    fwd = [parse_fwd_case(c) for c in fwd_cases] if fwd_cases is not None else None
+    dec = [parse_decode_case(c) for c in decode_cases] if decode_cases is not None else None
+    unknown = [i for i in impls or () if i not in FWD_IMPLS]
+    if unknown:
+        raise ValueError(f"unknown implementations {unknown}; known: {list(FWD_IMPLS)}")
     if not torch.cuda.is_available():
         raise RuntimeError("no CUDA device: fa2lab.bench.gpu.run needs a GPU (torch.cuda.is_available() is False)")
-    impls = {k: v for k, v in FWD_IMPLS.items() if not ((quick or not flex) and k == "flex (compiled)")}
+    if impls is not None:
+        chosen = {k: v for k, v in FWD_IMPLS.items() if k in impls}
+    else:
+        chosen = {k: v for k, v in FWD_IMPLS.items() if not ((quick or not flex) and k == "flex (compiled)")}
     env = environment()
     pk = peaks()
     log(f"peaks: bf16 matmul {pk['matmul_tflops']:.0f} TFLOP/s, copy {pk['copy_tbps']:.2f} TB/s")
     rows = []
     if only in (None, "fwd"):
-        cases = FWD_CASES[1:2] + FWD_CASES[5:6] if quick else HOPPER_CASES if hopper else FWD_CASES
-        rows += forward_backward(cases, with_bwd=with_bwd, pk=pk, log=log, impls=impls,
-                                 portable_cases=PORTABLE_CASES if hopper else ())
+        if fwd is None:
+            fwd = FWD_CASES[1:2] + FWD_CASES[5:6] if quick else HOPPER_CASES if hopper else FWD_CASES
+        rows += forward_backward(fwd, with_bwd=with_bwd, pk=pk, log=log, impls=chosen,
+                                 portable_cases=PORTABLE_CASES if hopper and fwd_cases is None else ()) if fwd else []
     if only in (None, "decode"):
-        rows += decode(DECODE_CASES[:1] if quick else DECODE_CASES, log=log)
+        if dec is None:
+            dec = DECODE_CASES[:1] if quick else DECODE_CASES
+        rows += decode(dec, log=log) if dec else []
     return dict(environment=env, peaks=pk, rows=rows)
 
 

@@ -5,7 +5,9 @@
     run_sweep(spec, out_root, jobs=...)     run unfinished points; results/sweeps/<name>/
     build_report(results_root, out)         one self-contained HTML page of every sweep
 
-Command line: `fa2lab sweep SPEC [SPEC ...] [--jobs N]`, `fa2lab report [--out PATH]`.
+Command line: `fa2lab sweep SPEC [SPEC ...] [--jobs N] [--cluster local[:N]|tcp://HOST:PORT |
+--scheduler-file FILE]` (points as Dask tasks: fa2lab.sweep.dask_runner), `fa2lab report [--out PATH]`,
+`fa2lab report --compare A B` (fa2lab.sweep.compare).
 The runner and the report import papermill and pandas only when called, so notebooks that
 import record_metrics stay quick to start.
 """

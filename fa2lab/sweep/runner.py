@@ -31,12 +31,13 @@ from fa2lab.sweep.execute import error_text, execute_in_subprocess, execute_note
 from fa2lab.sweep.metrics import atomic_write_json, atomic_write_text
 from fa2lab.sweep.spec import METRICS_PARAM, REPO, Point, SweepSpec
 
-ENV_COLUMNS = ["fa2lab_commit", "torch", "device", "profile", "threads", "python"]
+ENV_COLUMNS = ["fa2lab_commit", "torch", "device", "profile", "threads", "python", "triton", "driver"]
 
 
 def environment() -> dict:
     """Where the points run: fa2lab's git commit ('+dirty' with uncommitted changes), torch,
-    the device, the hardware profile fa2lab.hardware.detect() picks, torch threads, Python."""
+    the device, the hardware profile fa2lab.hardware.detect() picks, torch threads, Python,
+    triton and the NVIDIA driver ('' where absent)."""
     import torch
 
     def git(*args):
@@ -65,8 +66,10 @@ def environment() -> dict:
         profile = detect().name
     except Exception:  # noqa: BLE001 - the hardware package is optional here
         profile = ""
+    from fa2lab.measure.versions import versions
+
     return dict(fa2lab_commit=commit, torch=torch.__version__, device=device, profile=profile,
-                threads=torch.get_num_threads(), python=platform.python_version())
+                threads=torch.get_num_threads(), python=platform.python_version(), **versions())
 
 
 def file_digest(path: Path) -> str:
@@ -90,8 +93,11 @@ def run_point(spec: SweepSpec, point: Point, folder: Path, env: dict, stop: thre
     t0 = time.perf_counter()
     status, error = "ok", None
     try:
-        execute(spec.notebook, partial, {**point.params, METRICS_PARAM: str(metrics_file)},
-                cwd=spec.notebook.parent, timeout_s=spec.timeout_s)
+        # An executor may say where the point ran (a Dask worker: its device, torch, address).
+        info = execute(spec.notebook, partial, {**point.params, METRICS_PARAM: str(metrics_file)},
+                       cwd=spec.notebook.parent, timeout_s=spec.timeout_s)
+        if isinstance(info, dict) and info.get("env"):
+            env = {**env, **info["env"]}
     except BaseException as exc:  # noqa: BLE001 - a failing point is recorded and the sweep goes on
         if _interrupted(exc) or stop.is_set():
             stop.set()
@@ -160,10 +166,11 @@ def results_table(spec: SweepSpec, folder: Path) -> list[dict]:
 
 
 def run_sweep(spec: SweepSpec, out_root=None, *, jobs: int = 1, progress: bool = True,
-              execute=None, log=print) -> dict:
+              execute=None, log=print, stop: threading.Event | None = None) -> dict:
     """Run every unfinished point of `spec` (up to `jobs` at a time, capped by the spec's
     max_jobs); returns counts {'points', 'skipped', 'ok', 'error', 'interrupted'} and the folder.
-    `execute` (tests): how a point's notebook runs; default papermill (fa2lab.sweep.execute).
+    `execute`: how a point's notebook runs; default papermill (fa2lab.sweep.execute); the Dask
+    runner (fa2lab.sweep.dask_runner) passes its own, sharing `stop` to hear of Ctrl-C.
     Ctrl-C stops starting points, lets the running ones end, records nothing for those it
     interrupted, writes the table and re-raises KeyboardInterrupt."""
     from tqdm.auto import tqdm
@@ -192,7 +199,7 @@ def run_sweep(spec: SweepSpec, out_root=None, *, jobs: int = 1, progress: bool =
     execute = execute or (execute_notebook if jobs == 1 else execute_in_subprocess)
     counts = dict(points=len(points), skipped=skipped, ok=0, error=0, interrupted=0, folder=str(folder))
     env = environment() if todo else {}
-    stop = threading.Event()
+    stop = threading.Event() if stop is None else stop
     bar = tqdm(total=len(points), initial=skipped, desc=spec.name, unit="point", disable=not progress)
     pool = ThreadPoolExecutor(max_workers=jobs) if jobs > 1 else None
     try:

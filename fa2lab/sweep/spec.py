@@ -10,6 +10,9 @@ A spec is YAML (read with yaml.safe_load), for example experiments/memory_scalin
     repeats: 1                                      # runs of each point (timing noise)
     max_jobs: 1                                     # cap on --jobs (1: timings must not overlap)
     timeout_s: 600                                  # per notebook cell
+    resources: {GPU: 1}                             # Dask worker resources one point holds (--cluster);
+                                                    # naming GPU: skipped locally without CUDA
+    retries: 2                                      # --cluster: reruns of a point whose worker died
     report:                                         # figures of the results table
       - {x: n_max, y: [tiled_peak_mib, naive_peak_mib], log_x: true, log_y: true, fit: true}
 
@@ -33,7 +36,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout (experiments/, notebooks/, results/); fa2lab.cli too
 METRICS_PARAM = "metrics_path"  # set by the runner for every point; notebooks pass it to record_metrics
-SPEC_KEYS = {"notebook", "description", "parameters", "grid", "repeats", "max_jobs", "timeout_s", "report", "name"}
+SPEC_KEYS = {"notebook", "description", "parameters", "grid", "repeats", "max_jobs", "timeout_s", "report", "name",
+             "resources", "retries"}
 REPORT_KEYS = {"x", "y", "color", "log_x", "log_y", "fit", "title"}
 SCALAR_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
@@ -159,6 +163,8 @@ class SweepSpec:
     timeout_s: int = 600
     report: tuple = ()
     notebook_params: dict = field(default_factory=dict)
+    resources: dict = field(default_factory=dict)  # Dask worker resources per point, e.g. {"GPU": 1}
+    retries: int = 2  # on a cluster: how often a point whose worker died is run again
 
     def points(self) -> list[Point]:
         names = list(self.grid)
@@ -248,9 +254,25 @@ def load_spec(path) -> SweepSpec:
         if set(fig) - REPORT_KEYS:
             raise SpecError(f"{path}: report[{i}]: unknown keys {sorted(set(fig) - REPORT_KEYS)}; "
                             f"known: {sorted(REPORT_KEYS)}")
+    resources, retries = _check_cluster_keys(path, raw)
     name = raw.get("name", path.stem)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise SpecError(f"{path}: 'name' must be letters, digits, '_', '.' or '-' (a folder name), got {name!r}")
     return SweepSpec(name=name, path=path.resolve(), notebook=notebook, description=str(raw.get("description", "")),
                      parameters=fixed, grid=checked_grid, repeats=repeats, max_jobs=max_jobs, timeout_s=timeout,
-                     report=tuple(report), notebook_params=params)
+                     report=tuple(report), notebook_params=params, resources=resources, retries=retries)
+
+
+def _check_cluster_keys(path, raw) -> tuple[dict, int]:
+    """`resources` (name -> positive number, as `dask worker --resources GPU=1`) and `retries`."""
+    resources = raw.get("resources") or {}
+    if not isinstance(resources, dict) or not all(
+            isinstance(k, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", k) and isinstance(v, (int, float))
+            and not isinstance(v, bool) and v > 0 for k, v in resources.items()):
+        raise SpecError(f"{path}: 'resources' must map resource names to positive numbers (Dask worker "
+                        f"resources, e.g. {{GPU: 1}}), got {resources!r}")
+    retries = raw.get("retries", 2)
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise SpecError(f"{path}: 'retries' must be a non-negative integer (reruns of a point whose worker "
+                        f"died), got {retries!r}")
+    return dict(resources), retries

@@ -88,6 +88,31 @@ def ratio_table(results: dict, kind: str = "fwd", baseline: str = "sdpa flash") 
                  exact=ours[c].get("exact")) for c in ours if c in base]
 
 
+def _slug(impl: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in impl_name(impl)).strip("_")
+
+
+def sweep_metrics(results: dict) -> dict:
+    """A live run's figures as sweep metrics: per kind and implementation the geometric mean of its
+    throughput over the run's shapes (`fwd_fa2lab_triton_tflops`, `decode_sdpa_cudnn_tbps`, ...),
+    and fa2lab's ratio to the same run's baseline (`fwd_over_sdpa_flash`, `decode_over_sdpa_cudnn`)."""
+    import math
+
+    out = {}
+    rows = [r for r in results.get("rows", []) if "error" not in r]
+    for kind in KINDS:
+        metric = "tbps" if kind == "decode" else "tflops"
+        for impl in dict.fromkeys(impl_name(r["impl"]) for r in rows if r["kind"] == kind):
+            xs = [r[metric] for r in rows if r["kind"] == kind and impl_name(r["impl"]) == impl and r[metric] > 0]
+            if xs:
+                out[f"{kind}_{_slug(impl)}_{metric}"] = math.exp(sum(map(math.log, xs)) / len(xs))
+        baseline = "sdpa cudnn" if kind == "decode" else "sdpa flash"
+        ratios = [r["ratio"] for r in ratio_table(results, kind, baseline) if r["ratio"] > 0]
+        if ratios:
+            out[f"{kind}_over_{_slug(baseline)}"] = math.exp(sum(map(math.log, ratios)) / len(ratios))
+    return out
+
+
 def run_live(quick: bool = True, log=print) -> dict:
     """Deprecated: `fa2lab.bench.gpu.run(quick=...)` (figures only draw; the driver measures)."""
     import warnings
