@@ -9,6 +9,10 @@ Layout of a sweep's folder (default results/sweeps/<name>/):
                                        written last: a point is finished iff this exists
     results.csv                   the tidy table: one row per point of the spec
 
+Every point's timings (fa2lab.measure.time_call) follow the spec's `timing:` policy, which reaches
+the notebooks' kernels through the FA2LAB_TIMING environment variable while the sweep runs, and
+record their spread and conditions through record_metrics (timing_* columns).
+
 A point whose result.json says "ok" is never run again; a failed one is run again by the next
 `fa2lab sweep` of the same spec (the notebook may have been fixed); an interrupted one (Ctrl-C,
 kill) left no result.json and is run again. Points run in the notebook's folder, as under nbval.
@@ -17,9 +21,11 @@ kill) left no result.json and is run again. Points run in the notebook's folder,
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
+import os
 import platform
 import subprocess
 import threading
@@ -159,6 +165,27 @@ def results_table(spec: SweepSpec, folder: Path) -> list[dict]:
     return table
 
 
+def _with_timing_policy(run):
+    """Run `run(spec, ...)` with FA2LAB_TIMING set to the spec's timing policy (children inherit it),
+    then restore the variable."""
+    from fa2lab.measure.timing import POLICY_ENV
+
+    @functools.wraps(run)
+    def wrapper(spec, *args, **kwargs):
+        before = os.environ.get(POLICY_ENV)
+        if spec.timing:
+            os.environ[POLICY_ENV] = json.dumps(spec.timing)
+        try:
+            return run(spec, *args, **kwargs)
+        finally:
+            if before is None:
+                os.environ.pop(POLICY_ENV, None)
+            else:
+                os.environ[POLICY_ENV] = before
+    return wrapper
+
+
+@_with_timing_policy
 def run_sweep(spec: SweepSpec, out_root=None, *, jobs: int = 1, progress: bool = True,
               execute=None, log=print) -> dict:
     """Run every unfinished point of `spec` (up to `jobs` at a time, capped by the spec's

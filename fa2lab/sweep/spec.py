@@ -10,6 +10,7 @@ A spec is YAML (read with yaml.safe_load), for example experiments/memory_scalin
     repeats: 1                                      # runs of each point (timing noise)
     max_jobs: 1                                     # cap on --jobs (1: timings must not overlap)
     timeout_s: 600                                  # per notebook cell
+    timing: {threshold: 0.1, retries: 2}            # fa2lab.measure.TimingPolicy of the points' timings
     report:                                         # figures of the results table
       - {x: n_max, y: [tiled_peak_mib, naive_peak_mib], log_x: true, log_y: true, fit: true}
 
@@ -33,7 +34,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout (experiments/, notebooks/, results/); fa2lab.cli too
 METRICS_PARAM = "metrics_path"  # set by the runner for every point; notebooks pass it to record_metrics
-SPEC_KEYS = {"notebook", "description", "parameters", "grid", "repeats", "max_jobs", "timeout_s", "report", "name"}
+SPEC_KEYS = {"notebook", "description", "parameters", "grid", "repeats", "max_jobs", "timeout_s", "report", "name",
+             "timing"}
 REPORT_KEYS = {"x", "y", "color", "log_x", "log_y", "fit", "title"}
 SCALAR_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
@@ -159,6 +161,7 @@ class SweepSpec:
     timeout_s: int = 600
     report: tuple = ()
     notebook_params: dict = field(default_factory=dict)
+    timing: dict = field(default_factory=dict)  # TimingPolicy fields for the points' timings
 
     def points(self) -> list[Point]:
         names = list(self.grid)
@@ -248,9 +251,18 @@ def load_spec(path) -> SweepSpec:
         if set(fig) - REPORT_KEYS:
             raise SpecError(f"{path}: report[{i}]: unknown keys {sorted(set(fig) - REPORT_KEYS)}; "
                             f"known: {sorted(REPORT_KEYS)}")
+    timing = raw.get("timing") or {}
+    try:
+        from fa2lab.measure.timing import TimingPolicy
+
+        if not isinstance(timing, dict):
+            raise ValueError(f"expected a mapping of TimingPolicy fields, got {timing!r}")
+        TimingPolicy.from_dict(timing)
+    except (ValueError, TypeError) as exc:
+        raise SpecError(f"{path}: 'timing': {exc}") from None
     name = raw.get("name", path.stem)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise SpecError(f"{path}: 'name' must be letters, digits, '_', '.' or '-' (a folder name), got {name!r}")
     return SweepSpec(name=name, path=path.resolve(), notebook=notebook, description=str(raw.get("description", "")),
                      parameters=fixed, grid=checked_grid, repeats=repeats, max_jobs=max_jobs, timeout_s=timeout,
-                     report=tuple(report), notebook_params=params)
+                     report=tuple(report), notebook_params=params, timing=dict(timing))
