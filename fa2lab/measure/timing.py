@@ -34,6 +34,9 @@ from dataclasses import dataclass
 
 from fa2lab.measure.conditions import SLOWDOWN_REASONS, LoadWindow, gpu_conditions
 
+__all__ = ["time_call", "Timing", "TimingPolicy", "default_policy", "once", "recent", "take_recent", "summarize",
+           "warning_text", "process_warning", "print_process_warning", "median_seconds", "POLICY_ENV"]
+
 POLICY_ENV = "FA2LAB_TIMING"  # JSON of TimingPolicy fields: the default policy of this process
 log = logging.getLogger("fa2lab")
 
@@ -131,8 +134,8 @@ class Timing:
 
     def as_metrics(self, name: str, scale: float = 1.0) -> dict:
         """`name` (the median times `scale`, e.g. 1e6 for microseconds) with `name_min`, `name_max`,
-        `name_repeats` and `name_contended` (contended or throttled): what a notebook passes to record_metrics so that the
-        report can draw the spread and leave the point out of fits when it is contended."""
+        `name_repeats` and `name_contended` (contended or throttled): what a notebook passes to
+        record_metrics so that the report can draw the spread and leave the point out of fits."""
         return {name: self.median_s * scale, f"{name}_min": self.min_s * scale, f"{name}_max": self.max_s * scale,
                 f"{name}_repeats": self.repeats, f"{name}_contended": self.contended or self.throttled}
 
@@ -305,7 +308,8 @@ def time_call(fn, *, budget_s: float | None = None, min_repeats: int = 3, max_re
 def median_seconds(fn, *, min_repeats: int = 3, max_repeats: int = 20, budget_s: float = 2.0) -> float:
     """time_call(fn, ...).median_s, for callers that need the number alone. The Timing is still
     judged, logged and warned about; prefer time_call, whose result carries the verdict."""
-    return time_call(fn, min_repeats=min_repeats, max_repeats=max_repeats, budget_s=budget_s).median_s
+    # as before time_call: max_repeats caps the repeats even below min_repeats
+    return time_call(fn, min_repeats=min(min_repeats, max_repeats), max_repeats=max_repeats, budget_s=budget_s).median_s
 
 
 def _worse(a: Timing, b: Timing) -> bool:

@@ -13,6 +13,8 @@ import re
 import uuid
 from pathlib import Path
 
+CONDITIONS_FILE = "conditions.json"  # next to a point's metrics.json
+
 
 def atomic_write_text(path, text: str) -> Path:
     """Write `text` to `path` atomically: readers see the old file or the new one, never a part."""
@@ -67,9 +69,10 @@ def record_metrics(metrics: dict, path=None) -> dict:
 
     A timing is recorded with its spread through `Timing.as_metrics(name, scale)`. Whatever the
     notebook passes, the conditions of every fa2lab.measure.time_call made since the last
-    record_metrics with a path are written with them (fa2lab.measure.timing.summarize: timing_count,
-    timing_contended, timing_others_cpu, ...), so that a point measured under contention is
-    marked in results.csv even when its notebook records bare numbers."""
+    record_metrics with a path go next to the metrics, in conditions.json
+    (fa2lab.measure.timing.summarize: timing_count, timing_contended, timing_others_cpu, ...), which
+    the sweep runner adds to the point's row: a point measured under contention is marked in
+    results.csv even when its notebook records bare numbers."""
     if not isinstance(metrics, dict):
         raise TypeError(f"expected a dict of metrics, got {type(metrics).__name__}")
     plain = {}
@@ -81,8 +84,9 @@ def record_metrics(metrics: dict, path=None) -> dict:
     if path:
         from fa2lab.measure.timing import summarize, take_recent
 
-        for key, value in summarize(take_recent()).items():
-            plain.setdefault(key, value)
         atomic_write_json(path, plain)
+        conditions = summarize(take_recent())
+        if conditions:
+            atomic_write_json(Path(path).with_name(CONDITIONS_FILE), conditions)
     return plain
 
