@@ -75,7 +75,23 @@ def cmd_sweep(args, config: Path, out: Path, with_check: bool) -> int:
     (out / "targets.json").write_text(json.dumps(tg, indent=2))
     print("\nTargets of the foundation issue (None: not measured by this sweep):")
     _print_table(tg, ["target", "goal", "value", "met"])
+    from fa2lab.measure.timing import TimingPolicy, default_policy
+
+    _print_conditions(rows, (TimingPolicy.from_dict(cfg.timing) if cfg.timing else default_policy()).threshold)
     return 0
+
+
+def _print_conditions(rows: list[dict], threshold: float = 0.10) -> None:
+    """The contention warning over a CPU sweep's rows, resumed ones included (fa2lab.measure)."""
+    from fa2lab.bench.cpu import is_contended
+    from fa2lab.measure.timing import warning_text
+
+    timed = [r for r in rows if r.get("contended") not in (None, "")]
+    shares = [float(r["others_cpu"]) for r in timed if is_contended(r) and r.get("others_cpu") not in (None, "")]
+    text = warning_text(len(timed), sum(is_contended(r) for r in timed), worst_share=max(shares, default=None),
+                        threshold=threshold)
+    if text:
+        print("\n" + text)
 
 
 def main(argv=None) -> int:
@@ -141,9 +157,11 @@ def main(argv=None) -> int:
         return cli_bench_tiles(args)
     if args.command == "bench-decode":
         from fa2lab.bench import decode
+        from fa2lab.measure.timing import print_process_warning
 
         print(f"fa2lab bench-decode: {_machine()}")
         decode.run(lengths=tuple(args.lengths), out_csv=args.out)
+        print_process_warning()
         return 0
     stem = "smoke" if args.command == "run" else "cpu_scaling"
     config = args.config or EXPERIMENTS / f"{stem}.yaml"

@@ -23,12 +23,12 @@ import torch
 
 import fa2lab
 from fa2lab.compat.flash_attn import flash_attn_func
+from fa2lab.measure.timing import print_process_warning, recent, time_call
 
 
 def _bench(fn) -> float:
-    import triton
-
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3  # seconds
+    """The do_bench median in seconds, through fa2lab.measure.time_call (conditions, marks)."""
+    return time_call(fn, device="cuda", budget_s=0.1, label="compat").median_s
 
 
 def measure(n: int = 4096, d: int = 128, causal: bool = False, rounds: int = 5, backward: bool = False,
@@ -55,6 +55,7 @@ def measure(n: int = 4096, d: int = 128, causal: bool = False, rounds: int = 5, 
         check = (flash_attn_func(*flash, causal=causal).float() - fa2lab.attention(*native, causal=causal)
                  .transpose(1, 2).float()).abs().max().item()
         times = {name: [] for name in calls}
+        before = len(recent())
         for _ in range(rounds):
             for name, fn in calls.items():
                 times[name].append(_bench(fn))
@@ -64,7 +65,8 @@ def measure(n: int = 4096, d: int = 128, causal: bool = False, rounds: int = 5, 
     return dict(b=b, h=h, n=n, d=d, causal=causal, backward=backward, dtype=str(dtype).replace("torch.", ""),
                 flops=flops, seconds=med, tflops={k: flops / t / 1e12 for k, t in med.items()},
                 compat_over_direct=ratio("compat", "direct"), compat_over_views=ratio("compat", "views"),
-                max_abs_diff_compat_vs_direct=check, rounds=rounds)
+                max_abs_diff_compat_vs_direct=check, rounds=rounds,
+                contended=sum(t.contended or t.throttled for t in recent()[before:]))
 
 
 def main(argv=None) -> int:
@@ -90,6 +92,7 @@ def main(argv=None) -> int:
               f"{r['compat_over_direct']:>13.3f}  {r['compat_over_views']:>12.3f}")
     if args.out is not None:
         save_results(args.out, "compat", dict(environment=environment(), rows=rows))
+    print_process_warning()
     return 0
 
 

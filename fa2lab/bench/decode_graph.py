@@ -5,11 +5,10 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from fa2lab.kvcache import DecodeSession
+from fa2lab.measure.timing import once, print_process_warning, time_call
 
 
 def per_token_us(cuda_graph: bool, batch=1, heads_q=32, heads_kv=8, head_dim=128, prefill=8192, steps=200) -> float:
@@ -21,15 +20,22 @@ def per_token_us(cuda_graph: bool, batch=1, heads_q=32, heads_kv=8, head_dim=128
     s._host_len = prefill
     q = torch.randn(batch, heads_q, 1, head_dim, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(batch, heads_kv, 1, head_dim, device="cuda", dtype=torch.bfloat16)
-    for t in range(steps + 10):
-        if t == 10:  # after warm-up (compilation, graph capture)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
+
+    def step():
         s.load_qkv(q, k, k)
         s.decode()
         s.get_output()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps * 1e6
+
+    for _ in range(10):  # warm-up (compilation, graph capture)
+        step()
+
+    def steps_run():
+        for _ in range(steps):
+            step()
+    # The session's cache grows with each step: timed once, marked (not retried) when contended.
+    t = time_call(steps_run, device="cuda", wall=True, warmup=0, min_repeats=1, max_repeats=1, policy=once(),
+                  label=f"decode steps cuda_graph={cuda_graph} L~{prefill}")
+    return t.median_s / steps * 1e6
 
 
 def main() -> None:
@@ -38,6 +44,7 @@ def main() -> None:
         graph = per_token_us(True, prefill=prefill)
         print(f"decode step B=1 Hq=32 Hkv=8 D=128 L~{prefill}: eager {eager:7.1f} us/token, "
               f"CUDA graph {graph:7.1f} us/token ({eager / graph:.1f}x)")
+    print_process_warning()
 
 
 if __name__ == "__main__":

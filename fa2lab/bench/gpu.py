@@ -1,6 +1,9 @@
 """GPU benchmark: fa2lab's Triton kernels next to torch SDPA's backends and FlexAttention.
 
-One process, one device, `triton.testing.do_bench` medians. Every figure comes with its formula
+One process, one device, `triton.testing.do_bench` medians through fa2lab.measure.time_call, so that
+every row carries its spread (min_s, max_s) and the GPU's SM and memory clocks, power and
+temperature at the start and end of its timing, and says when it was contended or throttled
+(the last line of the run warns). Every figure comes with its formula
 and its ratio to the baselines and to the machine's own matmul and copy peaks, measured in the
 same run. Each benchmarked shape is also checked for exactness on a slice of query rows against
 float64 (fa2lab's error must be at most 2x that of SDPA's same-dtype result, plus bf16 rounding).
@@ -27,21 +30,28 @@ from fa2lab.kernels.attention import triton_attention
 from fa2lab.decode.splits import kernel_num_splits
 from fa2lab.kernels.decode import decode_triton
 from fa2lab.measure.exactness import max_err, within_torch_error
+from fa2lab.measure.timing import Timing, print_process_warning, time_call
 from fa2lab.reference import attention_ref
 
 
-def _bench(fn) -> float:
-    import triton.testing
+def _bench(fn, label: str = "") -> Timing:
+    """do_bench(fn, warmup=25, rep=100) on the current CUDA device, with its conditions."""
+    return time_call(fn, device="cuda", budget_s=0.1, label=label)
 
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3  # seconds
+
+def _conditions(t: Timing) -> dict:
+    """A result row's timing columns: the spread in ms, the GPU's clocks, the verdict."""
+    fields = t.fields()
+    fields.pop("median_s")
+    return dict(min_ms=fields.pop("min_s") * 1e3, max_ms=fields.pop("max_s") * 1e3, **fields)
 
 
 def peaks() -> dict:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    t = _bench(lambda: a @ a)
+    t = _bench(lambda: a @ a, "bf16 matmul 8192^3").median_s
     x = torch.empty(2**30 // 2, device="cuda", dtype=torch.bfloat16)
     y = torch.empty_like(x)
-    tc = _bench(lambda: y.copy_(x))
+    tc = _bench(lambda: y.copy_(x), "copy 1 GiB").median_s
     return {"matmul_tflops": 2 * 8192**3 / t / 1e12, "copy_tbps": 2 * x.numel() * 2 / tc / 1e12}
 
 
@@ -124,9 +134,10 @@ def forward_backward(cases, dtype=torch.bfloat16, with_bwd=True, pk=None, log=pr
             try:
                 fn = make()
                 out = fn(q, k, v, causal)
-                t = _bench(lambda: fn(q, k, v, causal))
+                tm = _bench(lambda: fn(q, k, v, causal), f"fwd {name} N={n} D={d}")
+                t = tm.median_s
                 row = dict(kind="fwd", impl=name, N=n, D=d, B=b, H=h, Hkv=hkv, causal=causal, ms=t * 1e3,
-                           tflops=flops / t / 1e12)
+                           tflops=flops / t / 1e12, **_conditions(tm))
                 if name.startswith("fa2lab"):
                     e_ours, e_sdpa = _check_rows(out, ref, q, k, v, causal)
                     row.update(err=e_ours, err_sdpa=e_sdpa, exact=within_torch_error(e_ours, e_sdpa, floor=1e-3))
@@ -145,9 +156,10 @@ def forward_backward(cases, dtype=torch.bfloat16, with_bwd=True, pk=None, log=pr
                 try:
                     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
                     out = fn(*leaves, causal)
-                    t = _bench(lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
+                    tm = _bench(lambda: torch.autograd.grad(out, leaves, do, retain_graph=True), f"bwd {name} N={n}")
+                    t = tm.median_s
                     rows.append(dict(kind="bwd", impl=name, N=n, D=d, B=b, H=h, Hkv=hkv, causal=causal, ms=t * 1e3,
-                                     tflops=2.5 * flops / t / 1e12))
+                                     tflops=2.5 * flops / t / 1e12, **_conditions(tm)))
                     log(f"bwd {name:<16} N={n:>6} D={d:>3} causal={causal!s:<5} {t * 1e3:8.3f} ms {2.5 * flops / t / 1e12:7.1f} TFLOP/s")
                 except Exception as exc:
                     rows.append(dict(kind="bwd", impl=name, N=n, D=d, causal=causal, error=str(exc)[:200]))
@@ -175,8 +187,10 @@ def decode(cases, dtype=torch.bfloat16, log=print):
         for name, fn in impls.items():
             try:
                 out = fn()
-                t = _bench(fn)
-                row = dict(kind="decode", impl=name, B=b, Hq=hq, Hkv=hkv, L=n, D=d, us=t * 1e6, tbps=nbytes / t / 1e12)
+                tm = _bench(fn, f"decode {name} B={b} L={n}")
+                t = tm.median_s
+                row = dict(kind="decode", impl=name, B=b, Hq=hq, Hkv=hkv, L=n, D=d, us=t * 1e6, tbps=nbytes / t / 1e12,
+                           **_conditions(tm))
                 if name.startswith("fa2lab"):
                     truth = _sdpa(SDPBackend.MATH)(q.double(), k.double(), v.double(), False)
                     row.update(err=(out.double() - truth).abs().max().item(),
@@ -296,6 +310,7 @@ def main(argv=None) -> int:
                   flex=not args.no_flex)
     print(results["environment"])
     save_results(args.out, "gpu", results)
+    print_process_warning()
     return 0
 
 if __name__ == "__main__":

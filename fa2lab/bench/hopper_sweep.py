@@ -25,6 +25,7 @@ from fa2lab.bench.gpu import _bench, environment, peaks, save_results
 from fa2lab.kernels.bwd import flash_bwd_triton
 from fa2lab.kernels.hopper_bwd import hopper_bwd
 from fa2lab.kernels.hopper_fwd import hopper_fwd
+from fa2lab.measure.timing import print_process_warning
 from fa2lab.reference import attention_ref
 
 
@@ -107,10 +108,10 @@ def sweep(parts, cases, log=print, sink=None) -> list[dict]:
         shape = dict(N=n, D=d, B=b, H=h, causal=causal)
         for name, backend in (("sdpa cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa flash", SDPBackend.FLASH_ATTENTION)):
             def peer():
-                t = _bench(lambda: _sdpa(backend, q, k, v, causal))
+                t = _bench(lambda: _sdpa(backend, q, k, v, causal)).median_s
                 leaves = [x.detach().requires_grad_() for x in (q, k, v)]
                 out = _sdpa(backend, *leaves, causal)
-                tb = _bench(lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
+                tb = _bench(lambda: torch.autograd.grad(out, leaves, do, retain_graph=True)).median_s
                 return dict(fwd_tflops=flops / t / 1e12, bwd_tflops=2.5 * flops / tb / 1e12)
             r = _try(peer, log)
             rows.append(dict(kind="peer", impl=name, **shape, **r))
@@ -121,7 +122,7 @@ def sweep(parts, cases, log=print, sink=None) -> list[dict]:
             for cfg in FWD[d]:
                 def one():
                     check = _rule(fwd_of(cfg), lambda *a: None, d, causal)
-                    t = _bench(lambda: fwd_of(cfg)(q, k, v))
+                    t = _bench(lambda: fwd_of(cfg)(q, k, v)).median_s
                     return dict(check, tflops=flops / t / 1e12, ms=t * 1e3)
                 r = _try(one, log)
                 rows.append(dict(kind="fwd", impl="hopper", config=cfg, **shape, **r))
@@ -141,7 +142,7 @@ def sweep(parts, cases, log=print, sink=None) -> list[dict]:
 
                     def one():
                         check = _rule(fwd_of(None), bwd_fn, d, causal)
-                        t = _bench(lambda: bwd_fn(do, q, k, v, out, lse))
+                        t = _bench(lambda: bwd_fn(do, q, k, v, out, lse)).median_s
                         return dict(check, tflops=2.5 * flops / t / 1e12, ms=t * 1e3)
                     r = _try(one, log)
                     rows.append(dict(kind=kind, impl=impl.__name__, config={k_: list(v_) for k_, v_ in cfg.items()},
@@ -234,6 +235,7 @@ def main(argv=None) -> int:
     rows = sweep(set(args.parts.split(",")), cases, sink=sink)
     save_results(args.out, "hopper-sweep", dict(environment=env, peaks=pk, rows=rows))
     print(table(rows))
+    print_process_warning()
     return 0
 
 

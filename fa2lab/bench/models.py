@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 from fa2lab.cost.flops import formula_flops
+from fa2lab.measure.timing import Timing, once, print_process_warning, time_call
 
 IMPLS = ("fa2lab", "fa2lab_tiled", "sdpa", "eager")
 COLUMNS = ["impl", "N", "prefill_s", "prefill_tok_s", "attn_gflop_s", "decode_tok_s", "peak_mib",
-           "prefill_vs_sdpa", "decode_vs_sdpa"]
+           "prefill_vs_sdpa", "decode_vs_sdpa", "contended"]
 
 
 @dataclass(frozen=True)
@@ -78,24 +79,26 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _prefill_seconds(model, ids) -> float:
-    _sync(ids.device)
-    t0 = time.perf_counter()
-    model(ids, use_cache=False, logits_to_keep=1)
-    _sync(ids.device)
-    return time.perf_counter() - t0
+def _once(fn, device, label) -> Timing:
+    """One timed call (a round of the interleaved rounds) through fa2lab.measure.time_call."""
+    _sync(device)
+    return time_call(fn, device=device if torch.device(device).type == "cuda" else None, wall=True, warmup=0,
+                     min_repeats=1, max_repeats=1, policy=once(), label=label)
 
 
-def _decode_seconds(model, ids, steps) -> float:
+def _prefill_seconds(model, ids) -> Timing:
+    return _once(lambda: model(ids, use_cache=False, logits_to_keep=1), ids.device, f"prefill N={ids.shape[1]}")
+
+
+def _decode_seconds(model, ids, steps) -> Timing:
     out = model(ids, use_cache=True, logits_to_keep=1)
-    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    _sync(ids.device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        out = model(token, past_key_values=past, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    _sync(ids.device)
-    return time.perf_counter() - t0
+    state = [out.past_key_values, out.logits[:, -1:].argmax(-1)]
+
+    def decode():
+        for _ in range(steps):
+            out = model(state[1], past_key_values=state[0], use_cache=True)
+            state[:] = [out.past_key_values, out.logits[:, -1:].argmax(-1)]
+    return _once(decode, ids.device, f"decode {steps} steps after N={ids.shape[1]}")
 
 
 def _peak_extra_bytes(fn, device) -> int | None:
@@ -150,15 +153,16 @@ def run(cfg: ModelBench = ModelBench(), out_csv: Path | None = None, progress=pr
             flops = cfg.num_hidden_layers * formula_flops(cfg.batch, cfg.num_attention_heads, n, n, cfg.head_dim,
                                                           causal=True)  # per layer 4*B*H*N*N*D / 2
             pre = {impl: float("inf") for impl in cfg.impls}
-            dec, errors = dict(pre), {}
+            dec, errors, unsound = dict(pre), {}, {impl: [] for impl in cfg.impls}
             for _ in range(cfg.rounds):
                 for impl in cfg.impls:
                     if impl in errors:
                         continue
                     model.set_attn_implementation(impl)
                     try:
-                        pre[impl] = min(pre[impl], _prefill_seconds(model, ids))
-                        dec[impl] = min(dec[impl], _decode_seconds(model, ids, cfg.decode_steps))
+                        tp, td = _prefill_seconds(model, ids), _decode_seconds(model, ids, cfg.decode_steps)
+                        pre[impl], dec[impl] = min(pre[impl], tp.median_s), min(dec[impl], td.median_s)
+                        unsound[impl] += [t for t in (tp, td) if t.contended or t.throttled]
                     except Exception as exc:  # noqa: BLE001 - recorded in the row, the others go on
                         errors[impl] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             for impl in cfg.impls:
@@ -173,7 +177,9 @@ def run(cfg: ModelBench = ModelBench(), out_csv: Path | None = None, progress=pr
                                  prefill_tok_s=round(cfg.batch * n / pre[impl], 1),
                                  attn_gflop_s=round(flops / pre[impl] / 1e9, 2),
                                  decode_tok_s=round(cfg.batch * cfg.decode_steps / dec[impl], 1),
-                                 peak_mib=None if peak is None else round(peak / 2**20, 1)))
+                                 peak_mib=None if peak is None else round(peak / 2**20, 1),
+                                 # best of rounds: a contended round only matters if it was the best
+                                 contended=any(t.median_s in (pre[impl], dec[impl]) for t in unsound[impl])))
                 progress(f"N={n:>5} {impl:<13} prefill {pre[impl]:7.3f} s ({rows[-1]['prefill_tok_s']:8.1f} tok/s)  "
                          f"decode {rows[-1]['decode_tok_s']:6.1f} tok/s  peak {rows[-1]['peak_mib']} MiB")
     for r in rows:
@@ -240,6 +246,8 @@ def markdown(rows: list[dict]) -> str:
     lines += [f"| {r['N']} | {r['impl']} | {r['prefill_tok_s']} | {r['prefill_vs_sdpa']} | {r['attn_gflop_s']} | "
               f"{r['decode_tok_s']} | {r['decode_vs_sdpa']} | {r['peak_mib']} |" for r in rows]
     lines += [f"N={r['N']} {r['impl']} failed: {r['error']}" for r in rows if r.get("error")]
+    lines += [f"N={r['N']} {r['impl']}: CONTENDED (other processes used the CPUs or the GPU during its best round)"
+              for r in rows if r.get("contended")]
     return "\n".join(lines)
 
 
@@ -269,6 +277,7 @@ def main(argv=None) -> int:
         print(crossover_report(cfg), "\n")
     rows = run(cfg, out)
     print(markdown(rows))
+    print_process_warning()
     return 0
 
 

@@ -13,8 +13,9 @@ forward and sets them against three predictions:
 
 and, per N, compares the tile the profile picks (`fa2lab.cost.tile_config`) with the sweep's fastest.
 Ratios are measured / predicted. All timings of a sweep come from one process, in one run; each
-is repeated when another process took more than 10% of the CPUs meanwhile (`others_cpu` is the
-share during the kept measurement).
+is timed by fa2lab.measure.time_call under calibration's patient policy: repeated when another
+process took more than 10% of the CPUs meanwhile (`others_cpu` is the share during the kept
+measurement, `contended` says it stayed above that).
 """
 
 from __future__ import annotations
@@ -31,15 +32,17 @@ from fa2lab.cost.memory import peak_extra_bytes as model_peak_bytes
 from fa2lab.cost.roofline import cpu_tiled_forward
 from fa2lab.cost.tiles import tile_config
 from fa2lab.cost.traffic import fa2_forward_bytes
-from fa2lab.hardware.calibrate import quiet_median_seconds
+from fa2lab.hardware.calibrate import POLICY, QUIET_LIMIT
 from fa2lab.hardware.profile import HardwareProfile
+from fa2lab.measure.conditions import wait_for_quiet
 from fa2lab.measure.memory import configure_for_timing, peak_extra_bytes
-from fa2lab.measure.timing import median_seconds
+from fa2lab.measure.timing import print_process_warning, time_call
 from fa2lab.tiled import tiled_attention
 from fa2lab.tiled.schedule import tile_schedule
 
 COLUMNS = ["N", "tile", "steps", "measured_ms", "model_ms", "ratio", "roofline_ms", "roofline_ratio",
-           "gflops", "measured_mib", "model_mib", "mem_ratio", "others_cpu"]
+           "gflops", "measured_mib", "model_mib", "mem_ratio", "min_ms", "max_ms", "repeats", "others_cpu",
+           "contended"]
 
 
 @dataclass(frozen=True)
@@ -79,11 +82,9 @@ def run_tile_sweep(cfg: TileSweep, profile: HardwareProfile, progress=print) -> 
 
 def _remeasure_disturbed(cfg, profile, rows, dtype, progress) -> list[dict]:
     """Measure again, once the machine is quiet, every row that another process disturbed."""
-    from fa2lab.hardware.calibrate import QUIET_LIMIT, wait_for_quiet
-
     out = []
     for r in rows:
-        if r["others_cpu"] >= QUIET_LIMIT and wait_for_quiet(max_wait_s=300, progress=progress):
+        if r["contended"] and wait_for_quiet(QUIET_LIMIT, max_wait_s=300, progress=progress):
             g = torch.Generator().manual_seed(cfg.seed)
             shape = (cfg.batch, cfg.heads, r["N"], cfg.head_dim)  # (B, H, N, D)
             q, k, v = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
@@ -99,9 +100,11 @@ def _measure(cfg, profile, q, k, v, n, tile) -> dict:
         with torch.no_grad():
             tiled_attention(q, k, v, causal=cfg.causal, block_q=tile, block_k=tile)
 
-    seconds, share = quiet_median_seconds(run, budget_s=cfg.budget_s, progress=print, with_share=True)
+    t = time_call(run, budget_s=cfg.budget_s, policy=POLICY, progress=print, label=f"N={n} tile={tile}")
     peak = peak_extra_bytes(run)
-    row = dict(N=n, tile=tile, measured_ms=seconds * 1e3, measured_mib=(peak or 0) / 2**20, others_cpu=share)
+    row = dict(N=n, tile=tile, measured_ms=t.median_s * 1e3, min_ms=t.min_s * 1e3, max_ms=t.max_s * 1e3,
+               repeats=t.repeats, measured_mib=(peak or 0) / 2**20, others_cpu=t.others_cpu or 0.0,
+               contended=t.contended)
     return predict(cfg, profile, row)
 
 
@@ -184,8 +187,6 @@ def cli_bench_tiles(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_sweep(args.config, args.ns, args.tiles)
-    from fa2lab.hardware.calibrate import wait_for_quiet
-
     if not wait_for_quiet(progress=print):
         print("fa2lab bench-tiles: the machine stayed busy for 10 minutes; timings would be meaningless")
         return 2
@@ -213,6 +214,7 @@ def cli_bench_tiles(args) -> int:
                                     "chosen_over_best", "within_10pct"])
     write_results(result, cfg, profile, args.out)
     print(f"\nwritten to {args.out}/tiles.csv and tiles.json; total {time.perf_counter() - t0:.0f} s")
+    print_process_warning()
     return 0 if all(c["within_10pct"] for c in result["choices"]) else 1
 
 
@@ -230,9 +232,9 @@ def cpu_tile_rows(ns=(512, 1024), tiles=(64, 128, 256), *, heads: int = 4, head_
         q, k, v = (torch.randn(1, heads, n, head_dim, generator=g) for _ in range(3))  # (B, H, N, D)
         for t in tiles:
             with torch.no_grad():
-                seconds = median_seconds(lambda: tiled_attention(q, k, v, causal=causal, block_q=t, block_k=t),
-                                         min_repeats=2, budget_s=budget_s)
+                tm = time_call(lambda: tiled_attention(q, k, v, causal=causal, block_q=t, block_k=t),
+                               min_repeats=2, budget_s=budget_s, label=f"N={n} tile={t}")
             model = cpu_tiled_forward(profile, 1, heads, n, n, head_dim, block_q=t, block_k=t, causal=causal)
-            rows.append(dict(label=f"N={n} tile={t}", group=f"tile {t}", measured_s=seconds,
-                             predicted_s=model.time))
+            rows.append(dict(label=f"N={n} tile={t}" + (" (contended)" if tm.contended else ""), group=f"tile {t}",
+                             measured_s=tm.median_s, predicted_s=model.time, contended=tm.contended))
     return rows

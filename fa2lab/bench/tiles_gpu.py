@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from fa2lab.bench.gpu import _bench, environment, peaks, save_results
+from fa2lab.bench.gpu import _bench, _conditions, environment, peaks, save_results
 from fa2lab.cost import fa2_forward, tile_config
 from fa2lab.cost.flops import formula_flops
 from fa2lab.hardware import detect, get_profile
 from fa2lab.kernels.fwd import flash_fwd_triton
+from fa2lab.measure.timing import print_process_warning
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): the space the profile's derivation searches.
 CONFIGS = [c for c in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)) if not (c[0] == 64 and c[2] == 8)]
@@ -44,12 +45,14 @@ def sweep_shape(profile, n: int, d: int, causal: bool, matmul_tflops: float, tok
         row = dict(N=n, D=d, causal=causal, B=b, H=h, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
                    predicted_ms=pred.time * 1e3, predicted_bound=pred.bound, predicted_measured_peak_ms=at_peak * 1e3)
         try:
-            t = _bench(lambda: flash_fwd_triton(q, k, v, scale=d ** -0.5, left=-1, right=right, config=cfg))
+            tm = _bench(lambda: flash_fwd_triton(q, k, v, scale=d ** -0.5, left=-1, right=right, config=cfg),
+                        f"N={n} D={d} {bm}x{bn}")
         except Exception as exc:  # shared memory or register overflow for this configuration
             row.update(measured_ms=None, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
         else:
+            t = tm.median_s
             row.update(measured_ms=t * 1e3, tflops=flops / t / 1e12, measured_over_predicted=t / pred.time,
-                       measured_over_predicted_measured_peak=t / at_peak)
+                       measured_over_predicted_measured_peak=t / at_peak, **_conditions(tm))
         rows.append(row)
     return rows
 
@@ -98,6 +101,7 @@ def main(argv=None) -> int:
               f"measured/predicted {c['median_measured_over_predicted']:.2f} "
               f"(at the measured matmul peak: {c['chosen_measured_over_predicted_measured_peak']:.2f})", flush=True)
     save_results(args.out, "tiles-gpu", dict(environment=env, choices=choices, rows=rows))
+    print_process_warning()
     return 0
 
 

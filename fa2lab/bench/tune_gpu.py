@@ -17,6 +17,7 @@ from fa2lab.decode.splits import kernel_num_splits
 from fa2lab.kernels.bwd import flash_bwd_triton
 from fa2lab.kernels.decode import decode_triton
 from fa2lab.kernels.fwd import flash_fwd_triton
+from fa2lab.measure.timing import print_process_warning
 
 FWD = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 4)]
 BWD = [dict(dkdv=(64, 64, 8, 2), dq=(64, 64, 8, 2)), dict(dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 3)),
@@ -37,7 +38,8 @@ def main() -> None:
         for bm, bn, w, st in FWD:
             cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
             try:
-                t = _bench(lambda: flash_fwd_triton(q, k, v, scale=d ** -0.5, left=-1, right=right, config=cfg))
+                t = _bench(lambda: flash_fwd_triton(q, k, v, scale=d ** -0.5, left=-1, right=right,
+                                                    config=cfg)).median_s
                 res.append((flops / t / 1e12, f"fwd N={n} D={d} causal={causal} {cfg}"))
             except Exception as exc:
                 res.append((0.0, f"fwd {cfg}: {type(exc).__name__} {str(exc)[:80]}"))
@@ -46,7 +48,7 @@ def main() -> None:
         for cfg in BWD:
             try:
                 t = _bench(lambda: flash_bwd_triton(do, None, q, k, v, out, lse, scale=d ** -0.5, left=-1,
-                                                    right=right, config=cfg))
+                                                    right=right, config=cfg)).median_s
                 res.append((2.5 * flops / t / 1e12, f"bwd N={n} D={d} causal={causal} {cfg}"))
             except Exception as exc:
                 res.append((0.0, f"bwd {cfg}: {type(exc).__name__} {str(exc)[:80]}"))
@@ -66,7 +68,7 @@ def main() -> None:
             splits = kernel_num_splits(b * hkv, n, sms, block_n=bn, programs_per_sm=4 * per_sm)
             try:
                 t = _bench(lambda: decode_triton(q, k, v, seqlens, scale=128 ** -0.5, left=-1, right=0,
-                                                 num_splits=splits, block_n=bn, num_warps=w, num_stages=st))
+                                                 num_splits=splits, block_n=bn, num_warps=w, num_stages=st)).median_s
                 rows.append((nbytes / t / 1e12, f"decode B={b} Hkv={hkv} L={n} block_n={bn} warps={w} stages={st} "
                                                 f"splits={splits} ({t * 1e6:.1f} us)"))
             except Exception as exc:
@@ -74,6 +76,7 @@ def main() -> None:
         best = max(r[0] for r in rows)
         for tb, label in rows:
             print(f"{'*' if tb == best else ' '} {tb:6.2f} TB/s  {label}")
+    print_process_warning()
 
 
 if __name__ == "__main__":

@@ -18,89 +18,48 @@ runs that are NOT the ones it is later checked against (those are causal, over s
     spill_factor     one head per core, non-causal, tiles 1024 vs 512: per-score cost ratio when
                      the per-core working set (4 MiB) outgrows L2
 
-All timings go through `quiet_median_seconds`, which repeats a measurement that another process
-disturbed (on a 2-core machine a concurrent test run halves it).
+All timings go through `quiet_median_seconds` (fa2lab.measure.time_call with a patient policy),
+which repeats a measurement that another process disturbed (on a 2-core machine a concurrent test
+run halves it); the sources of a calibrated profile say when one stayed contended.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
 import time
 
 import torch
 
 from fa2lab.hardware.profile import HardwareProfile
-from fa2lab.measure.timing import median_seconds
+from fa2lab.measure.conditions import others_share, wait_for_quiet  # noqa: F401 - re-exported
+from fa2lab.measure.timing import TimingPolicy, process_warning, recent, time_call
 
-log = logging.getLogger("fa2lab")
 QUIET_LIMIT = 0.1  # share of the CPUs other processes may use during a measurement
 
 
-def _cpu_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
-    with open("/proc/stat") as f:
-        values = [int(x) for x in f.readline().split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    return sum(values) - idle, sum(values)
+# Calibration needs quiet measurements more than quick ones: long waits, many tries.
+POLICY = TimingPolicy(threshold=QUIET_LIMIT, retries=5, wait_s=2.0)
 
 
-def others_share(fn) -> tuple[float, float]:
-    """Run fn(); return (its wall seconds, the share of all CPUs that OTHER processes used meanwhile).
-    On a 2-core machine a concurrent test run halves a measurement; this is how it is noticed."""
-    if not os.path.exists("/proc/stat"):
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0, 0.0
-    busy0, total0 = _cpu_jiffies()
-    own0, t0 = sum(os.times()[:2]), time.perf_counter()
-    fn()
-    own1, t1 = sum(os.times()[:2]), time.perf_counter()
-    busy1, total1 = _cpu_jiffies()
-    hz = os.sysconf("SC_CLK_TCK")
-    span = (total1 - total0) / hz
-    others = (busy1 - busy0) / hz - (own1 - own0)
-    return t1 - t0, max(0.0, others / span) if span > 0 else 0.0
+def quiet_median_seconds(fn, *, budget_s: float, progress=None, with_share: bool = False):
+    """The median of fn() by fa2lab.measure.time_call under calibration's policy (POLICY: retried
+    after 2, 4, 8, 16, 32 s while others use >= 10% of the CPUs, then kept and marked
+    contended). With `with_share`, returns (seconds, share of the CPUs others used meanwhile)."""
+    t = time_call(fn, budget_s=budget_s, policy=POLICY, progress=progress, label="calibrate")
+    return (t.median_s, t.others_cpu or 0.0) if with_share else t.median_s
 
 
-def quiet_median_seconds(fn, *, budget_s: float, limit: float = QUIET_LIMIT, tries: int = 6, progress=None,
-                         with_share: bool = False):
-    """median_seconds(fn) measured while other processes use < `limit` of the CPUs; retried after
-    a growing pause (5, 10, ... s) up to `tries` times, then the last value is kept with a warning.
-    Retries are reported through `progress` (default: the "fa2lab" logger). With `with_share`,
-    returns (seconds, share of the CPUs other processes used during the kept measurement)."""
-    say = progress or log.warning
-    for attempt in range(tries):
-        box = {}
-        _, share = others_share(lambda: box.setdefault("t", median_seconds(fn, budget_s=budget_s)))
-        if share < limit:
-            break
-        if attempt == tries - 1:
-            say(f"  WARNING: still disturbed after {tries} tries ({share:.0%} of the CPUs used by others); "
-                "value kept")
-            break
-        say(f"  (other processes used {share:.0%} of the CPUs during a measurement: measuring again)")
-        time.sleep(5 * (attempt + 1))
-    return (box["t"], share) if with_share else box["t"]
-
-
-def wait_for_quiet(limit: float = QUIET_LIMIT, max_wait_s: float = 600, progress=None) -> bool:
-    """Block until other processes use < `limit` of the CPUs over a 2 s window (True), or give up."""
-    say = progress or log.warning
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < max_wait_s:
-        _, share = others_share(lambda: time.sleep(2.0))
-        if share < limit:
-            return True
-        say(f"  waiting for a quiet machine: other processes use {share:.0%} of the CPUs")
-        time.sleep(8)
-    return False
-
-
-def _stamp(what: str) -> str:
+def _stamp(what: str, conditions: str = "") -> str:
     threads = torch.get_num_threads()
-    return f"measured {time.strftime('%Y-%m-%d')} by fa2lab.hardware.calibrate ({what}), {threads} threads"
+    return f"measured {time.strftime('%Y-%m-%d')} by fa2lab.hardware.calibrate ({what}), {threads} threads{conditions}"
+
+
+def _conditions(timings) -> str:
+    """', others used <= X% of the CPUs', or the contention warning when a timing stayed contended."""
+    shares = [t.others_cpu for t in timings if t.others_cpu is not None]
+    text = f", other processes used <= {max(shares):.0%} of the CPUs" if shares else ""
+    warning = process_warning(timings)
+    return text + (f"; {warning}" if warning else "")
 
 
 def gemm_flops(n: int = 1024) -> float:
@@ -187,20 +146,26 @@ def calibrate_cpu(profile: HardwareProfile, heads: int | None = None) -> Hardwar
     """`profile` with its rates replaced by measurements on this machine; `heads` (B*Hq per
     step, default one per core) sets the regime of the step-model runs."""
     heads = heads or profile.units
+    before = len(recent())
     flops, exps, bw, fault = gemm_flops(), exp_rate(), copy_bandwidth(), fault_cost()
     overhead, score, row = step_model(heads)
     mask = mask_cost(heads, overhead, score, row)
     spill = spill_ratio(profile.units, overhead)
+    conditions = _conditions(recent()[before:])  # every source carries the conditions of this calibration
+
+    def stamp(what):
+        return _stamp(what, conditions)
+
     sources = dict(profile.sources,
-                   peak_flops_simd=_stamp("fp32 torch.mm 1024^3; float64 assumed half"),
-                   exp_per_s=_stamp("torch.exp over 64Ki floats, out="),
-                   mem_bw=_stamp("copy of 256 MiB, bytes read + written"),
-                   fault_s_per_byte=_stamp("fill of a fresh 64 MiB tensor minus a refill, per byte"),
-                   step_overhead_s=_stamp(f"fit to tiled forwards, {heads} heads, N=2048, D=64, non-causal, "
-                                          "tiles 32-512, least squares"),
-                   score_s=_stamp("the same fit"), row_s=_stamp("the same fit"),
-                   mask_s=_stamp(f"tiled forward, {heads} heads, N=1024, causal, tiles 512, after the fit"),
-                   spill_factor=_stamp(f"{profile.units} heads, tiles 1024 vs 512, N = 2 tiles, per score"))
+                   peak_flops_simd=stamp("fp32 torch.mm 1024^3; float64 assumed half"),
+                   exp_per_s=stamp("torch.exp over 64Ki floats, out="),
+                   mem_bw=stamp("copy of 256 MiB, bytes read + written"),
+                   fault_s_per_byte=stamp("fill of a fresh 64 MiB tensor minus a refill, per byte"),
+                   step_overhead_s=stamp(f"fit to tiled forwards, {heads} heads, N=2048, D=64, non-causal, "
+                                         "tiles 32-512, least squares"),
+                   score_s=stamp("the same fit"), row_s=stamp("the same fit"),
+                   mask_s=stamp(f"tiled forward, {heads} heads, N=1024, causal, tiles 512, after the fit"),
+                   spill_factor=stamp(f"{profile.units} heads, tiles 1024 vs 512, N = 2 tiles, per score"))
     return dataclasses.replace(
         profile, name=profile.name.replace("detected", "calibrated"),
         peak_flops_simd={"float32": flops, "float64": flops / 2}, exp_per_s=exps, mem_bw=bw,

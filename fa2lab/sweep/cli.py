@@ -65,6 +65,7 @@ def cli_sweep(args) -> int:
         if c["error"]:
             print(f"{spec.name}: failed points are recorded with their error in results.csv and run again by "
                   "the next `fa2lab sweep` of this spec")
+        _print_conditions(spec.name, c["folder"])
         t0 = time.perf_counter()
 
     if on_cluster:  # a running scheduler's workers have their own devices: only local:N skips GPU specs
@@ -87,6 +88,25 @@ def cli_sweep(args) -> int:
             return 130
         summary(spec, c)
     return 1 if failed else 0
+
+
+def _print_conditions(name: str, folder) -> None:
+    """The report's contention warning for one sweep's results.csv, when it applies."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from fa2lab.measure.timing import warning_text
+    from fa2lab.sweep.report import soundness
+
+    path = Path(folder) / "results.csv"
+    if not path.exists():
+        return
+    c = soundness(pd.read_csv(path))
+    text = warning_text(c["timed"], c["contended"], c["throttled"], worst_share=c["worst_share"],
+                        threshold=c["threshold"] or 0.10, what="timed points")
+    if text:
+        print(f"{name}: {text}")
 
 
 def cli_report(args) -> int:

@@ -1,7 +1,8 @@
 """Writing results so that a killed process never leaves half a file: write a temporary file in
 the same folder, then os.replace it over the target (atomic on POSIX and Windows).
 
-`record_metrics` is what notebooks call to hand their numbers to `fa2lab sweep`."""
+`record_metrics` is what notebooks call to hand their numbers to `fa2lab sweep`, with the conditions
+of the timings the point made (fa2lab.measure.timing)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import os
 import re
 import uuid
 from pathlib import Path
+
+CONDITIONS_FILE = "conditions.json"  # next to a point's metrics.json
 
 
 def atomic_write_text(path, text: str) -> Path:
@@ -62,7 +65,14 @@ def record_metrics(metrics: dict, path=None) -> dict:
     """Check `metrics` (name -> number, string, bool, None or a flat list of them) and, when `path`
     is given (a notebook's `metrics_path` parameter, set by `fa2lab sweep`), write them there as
     JSON, atomically. Returns the plain-Python metrics, e.g. for display. Non-finite floats are kept
-    (JSON NaN / Infinity, which Python and pandas read back)."""
+    (JSON NaN / Infinity, which Python and pandas read back).
+
+    A timing is recorded with its spread through `Timing.as_metrics(name, scale)`. Whatever the
+    notebook passes, the conditions of every fa2lab.measure.time_call made since the last
+    record_metrics with a path go next to the metrics, in conditions.json
+    (fa2lab.measure.timing.summarize: timing_count, timing_contended, timing_others_cpu, ...), which
+    the sweep runner adds to the point's row: a point measured under contention is marked in
+    results.csv even when its notebook records bare numbers."""
     if not isinstance(metrics, dict):
         raise TypeError(f"expected a dict of metrics, got {type(metrics).__name__}")
     plain = {}
@@ -72,6 +82,11 @@ def record_metrics(metrics: dict, path=None) -> dict:
                              f"(starting with a letter or '_'), got {key!r}")
         plain[key] = _plain(key, value)
     if path:
+        from fa2lab.measure.timing import summarize, take_recent
+
         atomic_write_json(path, plain)
+        conditions = summarize(take_recent())
+        if conditions:
+            atomic_write_json(Path(path).with_name(CONDITIONS_FILE), conditions)
     return plain
 

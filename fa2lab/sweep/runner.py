@@ -5,9 +5,14 @@ Layout of a sweep's folder (default results/sweeps/<name>/):
     spec.yaml                     the spec as last run (the report reads its figures from it)
     points/<point id>/notebook.ipynb   the executed notebook (kept for failed points too)
     points/<point id>/metrics.json     what the notebook passed to record_metrics
+    points/<point id>/conditions.json  the conditions of its timings (record_metrics writes it)
     points/<point id>/result.json      params, metrics, status, error, time, environment;
                                        written last: a point is finished iff this exists
     results.csv                   the tidy table: one row per point of the spec
+
+Every point's timings (fa2lab.measure.time_call) follow the spec's `timing:` policy, which reaches
+the notebooks' kernels through the FA2LAB_TIMING environment variable while the sweep runs, and
+record their spread and conditions through record_metrics (timing_* columns).
 
 A point whose result.json says "ok" is never run again; a failed one is run again by the next
 `fa2lab sweep` of the same spec (the notebook may have been fixed); an interrupted one (Ctrl-C,
@@ -17,9 +22,11 @@ kill) left no result.json and is run again. Points run in the notebook's folder,
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
+import os
 import platform
 import subprocess
 import threading
@@ -28,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from fa2lab.sweep.execute import error_text, execute_in_subprocess, execute_notebook
-from fa2lab.sweep.metrics import atomic_write_json, atomic_write_text
+from fa2lab.sweep.metrics import CONDITIONS_FILE, atomic_write_json, atomic_write_text
 from fa2lab.sweep.spec import METRICS_PARAM, REPO, Point, SweepSpec
 
 ENV_COLUMNS = ["fa2lab_commit", "torch", "device", "profile", "threads", "python", "triton", "driver"]
@@ -89,6 +96,8 @@ def run_point(spec: SweepSpec, point: Point, folder: Path, env: dict, stop: thre
     pdir.mkdir(parents=True, exist_ok=True)
     metrics_file = pdir / "metrics.json"
     metrics_file.unlink(missing_ok=True)  # left by an interrupted attempt: never mistake it for this run's
+    conditions_file = pdir / CONDITIONS_FILE
+    conditions_file.unlink(missing_ok=True)
     partial = pdir / ".notebook.running.ipynb"
     t0 = time.perf_counter()
     status, error = "ok", None
@@ -111,6 +120,11 @@ def run_point(spec: SweepSpec, point: Point, folder: Path, env: dict, stop: thre
             metrics = json.loads(metrics_file.read_text())
         except ValueError as exc:
             status, error = "error", f"unreadable metrics.json: {exc}"
+    if conditions_file.exists():  # the point's timing conditions (record_metrics): timing_* columns
+        try:
+            metrics.update({k: v for k, v in json.loads(conditions_file.read_text()).items() if k not in metrics})
+        except ValueError:
+            pass  # cannot happen with atomic writes; the metrics themselves are intact
     result = dict(sweep=spec.name, point=point.id, index=point.index, repeat=point.repeat, status=status, error=error,
                   seconds=round(time.perf_counter() - t0, 3), params=point.params, metrics=metrics, env=env,
                   notebook=str(spec.notebook.relative_to(REPO)) if spec.notebook.is_relative_to(REPO)
@@ -165,6 +179,27 @@ def results_table(spec: SweepSpec, folder: Path) -> list[dict]:
     return table
 
 
+def _with_timing_policy(run):
+    """Run `run(spec, ...)` with FA2LAB_TIMING set to the spec's timing policy (children inherit it),
+    then restore the variable."""
+    from fa2lab.measure.timing import POLICY_ENV
+
+    @functools.wraps(run)
+    def wrapper(spec, *args, **kwargs):
+        before = os.environ.get(POLICY_ENV)
+        if spec.timing:
+            os.environ[POLICY_ENV] = json.dumps(spec.timing)
+        try:
+            return run(spec, *args, **kwargs)
+        finally:
+            if before is None:
+                os.environ.pop(POLICY_ENV, None)
+            else:
+                os.environ[POLICY_ENV] = before
+    return wrapper
+
+
+@_with_timing_policy
 def run_sweep(spec: SweepSpec, out_root=None, *, jobs: int = 1, progress: bool = True,
               execute=None, log=print, stop: threading.Event | None = None) -> dict:
     """Run every unfinished point of `spec` (up to `jobs` at a time, capped by the spec's

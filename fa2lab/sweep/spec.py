@@ -13,6 +13,7 @@ A spec is YAML (read with yaml.safe_load), for example experiments/memory_scalin
     resources: {GPU: 1}                             # Dask worker resources one point holds (--cluster);
                                                     # naming GPU: skipped locally without CUDA
     retries: 2                                      # --cluster: reruns of a point whose worker died
+    timing: {threshold: 0.1, retries: 2}            # fa2lab.measure.TimingPolicy of the points' timings
     report:                                         # figures of the results table
       - {x: n_max, y: [tiled_peak_mib, naive_peak_mib], log_x: true, log_y: true, fit: true}
 
@@ -37,7 +38,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]  # the checkout (experiments/, notebooks/, results/); fa2lab.cli too
 METRICS_PARAM = "metrics_path"  # set by the runner for every point; notebooks pass it to record_metrics
 SPEC_KEYS = {"notebook", "description", "parameters", "grid", "repeats", "max_jobs", "timeout_s", "report", "name",
-             "resources", "retries"}
+             "resources", "retries", "timing"}
 REPORT_KEYS = {"x", "y", "color", "log_x", "log_y", "fit", "title"}
 SCALAR_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
@@ -165,6 +166,7 @@ class SweepSpec:
     notebook_params: dict = field(default_factory=dict)
     resources: dict = field(default_factory=dict)  # Dask worker resources per point, e.g. {"GPU": 1}
     retries: int = 2  # on a cluster: how often a point whose worker died is run again
+    timing: dict = field(default_factory=dict)  # TimingPolicy fields for the points' timings
 
     def points(self) -> list[Point]:
         names = list(self.grid)
@@ -254,13 +256,23 @@ def load_spec(path) -> SweepSpec:
         if set(fig) - REPORT_KEYS:
             raise SpecError(f"{path}: report[{i}]: unknown keys {sorted(set(fig) - REPORT_KEYS)}; "
                             f"known: {sorted(REPORT_KEYS)}")
+    timing = raw.get("timing") or {}
+    try:
+        from fa2lab.measure.timing import TimingPolicy
+
+        if not isinstance(timing, dict):
+            raise ValueError(f"expected a mapping of TimingPolicy fields, got {timing!r}")
+        TimingPolicy.from_dict(timing)
+    except (ValueError, TypeError) as exc:
+        raise SpecError(f"{path}: 'timing': {exc}") from None
     resources, retries = _check_cluster_keys(path, raw)
     name = raw.get("name", path.stem)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise SpecError(f"{path}: 'name' must be letters, digits, '_', '.' or '-' (a folder name), got {name!r}")
     return SweepSpec(name=name, path=path.resolve(), notebook=notebook, description=str(raw.get("description", "")),
                      parameters=fixed, grid=checked_grid, repeats=repeats, max_jobs=max_jobs, timeout_s=timeout,
-                     report=tuple(report), notebook_params=params, resources=resources, retries=retries)
+                     report=tuple(report), notebook_params=params, resources=resources, retries=retries,
+                     timing=dict(timing))
 
 
 def _check_cluster_keys(path, raw) -> tuple[dict, int]:

@@ -55,7 +55,8 @@ def case_label(row: dict) -> str:
 def throughput_figure(results: dict, kind: str = "fwd") -> go.Figure:
     """Grouped bars, one group per benchmarked shape and one bar per implementation: TFLOP/s for
     fwd / bwd, TB/s for decode; the peak measured in the same run (bf16 matmul or device copy)
-    as a dotted line. Rows that failed (an `error` field) are left out."""
+    as a dotted line. Rows that failed (an `error` field) are left out. Error bars: the spread of
+    the timing (min to max, fa2lab.measure); a contended or throttled timing is a cross-hatched bar."""
     if kind not in ("fwd", "bwd", "decode"):
         raise ValueError(f"expected kind 'fwd', 'bwd' or 'decode', got {kind!r}")
     rows = [r for r in results.get("rows", []) if r.get("kind") == kind and "error" not in r]
@@ -65,8 +66,15 @@ def throughput_figure(results: dict, kind: str = "fwd") -> go.Figure:
     impls += [i for i in dict.fromkeys(impl_name(r["impl"]) for r in rows) if i not in impls]
     fig = go.Figure()
     for impl in impls:
-        by_case = {case_label(r): r[metric] for r in rows if impl_name(r["impl"]) == impl}
-        fig.add_bar(x=cases, y=[by_case.get(c) for c in cases], name=impl, marker_color=IMPL_COLORS.get(impl))
+        by_case = {case_label(r): r for r in rows if impl_name(r["impl"]) == impl}
+        got = [by_case.get(c) for c in cases]
+        spread = [_spread(r, metric) for r in got]
+        error = dict(type="data", symmetric=False, array=[s[1] for s in spread], arrayminus=[s[0] for s in spread]) \
+            if any(s != (0.0, 0.0) for s in spread) else None
+        unsound = [bool(r and (r.get("contended") or r.get("throttled"))) for r in got]
+        fig.add_bar(x=cases, y=[r[metric] if r else None for r in got], name=impl, error_y=error,
+                    marker=dict(color=IMPL_COLORS.get(impl), pattern_shape=["x" if u else "" for u in unsound]),
+                    hovertext=["contended or throttled: not sound" if u else "" for u in unsound])
     peaks = results.get("peaks", {})
     peak = peaks.get("copy_tbps" if kind == "decode" else "matmul_tflops")
     if peak:
@@ -76,6 +84,16 @@ def throughput_figure(results: dict, kind: str = "fwd") -> go.Figure:
     what = {"fwd": "forward", "bwd": "backward", "decode": "decode, one token (bytes = K and V read once)"}[kind]
     return styled(fig, title=f"{what}: {env.get('device', 'GPU')}, {env.get('date', '')}", barmode="group",
                   yaxis_title=unit, width=980, height=440, legend=dict(orientation="h", y=-0.25))
+
+
+def _spread(row: dict | None, metric: str) -> tuple[float, float]:
+    """(minus, plus) of a throughput from its timing's max and min (rows written before the
+    timings carried their spread: none)."""
+    if not row or row.get("min_ms") is None or row.get("max_ms") is None:
+        return 0.0, 0.0
+    ms = row["ms"] if "ms" in row else row["us"] * 1e-3
+    value = row[metric]
+    return value - value * ms / row["max_ms"], value * ms / row["min_ms"] - value
 
 
 def ratio_table(results: dict, kind: str = "fwd", baseline: str = "sdpa flash") -> list[dict]:

@@ -161,8 +161,9 @@ def predicted_vs_measured_figure(rows: list[dict], title: str = "Predicted again
 
 
 def geomean_ratio(rows: list[dict]) -> float | None:
-    """Geometric mean of measured / predicted (None without rows)."""
-    logs = [math.log(r["measured_s"] / r["predicted_s"]) for r in rows if r["measured_s"] > 0 and r["predicted_s"] > 0]
+    """Geometric mean of measured / predicted over the rows not contended (None without any)."""
+    logs = [math.log(r["measured_s"] / r["predicted_s"]) for r in rows
+            if r["measured_s"] > 0 and r["predicted_s"] > 0 and not r.get("contended")]
     return math.exp(sum(logs) / len(logs)) if logs else None
 
 

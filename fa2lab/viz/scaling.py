@@ -70,7 +70,8 @@ def predicted_scaling(ns, impls=("tiled", "sdpa", "naive"), *, mode: str = "fwd"
 
 def scaling_figure(rows: list[dict], predicted: list[dict] | None = None) -> go.Figure:
     """Log-log peak extra memory and time against N, one colour per implementation, the fitted
-    exponent in each legend entry; the model's prediction dashed in the same colour."""
+    exponent in each legend entry; the model's prediction dashed in the same colour. Times show
+    their spread (min to max) as error bars; a contended timing is an open x, left out of the slope."""
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
                         subplot_titles=("peak extra memory (MiB)", "median time (ms)"))
     mem_exp, time_exp = exponents(rows), exponents(rows, "seconds")
@@ -78,11 +79,22 @@ def scaling_figure(rows: list[dict], predicted: list[dict] | None = None) -> go.
         mine = [r for r in rows if r["impl"] == impl]
         color = IMPL_COLORS.get(impl)
         for col, key, scale, expo in ((1, "peak_extra_mib", 1.0, mem_exp), (2, "seconds", 1e3, time_exp)):
-            pts = [(r["N"], r[key] * scale) for r in mine if r[key] is not None]
+            pts = [r for r in mine if r[key] is not None]
             slope = expo.get(impl)
-            fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
-                            name=f"{impl} (slope {slope:.2f})" if slope is not None else impl,
-                            legendgroup=f"{impl}-{key}", line=dict(color=color), row=1, col=col)
+            name = f"{impl} (slope {slope:.2f}" if slope is not None else impl
+            timed = key == "seconds"
+            # A contended timing is drawn as an open x and left out of the time slope (cpu.fit_exponent).
+            bad = [timed and cpu.is_contended(r) for r in pts]
+            if slope is not None:
+                name += f"; {sum(bad)} contended left out)" if any(bad) else ")"
+            spread = timed and all(r.get("min_s") is not None and r.get("max_s") is not None for r in pts)
+            error = dict(type="data", symmetric=False, array=[(r["max_s"] - r["seconds"]) * scale for r in pts],
+                         arrayminus=[(r["seconds"] - r["min_s"]) * scale for r in pts]) if spread and pts else None
+            fig.add_scatter(x=[r["N"] for r in pts], y=[r[key] * scale for r in pts], mode="lines+markers",
+                            name=name, legendgroup=f"{impl}-{key}", line=dict(color=color), error_y=error,
+                            marker=dict(symbol=["x-open" if b else "circle" for b in bad],
+                                        size=[11 if b else 6 for b in bad]),
+                            row=1, col=col)
         for col, key, scale in ((1, "peak_extra_mib", 1.0), (2, "seconds", 1e3)):
             pts = [(r["N"], r[key] * scale) for r in predicted or [] if r["impl"] == impl and r[key] is not None]
             if pts:
