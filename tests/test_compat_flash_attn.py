@@ -597,7 +597,7 @@ def test_install_refuses_when_the_real_flash_attn_is_installed(no_flash_attn, tm
 def test_compat_benchmark_runs_its_three_calls(monkeypatch):
     """fa2lab.bench.compat at a tiny size on the CPU (its figures come from CUDA runs)."""
     import fa2lab.bench.compat as bench
-    from fa2lab.bench.timing import median_seconds
+    from fa2lab.measure.timing import median_seconds
 
     monkeypatch.setattr(bench, "_bench", lambda fn: median_seconds(fn, max_repeats=2, budget_s=0.01))
     row = bench.measure(64, 32, True, rounds=2, backward=True, dtype=torch.float32, tokens=128, device="cpu")
