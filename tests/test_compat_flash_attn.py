@@ -557,6 +557,23 @@ def test_triton_forward_writes_the_flash_attn_layout():
     assert err(out.transpose(1, 2), ref_attention(q, k, v, causal=True, scale=0.2)[0]) < 1e-5
 
 
+@pytest.mark.skipif(not HAS_TRITON or torch.cuda.is_available(), reason="interpreter check (triton, no CUDA)")
+@pytest.mark.parametrize("host", [False, True])
+def test_hopper_forward_writes_the_flash_attn_layout(host):
+    """The sm_90 kernels (checked under the interpreter) write a (B, N, H, D) input's output in
+    (B, N, H, D) memory too, through on-device and host descriptors."""
+    from fa2lab.kernels.hopper_fwd import hopper_fwd
+
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, **(dict(HOST_DESC=True, PERSISTENT=True) if host else {}))
+    q, k, v = (t.half() for t in (rand(1, 20, 2, 32, seed=1), rand(1, 27, 1, 32, seed=2), rand(1, 27, 1, 32, seed=3)))
+    out, _ = hopper_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=0.2, left=-1, right=0,
+                        config=cfg)
+    assert out.transpose(1, 2).is_contiguous()
+    truth, _ = ref_attention(q, k, v, causal=True, scale=0.2)
+    naive, _ = ref_attention(q, k, v, causal=True, scale=0.2, upcast=False)
+    within_rule(out.transpose(1, 2), truth, naive, torch.float16)
+
+
 @pytest.fixture
 def no_flash_attn():
     if importlib.util.find_spec("flash_attn") is not None and "flash_attn" not in sys.modules:
@@ -597,7 +614,7 @@ def test_install_refuses_when_the_real_flash_attn_is_installed(no_flash_attn, tm
 def test_compat_benchmark_runs_its_three_calls(monkeypatch):
     """fa2lab.bench.compat at a tiny size on the CPU (its figures come from CUDA runs)."""
     import fa2lab.bench.compat as bench
-    from fa2lab.bench.timing import median_seconds
+    from fa2lab.measure.timing import median_seconds
 
     monkeypatch.setattr(bench, "_bench", lambda fn: median_seconds(fn, max_repeats=2, budget_s=0.01))
     row = bench.measure(64, 32, True, rounds=2, backward=True, dtype=torch.float32, tokens=128, device="cpu")

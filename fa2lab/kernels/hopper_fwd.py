@@ -236,7 +236,10 @@ def hopper_fwd(q, k, v, *, scale, left, right, config=None):
 
     b, h, nq, _ = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    out = torch.empty(b, h, nq, v.shape[-1], dtype=q.dtype, device=q.device)
+    if q.stride(1) < q.stride(2):  # q is a (B, Nq, Hq, D) tensor seen as (B, Hq, Nq, D): write out the same way
+        out = torch.empty(b, nq, h, v.shape[-1], dtype=q.dtype, device=q.device).transpose(1, 2)
+    else:
+        out = torch.empty(b, h, nq, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
     if out.numel() == 0 or nq == 0:
         return out, lse.fill_(float("-inf"))
