@@ -85,7 +85,11 @@ def cli_profile(args) -> int:
     from fa2lab.hardware import detect, get_profile, load_profile
 
     if args.yaml is not None:
-        profile = load_profile(args.yaml)
+        try:
+            profile = load_profile(args.yaml)
+        except ValueError as exc:
+            print(f"fa2lab profile: {exc}")
+            return 2
     elif args.name and not args.detect:
         try:
             profile = get_profile(args.name)

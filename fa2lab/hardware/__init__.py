@@ -4,6 +4,7 @@
                                           i5-10210u, cpu-generic
     detect(calibrate=False)               this machine (CUDA properties, else CPU caches and cores)
     load_profile(path)                    a user profile from YAML
+    save_profile(profile, path)           the reverse (profile.to_yaml()); loads back equal
 
 Tile sizes and split counts derived from a profile are an optimisation over the cost model:
 fa2lab.cost.tile_config(profile, ...) and fa2lab.cost.decode_splits(profile, ...). The old names
@@ -16,10 +17,11 @@ import warnings
 
 
 from fa2lab.hardware.detect import detect
-from fa2lab.hardware.loading import get_profile, list_profiles, load_profile
+from fa2lab.hardware.loading import get_profile, list_profiles, load_profile, save_profile
 from fa2lab.hardware.profile import HardwareProfile, dtype_bytes, dtype_name
 
-__all__ = ["HardwareProfile", "get_profile", "list_profiles", "detect", "load_profile", "dtype_bytes", "dtype_name"]
+__all__ = ["HardwareProfile", "get_profile", "list_profiles", "detect", "load_profile", "save_profile", "dtype_bytes",
+           "dtype_name"]
 
 _MOVED = ("TileConfig", "decode_splits", "tile_config")
 

@@ -193,6 +193,7 @@ def _i5_10210u() -> HardwareProfile:
                      l1_bytes="Skylake core: 32 KB L1d", llc_bytes="ARK: 6 MB Intel Smart Cache",
                      registers_per_unit="AVX2: 16 ymm registers x 8 fp32 lanes",
                      max_threads_per_unit="ARK: 2 hyper-threads per core", vector_width="AVX2: 8 fp32 lanes",
+                     max_regs_per_thread="not applicable on a CPU (0)",
                      mem_bw="ARK: 45.8 GB/s max memory bandwidth",
                      peak_flops_simd="4 cores x 2 FMA ports x 8 lanes x 2 FLOP x 1.6 GHz = 205 GFLOP/s fp32; "
                                      "half that fp64; fp16/bf16 not native (PyTorch converts)",
@@ -225,6 +226,7 @@ def _cpu_generic() -> HardwareProfile:
                                     "row_s", "mask_s", "spill_factor", "fault_s_per_byte")}
         | dict(registers_per_unit="AVX2: 16 ymm registers x 8 fp32 lanes", vector_width="AVX2: 8 fp32 lanes",
                max_threads_per_unit="assumption: 2 hyper-threads per core",
+               max_regs_per_thread="not applicable on a CPU (0)",
                mem_bw="assumption: one channel of DDR4-3200 = 25.6 GB/s",
                peak_flops_simd="cores x 2 FMA ports x 8 lanes x 2 FLOP x clock"))
 

@@ -2,27 +2,38 @@
 
 A YAML profile names the fields of `HardwareProfile` (see `describe()` for their meaning); it may
 start from a built-in one with `base: NAME` and override a few fields. Sizes are bytes, rates per
-second; numbers may be written as expressions of KiB/MiB/GiB/GB/TB/T/G ("163 * KiB", "2.039 * TB").
-Example:
+second; a number may carry a unit, written `NUMBER`, `NUMBER UNIT` or `NUMBER * UNIT` with UNIT one
+of KiB, MiB, GiB, TiB (powers of 2), K, M, G, T, KB, MB, GB, TB (powers of 10): "163 * KiB",
+"2.039 TB". Nothing else is read as a number: the file is data, never code. Text fields (name,
+kind, arch, sources) are taken as written. Example:
 
     base: a100
     name: a100-40gb
     mem_bw: 1.555 * TB
     sources: {mem_bw: "A100 40GB datasheet: 1,555 GB/s"}
+
+A field the file sets has the file as its source unless `sources` names one. `save_profile` (or
+`HardwareProfile.to_yaml`) writes a file that loads back to an equal profile.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+from decimal import Decimal
 from pathlib import Path
 
 import yaml
 
 from fa2lab.hardware.builtin import BUILTIN
-from fa2lab.hardware.profile import HardwareProfile
+from fa2lab.hardware.profile import FIELD_RULES, HardwareProfile, field_problem
 
-_UNITS = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "GB": 1e9, "TB": 1e12, "G": 1e9, "T": 1e12, "M": 1e6}
-_INT_FIELDS = {f.name for f in dataclasses.fields(HardwareProfile) if f.type in ("int", int)}
+UNITS = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9,
+         "T": 10**12, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_QUANTITY = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*(?:\*?\s*(" + "|".join(UNITS)
+                       + r"))?\s*")
+_TEXT_FIELDS = {"name", "kind", "arch"}  # descriptions, not numbers: they need no source
 
 
 def list_profiles() -> list[str]:
@@ -39,41 +50,136 @@ def get_profile(name: str) -> HardwareProfile:
     return BUILTIN[key]
 
 
-def load_profile(path) -> HardwareProfile:
-    """A profile from a YAML file (see the module docstring for the format)."""
+def parse_quantity(text: str) -> float:
+    """'163 * KiB' -> 166912.0, '2.039 TB' -> 2.039e12, '1e9' -> 1e9; anything else raises ValueError.
+    A regular expression, not an evaluator: no text of a file is ever run."""
+    m = _QUANTITY.fullmatch(text) if isinstance(text, str) else None
+    if m is None:
+        raise ValueError(f"cannot read {text!r} as a number; write NUMBER, NUMBER UNIT or NUMBER * UNIT "
+                         f"with UNIT in {', '.join(UNITS)} (e.g. '163 * KiB')")
+    number, unit = m.groups()
+    # In decimal, then rounded once: "2.039 TB" is the float nearest 2.039e12, as YAML's 2.039e12 is.
+    return float(Decimal(number) * UNITS[unit]) if unit else float(number)
+
+
+def save_profile(profile: HardwareProfile, path) -> Path:
+    """Write `profile` as YAML to `path`; `load_profile(path)` gives back an equal profile."""
     path = Path(path)
-    spec = yaml.safe_load(path.read_text()) or {}
+    path.write_text(profile.to_yaml(), encoding="utf-8")
+    return path
+
+
+def load_profile(path) -> HardwareProfile:
+    """A profile from a YAML file (see the module docstring for the format). Every problem - a
+    missing file, a YAML syntax error, an unsafe tag, a field of the wrong type or out of range -
+    is a ValueError naming the file, the field, the value and what is valid."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read hardware profile {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        spec = yaml.safe_load(text)
+    except yaml.YAMLError as exc:  # syntax errors and tags safe_load refuses (!!python/...)
+        raise ValueError(f"{path}: not a valid YAML profile (only plain YAML is read, no tags): {exc}") from None
+    spec = {} if spec is None else spec
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: expected a mapping of profile fields, got {type(spec).__name__}")
-    known = {f.name for f in dataclasses.fields(HardwareProfile)}
-    unknown = set(spec) - known - {"base"}
+    known = [f.name for f in dataclasses.fields(HardwareProfile)]
+    unknown = [k for k in spec if k not in known and k != "base"]
     if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; known: base, {', '.join(sorted(known))}")
-    values = {k: _number(v, f"{path}: {k}") for k, v in spec.items() if k != "base"}
-    for key in ("peak_flops", "peak_flops_simd"):
-        if key in values:
-            values[key] = {str(k): _number(v, f"{path}: {key}.{k}") for k, v in values[key].items()}
-    if "compute_capability" in values and values["compute_capability"] is not None:
-        values["compute_capability"] = tuple(values["compute_capability"])
-    for key in _INT_FIELDS & set(values):
-        values[key] = int(values[key])
-    sources = {k: f"{path}" for k in values if k not in ("name", "sources")} | dict(values.pop("sources", {}) or {})
+        raise ValueError(f"{path}: unknown keys {sorted(map(str, unknown))}; known: base, {', '.join(sorted(known))}")
+    values = {k: _read_field(k, v, path) for k, v in spec.items() if k != "base"}
+    given_sources = values.pop("sources", {})
+    sources = {k: str(path) for k, v in values.items() if k not in _TEXT_FIELDS and v is not None}
+    sources.update(given_sources)
     if "base" in spec:
-        base = get_profile(spec["base"])
-        return dataclasses.replace(base, **values, sources=dict(base.sources, **sources))
+        if not isinstance(spec["base"], str):
+            raise ValueError(f"{path}: base: expected the name of a built-in profile, got {spec['base']!r}; "
+                             f"known: {', '.join(BUILTIN)}")
+        try:
+            base = get_profile(spec["base"])
+        except ValueError as exc:
+            raise ValueError(f"{path}: base: {exc}") from None
+        kept = {k: v for k, v in base.sources.items() if k not in values}  # an overridden number drops its source
+        return _build(path, dataclasses.replace, base, **values, sources=dict(kept, **sources))
     missing = [f.name for f in dataclasses.fields(HardwareProfile)
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                and f.name not in values]
     if missing:
         raise ValueError(f"{path}: missing fields {missing}; give them or start from a built-in with 'base: NAME'")
-    return HardwareProfile(**values, sources=sources)
+    return _build(path, HardwareProfile, **values, sources=sources)
 
 
-def _number(value, where: str):
-    """Evaluate '163 * KiB'-style strings; leave other values alone."""
-    if not isinstance(value, str) or not any(u in value for u in _UNITS):
-        return value
+def _build(path, make, *args, **values) -> HardwareProfile:
     try:
-        return eval(value, {"__builtins__": {}}, dict(_UNITS))  # names limited to the unit table
-    except Exception as exc:  # noqa: BLE001 - reported with the offending text
-        raise ValueError(f"{where}: cannot read {value!r} as a number ({exc}); write e.g. '163 * KiB'") from None
+        return make(*args, **values)
+    except ValueError as exc:  # a rule across fields; each field was checked on its own already
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def _read_field(name: str, raw, path: Path):
+    """The value of field `name` as written in the file, converted and checked."""
+    kind = FIELD_RULES[name][0]
+    where = f"{path}: field {name}"
+    try:
+        if kind == "text":
+            value = raw
+        elif kind == "cc":
+            value = _compute_capability(raw)
+        elif kind == "rates":
+            if not isinstance(raw, dict):
+                raise ValueError(f"expected a mapping of dtype name -> FLOP/s (e.g. {{float16: 312 * T}}), got "
+                                 f"{raw!r} ({type(raw).__name__})")
+            value = {str(k): None if v is None else _number(v) for k, v in raw.items()}
+        elif kind == "sources":
+            value = {} if raw is None else raw
+            if isinstance(value, dict):
+                bad = [k for k in value if k not in FIELD_RULES or k == "sources"]
+                if bad:
+                    raise ValueError(f"expected keys that are field names, got {sorted(map(str, bad))}")
+        elif kind == "float?" and raw is None:
+            value = None
+        else:
+            value = _number(raw)
+            if kind == "int":
+                value = _integer(value)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    problem = field_problem(name, value)
+    if problem:
+        raise ValueError(f"{where}: {problem}")
+    return value
+
+
+def _number(raw):
+    if isinstance(raw, bool):  # YAML's true/false/yes/no: never a number
+        raise ValueError(f"expected a number, got {raw!r} (a boolean)")
+    if isinstance(raw, str):
+        return parse_quantity(raw)
+    if isinstance(raw, (int, float)):
+        return raw
+    raise ValueError(f"expected a number, got {raw!r} ({type(raw).__name__})")
+
+
+def _integer(value):
+    """An int from an int or an integral float (163 * KiB); 2.7 is refused, not truncated."""
+    if isinstance(value, float):
+        if not (math.isfinite(value) and value.is_integer()):
+            raise ValueError(f"expected an integer, got {value!r}; give a whole number")
+        return int(value)
+    return value
+
+
+def _compute_capability(raw):
+    """(major, minor) from [9, 0], "9.0" or 9.0; None stays None."""
+    if raw is None:
+        return None
+    if isinstance(raw, (list, tuple)):
+        if len(raw) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
+            return tuple(raw)
+    elif isinstance(raw, str) or (isinstance(raw, float) and math.isfinite(raw)):
+        m = re.fullmatch(r"\s*(\d+)\.(\d)\s*", str(raw))
+        if m:
+            return int(m.group(1)), int(m.group(2))
+    raise ValueError(f"expected [major, minor], 'major.minor' or null, e.g. [9, 0] or '8.6', got {raw!r}")

@@ -8,7 +8,8 @@ both. Sizes in bytes, rates per second.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import math
+from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 
@@ -97,16 +98,24 @@ class HardwareProfile:
                        default_factory=dict)
 
     def __post_init__(self):
-        if self.kind not in ("cpu", "gpu"):
-            raise ValueError(f"profile {self.name!r}: kind must be 'cpu' or 'gpu', got {self.kind!r}")
-        for name in ("units", "smem_per_block", "smem_per_unit", "vector_width"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"profile {self.name!r}: {name} must be positive, got {getattr(self, name)}")
-        if self.mem_bw <= 0:
-            raise ValueError(f"profile {self.name!r}: mem_bw must be positive bytes/s, got {self.mem_bw}")
-        for table in ("peak_flops", "peak_flops_simd"):
-            for key in getattr(self, table):
-                dtype_name(key)  # raises on an unknown dtype name
+        for f in fields(self):
+            problem = field_problem(f.name, getattr(self, f.name))
+            if problem:
+                raise ValueError(f"profile {self.name!r}: {f.name}: {problem}")
+
+    def to_yaml(self) -> str:
+        """This profile as YAML that `load_profile` reads back to an equal profile. Fields at their
+        default are left out (a loaded file gets those defaults, and no source for them)."""
+        import yaml
+
+        data = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            if f.name != "sources" and default is not MISSING and value == default:
+                continue
+            data[f.name] = list(value) if isinstance(value, tuple) else value
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120)
 
     @property
     def is_gpu(self) -> bool:
@@ -143,6 +152,72 @@ class HardwareProfile:
             if f.name in self.sources:
                 lines.append(f"{'':<20}   source: {self.sources[f.name]}")
         return "\n".join(lines)
+
+
+# Valid values of each field: (kind, lowest, lowest allowed?) where kind is "text", "int", "float",
+# "float?" (None allowed), "cc" (compute capability or None), "rates" (dtype name -> FLOP/s or None)
+# or "sources" (field name -> text). Sizes of 0 mean "none / not applicable" where allowed.
+FIELD_RULES = {
+    "name": ("text",), "kind": ("text",), "arch": ("text",), "compute_capability": ("cc",),
+    "units": ("int", 1), "clock_hz": ("float", 0, False), "smem_per_block": ("int", 1),
+    "smem_per_unit": ("int", 1), "l1_bytes": ("int", 0), "llc_bytes": ("int", 0),
+    "registers_per_unit": ("int", 0), "max_regs_per_thread": ("int", 0), "max_threads_per_unit": ("int", 0),
+    "vector_width": ("int", 1), "mem_bw": ("float", 0, False), "peak_flops": ("rates",),
+    "peak_flops_simd": ("rates",), "exp_per_s": ("float?", 0, False), "step_overhead_s": ("float", 0, True),
+    "score_s": ("float?", 0, False), "row_s": ("float", 0, True), "spill_factor": ("float", 0, False),
+    "mask_s": ("float", 0, True), "fault_s_per_byte": ("float", 0, True), "sources": ("sources",),
+}
+
+
+def _number_problem(kind: str, value, low, inclusive=True) -> str | None:
+    bound = f">= {low}" if inclusive else f"> {low}"
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"expected an integer {bound}, got {value!r} ({type(value).__name__})"
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"expected a number {bound}, got {value!r} ({type(value).__name__})"
+    elif not math.isfinite(value):
+        return f"expected a finite number {bound}, got {value!r}"
+    if value < low or (value == low and not inclusive):
+        return f"expected a number {bound}, got {value!r}"
+    return None
+
+
+def field_problem(name: str, value) -> str | None:
+    """None if `value` is valid for field `name` of HardwareProfile; else what is wrong and what
+    range is valid."""
+    kind, *bounds = FIELD_RULES[name]
+    if kind == "text":
+        if not isinstance(value, str):
+            return f"expected text, got {value!r} ({type(value).__name__})"
+        if name == "kind" and value not in ("cpu", "gpu"):
+            return f"kind must be 'cpu' or 'gpu', got {value!r}"
+        return None
+    if kind == "cc":
+        ok = value is None or (isinstance(value, tuple) and len(value) == 2
+                               and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value)
+                               and value[0] >= 1)
+        return None if ok else (f"expected None or (major, minor) with integers major >= 1, minor >= 0, "
+                                f"e.g. (9, 0), got {value!r}")
+    if kind == "rates":
+        if not isinstance(value, dict):
+            return f"expected a mapping of dtype name -> FLOP/s, got {value!r} ({type(value).__name__})"
+        for key, rate in value.items():
+            try:
+                dtype_name(key)
+            except ValueError as exc:
+                return f"key {key!r}: {exc}"
+            problem = rate is not None and _number_problem("float", rate, 0, False)
+            if problem:
+                return f"{key}: {problem} (FLOP/s), or None where the dtype is not supported"
+        return None
+    if kind == "sources":
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            return f"expected a mapping of field name -> text, got {value!r}"
+        return None
+    if kind == "float?" and value is None:
+        return None
+    return _number_problem("int" if kind == "int" else "float", value, *bounds)
 
 
 def _show(name: str, value) -> str:
