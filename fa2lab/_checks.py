@@ -124,3 +124,29 @@ def check_dense(q, k, v, window_size) -> tuple[int, int]:
     check_head_dims(q.shape[-1], k.shape[-1])
     check_heads(q.shape[1], k.shape[1], v.shape[1])
     return check_window(window_size)
+
+
+def check_floating(name: str, t) -> None:
+    """Attention of integer tensors would truncate every score and weight: refuse them."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"expected {name} to be a floating-point torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"expected {name} to be float16, bfloat16, float32 or float64, got {t.dtype}; "
+                         f"convert it with {name}.float() (or .to(the cache's dtype))")
+
+
+INT32_MAX = 2**31 - 1
+
+
+def check_int32(name: str, t) -> torch.Tensor:
+    """An integer tensor of lengths or offsets as int32, refusing values that int32 cannot hold
+    (a plain .to(torch.int32) wraps 2**32 + 1 to 1 without a word). Reads the values (one sync)."""
+    if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"expected {name} to be an integer tensor (int32), got "
+                         f"{getattr(t, 'dtype', type(t).__name__)}; e.g. torch.tensor([...], dtype=torch.int32)")
+    if t.dtype != torch.int32 and t.numel():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < -INT32_MAX - 1 or hi > INT32_MAX:
+            raise ValueError(f"expected {name} to fit in int32, got values in [{lo}, {hi}]; lengths and offsets "
+                             f"beyond 2**31 - 1 are not supported")
+    return t.to(torch.int32)

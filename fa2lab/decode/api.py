@@ -101,6 +101,8 @@ def decode_with_reader(q, reader, seqlens, *, num_splits=None, softmax_scale=Non
                        window_size=(-1, -1), return_lse=False, backend="auto", unified_max=None):
     """`decode_attention` over any KVReader (the KV cache classes use this): q (B, Hq, Nq, D),
     seqlens int32 (B,) valid lengths, positions [0, seqlens[b]) read in order."""
+    _checks.check_tensor("q", q, 4, "(B, Hq, Nq, D)")
+    _checks.check_floating("q", q)
     _check_backend_and_q(backend, q, reader)
     seqlens = _check_seqlens(seqlens, q.shape[0], reader.capacity, q.device)
     return _decode(q, reader, seqlens, None, num_splits=num_splits, softmax_scale=softmax_scale, causal=causal,

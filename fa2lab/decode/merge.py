@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import torch
 
+from fa2lab import _checks
+
 NEG_INF = float("-inf")
 
 
 def _check_pair(out: torch.Tensor, lse: torch.Tensor, name: str) -> None:
+    _checks.check_floating(f"out_{name}", out)  # integer parts would merge into truncated weights
+    _checks.check_floating(f"lse_{name}", lse)
     if out.shape[:-1] != lse.shape:
         raise ValueError(
             f"expected {name} lse to have shape out.shape[:-1] = {tuple(out.shape[:-1])}, "
@@ -44,6 +48,10 @@ def merge_states(out_a, lse_a, out_b, lse_b):
 def merge_states_stack(outs: torch.Tensor, lses: torch.Tensor, dim: int = 0):
     """Merge S partial results stacked along `dim`: outs (S, ..., Nq, Dv), lses (S, ..., Nq)."""
     _check_pair(outs, lses, "stacked")
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -lses.dim() <= dim < lses.dim():
+        raise ValueError(f"expected dim to be an axis of lses (..., Nq), in [{-lses.dim()}, {lses.dim()}), got "
+                         f"{dim!r}; the parts are stacked along it")
+    dim = dim % lses.dim()  # an axis of lses; outs has the same one before its Dv axis
     acc_t = torch.float64 if lses.dtype == torch.float64 or outs.dtype == torch.float64 else torch.float32
     lses = lses.to(acc_t)
     lse = torch.logsumexp(lses, dim=dim)  # (..., Nq); -inf when every part is empty

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from fa2lab.kvcache.base import KVCache
-from fa2lab.kvcache.window import check_append
+from fa2lab.kvcache.base import KVCache, check_append
 
 
 def fit_basis(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,9 @@ import math
 
 import torch
 
+from fa2lab import _checks
 from fa2lab.decode.api import decode_attention
+from fa2lab.kvcache.base import check_append
 
 
 class PagedKVCache:
@@ -21,10 +23,13 @@ class PagedKVCache:
         if min(num_pages, page_size, heads_kv, head_dim) < 1:
             raise ValueError(f"expected positive sizes, got num_pages={num_pages}, page_size={page_size}, "
                              f"heads_kv={heads_kv}, head_dim={head_dim}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"expected a floating dtype for the cache, got {dtype}; e.g. torch.float16")
         self.num_pages, self.page_size, self.heads_kv, self.head_dim = num_pages, page_size, heads_kv, head_dim
         self.head_dim_v = head_dim_v or head_dim
         self.k_pages = torch.zeros(num_pages, heads_kv, page_size, head_dim, dtype=dtype, device=device)
         self.v_pages = torch.zeros(num_pages, heads_kv, page_size, self.head_dim_v, dtype=dtype, device=device)
+        self.dtype, self.device = dtype, self.k_pages.device
         self.free_pages: list[int] = list(range(num_pages - 1, -1, -1))  # pop() hands out page 0 first
         self.pages: dict = {}  # seq_id -> [physical page, ...]
         self.lengths: dict = {}  # seq_id -> tokens held
@@ -40,15 +45,17 @@ class PagedKVCache:
                            f"call add_sequence first")
 
     def append(self, seq_id, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Add n tokens to one sequence: k (Hkv, n, D), v (Hkv, n, Dv). Takes pages as needed;
-        if the pool cannot supply them nothing is written and nothing is taken."""
+        """Add n tokens to one sequence: k (Hkv, n, D), v (Hkv, n, Dv) in the cache's dtype. Takes
+        pages as needed; if the pool cannot supply them nothing is written and nothing is taken."""
         self._known(seq_id)
+        for name, x in (("k", k), ("v", v)):
+            if not isinstance(x, torch.Tensor):
+                raise ValueError(f"expected {name} to be a torch.Tensor (Hkv, n, D), got {type(x).__name__}")
         if k.dim() != 3 or k.shape[0] != self.heads_kv or k.shape[2] != self.head_dim:
             raise ValueError(f"expected k of shape (Hkv={self.heads_kv}, n, D={self.head_dim}), got {tuple(k.shape)}")
         if v.shape != (self.heads_kv, k.shape[1], self.head_dim_v):
             raise ValueError(f"expected v of shape {(self.heads_kv, k.shape[1], self.head_dim_v)}, got {tuple(v.shape)}")
-        if not (k.dtype.is_floating_point and v.dtype.is_floating_point):
-            raise ValueError(f"expected floating-point k and v, got {k.dtype} and {v.dtype}")
+        check_append(self, k[None], v[None], batch=1)  # dtype and device: the policy of every cache
         n, start = k.shape[1], self.lengths[seq_id]
         need = math.ceil((start + n) / self.page_size) - len(self.pages[seq_id])
         if need > len(self.free_pages):
@@ -59,8 +66,8 @@ class PagedKVCache:
         pos = torch.arange(start, start + n)
         phys = torch.tensor(pages, dtype=torch.long)[pos // self.page_size].to(self.k_pages.device)  # (n,)
         off = (pos % self.page_size).to(self.k_pages.device)  # (n,)
-        self.k_pages[phys, :, off] = k.transpose(0, 1).to(self.k_pages.dtype)  # (n, Hkv, D)
-        self.v_pages[phys, :, off] = v.transpose(0, 1).to(self.v_pages.dtype)
+        self.k_pages[phys, :, off] = k.transpose(0, 1)  # (n, Hkv, D)
+        self.v_pages[phys, :, off] = v.transpose(0, 1)
         # Pages change hands only after the writes succeeded: a failed write takes nothing.
         del self.free_pages[len(self.free_pages) - need:]
         self.pages[seq_id] = pages
@@ -87,6 +94,8 @@ class PagedKVCache:
 
     def attend(self, q: torch.Tensor, seq_ids, **kwargs):
         """decode_attention of q (B, Hq, Nq, D) against sequences seq_ids (len B)."""
+        _checks.check_tensor("q", q, 4, "(B, Hq, Nq, D)")
+        _checks.check_floating("q", q)
         if q.shape[0] != len(seq_ids):
             raise ValueError(f"expected one query row per sequence: q has B={q.shape[0]}, seq_ids {len(seq_ids)}")
         table, seqlens = self.block_table(seq_ids)

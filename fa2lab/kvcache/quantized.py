@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from fa2lab.kvcache.base import KVCache
-from fa2lab.kvcache.window import check_append
+from fa2lab.kvcache.base import KVCache, check_append
 
 QMAX = 127  # symmetric: -128 is left unused so that x_q = -x_q stays representable
 

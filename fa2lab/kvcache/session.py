@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import torch
 
+from fa2lab import _checks
 from fa2lab.kvcache.static import StaticKVCache
 
 _NEXT = {  # state -> calls allowed in it
     "created": ("init", "close"),
     "ready": ("load_qkv", "reset", "close"),
-    "loaded": ("decode", "reset", "close"),
+    "loaded": ("decode", "load_qkv", "reset", "close"),  # load_qkv again replaces the loaded step
     "decoded": ("get_output", "reset", "close"),
     "closed": (),
 }
@@ -27,14 +28,33 @@ class DecodeSession:
     """cuda_graph=True (CUDA only): each step - write K/V at each sequence's length, advance the
     lengths, split-K attention - is one captured CUDA graph over persistent buffers, replayed with
     no host-device sync and no kernel-launch overhead. It takes one new token per sequence per step,
-    all sequences advancing together (the capacity check uses a host-side count)."""
+    all sequences advancing together (the capacity check uses a host-side count).
+
+    Every option is checked here, so that a decode cannot fail on one; and a decode that fails all
+    the same (out of memory, an interrupt) leaves the session exactly as before it: same lengths,
+    same state, and the same call can be retried."""
 
     def __init__(self, batch: int, heads_q: int, heads_kv: int, max_len: int, head_dim: int, *,
                  dtype=torch.float16, device="cpu", cuda_graph: bool = False, **decode_kwargs):
         self.shape = dict(batch=batch, heads_q=heads_q, heads_kv=heads_kv, max_len=max_len, head_dim=head_dim)
-        self.dtype, self.device, self.decode_kwargs = dtype, torch.device(device), decode_kwargs
+        for name, value in self.shape.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"expected {name} to be a positive int, got {value!r}")
+        if heads_q % heads_kv:
+            raise ValueError(f"expected heads_q={heads_q} to be a multiple of heads_kv={heads_kv}; use heads_kv in "
+                             f"{[d for d in range(1, heads_q + 1) if heads_q % d == 0]}")
+        if dtype not in _checks.FLOAT_DTYPES:
+            raise ValueError(f"expected dtype to be one of {list(_checks.FLOAT_DTYPES)}, got {dtype!r}")
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"expected a device such as 'cpu' or 'cuda', got {device!r}") from None
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"expected cuda_graph to be True or False, got {cuda_graph!r}")
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {self.device}; use cuda_graph=False")
+        self.dtype, self.decode_kwargs = dtype, _check_decode_options(decode_kwargs, dtype, self.device,
+                                                                      head_dim, cuda_graph)
         self.cuda_graph = cuda_graph
         self.graph = None
         self.state = "created"
@@ -52,8 +72,6 @@ class DecodeSession:
     def init(self) -> "DecodeSession":
         self._enter("init")
         s = self.shape
-        if s["heads_q"] % s["heads_kv"]:
-            raise ValueError(f"expected heads_q={s['heads_q']} to be a multiple of heads_kv={s['heads_kv']}")
         self.cache = StaticKVCache(s["batch"], s["heads_kv"], s["max_len"], s["head_dim"], dtype=self.dtype,
                                    device=self.device)
         self._host_len = 0
@@ -64,6 +82,11 @@ class DecodeSession:
         """Take the step's q (B, Hq, Nq, D) and its new k, v (B, Hkv, Nq, D)."""
         self._enter("load_qkv")
         s = self.shape
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            _checks.check_floating(name, x)
+            if x.dtype != self.dtype:  # the dtype policy of every cache: no silent cast
+                raise ValueError(f"expected {name} in the session's dtype {self.dtype}, got {x.dtype}; "
+                                 f"convert it with {name}.to({self.dtype})")
         want_q = (s["batch"], s["heads_q"], q.shape[2] if q.dim() == 4 else -1, s["head_dim"])
         if q.dim() != 4 or tuple(q.shape) != want_q:
             raise ValueError(f"expected q of shape (B={s['batch']}, Hq={s['heads_q']}, Nq, D={s['head_dim']}), "
@@ -88,16 +111,22 @@ class DecodeSession:
     def decode(self) -> None:
         """Append the loaded K/V (the length advances) and attend; the result goes to the output buffer."""
         self._enter("decode")
-        if self.cuda_graph:
-            self._decode_graph()
-            self.steps += 1
-            self.state = "decoded"
-            return
-        self.cache.append(self._k, self._v)  # raises before any change if the cache is full
-        out = self.cache.attend(self._q, **self.decode_kwargs)  # (B, Hq, Nq, D)
-        if self.output is None or self.output.shape != out.shape:
-            self.output = torch.empty(out.shape, dtype=torch.float32, device=self.device)
-        self.output.copy_(out)
+        # All or nothing: the append only writes past each sequence's length, so restoring the
+        # lengths undoes it; the output buffer is written last.
+        lengths, host_len = self.cache.lengths.clone(), self._host_len
+        try:
+            if self.cuda_graph:
+                self._decode_graph()
+            else:
+                self.cache.append(self._k, self._v)  # raises before any change if the cache is full
+                out = self.cache.attend(self._q, **self.decode_kwargs)  # (B, Hq, Nq, D)
+                if self.output is None or self.output.shape != out.shape:
+                    self.output = torch.empty(out.shape, dtype=torch.float32, device=self.device)
+                self.output.copy_(out)
+        except BaseException:
+            self.cache.lengths.copy_(lengths)
+            self._host_len = host_len
+            raise
         self.steps += 1
         self.state = "decoded"
 
@@ -161,3 +190,44 @@ class DecodeSession:
         self._enter("close")
         self.cache = self.output = self.graph = None
         self.state = "closed"
+
+
+_DECODE_OPTIONS = ("num_splits", "softmax_scale", "causal", "window_size", "backend", "unified_max")
+
+
+def _check_decode_options(options: dict, dtype, device, head_dim: int, cuda_graph: bool) -> dict:
+    """The decode options of a session, checked once (decode_attention's meaning)."""
+    from fa2lab.backends import triton_unavailable
+    from fa2lab.decode.api import DECODE_BACKENDS
+
+    unknown = sorted(set(options) - set(_DECODE_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown decode option(s) {unknown}; DecodeSession takes {list(_DECODE_OPTIONS)} "
+                         f"(the output buffer holds out only: no return_lse)")
+    if cuda_graph and options:
+        raise ValueError(f"cuda_graph=True replays one captured split-K kernel with the default options; got "
+                         f"{sorted(options)}: drop them or use cuda_graph=False")
+    n = options.get("num_splits")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"expected num_splits to be a positive int or None (auto), got {n!r}")
+    try:
+        _checks.resolve_scale(options.get("softmax_scale"), head_dim)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected softmax_scale to be a finite number or None (1/sqrt(D)), got "
+                         f"{options.get('softmax_scale')!r}") from None
+    if not isinstance(options.get("causal", True), bool):
+        raise ValueError(f"expected causal to be True or False, got {options['causal']!r}")
+    if "window_size" in options:
+        _checks.check_window(options["window_size"])
+    backend, phi = options.get("backend", "auto"), options.get("unified_max")
+    if backend not in DECODE_BACKENDS:
+        raise ValueError(f"unknown decode backend {backend!r}; choose one of {list(DECODE_BACKENDS)}")
+    if phi is not None:
+        if isinstance(phi, bool) or not isinstance(phi, (int, float)) or phi != phi or abs(phi) == float("inf"):
+            raise ValueError(f"expected unified_max to be a finite number or None, got {phi!r}")
+    if backend == "triton":
+        why = triton_unavailable(device.type, dtype, (head_dim,)) or (
+            "it runs without unified_max" if phi is not None else None)
+        if why:
+            raise ValueError(f"decode backend 'triton' cannot run this session: {why}; use backend='auto'")
+    return dict(options)

@@ -19,44 +19,7 @@ from __future__ import annotations
 import torch
 
 from fa2lab import _checks
-from fa2lab.kvcache.base import KVCache, check_new_tokens
-
-
-def check_append(cache, k, v, lengths, capacity: int | None = None,
-                 fix: str = "allocate a larger cache or use SlidingWindowKVCache") -> tuple[int, torch.Tensor]:
-    """Every check of an append, before anything is written: k (B, Hkv, n, D), v (B, Hkv, n, Dv) in
-    the cache's dtype and device, `lengths` int (B,) in [0, n], and (with `capacity`) room for them.
-    Returns n and take, int64 (B,) tokens taken per sequence. `cache` has batch, heads_kv, head_dim,
-    head_dim_v, dtype, device and (with `capacity`) lengths int32 (B,)."""
-    n = check_new_tokens("k", k, cache.batch, cache.heads_kv, cache.head_dim)
-    if check_new_tokens("v", v, cache.batch, cache.heads_kv, cache.head_dim_v) != n:
-        raise ValueError(f"expected k and v to bring the same number of tokens, got {n} and {v.shape[2]}")
-    for name, x in (("k", k), ("v", v)):
-        # A silent cast would hide a precision loss (float32 -> float16) or an overflow: be explicit.
-        if x.dtype != cache.dtype:
-            raise ValueError(f"expected {name} in the cache's dtype {cache.dtype}, got {x.dtype}; "
-                             f"convert it with {name}.to({cache.dtype})")
-        if x.device != cache.device:
-            raise ValueError(f"expected {name} on the cache's device {cache.device}, got {x.device}; "
-                             f"move it with {name}.to({str(cache.device)!r})")
-    if lengths is None:
-        take = torch.full((cache.batch,), n, dtype=torch.long, device=cache.device)
-    else:
-        if not isinstance(lengths, torch.Tensor) or lengths.shape != (cache.batch,) \
-                or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
-            raise ValueError(f"expected lengths to be an integer tensor of shape ({cache.batch},), got "
-                             f"{getattr(lengths, 'dtype', type(lengths).__name__)} "
-                             f"{tuple(getattr(lengths, 'shape', ()))}; e.g. torch.tensor([...], dtype=torch.int32)")
-        take = lengths.to(device=cache.device, dtype=torch.long)
-        if bool((take < 0).any()) or bool((take > n).any()):
-            raise ValueError(f"expected lengths in [0, n={n}] (tokens taken from this step), got {lengths.tolist()}")
-    if capacity is not None:
-        new_len = cache.lengths.long() + take  # (B,)
-        if bool((new_len > capacity).any()):
-            b = int((new_len > capacity).nonzero()[0])
-            raise ValueError(f"sequence {b} would grow to {int(new_len[b])} tokens, past max_len={capacity} "
-                             f"(it holds {int(cache.lengths[b])}, this step adds {int(take[b])}); {fix}")
-    return n, take
+from fa2lab.kvcache.base import KVCache, check_append
 
 
 class SlidingWindowKVCache(KVCache):
@@ -89,14 +52,30 @@ class SlidingWindowKVCache(KVCache):
         With `lengths` (int (B,), each <= n) sequence b takes only its first lengths[b] tokens. A step
         longer than C keeps only its last C tokens; older ones are overwritten in place."""
         _, take = check_append(self, k, v, lengths)
-        for b in range(self.batch):  # only after every check: an error above changes nothing
+        # Stage: every (sequence, slot) written this step, the new tokens and the tokens they
+        # replace. Writing in place destroys tokens that are still visible, so the commit below
+        # puts the old ones back if it fails at any point (an interrupt, out of memory).
+        rows, slots, new_k, new_v = [], [], [], []
+        for b in range(self.batch):
             t = int(take[b])
             kept = min(t, self.capacity)
             first = int(self.total[b]) + t - kept  # absolute position of the first token written
-            slots = (first + torch.arange(kept, device=self.device)) % self.capacity  # (kept,) distinct
-            self.k[b][:, slots] = k[b, :, t - kept:t]  # (Hkv, kept, D)
-            self.v[b][:, slots] = v[b, :, t - kept:t]  # (Hkv, kept, Dv)
-        self.total += take
+            slots.append((first + torch.arange(kept, device=self.device)) % self.capacity)  # (kept,) distinct
+            rows.append(torch.full((kept,), b, dtype=torch.long, device=self.device))
+            new_k.append(k[b, :, t - kept:t].transpose(0, 1))  # (kept, Hkv, D)
+            new_v.append(v[b, :, t - kept:t].transpose(0, 1))  # (kept, Hkv, Dv)
+        rows, slots = torch.cat(rows), torch.cat(slots)  # (M,) each, M = sum of kept
+        new_k, new_v = torch.cat(new_k), torch.cat(new_v)  # (M, Hkv, D), (M, Hkv, Dv)
+        old_k, old_v, old_total = self.k[rows, :, slots], self.v[rows, :, slots], self.total.clone()
+        try:
+            self.k[rows, :, slots] = new_k
+            self.v[rows, :, slots] = new_v
+            self.total += take
+        except BaseException:
+            self.k[rows, :, slots] = old_k
+            self.v[rows, :, slots] = old_v
+            self.total.copy_(old_total)
+            raise
 
     def reader(self):
         return RingReader(self.k, self.v, self.total)

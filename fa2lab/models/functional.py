@@ -17,7 +17,7 @@ import weakref
 
 import torch
 
-from fa2lab import masks
+from fa2lab import _checks, masks
 from fa2lab._deprecated import UNSET, renamed
 from fa2lab.api import attention, varlen_attention
 from fa2lab.backends import Case
@@ -84,7 +84,7 @@ def packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=True, window
     k (total_k, Hkv, D), v (total_k, Hkv, Dv), cu_seqlens int32 (S + 1,) -> (total_q, Hq, Dv).
     (`scale=` is the deprecated name of softmax_scale.)"""
     scale = renamed("packed_attention", "scale", "softmax_scale", scale, softmax_scale)
-    cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
+    cu_q, cu_k = _checks.check_int32("cu_seqlens_q", cu_seqlens_q), _checks.check_int32("cu_seqlens_k", cu_seqlens_k)
     lens = [(int(a), int(b)) for a, b in zip((cu_q[1:] - cu_q[:-1]).tolist(), (cu_k[1:] - cu_k[:-1]).tolist())]
     if max((n for n, _ in lens), default=0) <= 1:
         causal, window_size = _decode_window(causal, window_size, 1)

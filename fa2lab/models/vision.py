@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fa2lab import _checks
 from fa2lab.models.functional import packed_attention
 from fa2lab.models.rotary import apply_rotary_vision
 
@@ -51,6 +52,6 @@ class FlashAttention2Vision(nn.Module):
         q, k, v = self.qkv(hidden_states).reshape(total, 3, self.num_heads, -1).unbind(1)  # (total, H, D) each
         if position_embeddings is not None:
             q, k = apply_rotary_vision(q, k, *position_embeddings)
-        cu = cu_seqlens.to(device=hidden_states.device, dtype=torch.int32)
+        cu = _checks.check_int32("cu_seqlens", cu_seqlens).to(hidden_states.device)
         out = packed_attention(q, k, v, cu, cu, causal=False, softmax_scale=self.scaling, backend=self.backend)  # (total, H, D)
         return self.proj(out.reshape(total, -1))
