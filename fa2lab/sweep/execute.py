@@ -5,15 +5,20 @@ shuts the kernel down. With several, each point runs in a child process
 (`python fa2lab/sweep/execute.py REQUEST`) that a thread of the runner waits on: papermill is not
 safe to drive from several threads of one process, Ctrl-C reaches the children too (kernels run
 in a session of their own and are shut down by papermill), and a crash of papermill cannot take
-the runner down.
+the runner down. A child watches its parent: when the runner dies (even by SIGKILL, which runs no
+clean-up) the child interrupts its notebook, papermill shuts the kernel down, and the child exits,
+so no point keeps running for a runner that is gone.
 """
 
 from __future__ import annotations
 
+import _thread
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 ERROR_PREFIX = "fa2lab-sweep-error: "
@@ -46,24 +51,54 @@ def execute_in_subprocess(notebook, output, parameters: dict, *, cwd, timeout_s:
     """The same in a child process (environment: this one's, updated with `env`); raises
     PointError with the notebook's exception, or KeyboardInterrupt when the child was interrupted."""
     request = json.dumps(dict(notebook=str(notebook), output=str(output), parameters=parameters, cwd=str(cwd),
-                              timeout_s=timeout_s))
+                              timeout_s=timeout_s, parent_pid=os.getpid()))
     # Run as a script, not `-m fa2lab.sweep.execute`: that would import the fa2lab package, and torch
     # with it, in a process that needs only papermill.
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), request], capture_output=True, text=True,
-                          env=dict(os.environ, **env) if env else None)
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), request], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, **env) if env else None)
+    _note_child(proc.pid)
+    try:
+        _, stderr = proc.communicate()
+    except BaseException:  # Ctrl-C here: the child got it too; wait for it to shut its kernel down
+        proc.wait()
+        raise
     if proc.returncode == 0:
         return
     if proc.returncode in (-2, 130):  # SIGINT: Ctrl-C reached the child too
         raise KeyboardInterrupt
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith(ERROR_PREFIX)]
+    lines = [ln for ln in stderr.splitlines() if ln.startswith(ERROR_PREFIX)]
     if lines:
         raise PointError(lines[-1][len(ERROR_PREFIX):])
-    tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+    tail = " | ".join(stderr.strip().splitlines()[-3:])
     raise PointError(f"papermill process exited with {proc.returncode}: {tail}")
+
+
+def _note_child(pid: int) -> None:
+    """List the child in the lock of the point it runs (fa2lab.sweep.lock), if the runner holds one."""
+    lock = sys.modules.get("fa2lab.sweep.lock")
+    if lock is not None:
+        lock.note_child(pid)
+
+
+def watch_parent(parent_pid: int, grace_s: float = 20.0, poll_s: float = 0.5) -> threading.Thread:
+    """Interrupt this process's main thread when `parent_pid` is no longer its parent (the parent
+    died: the child was re-parented), and exit after `grace_s` if that did not end it."""
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        _thread.interrupt_main()  # KeyboardInterrupt in papermill: it shuts the kernel down
+        time.sleep(grace_s)
+        os._exit(130)
+
+    thread = threading.Thread(target=watch, name="fa2lab-watch-parent", daemon=True)
+    thread.start()
+    return thread
 
 
 def main(argv=None) -> int:
     req = json.loads((sys.argv[1:] if argv is None else argv)[0])
+    if req.get("parent_pid"):
+        watch_parent(int(req["parent_pid"]))
     try:
         execute_notebook(Path(req["notebook"]), Path(req["output"]), req["parameters"], cwd=req["cwd"],
                          timeout_s=req["timeout_s"])

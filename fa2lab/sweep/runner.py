@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from fa2lab.sweep.execute import error_text, execute_in_subprocess, execute_notebook
+from fa2lab.sweep.lock import PointBusy, PointLock
 from fa2lab.sweep.metrics import CONDITIONS_FILE, atomic_write_json, atomic_write_text
 from fa2lab.sweep.spec import METRICS_PARAM, REPO, Point, SweepSpec
 
@@ -89,11 +90,25 @@ def _interrupted(exc: BaseException) -> bool:
 
 def run_point(spec: SweepSpec, point: Point, folder: Path, env: dict, stop: threading.Event,
               execute=execute_notebook) -> dict | None:
-    """Run one point; returns its result, or None when it was interrupted (nothing recorded)."""
+    """Run one point; returns its result, or None when it was interrupted (nothing recorded), or
+    {'status': 'busy', ...} when another live runner holds the point's lock (nothing touched)."""
     if stop.is_set():  # the sweep is stopping: start nothing new
         return None
     pdir = folder / "points" / point.id
-    pdir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = PointLock(pdir).__enter__()
+    except PointBusy as exc:
+        return dict(sweep=spec.name, point=point.id, status="busy", error=str(exc))
+    try:
+        return _run_locked(spec, point, pdir, env, stop, execute)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _run_locked(spec, point, pdir, env, stop, execute) -> dict | None:
+    done = load_result_file(pdir)
+    if done is not None and done["status"] == "ok":  # another runner finished it while we waited for it
+        return done
     metrics_file = pdir / "metrics.json"
     metrics_file.unlink(missing_ok=True)  # left by an interrupted attempt: never mistake it for this run's
     conditions_file = pdir / CONDITIONS_FILE
@@ -135,7 +150,11 @@ def run_point(spec: SweepSpec, point: Point, folder: Path, env: dict, stop: thre
 
 
 def load_result(folder: Path, point: Point) -> dict | None:
-    path = folder / "points" / point.id / "result.json"
+    return load_result_file(folder / "points" / point.id)
+
+
+def load_result_file(pdir: Path) -> dict | None:
+    path = pdir / "result.json"
     if not path.exists():
         return None
     try:
@@ -203,7 +222,8 @@ def _with_timing_policy(run):
 def run_sweep(spec: SweepSpec, out_root=None, *, jobs: int = 1, progress: bool = True,
               execute=None, log=print, stop: threading.Event | None = None) -> dict:
     """Run every unfinished point of `spec` (up to `jobs` at a time, capped by the spec's
-    max_jobs); returns counts {'points', 'skipped', 'ok', 'error', 'interrupted'} and the folder.
+    max_jobs); returns counts {'points', 'skipped', 'ok', 'error', 'interrupted', 'busy'} and the
+    folder. A point another live runner holds (its lock, fa2lab.sweep.lock) is left to it: 'busy'.
     `execute`: how a point's notebook runs; default papermill (fa2lab.sweep.execute); the Dask
     runner (fa2lab.sweep.dask_runner) passes its own, sharing `stop` to hear of Ctrl-C.
     Ctrl-C stops starting points, lets the running ones end, records nothing for those it
@@ -232,7 +252,7 @@ def run_sweep(spec: SweepSpec, out_root=None, *, jobs: int = 1, progress: bool =
     # One job: papermill in this process, in the main thread (Ctrl-C lands in it, papermill shuts
     # the kernel down). More: a child process per point, which threads of this one wait on.
     execute = execute or (execute_notebook if jobs == 1 else execute_in_subprocess)
-    counts = dict(points=len(points), skipped=skipped, ok=0, error=0, interrupted=0, folder=str(folder))
+    counts = dict(points=len(points), skipped=skipped, ok=0, error=0, interrupted=0, busy=0, folder=str(folder))
     env = environment() if todo else {}
     stop = threading.Event() if stop is None else stop
     bar = tqdm(total=len(points), initial=skipped, desc=spec.name, unit="point", disable=not progress)
@@ -248,7 +268,9 @@ def run_sweep(spec: SweepSpec, out_root=None, *, jobs: int = 1, progress: bool =
                 counts["interrupted"] += 1
                 raise KeyboardInterrupt
             counts[res["status"]] += 1
-            if res["status"] != "ok":
+            if res["status"] == "busy":  # another runner has it: its result lands in the same folder
+                bar.write(f"{spec.name}: point {res['point']} skipped: {res['error']}")
+            elif res["status"] != "ok":
                 bar.write(f"{spec.name}: point {res['point']} failed: {res['error']}")
             bar.update(1)
             bar.set_postfix(failed=counts["error"])

@@ -62,14 +62,32 @@ def notebook_parameters(path) -> dict[str, Parameter]:
         nb = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise SpecError(f"cannot read notebook {path}: {exc}") from None
-    cells = [c for c in nb.get("cells", []) if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list) \
+            or not all(isinstance(c, dict) for c in nb["cells"]):
+        raise SpecError(f"{path} is not a Jupyter notebook: expected a JSON object with a list of cells, got "
+                        f"{type(nb).__name__}{' without cells' if isinstance(nb, dict) else ''}")
+
+    def tags(cell):
+        meta = cell.get("metadata")
+        found = meta.get("tags", []) if isinstance(meta, dict) else []
+        return found if isinstance(found, list) else []
+
+    cells = [c for c in nb["cells"] if "parameters" in tags(c)]
     if not cells:
         raise SpecError(f"{path} has no cell tagged 'parameters'; papermill needs one to inject values")
-    source = "".join(cells[0]["source"]) if isinstance(cells[0]["source"], list) else cells[0]["source"]
-    comments = {tok.start[0]: tok.string.lstrip("#").strip()
-                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    source = cells[0].get("source", "")
+    source = "".join(source) if isinstance(source, list) and all(isinstance(x, str) for x in source) else source
+    if not isinstance(source, str):
+        raise SpecError(f"{path}: the parameters cell's source is not text (got {type(source).__name__})")
+    try:
+        comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                    for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+        body = ast.parse(source).body
+    except (SyntaxError, tokenize.TokenError, ValueError) as exc:
+        raise SpecError(f"{path}: the parameters cell is not valid Python ({type(exc).__name__}: {exc}); "
+                        f"write one `name: type = value  # comment` per line") from None
     params = {}
-    for node in ast.parse(source).body:
+    for node in body:
         where = f"{path.name}, parameters cell line {node.lineno}"
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None):
             raise SpecError(f"{where}: expected `name: type = value  # comment`, got "
@@ -77,13 +95,15 @@ def notebook_parameters(path) -> dict[str, Parameter]:
         annotation = ast.get_source_segment(source, node.annotation)
         try:
             default = ast.literal_eval(node.value)
-        except ValueError:
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             raise SpecError(f"{where}: the default of {node.target.id} must be a literal, got "
                             f"{ast.get_source_segment(source, node.value)!r}") from None
         param = Parameter(node.target.id, annotation, default, comments.get(node.lineno, ""))
         problem = type_problem(param.type, default)
         if problem:
             raise SpecError(f"{where}: default of {param.name}: {problem}")
+        if param.name in params:
+            raise SpecError(f"{where}: {param.name} is defined twice in the parameters cell; keep one")
         params[param.name] = param
     return params
 
@@ -239,6 +259,13 @@ def load_spec(path) -> SweepSpec:
         if not isinstance(values, list) or not values:
             raise SpecError(f"{path}: grid: {n!r} must be a non-empty list of values, got {values!r}")
         checked_grid[n] = _check_values(path, "grid", n, values, params)
+        seen = {}
+        for v in checked_grid[n]:
+            key = json.dumps(v, sort_keys=True)
+            if key in seen:  # one point id, one folder: it would run twice and give two rows
+                raise SpecError(f"{path}: grid: {n!r} lists {v!r} more than once ({values!r}); remove the "
+                                f"duplicate (to run each point several times, use 'repeats: N')")
+            seen[key] = v
     both = set(fixed) & set(checked_grid)
     if both:
         raise SpecError(f"{path}: {sorted(both)} appear in both 'parameters' and 'grid'; keep one")
