@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -45,7 +46,7 @@ def check_same_dtype_device(**tensors: torch.Tensor) -> None:
 def check_heads(hq: int, hkv: int, hkv_v: int) -> None:
     if hkv != hkv_v:
         raise ValueError(f"expected k and v to have the same number of heads, got {hkv} and {hkv_v}")
-    if hkv == 0 or hq % hkv != 0:
+    if (hkv == 0 and hq != 0) or (hkv != 0 and hq % hkv != 0):  # Hq = Hkv = 0: no heads at all, allowed
         raise ValueError(
             f"expected the query heads Hq={hq} to be a multiple of the key/value heads Hkv={hkv} "
             f"(GQA/MQA); use Hkv in {[d for d in range(1, hq + 1) if hq % d == 0]}"
@@ -75,6 +76,9 @@ def check_window(window_size) -> tuple[int, int]:
 def resolve_scale(softmax_scale, head_dim: int) -> float:
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real) and not (
+            isinstance(softmax_scale, torch.Tensor) and softmax_scale.numel() == 1):
+        raise ValueError(f"expected softmax_scale to be a number or None (1/sqrt(D)), got {softmax_scale!r}")
     scale = float(softmax_scale)
     if not math.isfinite(scale):
         raise ValueError(f"expected a finite softmax_scale, got {softmax_scale!r}; None means 1/sqrt(D)")

@@ -12,6 +12,7 @@ import torch
 
 from fa2lab import _checks
 from fa2lab._checks import check_dense, resolve_scale
+from fa2lab._empty import empty_attention, no_query_rows
 from fa2lab.backends import BACKENDS, Case, choose
 
 __all__ = ["attention", "varlen_attention", "available_backends", "check_dense", "resolve_scale"]
@@ -48,6 +49,8 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), softmax_scale=None
     window_size = check_dense(q, k, v, window_size)
     scale = resolve_scale(softmax_scale, q.shape[-1])
     name = _resolve_backend(backend, [Case.of(q, k, v, causal, window_size, return_lse)])
+    if no_query_rows(q):  # validated above; nothing to compute (B, Hq or Nq is 0)
+        return empty_attention(q, k, v, (*q.shape[:3], v.shape[-1]), q.shape[:3], return_lse)
     return BACKENDS[name](q, k, v, causal=causal, window_size=window_size, scale=scale, return_lse=return_lse)
 
 
@@ -85,7 +88,12 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     as_dense = lambda x, a, b: x[a:b].transpose(0, 1).unsqueeze(0)  # noqa: E731
     cases = [Case.of(as_dense(q, a, b), as_dense(k, c, d), as_dense(v, c, d), causal, window_size, return_lse)
              for a, b, c, d in seqs]
-    name = _resolve_backend(backend, cases, "varlen") if cases else "tiled"
+    if no_query_rows(q):  # no query rows: the backend is still checked, on an empty case
+        cases = cases or [Case.of(as_dense(q, 0, 0), as_dense(k, 0, k.shape[0]), as_dense(v, 0, v.shape[0]), causal,
+                                  window_size, return_lse)]
+        _resolve_backend(backend, cases, "varlen")
+        return empty_attention(q, k, v, (q.shape[0], q.shape[1], v.shape[-1]), (q.shape[1], q.shape[0]), return_lse)
+    name = _resolve_backend(backend, cases, "varlen")
     if name == "triton":  # one launch over the packed batch instead of one call per sequence
         from fa2lab import masks
         from fa2lab.kernels.attention import triton_varlen_attention

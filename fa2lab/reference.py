@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fa2lab import masks
+from fa2lab import _checks, masks
 
 
 def attention_ref(
@@ -31,11 +31,18 @@ def attention_ref(
     the input dtype: "what plain PyTorch gets at this precision", the yardstick for low-precision
     error. Rows that may see no key return zeros and lse = -inf.
     """
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    _checks.check_tensor("q", q, 4, "(B, Hq, Nq, D)")
+    _checks.check_tensor("k", k, 4, "(B, Hkv, Nk, D)")
+    _checks.check_tensor("v", v, 4, "(B, Hkv, Nk, Dv)")
+    _checks.check_same_dtype_device(q=q, k=k, v=v)
+    _checks.check_head_dims(q.shape[-1], k.shape[-1])
+    _checks.check_heads(q.shape[1], k.shape[1], v.shape[1])
+    window_size = _checks.check_window(window_size)
+    scale = _checks.resolve_scale(softmax_scale, q.shape[-1])
     dtype = q.dtype
     if upcast and dtype != torch.float64:
         q, k, v = q.float(), k.float(), v.float()
-    group = q.shape[1] // k.shape[1]
+    group = q.shape[1] // k.shape[1] if k.shape[1] else 1  # Hq = Hkv = 0: no heads
     k = k.repeat_interleave(group, dim=1)  # (B, Hq, Nk, D)
     v = v.repeat_interleave(group, dim=1)  # (B, Hq, Nk, Dv)
     nq, nk = q.shape[2], k.shape[2]

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from fa2lab import _checks, masks
+from fa2lab._empty import empty_attention, no_query_rows
 from fa2lab.backends import BACKENDS, Case, choose
 from fa2lab.decode.readers import DenseReader, PagedReader
 from fa2lab.decode import splits
@@ -112,7 +113,8 @@ def decode_with_reader(q, reader, seqlens, *, num_splits=None, softmax_scale=Non
 def _check_backend_and_q(backend, q, reader) -> None:
     if backend not in DECODE_BACKENDS:
         raise ValueError(f"unknown decode backend {backend!r}; choose one of {list(DECODE_BACKENDS)}")
-    if q.shape[-1] != reader.head_dim or q.shape[1] % reader.heads_kv or q.shape[0] != reader.batch:
+    heads_ok = q.shape[1] % reader.heads_kv == 0 if reader.heads_kv else q.shape[1] == 0
+    if q.shape[-1] != reader.head_dim or not heads_ok or q.shape[0] != reader.batch:
         raise ValueError(f"expected q (B={reader.batch}, Hq multiple of {reader.heads_kv}, Nq, D={reader.head_dim}) "
                          f"for this cache, got {tuple(q.shape)}")
 
@@ -131,6 +133,10 @@ def _decode(q, reader, seqlens, max_len, *, num_splits, softmax_scale, causal, w
     # The Triton split-K kernel on CUDA for dense and paged caches; everything else (CPU,
     # compressed caches, unified max) goes through the PyTorch split-K (fa2lab.backends decides).
     backend = choose("decode", decode_case(q, reader, causal, window_size, unified_max), backend).name
+    if no_query_rows(q):  # B, Hq or Nq is 0, every argument checked: nothing to split or merge
+        rows = q.shape[:3]
+        return empty_attention(q, getattr(reader, "k", q), getattr(reader, "v", q), (*rows, reader.head_dim_v),
+                               rows, return_lse)
     if backend == "reference":
         out, lse = _reference(q, reader, seqlens, causal, window_size, scale)
     elif backend == "triton":

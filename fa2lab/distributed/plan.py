@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fa2lab import masks
+from fa2lab import _checks, masks
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -169,8 +169,14 @@ def plan_ring(world_size: int, nq_local: int, nk_local: int | None = None, *, ca
     `default_layout`. Pure arithmetic: no process group needed, so a notebook can draw it.
     """
     nk_local = nq_local if nk_local is None else nk_local
-    if world_size < 1 or nq_local < 0 or nk_local < 0:
-        raise ValueError(f"expected world_size >= 1 and lengths >= 0, got {world_size}, {nq_local}, {nk_local}")
+    for name, value, low in (("world_size", world_size, 1), ("nq_local", nq_local, 0), ("nk_local", nk_local, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"expected {name} to be an int >= {low}, got {value!r}")
+    window_size = _checks.check_window(window_size)
+    if not isinstance(causal, bool):
+        raise ValueError(f"expected causal to be True or False, got {causal!r}")
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS} or None (chosen for the mask)")
     layout = layout or default_layout(world_size, nq_local, nk_local, causal, window_size)
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")

@@ -33,6 +33,7 @@ import torch
 
 from fa2lab import _checks, masks
 from fa2lab.backends import Case, choose
+from fa2lab._empty import empty_attention, no_query_rows
 from fa2lab.decode.merge import merge_states
 from fa2lab.distributed.comm import TAG_DKV, TAG_KV, Ready, Reshard, Ring, check_group, gather_objects
 from fa2lab.distributed.plan import RingPlan, plan_ring
@@ -248,6 +249,8 @@ def ring_attention(q, k, v, *, causal=False, window_size=(-1, -1), softmax_scale
     scale = _checks.resolve_scale(softmax_scale, q.shape[-1]) if isinstance(q, torch.Tensor) else softmax_scale
     check_ring_inputs(q, k, v, causal, window_size, scale, group)
     window_size = _checks.check_window(window_size)
+    if no_query_rows(q):  # B, Hq or N_local is 0 on every rank (the ranks agreed above): no ring to run
+        return empty_attention(q, k, v, (*q.shape[:3], v.shape[-1]), q.shape[:3], return_lse)
     ring = Ring(group)
     plan = plan_ring(ring.world, q.shape[2], k.shape[2], causal=causal, window_size=window_size)
     left, right = masks.effective_window(causal, window_size)

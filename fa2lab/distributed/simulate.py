@@ -17,13 +17,26 @@ from fa2lab.tiled.forward import accum_dtype
 def shard(x: torch.Tensor, plan: RingPlan, rank: int, n_local: int) -> torch.Tensor:
     """Rank `rank`'s shard (B, H, n_local, D) of the gathered sequence x (B, H, W * n_local, D)
     in the plan's layout (contiguous, or the two zig-zag chunks)."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 3 or x.shape[2] != plan.world_size * n_local:
+        raise ValueError(f"expected the gathered sequence (B, H, W * n_local = {plan.world_size * n_local}, ...), "
+                         f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not (isinstance(rank, int) and 0 <= rank < plan.world_size):
+        raise ValueError(f"expected rank in [0, {plan.world_size}), got {rank!r}")
     return torch.cat([x[:, :, g:g + n] for g, _, n in plan.segments(rank, n_local)], dim=2)
 
 
 def gather(shards: list[torch.Tensor], plan: RingPlan, n_local: int) -> torch.Tensor:
     """The inverse of `shard`: per-rank tensors (B, H, n_local, ...) -> the gathered sequence."""
-    pieces = sorted((g, s[:, :, local:local + n]) for r, s in enumerate(shards)
-                    for g, local, n in plan.segments(r, n_local))
+    if not isinstance(shards, (list, tuple)) or len(shards) != plan.world_size:
+        raise ValueError(f"expected one shard per rank ({plan.world_size}), got "
+                         f"{len(shards) if isinstance(shards, (list, tuple)) else type(shards).__name__}")
+    for r, s in enumerate(shards):
+        if not isinstance(s, torch.Tensor) or s.dim() < 3 or s.shape[2] != n_local:
+            raise ValueError(f"expected shard {r} to be a tensor (B, H, n_local={n_local}, ...), got "
+                             f"{tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__}")
+    # Sorted by global start only: zero-length pieces share a start, and tensors do not compare.
+    pieces = sorted(((g, s[:, :, local:local + n]) for r, s in enumerate(shards)
+                     for g, local, n in plan.segments(r, n_local)), key=lambda piece: piece[0])
     return torch.cat([p for _, p in pieces], dim=2)
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from fa2lab import _checks
+from fa2lab._empty import empty_attention, no_query_rows
 from fa2lab.tiled.backward import flash_backward
 from fa2lab.tiled.forward import flash_forward
 
@@ -78,5 +79,7 @@ def tiled_attention_unchecked(q, k, v, *, causal, window_size, scale, return_lse
                               block_q=DEFAULT_TILES.block_q, block_k=DEFAULT_TILES.block_k, tracer=None):
     """`tiled_attention` on inputs already checked (fa2lab.backends runs this after fa2lab.attention
     validated them, so each call is validated once); scale is a float."""
+    if no_query_rows(q):  # B, Hq or Nq is 0: the tile loops would have nothing to split
+        return empty_attention(q, k, v, (*q.shape[:3], v.shape[-1]), q.shape[:3], return_lse)
     out, lse = _TiledAttention.apply(q, k, v, scale, causal, tuple(window_size), block_q, block_k, tracer)
     return (out, lse) if return_lse else out
