@@ -10,9 +10,14 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+class InputTypeError(TypeError, ValueError):
+    """An argument of the wrong type: a TypeError by Python's convention, and a ValueError like
+    every other bad input of fa2lab (so `except ValueError` catches every refusal)."""
+
+
 def check_tensor(name: str, t, ndim: int, layout: str) -> None:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"expected {name} to be a torch.Tensor {layout}, got {type(t).__name__}")
+        raise InputTypeError(f"expected {name} to be a torch.Tensor {layout}, got {type(t).__name__}")
     if t.dim() != ndim:
         raise ValueError(
             f"expected {name} to have {ndim} dims {layout}, got shape {tuple(t.shape)}; "
@@ -154,3 +159,35 @@ def check_int32(name: str, t) -> torch.Tensor:
             raise ValueError(f"expected {name} to fit in int32, got values in [{lo}, {hi}]; lengths and offsets "
                              f"beyond 2**31 - 1 are not supported")
     return t.to(torch.int32)
+
+
+def check_flag(name: str, value) -> bool:
+    """A True/False option (causal, return_lse, ...); 0 and 1 pass, anything else is refused."""
+    if isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    raise ValueError(f"expected {name} to be True or False, got {value!r}")
+
+
+def check_size(name: str, value, low: int = 1, *, optional: bool = False):
+    """An integer size >= low (None passes when optional)."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"expected {name} to be an int >= {low}{' or None' if optional else ''}, got {value!r}")
+    return int(value)
+
+
+def check_float_dtype(name: str, dtype) -> torch.dtype:
+    """A floating torch dtype for a buffer or a computation."""
+    if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:
+        raise ValueError(f"expected {name} to be one of {', '.join(map(str, FLOAT_DTYPES))}, got {dtype!r}")
+    return dtype
+
+
+def check_optional_number(name: str, value, what: str):
+    """None or a finite real number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"expected {name} to be a finite number or None ({what}), got {value!r}")
+    return float(value)

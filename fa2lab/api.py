@@ -47,6 +47,7 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), softmax_scale=None
     backend: "auto" | "tiled" | "sdpa" | "reference" (see `fa2lab.backends`).
     """
     window_size = check_dense(q, k, v, window_size)
+    causal, return_lse = _checks.check_flag("causal", causal), _checks.check_flag("return_lse", return_lse)
     scale = resolve_scale(softmax_scale, q.shape[-1])
     name = _resolve_backend(backend, [Case.of(q, k, v, causal, window_size, return_lse)])
     if no_query_rows(q):  # validated above; nothing to compute (B, Hq or Nq is 0)
@@ -74,6 +75,9 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     _checks.check_head_dims(q.shape[-1], k.shape[-1])
     _checks.check_heads(q.shape[1], k.shape[1], v.shape[1])
     window_size = _checks.check_window(window_size)
+    causal, return_lse = _checks.check_flag("causal", causal), _checks.check_flag("return_lse", return_lse)
+    max_seqlen_q = _checks.check_size("max_seqlen_q", max_seqlen_q, 0, optional=True)
+    max_seqlen_k = _checks.check_size("max_seqlen_k", max_seqlen_k, 0, optional=True)
     cu_q = _checks.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], None)
     cu_k = _checks.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], len(cu_q) - 1)
     lens_q = [b - a for a, b in zip(cu_q, cu_q[1:])]

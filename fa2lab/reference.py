@@ -38,6 +38,8 @@ def attention_ref(
     _checks.check_head_dims(q.shape[-1], k.shape[-1])
     _checks.check_heads(q.shape[1], k.shape[1], v.shape[1])
     window_size = _checks.check_window(window_size)
+    causal, return_lse = _checks.check_flag("causal", causal), _checks.check_flag("return_lse", return_lse)
+    upcast = _checks.check_flag("upcast", upcast)
     scale = _checks.resolve_scale(softmax_scale, q.shape[-1])
     dtype = q.dtype
     if upcast and dtype != torch.float64:

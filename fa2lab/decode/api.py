@@ -124,6 +124,8 @@ def _decode(q, reader, seqlens, max_len, *, num_splits, softmax_scale, causal, w
     """The decode itself, on checked inputs. max_len: max(seqlens) where the caller knows it
     (None: read it back from the device)."""
     window_size = _checks.check_window(window_size)
+    causal, return_lse = _checks.check_flag("causal", causal), _checks.check_flag("return_lse", return_lse)
+    unified_max = _checks.check_optional_number("unified_max", unified_max, "the fixed softmax reference phi")
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"expected num_splits to be a positive int or None (auto), got {num_splits!r}")
     scale = _checks.resolve_scale(softmax_scale, q.shape[-1])

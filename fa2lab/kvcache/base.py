@@ -86,6 +86,16 @@ def check_append(cache, k, v, lengths=None, capacity: int | None = None,
     return n, take
 
 
+def check_sizes(**sizes) -> None:
+    """Every size of a cache is a positive int (head_dim_v may be None: head_dim)."""
+    for name, value in sizes.items():
+        if name == "head_dim_v" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"expected {name} to be a positive int, got {value!r}; the cache's sizes are "
+                             f"{', '.join(f'{k}={v!r}' for k, v in sizes.items())}")
+
+
 def check_new_tokens(name: str, x: torch.Tensor, batch: int, heads: int, dim: int) -> int:
     """Validate new K or V tokens (B, Hkv, n, D); returns n."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] != batch or x.shape[1] != heads \

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from fa2lab.kvcache.base import KVCache, check_append
+from fa2lab import _checks
+from fa2lab.kvcache.base import KVCache, check_append, check_sizes
 
 
 def fit_basis(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,15 +40,13 @@ class LowRankKVCache(KVCache):
                  head_dim_v: int | None = None, dtype=torch.float16, device="cpu"):
         """rank r in [1, min(D, Dv)]; dtype: the dtype of the K/V you append, of the stored
         coefficients and of the queries. Call `fit` on a calibration prefix before appending."""
+        check_sizes(batch=batch, heads_kv=heads_kv, max_len=max_len, head_dim=head_dim, head_dim_v=head_dim_v,
+                    rank=rank)
         head_dim_v = head_dim_v or head_dim
-        if min(batch, heads_kv, max_len, head_dim) < 1:
-            raise ValueError(f"expected positive sizes, got batch={batch}, heads_kv={heads_kv}, "
-                             f"max_len={max_len}, head_dim={head_dim}")
         if not 1 <= rank <= min(head_dim, head_dim_v):
             raise ValueError(f"expected rank in [1, min(head_dim, head_dim_v)] = [1, {min(head_dim, head_dim_v)}], "
                              f"got {rank}; rank = head_dim stores K/V exactly (and saves nothing)")
-        if not dtype.is_floating_point:
-            raise ValueError(f"expected a floating dtype for the cache, got {dtype}; e.g. torch.float16")
+        _checks.check_float_dtype("the cache's dtype", dtype)
         self.batch, self.heads_kv, self.max_len, self.head_dim = batch, heads_kv, max_len, head_dim
         self.head_dim_v, self.rank = head_dim_v, rank
         self.dtype = dtype

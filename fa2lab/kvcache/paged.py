@@ -14,17 +14,19 @@ import torch
 
 from fa2lab import _checks
 from fa2lab.decode.api import decode_attention
-from fa2lab.kvcache.base import check_append
+from fa2lab.kvcache.base import check_append, check_sizes
+
+
+class UnknownSequence(KeyError, ValueError):
+    """A sequence id the cache does not hold: a KeyError (a lookup) and a ValueError (bad input)."""
 
 
 class PagedKVCache:
     def __init__(self, num_pages: int, page_size: int, heads_kv: int, head_dim: int, *,
                  head_dim_v: int | None = None, dtype=torch.float16, device="cpu"):
-        if min(num_pages, page_size, heads_kv, head_dim) < 1:
-            raise ValueError(f"expected positive sizes, got num_pages={num_pages}, page_size={page_size}, "
-                             f"heads_kv={heads_kv}, head_dim={head_dim}")
-        if not dtype.is_floating_point:
-            raise ValueError(f"expected a floating dtype for the cache, got {dtype}; e.g. torch.float16")
+        check_sizes(num_pages=num_pages, page_size=page_size, heads_kv=heads_kv, head_dim=head_dim,
+                    head_dim_v=head_dim_v)
+        _checks.check_float_dtype("the cache's dtype", dtype)
         self.num_pages, self.page_size, self.heads_kv, self.head_dim = num_pages, page_size, heads_kv, head_dim
         self.head_dim_v = head_dim_v or head_dim
         self.k_pages = torch.zeros(num_pages, heads_kv, page_size, head_dim, dtype=dtype, device=device)
@@ -41,7 +43,7 @@ class PagedKVCache:
 
     def _known(self, seq_id) -> None:
         if seq_id not in self.pages:
-            raise KeyError(f"unknown sequence {seq_id!r}; known: {sorted(map(repr, self.pages))}; "
+            raise UnknownSequence(f"unknown sequence {seq_id!r}; known: {sorted(map(repr, self.pages))}; "
                            f"call add_sequence first")
 
     def append(self, seq_id, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -96,6 +98,8 @@ class PagedKVCache:
         """decode_attention of q (B, Hq, Nq, D) against sequences seq_ids (len B)."""
         _checks.check_tensor("q", q, 4, "(B, Hq, Nq, D)")
         _checks.check_floating("q", q)
+        if not isinstance(seq_ids, (list, tuple)):
+            raise ValueError(f"expected seq_ids to be a list of sequence ids (one per query row), got {seq_ids!r}")
         if q.shape[0] != len(seq_ids):
             raise ValueError(f"expected one query row per sequence: q has B={q.shape[0]}, seq_ids {len(seq_ids)}")
         table, seqlens = self.block_table(seq_ids)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from fa2lab.kvcache.base import KVCache, check_append
+from fa2lab import _checks
+from fa2lab.kvcache.base import KVCache, check_append, check_sizes
 
 QMAX = 127  # symmetric: -128 is left unused so that x_q = -x_q stays representable
 
@@ -46,11 +47,8 @@ class QuantizedKVCache(KVCache):
                  dtype=torch.float16, device="cpu"):
         """dtype: the dtype of the K/V you append and of the queries (compute/output dtype); the
         storage is int8 plus float32 scales whatever it is."""
-        if min(batch, heads_kv, max_len, head_dim) < 1:
-            raise ValueError(f"expected positive sizes, got batch={batch}, heads_kv={heads_kv}, "
-                             f"max_len={max_len}, head_dim={head_dim}")
-        if not dtype.is_floating_point:
-            raise ValueError(f"expected a floating compute dtype, got {dtype}; e.g. torch.float16")
+        check_sizes(batch=batch, heads_kv=heads_kv, max_len=max_len, head_dim=head_dim, head_dim_v=head_dim_v)
+        _checks.check_float_dtype("the compute dtype", dtype)
         self.batch, self.heads_kv, self.max_len, self.head_dim = batch, heads_kv, max_len, head_dim
         self.head_dim_v = head_dim_v or head_dim
         self.dtype = dtype

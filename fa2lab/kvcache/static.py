@@ -9,17 +9,15 @@ from __future__ import annotations
 import torch
 
 from fa2lab.decode.readers import DenseReader
-from fa2lab.kvcache.base import KVCache, check_append
+from fa2lab import _checks
+from fa2lab.kvcache.base import KVCache, check_append, check_sizes
 
 
 class StaticKVCache(KVCache):
     def __init__(self, batch: int, heads_kv: int, max_len: int, head_dim: int, *, head_dim_v: int | None = None,
                  dtype=torch.float16, device="cpu"):
-        if min(batch, heads_kv, max_len, head_dim) < 1:
-            raise ValueError(f"expected positive sizes, got batch={batch}, heads_kv={heads_kv}, "
-                             f"max_len={max_len}, head_dim={head_dim}")
-        if not dtype.is_floating_point:
-            raise ValueError(f"expected a floating dtype for the cache, got {dtype}; e.g. torch.float16")
+        check_sizes(batch=batch, heads_kv=heads_kv, max_len=max_len, head_dim=head_dim, head_dim_v=head_dim_v)
+        _checks.check_float_dtype("the cache's dtype", dtype)
         self.batch, self.heads_kv, self.max_len, self.head_dim = batch, heads_kv, max_len, head_dim
         self.head_dim_v = head_dim_v or head_dim
         self.k = torch.zeros(batch, heads_kv, max_len, head_dim, dtype=dtype, device=device)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from fa2lab import _checks
-from fa2lab.kvcache.base import KVCache, check_append
+from fa2lab.kvcache.base import KVCache, check_append, check_sizes
 
 
 class SlidingWindowKVCache(KVCache):
@@ -27,11 +27,9 @@ class SlidingWindowKVCache(KVCache):
                  head_dim_v: int | None = None, dtype=torch.float16, device="cpu"):
         """Keeps the last window + max_new_tokens - 1 tokens of each sequence, so that each of up to
         max_new_tokens queries of a step still sees `window` keys (itself included)."""
-        if min(batch, heads_kv, window, head_dim, max_new_tokens) < 1:
-            raise ValueError(f"expected positive sizes, got batch={batch}, heads_kv={heads_kv}, window={window}, "
-                             f"head_dim={head_dim}, max_new_tokens={max_new_tokens}")
-        if not dtype.is_floating_point:
-            raise ValueError(f"expected a floating dtype for the cache, got {dtype}; e.g. torch.float16")
+        check_sizes(batch=batch, heads_kv=heads_kv, window=window, head_dim=head_dim, max_new_tokens=max_new_tokens,
+                    head_dim_v=head_dim_v)
+        _checks.check_float_dtype("the cache's dtype", dtype)
         self.batch, self.heads_kv, self.head_dim = batch, heads_kv, head_dim
         self.head_dim_v = head_dim_v or head_dim
         self.window, self.max_new_tokens = window, max_new_tokens

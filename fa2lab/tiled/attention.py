@@ -67,10 +67,9 @@ def tiled_attention(
     """
     window_size = _checks.check_dense(q, k, v, window_size)
     scale = _checks.resolve_scale(softmax_scale, q.shape[-1])
-    block_q = int(block_q or DEFAULT_TILES.block_q)
-    block_k = int(block_k or DEFAULT_TILES.block_k)
-    if block_q < 1 or block_k < 1:
-        raise ValueError(f"expected positive tile sizes, got block_q={block_q}, block_k={block_k}")
+    causal, return_lse = _checks.check_flag("causal", causal), _checks.check_flag("return_lse", return_lse)
+    block_q = _checks.check_size("block_q", block_q, 1, optional=True) or DEFAULT_TILES.block_q
+    block_k = _checks.check_size("block_k", block_k, 1, optional=True) or DEFAULT_TILES.block_k
     return tiled_attention_unchecked(q, k, v, causal=causal, window_size=window_size, scale=scale,
                                      return_lse=return_lse, block_q=block_q, block_k=block_k, tracer=tracer)
 
