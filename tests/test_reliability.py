@@ -280,3 +280,18 @@ def test_a_loaded_step_can_be_replaced():
     s.load_qkv(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4), 2 * torch.ones(1, 1, 1, 4))
     s.decode()
     assert torch.equal(s.get_output(), 2 * torch.ones(1, 1, 1, 4))
+
+
+def test_every_guarantee_in_the_readme_names_a_test_that_exists():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    section = root.joinpath("README.md").read_text().split("## Guarantees", 1)[1].split("\n## ", 1)[0]
+    named, current = [], None
+    for m in re.finditer(r"`(?:(test_\w+\.py))?::(test_\w+)`", section):
+        current = m.group(1) or current
+        named.append((current, m.group(2)))
+    assert len(named) >= 20
+    for file, test in named:
+        assert f"def {test}(" in (root / "tests" / file).read_text(), f"{file}::{test} does not exist"
