@@ -191,3 +191,22 @@ def check_optional_number(name: str, value, what: str):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"expected {name} to be a finite number or None ({what}), got {value!r}")
     return float(value)
+
+
+def read_yaml_mapping(path, what: str) -> dict:
+    """A YAML file of `what` (a config) as a mapping, read with safe_load: a missing file, a YAML
+    syntax error, an unsafe tag or a non-mapping is a ValueError naming the file."""
+    from pathlib import Path
+
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {what} {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not a valid YAML {what} (plain YAML only, no tags): {exc}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of {what} keys, got {type(data).__name__}")
+    return data

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
+from fa2lab import _checks
 from fa2lab.bench import cpu
 from fa2lab.measure import memory
 from fa2lab.measure.exactness import within_torch_error
@@ -21,7 +21,10 @@ EXPERIMENTS = REPO / "experiments"
 
 
 def _load_sweep(path: Path, ns: list[int] | None) -> cpu.CpuSweep:
-    spec = yaml.safe_load(path.read_text()) or {}
+    try:
+        spec = _checks.read_yaml_mapping(path, "benchmark config")
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     known = set(cpu.CpuSweep.__dataclass_fields__)
     unknown = set(spec) - known
     if unknown:

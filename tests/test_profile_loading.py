@@ -188,3 +188,16 @@ def test_cli_profile_reports_a_bad_file(tmp_path, capsys):
     path = write(tmp_path, "base: h100\nmem_bw: \"__import__('os').getpid() and 1 * T\"\n")
     assert cli.main(["profile", "--yaml", str(path)]) == 2
     assert "cannot read" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text", [None, "- a\n", "a: [1\n", "x: !!python/object/apply:os.getpid []\n"])
+def test_benchmark_configs_are_read_safely_and_named_in_errors(tmp_path, text):
+    from fa2lab import cli
+    from fa2lab.bench.tiles import load_sweep
+
+    path = tmp_path / "cfg.yaml"
+    if text is not None:
+        path.write_text(text)
+    for load in (lambda: cli._load_sweep(path, None), lambda: load_sweep(path)):
+        with pytest.raises(SystemExit, match=str(path).replace(".", r"\.")):
+            load()

@@ -157,9 +157,12 @@ def write_results(result: dict, cfg: TileSweep, profile: HardwareProfile, out: P
 
 
 def load_sweep(path: Path | None, ns=None, tiles=None) -> TileSweep:
-    import yaml
+    from fa2lab import _checks
 
-    spec = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
+    try:
+        spec = _checks.read_yaml_mapping(path, "tile-sweep config") if path else {}
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     known = set(TileSweep.__dataclass_fields__)
     if set(spec) - known:
         raise SystemExit(f"{path}: unknown keys {sorted(set(spec) - known)}; known: {sorted(known)}")
