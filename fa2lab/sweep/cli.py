@@ -60,6 +60,9 @@ def cli_sweep(args) -> int:
     def summary(spec, c):
         nonlocal failed, t0
         failed += c["error"]
+        if c.get("busy"):
+            print(f"{spec.name}: {c['busy']} point(s) left to another runner that holds them (see their .lock); "
+                  "run the same command again once it is done")
         print(f"{spec.name}: {c['points']} points: {c['skipped']} already done, {c['ok']} ok, {c['error']} failed "
               f"({time.perf_counter() - t0:.0f} s) -> {c['folder']}/results.csv")
         if c["error"]:
