@@ -69,8 +69,10 @@ def test_a_point_is_claimed_by_one_runner_at_a_time(tmp_path):
     with PointLock(tmp_path / "p") as lock:
         assert owners(lock.path) == [(os.getpid(), owners(lock.path)[0][1])]
         # another process's attempt fails while this one holds the point
-        code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from fa2lab.sweep.lock import PointLock, PointBusy\n"
-                f"try:\n    PointLock({str(tmp_path / 'p')!r}).__enter__()\nexcept PointBusy as e:\n"
+        # lock.py loaded on its own: importing the fa2lab package would import torch (seconds)
+        code = (f"import importlib.util as u; s = u.spec_from_file_location('lock', "
+                f"{str(REPO / 'fa2lab' / 'sweep' / 'lock.py')!r}); m = u.module_from_spec(s); s.loader.exec_module(m)\n"
+                f"try:\n    m.PointLock({str(tmp_path / 'p')!r}).__enter__()\nexcept m.PointBusy as e:\n"
                 f"    print('busy', e)\n")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
         assert out.startswith("busy") and str(os.getpid()) in out

@@ -189,7 +189,7 @@ def field_problem(name: str, value) -> str | None:
     kind, *bounds = FIELD_RULES[name]
     if kind == "text":
         if not isinstance(value, str):
-            return f"expected text, got {value!r} ({type(value).__name__})"
+            return f"expected text, got {value!r} ({type(value).__name__}); in YAML, quote it: {name}: '{value}'"
         if name == "kind" and value not in ("cpu", "gpu"):
             return f"kind must be 'cpu' or 'gpu', got {value!r}"
         return None
