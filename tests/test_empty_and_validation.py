@@ -220,3 +220,13 @@ def test_bad_arguments_are_value_errors(name):
             raised += 1
             assert str(exc), name
     assert raised >= 4, f"{name}: only {raised} of {len(BAD)} bad values refused"
+
+
+def test_flash_attn_compat_with_an_empty_batch():
+    from fa2lab.compat.flash_attn import flash_attn_func, flash_attn_with_kvcache
+
+    cache = torch.zeros(0, 16, 2, 8)
+    out = flash_attn_with_kvcache(torch.randn(0, 1, 4, 8), cache, cache, k=torch.randn(0, 1, 2, 8),
+                                  v=torch.randn(0, 1, 2, 8), cache_seqlens=torch.zeros(0, dtype=torch.int32))
+    assert out.shape == (0, 1, 4, 8)
+    assert flash_attn_func(torch.randn(0, 5, 4, 8), torch.randn(0, 7, 2, 8), torch.randn(0, 7, 2, 8)).shape == (0, 5, 4, 8)

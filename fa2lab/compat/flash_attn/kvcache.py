@@ -141,6 +141,8 @@ def _check_rotary(cos, sin, k, head_dim) -> None:
 def _check_values(plan: CachePlan, rotary_cos, q_rope_span: int) -> None:
     """The checks that read the index tensors: one host sync for all of them."""
     s = plan.seqlens.long()
+    if s.numel() == 0:  # an empty batch: nothing to read, and min() of nothing has no value
+        return
     lp = torch.zeros_like(s) if plan.leftpad is None else plan.leftpad.long()
     stats = [s.min(), (s + plan.n_new).max(), lp.min(), (s + plan.n_new - lp).min()]
     names = ["min cache_seqlens", "max cache_seqlens + seqlen_new", "min cache_leftpad",
@@ -151,8 +153,6 @@ def _check_values(plan: CachePlan, rotary_cos, q_rope_span: int) -> None:
     if rotary_cos is not None:
         stats.append((s + max(plan.n_new, q_rope_span)).max())
         names.append("last rotary position + 1")
-    if s.numel() == 0:
-        return
     got = dict(zip(names, torch.stack(stats).tolist()))
     if got["min cache_seqlens"] < 0 or got["min cache_leftpad"] < 0:
         raise ValueError(f"expected cache_seqlens and cache_leftpad >= 0, got {got}")
