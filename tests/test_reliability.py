@@ -224,7 +224,7 @@ def test_decode_session_options_are_checked_by_the_constructor():
     bad = [dict(num_splits=0), dict(num_splits=1.5), dict(backend="bogus"), dict(window_size=(-5, 0)),
            dict(window_size=(1.5, 0)), dict(softmax_scale=float("nan")), dict(softmax_scale="x"),
            dict(return_lse=True), dict(causal="yes"), dict(unified_max=float("inf")), dict(spilts=2),
-           dict(backend="triton", unified_max=1.0)]
+           dict(backend="triton", unified_max=1.0), dict(backend="sdpa")]
     for options in bad:
         with pytest.raises(ValueError):
             DecodeSession(B, HQ, HKV, 8, D, dtype=torch.float32, **options)

@@ -54,7 +54,7 @@ class DecodeSession:
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {self.device}; use cuda_graph=False")
         self.dtype, self.decode_kwargs = dtype, _check_decode_options(decode_kwargs, dtype, self.device,
-                                                                      head_dim, cuda_graph)
+                                                                      self.shape, cuda_graph)
         self.cuda_graph = cuda_graph
         self.graph = None
         self.state = "created"
@@ -195,9 +195,9 @@ class DecodeSession:
 _DECODE_OPTIONS = ("num_splits", "softmax_scale", "causal", "window_size", "backend", "unified_max")
 
 
-def _check_decode_options(options: dict, dtype, device, head_dim: int, cuda_graph: bool) -> dict:
+def _check_decode_options(options: dict, dtype, device, shape: dict, cuda_graph: bool) -> dict:
     """The decode options of a session, checked once (decode_attention's meaning)."""
-    from fa2lab.backends import triton_unavailable
+    from fa2lab.backends import Case, choose
     from fa2lab.decode.api import DECODE_BACKENDS
 
     unknown = sorted(set(options) - set(_DECODE_OPTIONS))
@@ -211,7 +211,7 @@ def _check_decode_options(options: dict, dtype, device, head_dim: int, cuda_grap
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"expected num_splits to be a positive int or None (auto), got {n!r}")
     try:
-        _checks.resolve_scale(options.get("softmax_scale"), head_dim)
+        _checks.resolve_scale(options.get("softmax_scale"), shape["head_dim"])
     except (TypeError, ValueError):
         raise ValueError(f"expected softmax_scale to be a finite number or None (1/sqrt(D)), got "
                          f"{options.get('softmax_scale')!r}") from None
@@ -225,9 +225,10 @@ def _check_decode_options(options: dict, dtype, device, head_dim: int, cuda_grap
     if phi is not None:
         if isinstance(phi, bool) or not isinstance(phi, (int, float)) or phi != phi or abs(phi) == float("inf"):
             raise ValueError(f"expected unified_max to be a finite number or None, got {phi!r}")
-    if backend == "triton":
-        why = triton_unavailable(device.type, dtype, (head_dim,)) or (
-            "it runs without unified_max" if phi is not None else None)
-        if why:
-            raise ValueError(f"decode backend 'triton' cannot run this session: {why}; use backend='auto'")
+    # The session's case, judged by the one decision point: an explicit backend that cannot run it
+    # (triton on a CPU, sdpa for any cache) is refused now rather than at the first decode.
+    case = Case(device.type, dtype, 1, shape["max_len"], shape["heads_q"], shape["heads_kv"], shape["head_dim"],
+                shape["head_dim"], bool(options.get("causal", True)), tuple(options.get("window_size", (-1, -1))),
+                True, cache="dense", unified_max=phi is not None)
+    choose("decode", case, backend, log_choice=False)
     return dict(options)
