@@ -124,6 +124,7 @@ def test_sources_of_overridden_fields(tmp_path):
     ("name: [a, b]", "name", None), ("kind: tpu", "kind", "tpu"), ("arch: 3", "arch", "3"),
     ("sources: [a, b]", "sources", None), ("sources: {mem_bw: 3}", "sources", None),
     ("sources: {nonsense: 'x'}", "sources", "nonsense"),
+    ("kernel_configs: [1, 2]", "kernel_configs", None), ("kernel_configs: {fwd: {64: {BLOCK_M: .nan}}}", "kernel_configs", None),
 ])
 def test_every_bad_field_names_file_field_value_and_range(tmp_path, line, field, shown):
     path = write(tmp_path, f"base: h100\n{line}\n")

@@ -123,8 +123,10 @@ def _read_field(name: str, raw, path: Path):
     kind = FIELD_RULES[name][0]
     where = f"{path}: field {name}"
     try:
-        if kind == "text":
+        if kind == "text":  # taken as written: text is never a number
             value = raw
+        elif kind == "table":  # checked below; YAML has no tuples, the profiles hold them
+            value = _tuples(raw)
         elif kind == "cc":
             value = _compute_capability(raw)
         elif kind == "rates":
@@ -150,6 +152,12 @@ def _read_field(name: str, raw, path: Path):
     if problem:
         raise ValueError(f"{where}: {problem}")
     return value
+
+
+def _tuples(raw):
+    if isinstance(raw, dict):
+        return {k: _tuples(v) for k, v in raw.items()}
+    return tuple(_tuples(v) for v in raw) if isinstance(raw, list) else raw
 
 
 def _number(raw):

@@ -114,7 +114,7 @@ class HardwareProfile:
             default = f.default_factory() if f.default_factory is not MISSING else f.default
             if f.name != "sources" and default is not MISSING and value == default:
                 continue
-            data[f.name] = list(value) if isinstance(value, tuple) else value
+            data[f.name] = _lists(value)
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120)
 
     @property
@@ -165,8 +165,25 @@ FIELD_RULES = {
     "vector_width": ("int", 1), "mem_bw": ("float", 0, False), "peak_flops": ("rates",),
     "peak_flops_simd": ("rates",), "exp_per_s": ("float?", 0, False), "step_overhead_s": ("float", 0, True),
     "score_s": ("float?", 0, False), "row_s": ("float", 0, True), "spill_factor": ("float", 0, False),
-    "mask_s": ("float", 0, True), "fault_s_per_byte": ("float", 0, True), "sources": ("sources",),
+    "mask_s": ("float", 0, True), "fault_s_per_byte": ("float", 0, True), "kernel_configs": ("table",),
+    "sources": ("sources",),
 }
+
+
+def _lists(value):
+    """YAML has lists, not tuples."""
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    return [_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _plain_table(value) -> bool:
+    """Nested mappings (str or int keys) of numbers, booleans, text and lists of them: YAML data."""
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and not isinstance(k, bool) and _plain_table(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_plain_table(v) for v in value)
+    return value is None or isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _number_problem(kind: str, value, low, inclusive=True) -> str | None:
@@ -211,6 +228,10 @@ def field_problem(name: str, value) -> str | None:
             if problem:
                 return f"{key}: {problem} (FLOP/s), or None where the dtype is not supported"
         return None
+    if kind == "table":
+        ok = isinstance(value, dict) and _plain_table(value)
+        return None if ok else (f"expected a mapping of kernel -> head-dim bound -> launch settings (numbers, "
+                                f"booleans, text), got {value!r}")
     if kind == "sources":
         if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
             return f"expected a mapping of field name -> text, got {value!r}"
