@@ -245,3 +245,25 @@ def test_a_killed_driver_resumes_without_redoing_finished_points(tmp_path, nb, c
                                                cluster=cluster.scheduler.address, progress=False, log=lambda s: None)[0]
     assert (counts["skipped"], counts["ok"], counts["error"]) == (1, 1, 0), counts
     assert [r["status"] for r in _rows(folder)] == ["ok", "ok"] and len(list(pids.glob("x1.*.pid"))) == 1
+
+
+def test_a_cluster_point_gets_the_spec_timing_policy_and_keeps_its_conditions(tmp_path, cluster):
+    """As the local runner: the kernel on the worker sees the spec's policy (FA2LAB_TIMING), and the
+    conditions file record_metrics writes next to metrics.json comes back into results.csv."""
+    from test_sweep import write_notebook
+
+    body = '''import json, os
+from pathlib import Path
+policy = json.loads(os.environ.get("FA2LAB_TIMING", "null"))
+with open(metrics_path, "w") as f:
+    json.dump({"y": x}, f)
+Path(metrics_path).with_name("conditions.json").write_text(json.dumps(
+    {"timing_contended": 0, "timing_threshold_seen": policy["threshold"]}))'''
+    write_notebook(tmp_path / "t.ipynb", params='x: int = 1  # a number\nmetrics_path: str = ""  # set by fa2lab sweep',
+                   body=body)
+    spec_path = _spec(tmp_path, "notebook: t.ipynb\ngrid: {x: [5]}\ntiming: {threshold: 0.3, retries: 0}\n")
+    assert cli.main(["sweep", str(spec_path), "--cluster", cluster.scheduler.address,
+                     "--out", str(tmp_path / "out")]) == 0
+    (row,) = _rows(tmp_path / "out" / "s")
+    assert row["status"] == "ok" and row["y"] == "5"
+    assert row["timing_threshold_seen"] == "0.3" and row["timing_contended"] == "0"

@@ -100,12 +100,17 @@ def connect(target: dict, resources: dict | None = None, log=print):
 
 
 def run_point_on_worker(notebook_text: str, notebook_name: str, notebook_dir: str, parameters: dict,
-                        timeout_s: int) -> dict:
+                        timeout_s: int, timing: dict | None = None) -> dict:
     """The Dask task: papermill on this worker; returns the executed notebook (text or None), the
-    metrics file's text (or None), the notebook's error (or None) and where it ran."""
+    metrics and timing-conditions files' texts (or None), the notebook's error (or None) and where
+    it ran. `timing`: the spec's timing policy, handed to the kernel as the local runner does."""
+    import json
+
     from distributed import get_worker
 
+    from fa2lab.measure.timing import POLICY_ENV
     from fa2lab.sweep.execute import execute_in_subprocess
+    from fa2lab.sweep.metrics import CONDITIONS_FILE
     from fa2lab.sweep.runner import environment
 
     env = environment()  # per task, not cached: the kernel imports fa2lab as it is on disk now
@@ -115,17 +120,21 @@ def run_point_on_worker(notebook_text: str, notebook_name: str, notebook_dir: st
         pass
     with tempfile.TemporaryDirectory(prefix="fa2lab-point-") as tmp:
         src, out, metrics = Path(tmp) / notebook_name, Path(tmp) / "executed.ipynb", Path(tmp) / "metrics.json"
+        conditions = metrics.with_name(CONDITIONS_FILE)
         src.write_text(notebook_text, encoding="utf-8")
         cwd = notebook_dir if Path(notebook_dir).is_dir() else tmp
         error = None
         try:
-            execute_in_subprocess(src, out, {**parameters, METRICS_PARAM: str(metrics)}, cwd=cwd, timeout_s=timeout_s)
+            execute_in_subprocess(src, out, {**parameters, METRICS_PARAM: str(metrics)}, cwd=cwd, timeout_s=timeout_s,
+                                  env={POLICY_ENV: json.dumps(timing)} if timing else None)
         except PointError as exc:
             error = str(exc)
         except KeyboardInterrupt:
             error = "interrupted on the worker (SIGINT)"
         return dict(notebook=out.read_text(encoding="utf-8") if out.exists() else None,
-                    metrics=metrics.read_text(encoding="utf-8") if metrics.exists() else None, error=error, env=env)
+                    metrics=metrics.read_text(encoding="utf-8") if metrics.exists() else None,
+                    conditions=conditions.read_text(encoding="utf-8") if conditions.exists() else None,
+                    error=error, env=env)
 
 
 class DaskExecutor:
@@ -162,7 +171,7 @@ class DaskExecutor:
         lost = []
         for attempt in range(self.spec.retries + 1):
             future = self.client.submit(run_point_on_worker, self.text, Path(notebook).name, str(cwd), params,
-                                        timeout_s, resources=self.spec.resources or None, pure=False,
+                                        timeout_s, self.spec.timing or None, resources=self.spec.resources or None, pure=False,
                                         key=f"fa2lab-{self.spec.name}-{point_id}-a{attempt}")
             try:
                 res = self._wait(future)
@@ -178,6 +187,10 @@ class DaskExecutor:
             atomic_write_text(output, res["notebook"])
         if res["metrics"] is not None:
             atomic_write_text(metrics_path, res["metrics"])
+        if res.get("conditions") is not None:
+            from fa2lab.sweep.metrics import CONDITIONS_FILE
+
+            atomic_write_text(Path(metrics_path).with_name(CONDITIONS_FILE), res["conditions"])
         if res["error"]:
             raise PointError(res["error"])
         return {"env": res["env"]}
