@@ -14,14 +14,15 @@ Canonical layout is (B, H, N, D), as in torch SDPA and FlexAttention.
 Public API:
     attention(q, k, v, *, causal, window_size, softmax_scale, return_lse, backend)
     varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, ...)
-    decode_attention(q, k_cache, v_cache, *, cache_seqlens, block_table, num_splits, ...)
+    decode_attention(q, k_cache, v_cache, k_new, v_new, *, cache_seqlens, block_table, num_splits, plan, ...)
+    decode_plan(q, k_cache, v_cache, k_new, v_new, *, ...)  check once, decode with no host sync
     merge_states(out_a, lse_a, out_b, lse_b), merge_states_stack(outs, lses)
     reference.attention_ref(...)          the naive materialised oracle
     tiled.tiled_attention(...)            FA2 in readable PyTorch, with tile sizes and a tracer
 """
 
 from fa2lab.api import attention, available_backends, varlen_attention
-from fa2lab.decode import decode_attention, merge_states, merge_states_stack
+from fa2lab.decode import DecodePlan, decode_attention, decode_plan, merge_states, merge_states_stack
 from fa2lab.masks import draw_mask
 from fa2lab.tiled import TileTracer, tiled_attention
 
@@ -29,6 +30,8 @@ __all__ = [
     "attention",
     "varlen_attention",
     "decode_attention",
+    "decode_plan",
+    "DecodePlan",
     "merge_states",
     "merge_states_stack",
     "available_backends",

@@ -23,7 +23,6 @@ Adding a backend means a class here (`name`, `summary`, `unsupported`, `__call__
 from __future__ import annotations
 
 import collections
-import functools
 import importlib.util
 import logging
 import os
@@ -120,10 +119,12 @@ class Sdpa:
                                               enable_gqa=q.shape[1] != k.shape[1])
 
 
-@functools.cache
+# find_spec walks sys.path: once per process, not per call (and torch.compile cannot trace it)
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def _triton_installed() -> bool:
-    # find_spec walks sys.path: tens of microseconds, once per process instead of per call
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def triton_unavailable(device: str, dtype: torch.dtype, head_dims: tuple[int, ...]) -> str | None:
@@ -272,8 +273,10 @@ def choose(op: str, cases: Case | list[Case], backend: str = "auto", *, crossove
 def _logged_choice(op: str, choice: Choice, enabled: bool = True) -> Choice:
     """Log each distinct (op, backend, reason) once, the numbers in a reason left out of the key, so
     a generation loop (Nk grows each step) logs once. The memory is bounded all the same."""
+    if not enabled or torch.compiler.is_compiling():  # torch.compile cannot trace a logger call
+        return choice
     key = (op, choice.name, re.sub(r"\d+", "#", choice.reason))  # Nq=1 != Nk=47 and Nk=48: one reason
-    if not enabled or key in _logged:
+    if key in _logged:
         return choice
     _logged[key] = None
     while len(_logged) > _LOG_MEMORY:

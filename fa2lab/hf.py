@@ -31,8 +31,8 @@ import logging
 
 import torch
 
-from fa2lab.models.functional import (cu_seqlens_from_position_ids, naive_attention, packed_attention,
-                                      padded_attention)
+from fa2lab.models.functional import (cu_seqlens_from_position_ids, masked_attention, naive_attention,
+                                      packed_attention, padded_attention)
 
 log = logging.getLogger("fa2lab")
 INSTALL_HINT = 'fa2lab.hf needs transformers (>= 4.57, for Qwen3-VL): pip install -e ".[hf]"'
@@ -72,6 +72,10 @@ def make_attention_forward(backend: str = "auto"):
         nq = query.shape[2]
         mask2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         mask4d = attention_mask if attention_mask is not None and attention_mask.dim() == 4 else None
+        if mask2d is not None and mask2d.dtype == torch.int8:  # a traced static cache: slot codes
+            out = masked_attention(query, key, value, mask2d == STATIC_REAL, causal=causal, window_size=window,
+                                   softmax_scale=scaling, query_end=(mask2d != STATIC_UNUSED).sum(1))
+            return out.transpose(1, 2).contiguous(), None
         if mask2d is not None:  # a static cache holds more slots than are in use
             key, value = key[:, :, :mask2d.shape[1]], value[:, :, :mask2d.shape[1]]
 
@@ -112,11 +116,16 @@ def attention_mask(**kwargs):
     if kwargs.get("use_vmap"):
         return _dense_mask(kwargs)
     pad = kwargs.get("attention_mask")
-    kv_length, kv_offset = kwargs["kv_length"], int(kwargs.get("kv_offset") or 0)
+    kv_length, kv_offset = kwargs["kv_length"], int(kwargs.get("kv_offset") or 0)  # kv_offset: a Python int
     if kwargs.get("q_length") is not None:
-        q_length, q_offset = kwargs["q_length"], kwargs.get("q_offset") or 0
+        q_length, q_offset = kwargs["q_length"], kwargs.get("q_offset")
+        q_offset = 0 if q_offset is None else q_offset  # a static cache's is a tensor: no truth test
     else:
         q_length, q_offset = kwargs["cache_position"].shape[0], kwargs["cache_position"][0]
+    if isinstance(q_offset, torch.Tensor) and torch.compiler.is_compiling():
+        # A static cache under torch.compile: its fill level is a device tensor; mark the slots in
+        # use on the device (the layer then attends through the mask, over every slot).
+        return _traced_static_mask(pad, kwargs, q_offset, kv_offset, q_length, kv_length)
     used = int(q_offset) - kv_offset + int(q_length)  # slots of the key tensor the layer will see
     if pad is None:
         device = kwargs.get("device", "cpu")
@@ -124,9 +133,27 @@ def attention_mask(**kwargs):
     pad = pad.to(torch.bool)
     end = kv_offset + used
     pad = pad[:, kv_offset:end] if pad.shape[1] >= end else pad[:, -used:]
-    if used == kv_length and bool(pad.all()):
+    if used == kv_length and not torch.compiler.is_compiling() and bool(pad.all()):  # once per forward
         return None
     return pad
+
+
+def _traced_static_mask(pad, kwargs, q_offset, kv_offset, q_length, kv_length):
+    """(B, kv_length) int8 slot codes, no value read back: STATIC_UNUSED past the fill level
+    q_offset + q_length, STATIC_PADDING for a padding token, STATIC_REAL for a real one. The
+    queries are the last q_length slots in use."""
+    device = q_offset.device
+    slots = torch.arange(kv_length, device=device) + kv_offset  # (kv_length,)
+    used = (slots < q_offset + q_length)[None, :]  # (1, kv_length)
+    if pad is None:
+        real = used.expand(kwargs["batch_size"], -1)
+    else:
+        pad = pad.to(device=device, dtype=torch.bool)[:, kv_offset:kv_offset + kv_length]  # (B, <= kv_length)
+        real = torch.nn.functional.pad(pad, (0, kv_length - pad.shape[1]), value=True) & used  # new tokens past it
+    return used.to(torch.int8) + real.to(torch.int8)  # 0 unused, 1 padding, 2 real
+
+
+STATIC_UNUSED, STATIC_PADDING, STATIC_REAL = 0, 1, 2
 
 
 def _dense_mask(kwargs):

@@ -131,16 +131,25 @@ def test_dynamic_and_splitk_caches_match_the_full_forward():
     assert cache.seqlens(0).tolist() == [12, 7]  # ragged: the padding was never stored
 
 
-def test_splitk_cache_decodes_through_split_k(monkeypatch):
+def test_splitk_cache_decodes_through_a_planned_split_k_call(monkeypatch):
+    import fa2lab.decode
+
     calls = []
-    original = StaticKVCache.attend
-    monkeypatch.setattr(StaticKVCache, "attend", lambda self, q, **kw: calls.append(kw) or original(self, q, **kw))
+    original = fa2lab.decode.decode_attention
+    monkeypatch.setattr(fa2lab.decode, "decode_attention",
+                        lambda *a, **kw: calls.append((len(a), kw)) or original(*a, **kw))
     layer = _layer()
     cache = SplitKCache(batch=1, max_len=8, num_splits=3)
     with torch.no_grad():
         layer(_x(1, 5), past_key_value=cache, use_cache=True)
-        layer(_x(1, 1, seed=2), past_key_value=cache, use_cache=True)
-    assert len(calls) == 1 and calls[0]["num_splits"] == 3
+        step, _, _ = layer(_x(1, 1, seed=2), past_key_value=cache, use_cache=True)
+        full, _, _ = layer(torch.cat([_x(1, 5), _x(1, 1, seed=2)], 1))
+    (n_args, kw), = calls  # one decode step: q, caches and the new k, v in one planned call
+    assert n_args == 5 and kw["plan"].num_splits == 3 and cache.seqlens(0).tolist() == [6]
+    assert max_err(step, full[:, 5:]) < 1e-12
+    with pytest.raises(ValueError, match="past max_len=8"):
+        layer(_x(1, 3, seed=3), past_key_value=cache, use_cache=True)
+    assert cache.seqlens(0).tolist() == [6]  # nothing written by the refused step
     with pytest.raises(ValueError, match="takes padding only in its first"):
         layer(_x(1, 2), attention_mask=torch.tensor([[1] * 6 + [0, 1]]), past_key_value=cache, use_cache=True)
 

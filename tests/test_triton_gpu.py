@@ -66,3 +66,65 @@ def test_decode_session_cuda_graph_matches_eager():
         outs[graph] = torch.stack(res)
         assert s.seqlens.tolist() == [steps] * b
     assert (outs[True] - outs[False]).abs().max().item() < 2e-3
+
+
+def _paged(k, page_size, g):
+    b, hkv, n, d = k.shape
+    per_seq = n // page_size
+    table = torch.randperm(b * per_seq, generator=g).view(b, per_seq).to(torch.int32).cuda()
+    pages = torch.empty(b * per_seq, hkv, page_size, d, dtype=k.dtype, device="cuda")
+    pages[table.long().flatten()] = k.view(b, hkv, per_seq, page_size, d).transpose(1, 2).reshape(-1, hkv, page_size, d)
+    return pages, table
+
+
+@pytest.mark.parametrize("page_size", [None, 1, 16, 256])
+@pytest.mark.parametrize("nq", [1, 1000])
+def test_planned_decode_is_sync_free_and_captured_by_a_cuda_graph(page_size, nq):
+    b, hq, hkv, d, n = 2, 32, 4, 128, 4096
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(b, hq, nq, d, generator=g).bfloat16().cuda()
+    k, v = (torch.randn(b, hkv, n, d, generator=g).bfloat16().cuda() for _ in range(2))
+    k_new, v_new = (torch.randn(b, hkv, nq, d, generator=g).bfloat16().cuda() for _ in range(2))
+    table = None
+    if page_size:
+        k, table = _paged(k, page_size, g)
+        v = torch.randn_like(k)  # any values: v only has to sit on k's pages
+    seqlens = torch.tensor([5, n - nq - 3], dtype=torch.int32, device="cuda")
+    kw = dict(cache_seqlens=seqlens, block_table=table)
+    plan = fa2lab.decode_plan(q, k, v, k_new, v_new, **kw)
+    truth_k, truth_v = k.clone(), v.clone()
+    expect = fa2lab.decode_attention(q, truth_k, truth_v, k_new, v_new, backend="tiled", **kw)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = fa2lab.decode_attention(q, k, v, k_new, v_new, plan=plan, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(out.float(), expect.float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(k, truth_k) and torch.equal(v, truth_v)  # both appended the same tokens
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fa2lab.decode_attention(q, k, v, k_new, v_new, plan=plan, **kw)
+    seqlens.add_(1)  # the graph reads the lengths from the device at replay
+    graph.replay()
+    again = fa2lab.decode_attention(q, k, v, k_new, v_new, backend="tiled", **kw)
+    torch.testing.assert_close(captured.float(), again.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_compiled_fullgraph_attention_and_decode():
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 8, 64, 64, generator=g).bfloat16().cuda().requires_grad_()
+    k, v = (torch.randn(1, 2, 64, 64, generator=g).bfloat16().cuda().requires_grad_() for _ in range(2))
+    f = torch.compile(lambda q, k, v: fa2lab.attention(q, k, v, causal=True, backend="triton"), fullgraph=True)
+    out = f(q, k, v)
+    torch.testing.assert_close(out, fa2lab.attention(q, k, v, causal=True, backend="triton"))
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    cache_k, cache_v = (torch.randn(1, 2, 256, 64, generator=g).bfloat16().cuda() for _ in range(2))
+    qd = torch.randn(1, 8, 1, 64, generator=g).bfloat16().cuda()
+    seqlens = torch.tensor([100], dtype=torch.int32, device="cuda")
+    plan = fa2lab.decode_plan(qd, cache_k, cache_v, cache_seqlens=seqlens)
+    dec = torch.compile(lambda q, s: fa2lab.decode_attention(q, cache_k, cache_v, cache_seqlens=s, plan=plan),
+                        fullgraph=True)
+    torch.testing.assert_close(dec(qd, seqlens), fa2lab.decode_attention(qd, cache_k, cache_v, cache_seqlens=seqlens))

@@ -27,8 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fa2lab.cost.flops import formula_flops
 from fa2lab.kernels.attention import triton_attention
-from fa2lab.decode.splits import kernel_num_splits
-from fa2lab.kernels.decode import decode_triton
+import fa2lab
 from fa2lab.measure.exactness import max_err, within_torch_error
 from fa2lab.measure.timing import Timing, print_process_warning, time_call
 from fa2lab.reference import attention_ref
@@ -171,15 +170,14 @@ def forward_backward(cases, dtype=torch.bfloat16, with_bwd=True, pk=None, log=pr
 
 def decode(cases, dtype=torch.bfloat16, log=print):
     rows = []
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for b, hq, hkv, n, d in cases:
         q = torch.randn(b, hq, 1, d, device="cuda", dtype=dtype)
         k, v = (torch.randn(b, hkv, n, d, device="cuda", dtype=dtype) for _ in range(2))
         seqlens = torch.full((b,), n, dtype=torch.int32, device="cuda")
         nbytes = 2 * b * hkv * n * d * k.element_size()  # K and V read once
-        splits = kernel_num_splits(b * hkv, n, sms)
-        impls = {f"fa2lab triton (splits={splits})": lambda: decode_triton(q, k, v, seqlens, scale=d ** -0.5, left=-1,
-                                                                             right=0, num_splits=splits)[0],
+        plan = fa2lab.decode_plan(q, k, v, cache_seqlens=seqlens)  # the public call, checked once
+        impls = {f"fa2lab decode_attention plan (splits={plan.num_splits})":
+                 lambda: fa2lab.decode_attention(q, k, v, cache_seqlens=seqlens, plan=plan),
                  "sdpa flash": lambda: _sdpa(SDPBackend.FLASH_ATTENTION)(q, k, v, False),
                  "sdpa cudnn": lambda: _sdpa(SDPBackend.CUDNN_ATTENTION)(q, k, v, False),
                  "sdpa math": lambda: _sdpa(SDPBackend.MATH)(q, k, v, False)}

@@ -68,7 +68,8 @@ def main() -> None:
             splits = kernel_num_splits(b * hkv, n, sms, block_n=bn, programs_per_sm=4 * per_sm)
             try:
                 t = _bench(lambda: decode_triton(q, k, v, seqlens, scale=128 ** -0.5, left=-1, right=0,
-                                                 num_splits=splits, block_n=bn, num_warps=w, num_stages=st)).median_s
+                                                 num_splits=splits,
+                                                 config=dict(BLOCK_M=16, BLOCK_N=bn, num_warps=w, num_stages=st))).median_s
                 rows.append((nbytes / t / 1e12, f"decode B={b} Hkv={hkv} L={n} block_n={bn} warps={w} stages={st} "
                                                 f"splits={splits} ({t * 1e6:.1f} us)"))
             except Exception as exc:

@@ -1,176 +1,194 @@
-"""`decode_attention`: a few new queries against a dense or paged KV cache, split-K."""
+"""`decode_attention` and `decode_plan`: a few new queries against a dense or paged KV cache, split-K.
+
+Without a plan, a call checks everything, including the device's lengths and page table: one
+host-device synchronisation (none for a full dense cache without cache_seqlens). With a plan from
+`decode_plan`, it checks host-side shapes only and never waits on the device (`plan.py`).
+"""
 
 from __future__ import annotations
 
 import logging
 
 import torch
+from fa2lab import _checks
 
-from fa2lab import _checks, masks
-from fa2lab._empty import empty_attention, no_query_rows
-from fa2lab.backends import BACKENDS, Case, choose
+from fa2lab.decode.plan import (DECODE_BACKENDS, DecodePlan, check_shapes, check_values, choose_backend, decode_case,
+                                make_plan)
 from fa2lab.decode.readers import DenseReader, PagedReader
 from fa2lab.decode import splits
 from fa2lab.decode.splitk import DECODE_BLOCK_K, default_num_units, splitk_decode
 from fa2lab.reference import attention_ref
 
 log = logging.getLogger("fa2lab")
-DECODE_BACKENDS = ("auto", *BACKENDS)  # one set of names with fa2lab.attention; "sdpa" says why it cannot
+_UNSET = object()
 
 
-def _check_seqlens(cache_seqlens, batch: int, capacity: int, device) -> torch.Tensor:
-    if cache_seqlens is None:
-        return torch.full((batch,), capacity, dtype=torch.int32, device=device)
-    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (batch,):
-        raise ValueError(f"expected cache_seqlens to be an int32 tensor of shape (B,) = ({batch},), got "
-                         f"{getattr(cache_seqlens, 'shape', cache_seqlens)}")
-    if cache_seqlens.dtype != torch.int32:
-        raise ValueError(f"expected cache_seqlens to be int32, got {cache_seqlens.dtype}; use .to(torch.int32)")
-    lo, hi = (int(cache_seqlens.min()), int(cache_seqlens.max())) if batch else (0, 0)
-    if lo < 0 or hi > capacity:
-        raise ValueError(f"expected 0 <= cache_seqlens <= cache capacity {capacity}, got values in [{lo}, {hi}]")
-    return cache_seqlens
+def decode_plan(q, k_cache, v_cache, k_new=None, v_new=None, *, cache_seqlens=None, block_table=None,
+                num_splits=None, softmax_scale=None, causal=True, window_size=(-1, -1), backend="auto",
+                unified_max=None) -> DecodePlan:
+    """Check a decode call once; pass the result as `decode_attention(..., plan=plan)`.
+
+    Arguments as `decode_attention`. The plan fixes shapes, dtype, device, options, backend, split
+    count (from the cache's capacity) and the kernel's workspace. With cache_seqlens (and
+    block_table) given, their current values are checked too (one sync, here only). The plan stays
+    valid while lengths grow up to the capacity and while the page table changes: planned calls
+    clamp lengths and page numbers on the device instead of checking them. One plan serves every
+    layer whose cache has the same shapes, on one CUDA stream at a time (it holds the workspace).
+    """
+    window_size = check_shapes(q, k_cache, v_cache, k_new, v_new, block_table, cache_seqlens, window_size)
+    plan = make_plan(q, k_cache, v_cache, k_new, v_new, block_table=block_table, num_splits=num_splits,
+                     softmax_scale=softmax_scale, causal=causal, window_size=window_size, backend=backend,
+                     unified_max=unified_max, workspace=True)
+    if cache_seqlens is not None:
+        check_values(cache_seqlens, plan.n_new, plan.capacity, block_table, k_cache.shape[2], k_cache.shape[0])
+    return plan
 
 
-def _check_block_table(block_table, seqlens, reader) -> None:
-    """Every page a sequence uses must exist in the pool; entries past its length are ignored."""
-    pages_used = (seqlens.long() + reader.page_size - 1) // reader.page_size  # (B,)
-    used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < pages_used[:, None]
-    bad = used & ((block_table < 0) | (block_table >= reader.num_pages))
-    if bool(bad.any()):
-        b = int(bad.any(dim=1).nonzero()[0])
-        raise ValueError(f"block_table[{b}] points outside the pool of {reader.num_pages} pages: "
-                         f"{block_table[b, : int(pages_used[b])].tolist()}")
-
-
-def decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, block_table=None, num_splits=None,
-                     softmax_scale=None, causal=True, window_size=(-1, -1), return_lse=False,
-                     backend="auto", unified_max=None):
+def decode_attention(q, k_cache, v_cache, k_new=None, v_new=None, *, cache_seqlens=None, block_table=None,
+                     num_splits=None, softmax_scale=None, causal=_UNSET, window_size=_UNSET, return_lse=False,
+                     backend="auto", unified_max=_UNSET, plan: DecodePlan | None = None):
     """Attention of Nq new tokens per sequence against a KV cache, split-K (Flash-Decoding).
 
-    q: (B, Hq, Nq, D), Nq small: the last Nq positions of each sequence (causal bottom-right).
+    q: (B, Hq, Nq, D), Nq small or in the thousands (chunked prefill): the last Nq positions of each
+      sequence (causal bottom-right).
     Dense cache: k_cache (B, Hkv, Nmax, D), v_cache (B, Hkv, Nmax, Dv); cache_seqlens int32 (B,)
       valid lengths (None: all Nmax).
     Paged cache: k_cache, v_cache (num_pages, Hkv, page_size, D/Dv); block_table int32
       (B, max_pages_per_seq) logical -> physical page; cache_seqlens required. Any page size >= 1.
+    k_new, v_new: (B, Hkv, Nnew, D/Dv) written in place at positions cache_seqlens[b] .. + Nnew of
+      each sequence (as flash_attn_with_kvcache), then attended with the rest: the sequence has
+      cache_seqlens[b] + Nnew keys. cache_seqlens itself is not modified: the caller advances it.
     -> out (B, Hq, Nq, Dv) [, lse (B, Hq, Nq) float32].
 
-    num_splits: None chooses from the device (enough parallel work, never more splits than cache
-    tiles); 1 is plain FA2. unified_max: a fixed softmax reference phi (FlashDecoding++); results
-    are checked and recomputed exactly when phi over- or underflows. backend: "auto" | "tiled"
-    (this split-K) | "triton" (the split-K kernel) | "reference" (naive, per sequence), decided by
-    `fa2lab.backends.choose("decode", ...)`; one that cannot run the case raises a ValueError.
+    Nq=2 queries, sequence of 5 keys (causal):   keys 0 1 2 3 4
+                                                  q0   x x x x .
+                                                  q1   x x x x x
+    num_splits: None chooses from the device and the cache's capacity; 1 is plain FA2.
+    unified_max: a fixed softmax reference phi (FlashDecoding++); results are checked and recomputed
+    exactly when phi over- or underflows. backend: "auto" | "tiled" (the PyTorch split-K) | "triton"
+    | "reference" (naive, per sequence).
+    plan: from `decode_plan` for these shapes; the call then checks shapes only and does no
+    host-device synchronisation (lengths and pages clamped on the device). Without a plan the call
+    checks lengths and page table on the device: one synchronisation (none for a full dense cache).
+    Options left out of a planned call are the plan's; options given must agree with it.
     """
-    _checks.check_tensor("q", q, 4, "(B, Hq, Nq, D)")
-    paged = block_table is not None
-    layout = "(num_pages, Hkv, page_size, D)" if paged else "(B, Hkv, Nmax, D)"
-    _checks.check_tensor("k_cache", k_cache, 4, layout)
-    _checks.check_tensor("v_cache", v_cache, 4, layout.replace("D)", "Dv)"))
-    _checks.check_same_dtype_device(q=q, k_cache=k_cache, v_cache=v_cache)
-    if k_cache.shape[:3] != v_cache.shape[:3]:
-        raise ValueError(f"expected k_cache and v_cache to agree except in the last dim, got "
-                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    _checks.check_head_dims(q.shape[-1], k_cache.shape[-1])
-    _checks.check_heads(q.shape[1], k_cache.shape[1], v_cache.shape[1])
-    window_size = _checks.check_window(window_size)
-    batch = q.shape[0]
-    if paged:
-        if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.shape[0] != batch:
-            raise ValueError(f"expected block_table to be int32 (B={batch}, max_pages_per_seq), got "
-                             f"{getattr(block_table, 'shape', block_table)}")
-        if block_table.dtype != torch.int32:
-            raise ValueError(f"expected block_table to be int32, got {block_table.dtype}; use .to(torch.int32)")
-        if cache_seqlens is None:
+    return_lse = _checks.check_flag("return_lse", return_lse)
+    options = {name: val for name, val in (("causal", causal), ("window_size", window_size),
+                                            ("unified_max", unified_max)) if val is not _UNSET}
+    if plan is None:
+        window = check_shapes(q, k_cache, v_cache, k_new, v_new, block_table, cache_seqlens,
+                              options.get("window_size", (-1, -1)))
+        if block_table is not None and cache_seqlens is None:
             raise ValueError("a paged cache needs cache_seqlens (B,) int32: page tables do not say how full "
                              "the last page is")
-        reader = PagedReader(k_cache, v_cache, block_table)
+        plan = make_plan(q, k_cache, v_cache, k_new, v_new, block_table=block_table, num_splits=num_splits,
+                         softmax_scale=softmax_scale, causal=options.get("causal", True), window_size=window,
+                         backend=backend, unified_max=options.get("unified_max"), workspace=False)
+        if cache_seqlens is not None:
+            check_values(cache_seqlens, plan.n_new, plan.capacity, block_table, k_cache.shape[2], k_cache.shape[0])
     else:
-        if k_cache.shape[0] != batch:
-            raise ValueError(f"expected k_cache batch {k_cache.shape[0]} to equal q's batch {batch}")
-        reader = DenseReader(k_cache, v_cache)
-    seqlens = _check_seqlens(cache_seqlens, batch, reader.capacity, q.device)
-    if paged:
-        _check_block_table(block_table, seqlens, reader)
-    _check_backend_and_q(backend, q, reader)
-    # A full cache's longest sequence is its capacity: known without reading seqlens back (no sync).
-    return _decode(q, reader, seqlens, reader.capacity if cache_seqlens is None else None, num_splits=num_splits,
-                   softmax_scale=softmax_scale, causal=causal, window_size=window_size, return_lse=return_lse,
-                   backend=backend, unified_max=unified_max)
+        if not isinstance(plan, DecodePlan):
+            raise ValueError(f"expected plan from fa2lab.decode_plan(...), got {type(plan).__name__}")
+        if "window_size" in options:
+            options["window_size"] = tuple(options["window_size"])
+        plan.check_call(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
+                        dict(options, softmax_scale=softmax_scale, num_splits=num_splits, backend=backend))
+    return run_plan(plan, q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, return_lse, backend)
+
+
+def run_plan(plan: DecodePlan, q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, return_lse,
+             asked="auto"):
+    """The decode itself on checked inputs; reads nothing back on the Triton path."""
+    if cache_seqlens is None:  # a full dense cache: its length is the capacity, known on the host
+        cache_seqlens = torch.full((plan.q_shape[0],), plan.capacity, dtype=torch.int32, device=q.device)
+    left, right = plan.window
+    if k_new is not None:  # the append happens even when there is no query row to attend
+        if plan.backend == "triton":
+            from fa2lab.kernels import ops
+
+            ops.append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+        else:
+            append_kv_torch(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, plan.capacity)
+    b, hq, nq, _ = plan.q_shape
+    if b * nq == 0:
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = q.new_zeros(b, hq, nq, v_cache.shape[-1])
+        lse = torch.full((b, hq, nq), float("-inf"), dtype=lse_dtype, device=q.device)
+        return (out, lse) if return_lse else out
+    if plan.backend == "triton":
+        from fa2lab.kernels import ops
+
+        out, lse = ops.decode(q, k_cache, v_cache, cache_seqlens, block_table, plan, left, right)
+    else:
+        seqlens = (cache_seqlens + plan.n_new).clamp(0, plan.capacity)  # what the kernels do on the device
+        reader = PagedReader(k_cache, v_cache, block_table) if plan.paged else DenseReader(k_cache, v_cache)
+        out, lse = _readable(plan, q, reader, seqlens, left, right)
+    lse = lse.float() if q.dtype != torch.float64 else lse
+    return (out, lse) if return_lse else out
+
+
+def append_kv_torch(k_cache, v_cache, k_new, v_new, seqlens, block_table, capacity: int) -> None:
+    """The readable append: k_new (B, Hkv, Nnew, D) at positions seqlens[b] + i; positions outside
+    the capacity or on pages outside the pool are dropped, as by the Triton kernel."""
+    b, _, n, _ = k_new.shape
+    pos = seqlens.long()[:, None] + torch.arange(n, device=seqlens.device)[None, :]  # (B, Nnew)
+    ok = (pos >= 0) & (pos < capacity)
+    if block_table is not None:
+        page_size = k_cache.shape[2]
+        logical = (pos // page_size).clamp(0, block_table.shape[1] - 1)
+        page = block_table.long().gather(1, logical)  # (B, Nnew)
+        ok &= (page >= 0) & (page < k_cache.shape[0])
+        first, slot = page[ok], (pos % page_size)[ok]
+    else:
+        first, slot = torch.arange(b, device=pos.device)[:, None].expand(b, n)[ok], pos[ok]
+    k_cache[first, :, slot] = k_new.transpose(1, 2)[ok].to(k_cache.dtype)  # (M, Hkv, D)
+    v_cache[first, :, slot] = v_new.transpose(1, 2)[ok].to(v_cache.dtype)
 
 
 def decode_with_reader(q, reader, seqlens, *, num_splits=None, softmax_scale=None, causal=True,
                        window_size=(-1, -1), return_lse=False, backend="auto", unified_max=None):
     """`decode_attention` over any KVReader (the KV cache classes use this): q (B, Hq, Nq, D),
     seqlens int32 (B,) valid lengths, positions [0, seqlens[b]) read in order."""
-    _checks.check_tensor("q", q, 4, "(B, Hq, Nq, D)")
-    _checks.check_floating("q", q)
-    _check_backend_and_q(backend, q, reader)
-    seqlens = _check_seqlens(seqlens, q.shape[0], reader.capacity, q.device)
-    return _decode(q, reader, seqlens, None, num_splits=num_splits, softmax_scale=softmax_scale, causal=causal,
-                   window_size=window_size, return_lse=return_lse, backend=backend, unified_max=unified_max)
-
-
-def _check_backend_and_q(backend, q, reader) -> None:
-    if backend not in DECODE_BACKENDS:
-        raise ValueError(f"unknown decode backend {backend!r}; choose one of {list(DECODE_BACKENDS)}")
-    heads_ok = q.shape[1] % reader.heads_kv == 0 if reader.heads_kv else q.shape[1] == 0
-    if q.shape[-1] != reader.head_dim or not heads_ok or q.shape[0] != reader.batch:
+    kw = dict(num_splits=num_splits, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+              return_lse=return_lse, backend=backend, unified_max=unified_max)
+    if isinstance(reader, (DenseReader, PagedReader)):
+        table = reader.block_table if isinstance(reader, PagedReader) else None
+        return decode_attention(q, reader.k, reader.v, cache_seqlens=seqlens, block_table=table, **kw)
+    if q.shape[-1] != reader.head_dim or q.shape[1] % reader.heads_kv or q.shape[0] != reader.batch:
         raise ValueError(f"expected q (B={reader.batch}, Hq multiple of {reader.heads_kv}, Nq, D={reader.head_dim}) "
                          f"for this cache, got {tuple(q.shape)}")
+    from fa2lab import _checks
 
-
-def _decode(q, reader, seqlens, max_len, *, num_splits, softmax_scale, causal, window_size, return_lse, backend,
-            unified_max):
-    """The decode itself, on checked inputs. max_len: max(seqlens) where the caller knows it
-    (None: read it back from the device)."""
     window_size = _checks.check_window(window_size)
-    causal, return_lse = _checks.check_flag("causal", causal), _checks.check_flag("return_lse", return_lse)
-    unified_max = _checks.check_optional_number("unified_max", unified_max, "the fixed softmax reference phi")
+    name = choose_backend(backend, decode_case(q, reader.capacity, reader.heads_kv, reader.head_dim_v, "compressed",
+                                               causal, window_size, unified_max))
+    if not isinstance(seqlens, torch.Tensor) or seqlens.shape != (q.shape[0],):
+        raise ValueError(f"expected seqlens of shape ({q.shape[0]},), got {getattr(seqlens, 'shape', seqlens)}")
+    check_values(seqlens, 0, reader.capacity, None, 1, 1)
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"expected num_splits to be a positive int or None (auto), got {num_splits!r}")
-    scale = _checks.resolve_scale(softmax_scale, q.shape[-1])
-    left, right = masks.effective_window(causal, window_size)
-    batch = q.shape[0]
-
-    # The Triton split-K kernel on CUDA for dense and paged caches; everything else (CPU,
-    # compressed caches, unified max) goes through the PyTorch split-K (fa2lab.backends decides).
-    backend = choose("decode", decode_case(q, reader, causal, window_size, unified_max), backend).name
-    if no_query_rows(q):  # B, Hq or Nq is 0, every argument checked: nothing to split or merge
-        rows = q.shape[:3]
-        return empty_attention(q, getattr(reader, "k", q), getattr(reader, "v", q), (*rows, reader.head_dim_v),
-                               rows, return_lse)
-    if backend == "reference":
-        out, lse = _reference(q, reader, seqlens, causal, window_size, scale)
-    elif backend == "triton":
-        from fa2lab.kernels.decode import decode_triton
-
-        max_len = (int(seqlens.max()) if batch else 0) if max_len is None else max_len
-        if num_splits is None:
-            num_splits = splits.num_splits("triton", batch * reader.heads_kv, max_len, default_num_units(q.device))
-        paged = isinstance(reader, PagedReader)
-        out, lse = decode_triton(q, reader.k, reader.v, seqlens, scale=scale, left=left, right=right,
-                                 num_splits=num_splits, block_table=reader.block_table if paged else None,
-                                 max_len=max_len)
-    else:
-        if num_splits is None:
-            max_len = (int(seqlens.max()) if batch else 0) if max_len is None else max_len
-            num_splits = splits.num_splits("tiled", batch * reader.heads_kv, max_len, default_num_units(q.device))
-        out, lse, stats = splitk_decode(q, reader, seqlens, scale=scale, left=left, right=right,
-                                        num_splits=num_splits, block_k=DECODE_BLOCK_K, unified_max=unified_max)
-        if stats is not None and not stats.exact:
-            log.warning("fa2lab: unified max phi=%g out of range (max logit - phi = %.3g, smallest row max - "
-                        "phi = %.3g); recomputed with the online softmax", stats.phi, stats.max_shift,
-                        stats.min_row_shift)
+    plan = DecodePlan(backend=name, paged=False, q_shape=tuple(q.shape), k_shape=(), v_shape=(), table_shape=None,
+                      new_shape=None, dtype=q.dtype, device=q.device, capacity=reader.capacity,
+                      num_splits=num_splits or splits.num_splits("tiled", q.shape[0] * reader.heads_kv,
+                                                                 reader.capacity, default_num_units(q.device)),
+                      scale=_checks.resolve_scale(softmax_scale, q.shape[-1]), causal=bool(causal),
+                      window_size=window_size, unified_max=None if unified_max is None else float(unified_max))
+    left, right = plan.window
+    out, lse = _readable(plan, q, reader, seqlens, left, right)
     lse = lse.float() if q.dtype != torch.float64 else lse
     return (out, lse) if return_lse else out
 
 
-def decode_case(q, reader, causal, window_size, unified_max) -> Case:
-    """The `fa2lab.backends.Case` of a decode call: Nk is the cache's capacity."""
-    cache = "paged" if isinstance(reader, PagedReader) else "dense" if isinstance(reader, DenseReader) else "compressed"
-    return Case(q.device.type, q.dtype, q.shape[2], reader.capacity, q.shape[1], reader.heads_kv, q.shape[-1],
-                reader.head_dim_v, bool(causal), tuple(window_size), True, cache=cache,
-                unified_max=unified_max is not None)
+def _readable(plan, q, reader, seqlens, left, right):
+    if plan.backend == "reference":
+        return _reference(q, reader, seqlens, plan.causal, plan.window_size, plan.scale)
+    out, lse, stats = splitk_decode(q, reader, seqlens, scale=plan.scale, left=left, right=right,
+                                    num_splits=plan.num_splits, block_k=DECODE_BLOCK_K, unified_max=plan.unified_max)
+    if stats is not None and not stats.exact:
+        log.warning("fa2lab: unified max phi=%g out of range (max logit - phi = %.3g, smallest row max - "
+                    "phi = %.3g); recomputed with the online softmax", stats.phi, stats.max_shift,
+                    stats.min_row_shift)
+    return out, lse
 
 
 def _reference(q, reader, seqlens, causal, window_size, scale):
@@ -186,4 +204,9 @@ def _reference(q, reader, seqlens, causal, window_size, scale):
                              causal=causal, window_size=window_size, softmax_scale=scale, return_lse=True)
         outs.append(o)
         lses.append(l)
+    if not outs:
+        hq, nq = q.shape[1], q.shape[2]
+        return (q.new_zeros(0, hq, nq, reader.head_dim_v),
+                torch.empty(0, hq, nq, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                            device=q.device))
     return torch.cat(outs), torch.cat(lses)

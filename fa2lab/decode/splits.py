@@ -11,14 +11,20 @@ from __future__ import annotations
 from fa2lab.decode.splitk import auto_num_splits
 
 KERNEL_BLOCK_N = 64  # keys per tile of the Triton decode kernel (fa2lab.kernels.decode.DECODE_BLOCK_N; a test checks)
+# Programs per SM the kernel's splits aim at: the best geometric mean over the dense cases of
+# `python -m fa2lab.bench.decode_gpu --tune` on the H200 (2026-12-02, BENCHMARKS.md; kernel-only).
+KERNEL_PROGRAMS_PER_SM = 2
+MAX_SPLITS = 128  # the kernel's fused merge holds (splits x Dv) fp32 values of one row in registers
 
 
 def kernel_num_splits(work_items: int, cache_len: int, num_sms: int, block_n: int = KERNEL_BLOCK_N,
-                      programs_per_sm: int = 4) -> int:
+                      programs_per_sm: int | None = None) -> int:
     """Decode is memory-bound: a GPU reaches its bandwidth only with several programs per SM in
-    flight, so split until B*Hkv*splits covers `programs_per_sm` per SM, keeping >= 2 tiles a split."""
-    want = -(-programs_per_sm * num_sms // max(1, work_items))
-    return max(1, min(want, cache_len // (2 * block_n)))
+    flight, so split until work_items (B*Hkv*row tiles) * splits covers `programs_per_sm` per SM,
+    keeping >= 2 tiles a split. cache_len: the capacity (a plan never reads the lengths)."""
+    per_sm = KERNEL_PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
+    want = -(-per_sm * num_sms // max(1, work_items))
+    return max(1, min(want, cache_len // (2 * block_n), MAX_SPLITS))
 
 
 def num_splits(backend: str, work_items: int, cache_len: int, num_units: int) -> int:
@@ -29,4 +35,4 @@ def num_splits(backend: str, work_items: int, cache_len: int, num_units: int) ->
     return auto_num_splits(work_items, cache_len, num_units)
 
 
-__all__ = ["KERNEL_BLOCK_N", "auto_num_splits", "kernel_num_splits", "num_splits"]
+__all__ = ["KERNEL_BLOCK_N", "KERNEL_PROGRAMS_PER_SM", "MAX_SPLITS", "auto_num_splits", "kernel_num_splits", "num_splits"]

@@ -2,7 +2,10 @@
 
 Two implementations behind one choice made here per call: the Hopper kernels (hopper_fwd.py,
 hopper_bwd.py: TMA descriptors, sm_90 tiles) where `hopper_eligible` holds, the portable kernels
-(fwd.py, bwd.py: Ampere and newer, and the CPU interpreter) everywhere else.
+(fwd.py, bwd.py: Ampere and newer, and the CPU interpreter) everywhere else. While torch.compile
+traces, the same choice runs inside the custom operators of `ops.py` (autograd registered there);
+eager calls go through the autograd.Functions below (an operator's dispatch costs more than a
+small kernel).
 """
 
 from __future__ import annotations
@@ -85,11 +88,21 @@ class _TritonVarlenAttention(torch.autograd.Function):
 
 def triton_attention(q, k, v, *, scale, left, right, return_lse=False):
     """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out [, lse (B, Hq, Nq) fp32]."""
-    out, lse = _TritonAttention.apply(q, k, v, scale, left, right)
+    if torch.compiler.is_compiling():
+        from fa2lab.kernels import ops
+
+        out, lse = ops.attn_fwd(q, k, v, float(scale), int(left), int(right))
+    else:
+        out, lse = _TritonAttention.apply(q, k, v, scale, left, right)
     return (out, lse) if return_lse else out
 
 
 def triton_varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, left, right, return_lse=False):
     """Packed q (total_q, Hq, D), k/v (total_k, Hkv, D) -> out (total_q, Hq, Dv) [, lse (Hq, total_q)]."""
-    out, lse = _TritonVarlenAttention.apply(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right)
+    if torch.compiler.is_compiling():
+        from fa2lab.kernels import ops
+
+        out, lse = ops.varlen_fwd(q, k, v, cu_q, cu_k, int(max_q), int(max_k), float(scale), int(left), int(right))
+    else:
+        out, lse = _TritonVarlenAttention.apply(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right)
     return (out, lse) if return_lse else out

@@ -1,12 +1,24 @@
-"""Split-K decode in Triton (Flash-Decoding): partial kernel + merge kernel.
+"""Split-K decode in Triton (Flash-Decoding), partials and merge in one launch.
 
-Partial: one program per (batch x K/V head, split). The G query heads of the K/V head and the Nq
-new tokens are packed as the rows of one tile (row r: query r // G of head hk*G + r % G), so each
-K/V byte is read once per split for the whole group. K/V come from a dense cache or, through a
-block table, from pages of any size. Each program writes its partial output (fp32) and LSE.
-Merge: one program per (batch, query head, query row) combines the splits by their LSEs.
+One program per (batch x K/V head x query-row tile, split). The G query heads of a K/V head and the
+Nq new tokens are packed as rows (row r: query r // G of head hk*G + r % G), so each K/V byte is
+read once per split for the whole group; rows are tiled by BLOCK_M, so a chunked prefill (Nq in the
+thousands) never asks for more shared memory than one tile. Each split takes an equal share of the
+keys its rows can see, computed on the device from cache_seqlens: the split count is fixed at
+launch (planned from the cache's capacity), the split sizes follow the lengths, and nothing is
+read back to the host.
 
-Readable twin: fa2lab/decode/splitk.py (and merge.py). Tests: tests/test_decode.py, tests/test_triton_gpu.py.
+Fused merge: with more than one split, every program writes its partial (out, lse) to a workspace
+and increments its tile's counter (an atomic with acquire-release order); the program that sees
+the counter reach S - 1 is the last one of its tile, merges the S partials by their LSEs, writes
+the output and resets the counter to 0 for the next call (so a captured CUDA graph can replay).
+
+Memory safety for any cache_seqlens: lengths are clamped to [0, capacity] and page numbers to
+[0, num_pages) on the device. `append_kv_triton` writes new K/V at each sequence's length, dropping
+positions past the capacity or on pages outside the pool.
+
+Readable twin: fa2lab/decode/splitk.py (and merge.py). Tests: tests/test_decode_plan.py,
+tests/test_triton.py, tests/test_triton_gpu.py.
 """
 
 from __future__ import annotations
@@ -15,25 +27,30 @@ import torch
 import triton
 import triton.language as tl
 
+from fa2lab.decode.splits import MAX_SPLITS
 from fa2lab.kernels.common import LOG2E, LOG2E_K, dot, ieee_dot, online_softmax_step, pow2
 
 
+
 @triton.jit
-def _decode_partial_kernel(
-    Q, K, V, SEQLENS, BT, OP, LP,
+def _decode_kernel(
+    Q, K, V, SEQLENS, BT, O, LSE, OP, LP, LOCKS,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbt_b,
-    sop_s, sop_b, sop_h, sop_m, sop_d, slp_s, slp_b, slp_h, slp_m,
-    HKV, Nq, G, qk_scale, LEFT, RIGHT, KEYS_PER_SPLIT,
+    sob, soh, som, sod, slb, slh, slm,
+    HKV, Nq, G, NEW, CAPACITY, NUM_PAGES, qk_scale, LEFT, RIGHT, M_TILES, S,
     D: tl.constexpr, D_V: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, IEEE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    PAGED: tl.constexpr, SPLIT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
+    tile = tl.program_id(0)  # (b, hk, row tile)
     split = tl.program_id(1)
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
-    L = tl.load(SEQLENS + b)
-    r = tl.arange(0, BLOCK_M)
+    mt = tile % M_TILES
+    b = tile // (M_TILES * HKV)
+    hk = (tile // M_TILES) % HKV
+    # The step's new tokens were appended at [seqlens[b], seqlens[b] + NEW): attend over all of it.
+    L = tl.minimum(tl.maximum(tl.load(SEQLENS + b) + NEW, 0), CAPACITY)
+    r = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = r < G * Nq
     qi = r // G  # query position among the Nq new tokens
     h = hk * G + r % G
@@ -41,22 +58,38 @@ def _decode_partial_kernel(
     offs_dv = tl.arange(0, HEAD_DIM_V)
     q = tl.load(Q + b.to(tl.int64) * sqb + h[:, None] * sqh + qi[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, HEAD_DIM)
-    qpos = L - Nq + qi  # absolute position of each query row
+    qpos = L - Nq + qi  # absolute position of each query row (bottom-right alignment)
+
+    # Keys any row of this tile can see: [lo, hi), then an equal, tile-aligned share per split.
+    first_q = L - Nq + (mt * BLOCK_M) // G
+    last_q = L - Nq + tl.minimum((mt * BLOCK_M + BLOCK_M - 1) // G, Nq - 1)
+    hi = L
+    if HAS_RIGHT:
+        hi = tl.maximum(tl.minimum(hi, last_q + RIGHT + 1), 0)
+    lo = 0
+    if HAS_LEFT:
+        lo = tl.minimum(tl.maximum(first_q - LEFT, 0), hi)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(hi - lo, S), BLOCK_N) * BLOCK_N
+    j0 = lo + split * chunk
+    j1 = tl.minimum(j0 + chunk, hi)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
-    j0 = split * KEYS_PER_SPLIT
-    j1 = tl.minimum(j0 + KEYS_PER_SPLIT, L)
-    if HAS_LEFT:  # keys left of every row's window are never loaded
-        j0 = tl.maximum(j0, ((L - Nq - LEFT) // BLOCK_N) * BLOCK_N)
     for start in range(j0, j1, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < j1
         if PAGED:
-            page = tl.load(BT + b.to(tl.int64) * sbt_b + cols // PAGE_SIZE, mask=col_ok, other=0)
-            k_row = page.to(tl.int64) * skb + (cols % PAGE_SIZE) * skn
-            v_row = page.to(tl.int64) * svb + (cols % PAGE_SIZE) * svn
+            if PAGE_SIZE % BLOCK_N == 0:  # the tile lies in one page: one table entry per tile
+                page = tl.load(BT + b.to(tl.int64) * sbt_b + start // PAGE_SIZE)
+                off = start % PAGE_SIZE + tl.arange(0, BLOCK_N)
+            else:  # small pages: BLOCK_N // PAGE_SIZE entries, neighbours in one cache line
+                page = tl.load(BT + b.to(tl.int64) * sbt_b + cols // PAGE_SIZE, mask=col_ok, other=0)
+                off = cols % PAGE_SIZE
+            page = tl.minimum(tl.maximum(page, 0), NUM_PAGES - 1).to(tl.int64)  # memory-safe for any table
+            k_row = page * skb + off * skn
+            v_row = page * svb + off * svn
         else:
             k_row = b.to(tl.int64) * skb + cols.to(tl.int64) * skn
             v_row = b.to(tl.int64) * svb + cols.to(tl.int64) * svn
@@ -71,71 +104,163 @@ def _decode_partial_kernel(
         if HAS_RIGHT:
             valid = valid & (cols[None, :] <= qpos[:, None] + RIGHT)
         s = tl.where(valid, s, float("-inf"))
-        p, alpha, l_i, m_i = online_softmax_step(s, m_i, l_i)
+        p, alpha, l_i, m_i = online_softmax_step(s, m_i, l_i)  # Algorithm 1, lines 8-10
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE_DOT)
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))  # log2 units
-    o_ptr = OP + split * sop_s + b * sop_b + h[:, None] * sop_h + qi[:, None] * sop_m + offs_dv[None, :] * sop_d
-    tl.store(o_ptr, out, mask=row_ok[:, None] & (offs_dv[None, :] < D_V))
-    tl.store(LP + split * slp_s + b * slp_b + h * slp_h + qi * slp_m, lse, mask=row_ok)
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]  # 0 for rows that saw no key
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))  # log2 units
+
+    if not SPLIT:
+        o_ptr = O + b.to(tl.int64) * sob + h[:, None] * soh + qi[:, None] * som + offs_dv[None, :] * sod
+        tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < D_V))
+        tl.store(LSE + b * slb + h * slh + qi * slm, lse2 / LOG2E_K, mask=row_ok)
+    else:
+        n_tiles = tl.num_programs(0)
+        part = (split * n_tiles + tile).to(tl.int64) * BLOCK_M  # workspace (S, tiles, BLOCK_M[, HEAD_DIM_V])
+        rr = tl.arange(0, BLOCK_M)
+        tl.store(OP + (part + rr[:, None]) * HEAD_DIM_V + offs_dv[None, :], out)
+        tl.store(LP + part + rr, lse2)
+        # Release our partial, acquire everyone else's: the last of the S programs merges.
+        done = tl.atomic_add(LOCKS + tile, 1, sem="acq_rel")
+        if done == S - 1:
+            offs_s = tl.arange(0, BLOCK_S)
+            s_ok = offs_s < S
+            rows = tl.minimum(G * Nq - mt * BLOCK_M, BLOCK_M)
+            for i in range(0, rows):
+                ws = (offs_s * n_tiles + tile).to(tl.int64) * BLOCK_M + i  # (BLOCK_S,) this row in each split
+                lse_s = tl.load(LP + ws, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+                m = tl.max(lse_s, 0)
+                m_ref = tl.where(m == float("-inf"), 0.0, m)
+                w = tl.math.exp2(lse_s - m_ref)  # 0 for splits that saw no key (their partial is 0)
+                total = tl.sum(w, 0)
+                parts = tl.load(OP + ws[:, None] * HEAD_DIM_V + offs_dv[None, :], mask=s_ok[:, None], other=0.0,
+                                cache_modifier=".cg")  # (BLOCK_S, HEAD_DIM_V)
+                o_row = tl.sum(parts * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+                ri = mt * BLOCK_M + i
+                qr, hr = ri // G, hk * G + ri % G
+                tl.store(O + b.to(tl.int64) * sob + hr * soh + qr * som + offs_dv * sod,
+                         o_row.to(O.dtype.element_ty), mask=offs_dv < D_V)
+                lse_row = tl.where(total == 0.0, float("-inf"), m_ref + tl.math.log2(tl.where(total == 0.0, 1.0, total)))
+                tl.store(LSE + b * slb + hr * slh + qr * slm, lse_row / LOG2E_K)
+            tl.atomic_xchg(LOCKS + tile, 0)
 
 
 @triton.jit
-def _decode_merge_kernel(OP, LP, O, LSE, S, ROWS, sop_s, slp_s,
-                         D_V: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr):
-    row = tl.program_id(0)  # flat (b, h, i) index into contiguous (B, Hq, Nq)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM_V)
-    lse = tl.load(LP + offs_s * slp_s + row, mask=offs_s < S, other=float("-inf"))  # (BLOCK_S,) log2
-    m = tl.max(lse, 0)
-    m_ref = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2(lse - m_ref)  # 0 for empty splits
-    total = tl.sum(w, 0)
-    parts = tl.load(OP + offs_s[:, None] * sop_s + row * D_V + offs_d[None, :],
-                    mask=(offs_s[:, None] < S) & (offs_d[None, :] < D_V), other=0.0)  # (BLOCK_S, HEAD_DIM_V)
-    out = tl.sum(parts * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(O + row * D_V + offs_d, out.to(O.dtype.element_ty), mask=offs_d < D_V)
-    final = tl.where(total == 0.0, float("-inf"), (m_ref + tl.math.log2(tl.where(total == 0.0, 1.0, total))) / LOG2E_K)
-    tl.store(LSE + row, final)
+def _append_kernel(KN, VN, K, V, SEQLENS, BT,
+                   snb, snh, snn, snd, svnb, svnh, svnn, svnd, skb, skh, skn, skd, svb, svh, svn, svd, sbt_b,
+                   HKV, NEW, CAPACITY, NUM_PAGES,
+                   D: tl.constexpr, D_V: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                   BLOCK: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // HKV
+    hk = pid % HKV
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    pos = tl.load(SEQLENS + b) + i  # (BLOCK,) where the new tokens go
+    ok = (i < NEW) & (pos >= 0) & (pos < CAPACITY)
+    if PAGED:
+        page = tl.load(BT + b.to(tl.int64) * sbt_b + pos // PAGE_SIZE, mask=ok, other=-1)
+        ok = ok & (page >= 0) & (page < NUM_PAGES)
+        k_row = page.to(tl.int64) * skb + (pos % PAGE_SIZE) * skn
+        v_row = page.to(tl.int64) * svb + (pos % PAGE_SIZE) * svn
+    else:
+        k_row = b.to(tl.int64) * skb + pos.to(tl.int64) * skn
+        v_row = b.to(tl.int64) * svb + pos.to(tl.int64) * svn
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    mk = ok[:, None] & (offs_d[None, :] < D)
+    mv = ok[:, None] & (offs_dv[None, :] < D_V)
+    kn = tl.load(KN + b * snb + hk * snh + i[:, None] * snn + offs_d[None, :] * snd, mask=mk)
+    vn = tl.load(VN + b * svnb + hk * svnh + i[:, None] * svnn + offs_dv[None, :] * svnd, mask=mv)
+    tl.store(K + hk * skh + k_row[:, None] + offs_d[None, :] * skd, kn.to(K.dtype.element_ty), mask=mk)
+    tl.store(V + hk * svh + v_row[:, None] + offs_dv[None, :] * svd, vn.to(V.dtype.element_ty), mask=mv)
 
 
 DECODE_BLOCK_N = 64  # keys per tile; its split count: fa2lab.decode.splits.kernel_num_splits
 
 
-def decode_triton(q, k_cache, v_cache, seqlens, *, scale, left, right, num_splits, block_table=None,
-                  block_n=DECODE_BLOCK_N, num_warps=4, num_stages=3, max_len=None):
-    """q (B, Hq, Nq, D); dense cache (B, Hkv, Nmax, D) or pages (P, Hkv, page, D) + block_table;
-    seqlens int32 (B,) -> out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) fp32.
+# Decode tiles for 2-byte dtypes at D <= 128: the best geometric mean over the dense cases of
+# `python -m fa2lab.bench.decode_gpu --tune` on the H200 (2026-12-02, BENCHMARKS.md; kernel-only),
+# with 2 programs per SM (fa2lab.decode.splits.KERNEL_PROGRAMS_PER_SM).
+DECODE_TILES = dict(BLOCK_N=DECODE_BLOCK_N, num_warps=8, num_stages=3)
 
-    Splits are planned over `max_len` (default: the cache's capacity), never over the device's
-    seqlens: no host-device sync, so a step launches asynchronously and can be captured in a CUDA
-    graph. Splits that lie past a sequence's length exit at once (lse = -inf, weight 0)."""
+
+def decode_config(group_rows: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Tiles from the shape: BLOCK_M rows of (query, head) pairs, at least 16 (tl.dot's minimum),
+    at most 64 so that q, K and V tiles fit in shared memory at any Nq; 4-byte and 256-wide tiles
+    take fewer keys and pipeline stages (fp32 at D=256: 64*256*4*2 per stage)."""
+    block_m = min(64, pow2(group_rows))
+    if head_dim > 128 or dtype == torch.float32:
+        return dict(BLOCK_M=block_m, BLOCK_N=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=block_m, BLOCK_N=DECODE_TILES["BLOCK_N"] if block_m <= 16 else DECODE_BLOCK_N,
+                num_warps=DECODE_TILES["num_warps"], num_stages=DECODE_TILES["num_stages"])
+
+
+def row_tiles(heads_q: int, heads_kv: int, nq: int, config: dict) -> int:
+    return triton.cdiv(max(1, (heads_q // heads_kv) * nq), config["BLOCK_M"])
+
+
+def decode_workspace(b, heads_q, heads_kv, nq, dv, num_splits, config, device):
+    """(partial outputs, partial LSEs, counters) for `decode_triton`; counters start at 0 and are
+    left at 0 by every call, so one workspace serves any number of calls on one stream."""
+    tiles = b * heads_kv * row_tiles(heads_q, heads_kv, nq, config)
+    if num_splits <= 1:
+        empty = torch.empty(0, dtype=torch.float32, device=device)
+        return empty, empty, torch.zeros(0, dtype=torch.int32, device=device)
+    o_part = torch.empty(num_splits * tiles * config["BLOCK_M"] * pow2(dv), dtype=torch.float32, device=device)
+    l_part = torch.empty(num_splits * tiles * config["BLOCK_M"], dtype=torch.float32, device=device)
+    return o_part, l_part, torch.zeros(tiles, dtype=torch.int32, device=device)
+
+
+def decode_triton(q, k_cache, v_cache, seqlens, *, scale, left, right, num_splits, block_table=None,
+                  n_new=0, workspace=None, config=None, out=None, lse=None):
+    """q (B, Hq, Nq, D); dense cache (B, Hkv, Nmax, D) or pages (P, Hkv, page, D) + block_table;
+    seqlens int32 (B,): keys [0, seqlens[b] + n_new) of sequence b are attended (clamped to the
+    capacity on the device) -> out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) fp32.
+
+    No host-device sync: a call launches asynchronously and can be captured in a CUDA graph.
+    workspace: from `decode_workspace` for these shapes and num_splits (None: allocated here)."""
     b, hq, nq, d = q.shape
     hkv, dv = k_cache.shape[1], v_cache.shape[-1]
     group = hq // hkv
-    if max_len is None:
-        max_len = block_table.shape[1] * k_cache.shape[2] if block_table is not None else k_cache.shape[2]
-    out = torch.empty(b, hq, nq, dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        return out, lse.fill_(float("-inf"))
-    keys_per_split = triton.cdiv(triton.cdiv(max(max_len, 1), num_splits), block_n) * block_n
-    splits = max(1, triton.cdiv(max(max_len, 1), keys_per_split))
-    o_part = torch.empty(splits, b, hq, nq, dv, dtype=torch.float32, device=q.device)
-    l_part = torch.empty(splits, b, hq, nq, dtype=torch.float32, device=q.device)
     paged = block_table is not None
-    page_size = k_cache.shape[2] if paged else 1
+    capacity = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
+    cfg = dict(config or decode_config(group * nq, max(d, dv), q.dtype))
+    out = torch.empty(b, hq, nq, dv, dtype=q.dtype, device=q.device) if out is None else out
+    lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device) if lse is None else lse
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    splits = max(1, min(int(num_splits), MAX_SPLITS))
+    m_tiles = row_tiles(hq, hkv, nq, cfg)
+    o_part, l_part, locks = workspace if workspace is not None else decode_workspace(b, hq, hkv, nq, dv, splits, cfg,
+                                                                                       q.device)
     bt = block_table if paged else seqlens
-    _decode_partial_kernel[(b * hkv, splits)](
-        q, k_cache, v_cache, seqlens, bt, o_part, l_part,
+    block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    _decode_kernel[(b * hkv * m_tiles, splits)](
+        q, k_cache, v_cache, seqlens, bt, out, lse, o_part, l_part, locks,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), bt.stride(0) if paged else 0,
-        *o_part.stride(), *l_part.stride(),
-        hkv, nq, group, scale * LOG2E, max(left, 0), max(right, 0), keys_per_split,
-        D=d, D_V=dv, HEAD_DIM=pow2(d), HEAD_DIM_V=pow2(dv), BLOCK_M=pow2(group * nq), BLOCK_N=block_n,
-        PAGE_SIZE=page_size, PAGED=paged, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, IEEE_DOT=ieee_dot(q.dtype),
-        num_warps=num_warps, num_stages=num_stages)
-    _decode_merge_kernel[(b * hq * nq,)](
-        o_part, l_part, out, lse, splits, b * hq * nq, o_part.stride(0), l_part.stride(0),
-        D_V=dv, HEAD_DIM_V=pow2(dv), BLOCK_S=max(2, pow2(splits) if splits > 1 else 2), num_warps=1)
+        *out.stride(), *lse.stride(),
+        hkv, nq, group, n_new, capacity, k_cache.shape[0], scale * LOG2E, max(left, 0), max(right, 0), m_tiles,
+        splits,
+        D=d, D_V=dv, HEAD_DIM=pow2(d), HEAD_DIM_V=pow2(dv), BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_S=max(2, 1 << (splits - 1).bit_length()), PAGE_SIZE=k_cache.shape[2] if paged else 1, PAGED=paged,
+        SPLIT=splits > 1, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, IEEE_DOT=ieee_dot(q.dtype), **cfg)
     return out, lse
+
+
+def append_kv_triton(k_cache, v_cache, k_new, v_new, seqlens, block_table=None) -> None:
+    """Write k_new (B, Hkv, Nnew, D), v_new (B, Hkv, Nnew, Dv) at positions seqlens[b] + i of each
+    sequence (dense or paged); positions outside [0, capacity) or on pages outside the pool are
+    dropped, on the device. seqlens is not modified."""
+    b, hkv, n, d = k_new.shape
+    dv = v_new.shape[-1]
+    if b * hkv * n == 0:
+        return
+    paged = block_table is not None
+    capacity = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
+    bt = block_table if paged else seqlens
+    block = min(64, max(16, 1 << (n - 1).bit_length()))
+    _append_kernel[(b * hkv, triton.cdiv(n, block))](
+        k_new, v_new, k_cache, v_cache, seqlens, bt, *k_new.stride(), *v_new.stride(), *k_cache.stride(),
+        *v_cache.stride(), bt.stride(0) if paged else 0, hkv, n, capacity, k_cache.shape[0],
+        D=d, D_V=dv, HEAD_DIM=pow2(d), HEAD_DIM_V=pow2(dv), BLOCK=block, PAGE_SIZE=k_cache.shape[2] if paged else 1,
+        PAGED=paged, num_warps=4)

@@ -131,20 +131,15 @@ class DecodeSession:
         self.state = "decoded"
 
     def _graph_step(self) -> None:
-        """One decode step on device tensors only (no sync): capturable."""
-        from fa2lab.decode.splits import kernel_num_splits
-        from fa2lab.kernels.decode import decode_triton
+        """One decode step on device tensors only (no sync): capturable. decode_attention writes
+        the step's K/V at each sequence's length (in-place append) and attends; then the lengths
+        advance on the device."""
+        from fa2lab.decode import decode_attention
 
-        cache, s = self.cache, self.shape
-        rows = torch.arange(s["batch"], device=self.device)
-        pos = cache.lengths.long()
-        cache.k[rows, :, pos] = self._kbuf[:, :, 0]  # (B, Hkv, D) at each sequence's length
-        cache.v[rows, :, pos] = self._vbuf[:, :, 0]
+        cache = self.cache
+        out = decode_attention(self._qbuf, cache.k, cache.v, self._kbuf, self._vbuf, cache_seqlens=cache.lengths,
+                               plan=self._plan)
         cache.lengths.add_(1)
-        splits = kernel_num_splits(s["batch"] * s["heads_kv"], s["max_len"],
-                                   torch.cuda.get_device_properties(self.device).multi_processor_count)
-        out, _ = decode_triton(self._qbuf, cache.k, cache.v, cache.lengths, scale=s["head_dim"] ** -0.5,
-                               left=-1, right=0, num_splits=splits)
         self.output.copy_(out)
 
     def _decode_graph(self) -> None:
@@ -153,8 +148,14 @@ class DecodeSession:
             raise ValueError(f"sequences would grow to {self._host_len + 1} tokens, past max_len={s['max_len']}; "
                              f"allocate a larger session")
         if self.graph is None:
+            from fa2lab.decode import decode_plan
+
             self.output = torch.empty(s["batch"], s["heads_q"], 1, s["head_dim"], dtype=torch.float32,
                                       device=self.device)
+            # Checked once (this reads the lengths back); every replay then runs sync-free.
+            options = {k: v for k, v in self.decode_kwargs.items() if k != "return_lse"}
+            self._plan = decode_plan(self._qbuf, self.cache.k, self.cache.v, self._kbuf, self._vbuf,
+                                     cache_seqlens=self.cache.lengths, **options)
             saved = self.cache.lengths.clone()
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))

@@ -10,8 +10,9 @@ What each call runs:
     no cache / DynamicKVCache / a transformers Cache   padded_attention: fa2lab.attention, or
                                                         varlen attention over the real tokens when
                                                         the 2-D mask has padding
-    SplitKCache                                        prefill as above, then decode steps through
-                                                        split-K decode_attention over ragged lengths
+    SplitKCache                                        prefill as above, then decode steps through one
+                                                        planned split-K decode_attention each (in-place
+                                                        append, ragged lengths, no host sync)
     output_attentions=True                              the logged naive path (probabilities)
 """
 
@@ -133,10 +134,13 @@ class FlashAttention2(nn.Module):
         idx = self.layer_idx if self.layer_idx is not None else 0
         n = q.shape[2]
         new_mask = None if mask2d is None else mask2d[:, -n:]
-        was_empty = cache.get_seq_length(idx) == 0
+        was_empty = idx not in cache.host_max  # host-side: no read of the lengths
         if not was_empty and new_mask is not None and not bool(new_mask.all()):
             raise ValueError("a SplitKCache takes padding only in its first (prefill) call; later calls must bring "
                              "real tokens only (pass attention_mask=None or all ones for them)")
+        if not was_empty and not output_attentions:  # decode: append and attend in one planned call
+            return cache.decode(idx, q, k, v, causal=True, window_size=self.window_size,
+                                softmax_scale=self.scaling), None
         cache.append(idx, k, v, new_mask if was_empty else None)
         if output_attentions:
             k_all, v_all, slot_mask = cache.right_aligned(idx)
@@ -147,13 +151,9 @@ class FlashAttention2(nn.Module):
             if was_empty and new_mask is not None:
                 out, probs = _unalign_queries(out, new_mask), _unalign_queries(probs, new_mask)
             return out, probs
-        if was_empty:  # prefill: varlen over the real tokens of this call
-            return padded_attention(q, k, v, new_mask, causal=True, window_size=self.window_size, softmax_scale=self.scaling,
-                                    backend=self.backend), None
-        # decode: the new tokens are the last n of each sequence's ragged cache
-        out = cache.layers[idx].attend(q, causal=True, window_size=self.window_size, softmax_scale=self.scaling,
-                                       num_splits=cache.num_splits)
-        return out, None
+        # prefill (decode steps returned above): varlen over the real tokens of this call
+        return padded_attention(q, k, v, new_mask, causal=True, window_size=self.window_size,
+                                softmax_scale=self.scaling, backend=self.backend), None
 
     def _positions(self, position_ids, mask2d, cache, cache_position, b, n, device):
         if position_ids is not None:

@@ -44,6 +44,10 @@ class SplitKCache:
             raise ValueError(f"expected batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
         self.batch, self.max_len, self.num_splits = batch, max_len, num_splits
         self.layers: dict[int, StaticKVCache] = {}
+        # Per layer, the longest sequence, counted on the host: decode steps check the capacity
+        # against it and never read the lengths back.
+        self.host_max: dict[int, int] = {}
+        self._plans: dict = {}
 
     def layer(self, layer_idx: int, like: torch.Tensor) -> StaticKVCache:
         """The cache of layer `layer_idx`, allocated with `like`'s heads, head dim, dtype, device."""
@@ -68,11 +72,34 @@ class SplitKCache:
         cache = self.layer(layer_idx, k)
         if token_mask is None:
             cache.append(k, v)
+            self.host_max[layer_idx] = int(cache.lengths.max())
             return
         token_mask = token_mask.to(device=k.device, dtype=torch.bool)
         order = torch.argsort((~token_mask).to(torch.int8), dim=1, stable=True)  # (B, n): real tokens first
         gather = lambda x: x.gather(2, order[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))  # noqa: E731
         cache.append(gather(k), gather(v), lengths=token_mask.sum(1))
+        self.host_max[layer_idx] = int(cache.lengths.max())
+
+    def decode(self, layer_idx: int, q, k, v, **options):
+        """One generation step, sync-free: write k, v (B, Hkv, n, D) at each sequence's length and
+        attend q (B, Hq, n, D) through a planned `decode_attention` (in-place append), then advance
+        the lengths on the device. The capacity is checked against the host-side count."""
+        from fa2lab.decode import decode_attention, decode_plan
+
+        cache, n = self.layers[layer_idx], k.shape[2]
+        if self.host_max[layer_idx] + n > self.max_len:
+            raise ValueError(f"a sequence would grow to {self.host_max[layer_idx] + n} tokens, past max_len="
+                             f"{self.max_len}; allocate a larger SplitKCache")
+        key = (tuple(q.shape), tuple(k.shape), tuple(cache.k.shape), q.dtype, q.device, tuple(sorted(options.items())))
+        if key not in self._plans:  # one plan per shape, shared by every layer and step
+            self._plans[key] = decode_plan(q, cache.k, cache.v, k.to(cache.k.dtype), v.to(cache.v.dtype),
+                                           cache_seqlens=cache.lengths,
+                                           num_splits=self.num_splits, **options)
+        out = decode_attention(q, cache.k, cache.v, k.to(cache.k.dtype), v.to(cache.v.dtype),
+                               cache_seqlens=cache.lengths, plan=self._plans[key])
+        cache.lengths.add_(n)
+        self.host_max[layer_idx] += n
+        return out
 
     def right_aligned(self, layer_idx: int):
         """Keys, values (B, Hkv, L, D) with each sequence's tokens in the last slots, and the slot

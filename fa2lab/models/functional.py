@@ -21,7 +21,7 @@ from fa2lab import _checks, masks
 from fa2lab._deprecated import UNSET, renamed
 from fa2lab.api import attention, varlen_attention
 from fa2lab.backends import Case
-from fa2lab.decode import decode_attention
+from fa2lab.decode import decode_attention, decode_plan
 from fa2lab.models.selection import select_backend
 
 log = logging.getLogger("fa2lab")
@@ -42,6 +42,22 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+_plans: dict = {}
+
+
+def _decode_plan(q, k, v, causal, window_size, scale, backend):
+    """One plan per shape, shared by every layer of a step (a full cache: no lengths, no sync)."""
+    key = (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, causal, tuple(window_size), scale,
+           backend)
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) > 64:  # a growing dynamic cache makes a new shape each step
+            _plans.clear()
+        plan = _plans[key] = decode_plan(q, k, v, causal=causal, window_size=window_size, softmax_scale=scale,
+                                         backend=backend)
+    return plan
+
+
 def padded_attention(q, k, v, key_mask=None, *, causal=True, window_size=(-1, -1), softmax_scale=None, backend="auto",
                      scale=UNSET):
     """q (B, Hq, Nq, D) are the last Nq of the Nk slots of k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv);
@@ -55,15 +71,18 @@ def padded_attention(q, k, v, key_mask=None, *, causal=True, window_size=(-1, -1
         key_mask = key_mask.to(device=q.device, dtype=torch.bool)
         if key_mask.shape != (b, nk):
             raise ValueError(f"expected key_mask of shape (B, Nk) = ({b}, {nk}), got {tuple(key_mask.shape)}")
-        if bool(key_mask.all()):
+        if torch.compiler.is_compiling():
+            # Traced: the mask's values are unknown, so attend through it densely (no sync, no
+            # data-dependent shape); eager calls pack the real tokens instead.
+            return masked_attention(q, k, v, key_mask, causal=causal, window_size=window_size, softmax_scale=scale)
+        if _all_real(key_mask):
             key_mask = None
     if key_mask is None:
         causal_1, window_1 = _decode_window(causal, window_size, nq)
         choice = select_backend(Case.of(q, k, v, causal_1, window_1, False, requires_grad=_needs_grad(q, k, v)),
                                 backend)
         if choice.op == "decode":  # a generation step on CUDA: split-K over the whole cache
-            return decode_attention(q, k, v, causal=causal, window_size=window_size, softmax_scale=scale,
-                                    backend=choice.name)
+            return decode_attention(q, k, v, plan=_decode_plan(q, k, v, causal, window_size, scale, choice.name))
         return attention(q, k, v, causal=causal_1, window_size=window_1, softmax_scale=scale, backend=choice.name)
 
     query_mask = key_mask[:, nk - nq:]  # (B, Nq)
@@ -104,6 +123,10 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor | N
     -> int32 (S + 1,), or None when the row holds a single sequence."""
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1 or position_ids.shape[1] < 2:
         return None
+    if torch.compiler.is_compiling():
+        # Finding the starts reads positions (a data-dependent shape): a compiled model takes packed
+        # rows only with explicit cu_seq_lens_q/k, as transformers' padding-free collator passes them.
+        return None
     # Every layer of one forward asks about the same tensor; finding the starts reads the device
     # (a host sync), so the answer is kept for that tensor until it changes.
     # (Keyed by the object itself, not its address: a freed tensor's memory can hold the next one.)
@@ -123,6 +146,32 @@ def _packed_starts(pos: torch.Tensor) -> torch.Tensor | None:
         return None
     end = torch.tensor([pos.numel()], device=pos.device)
     return torch.cat([starts, end]).to(torch.int32)
+
+
+def _all_real(key_mask: torch.Tensor) -> bool:
+    """Whether a mask marks no padding: one read of the device per mask tensor, not per layer
+    (every layer of a forward gets the same mask), kept by identity and version as above."""
+    ref, version = _all_real_cache.get("tensor", lambda: None)(), _all_real_cache.get("version")
+    if ref is not key_mask or version != key_mask._version:
+        _all_real_cache.update(tensor=weakref.ref(key_mask), version=key_mask._version, value=bool(key_mask.all()))
+    return _all_real_cache["value"]
+
+
+_all_real_cache: dict = {}
+
+
+def masked_attention(q, k, v, key_mask, *, causal=True, window_size=(-1, -1), softmax_scale=None, query_end=None):
+    """q (B, Hq, Nq, D) as the last Nq of the slots of k (B, Hkv, Nk, D) (or, with query_end (B,),
+    slots query_end - Nq ..), key_mask (B, Nk) bool -> (B, Hq, Nq, Dv), rows of padding queries
+    zeros: torch SDPA with the (B, 1, Nq, Nk) boolean mask of `_visible`. The path of a traced
+    model with a mask: shapes never depend on the mask's values."""
+    nq = q.shape[2]
+    slots = None if query_end is None else query_end.long()[:, None] - nq + torch.arange(nq, device=q.device)
+    visible = _visible(q, nq, k.shape[2], key_mask, causal, window_size, slots)  # (B, 1, Nq, Nk)
+    has_key = visible.any(dim=-1, keepdim=True)  # (B, 1, Nq, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~has_key, scale=softmax_scale,
+                                                           enable_gqa=q.shape[1] != k.shape[1])
+    return out.masked_fill(~has_key, 0.0)  # (B, Hq, Nq, Dv)
 
 
 def _cumsum(lens: torch.Tensor) -> torch.Tensor:
@@ -168,17 +217,22 @@ def naive_attention(q, k, v, *, key_mask=None, dense_mask=None, causal=True, win
     return p_drop @ v_rep, p  # (B, Hq, Nq, Dv), (B, Hq, Nq, Nk)
 
 
-def _visible(q, nq, nk, key_mask, causal, window_size) -> torch.Tensor:
+def _visible(q, nq, nk, key_mask, causal, window_size, query_slots=None) -> torch.Tensor:
     """(B or 1, 1, Nq, Nk) bool. With a key mask, causal and window distances count real tokens
-    only, as in `padded_attention` (the rank of a slot among the real slots of its row)."""
+    only, as in `padded_attention` (the rank of a slot among the real slots of its row).
+    query_slots (B, Nq): the slots of the queries (default: the last Nq)."""
     left, right = masks.effective_window(causal, window_size)
     if key_mask is None:
         return masks.dense_mask(nq, nk, causal, window_size, device=q.device)[None, None]
     key_mask = key_mask.to(device=q.device, dtype=torch.bool)  # (B, Nk)
     rank = key_mask.long().cumsum(1) - 1  # (B, Nk): index of each real slot among real slots
-    rank_q = rank[:, nk - nq:, None]  # (B, Nq, 1)
+    if query_slots is None:
+        rank_q, real_q = rank[:, nk - nq:, None], key_mask[:, nk - nq:, None]  # (B, Nq, 1)
+    else:
+        slots = query_slots.clamp(0, nk - 1)
+        rank_q, real_q = rank.gather(1, slots)[..., None], key_mask.gather(1, slots)[..., None]  # (B, Nq, 1)
     rank_k = rank[:, None, :]  # (B, 1, Nk)
-    visible = key_mask[:, None, :] & key_mask[:, nk - nq:, None]  # (B, Nq, Nk)
+    visible = key_mask[:, None, :] & real_q  # (B, Nq, Nk)
     if left >= 0:
         visible &= rank_k >= rank_q - left
     if right >= 0:
