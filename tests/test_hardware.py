@@ -116,9 +116,9 @@ def test_tile_config_rejects_bad_input():
 
 def test_decode_splits_hand_computed():
     h100 = get_profile("h100")
-    # The Triton kernel on a GPU: 4 programs per SM in flight, >= 2 tiles of 64 keys per split.
-    assert decode_splits(h100, 1, 8, 32768) == 66  # ceil(4 * 132 / 8)
-    assert decode_splits(h100, 64, 8, 4096) == 2  # ceil(528 / 512)
+    # The Triton kernel on a GPU: 2 programs per SM in flight, >= 2 tiles of 64 keys per split.
+    assert decode_splits(h100, 1, 8, 32768) == 33  # ceil(2 * 132 / 8)
+    assert decode_splits(h100, 64, 8, 4096) == 1  # ceil(264 / 512)
     assert decode_splits(h100, 1, 8, 256) == 2  # only 256 // 128 = 2 splits of 2 tiles
     # The PyTorch split-K on a CPU: FA2's rule, 8 work items already fill 4 cores.
     assert decode_splits(get_profile("cpu-generic"), 1, 8, 100_000) == 1
@@ -140,9 +140,9 @@ def test_the_cost_model_predicts_the_split_count_decode_runs(monkeypatch, backen
     q, kc = torch.randn(1, 8, 1, 16), torch.randn(1, 2, 3000, 16)
     decode_attention(q, kc, kc, backend=backend)
     assert seen == [decode_splits(profile, 1, 2, 3000, backend=backend)]
-    from fa2lab.decode.splits import KERNEL_BLOCK_N
+    from fa2lab.decode.splits import KERNEL_BLOCK_N, MAX_SPLITS
 
-    assert kernel_decode.DECODE_BLOCK_N == KERNEL_BLOCK_N
+    assert kernel_decode.DECODE_BLOCK_N == KERNEL_BLOCK_N and kernel_decode.MAX_SPLITS == MAX_SPLITS
 
 
 def test_flops_fallbacks():

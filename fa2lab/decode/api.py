@@ -12,6 +12,7 @@ import logging
 import torch
 from fa2lab import _checks
 
+from fa2lab.backends import choose
 from fa2lab.decode.plan import (DECODE_BACKENDS, DecodePlan, check_shapes, check_values, choose_backend, decode_case,
                                 make_plan)
 from fa2lab.decode.readers import DenseReader, PagedReader
@@ -38,7 +39,8 @@ def decode_plan(q, k_cache, v_cache, k_new=None, v_new=None, *, cache_seqlens=No
     window_size = check_shapes(q, k_cache, v_cache, k_new, v_new, block_table, cache_seqlens, window_size)
     plan = make_plan(q, k_cache, v_cache, k_new, v_new, block_table=block_table, num_splits=num_splits,
                      softmax_scale=softmax_scale, causal=causal, window_size=window_size, backend=backend,
-                     unified_max=unified_max, workspace=True)
+                     unified_max=unified_max, workspace=True, num_units=default_num_units(q.device),
+                     choose=choose)
     if cache_seqlens is not None:
         check_values(cache_seqlens, plan.n_new, plan.capacity, block_table, k_cache.shape[2], k_cache.shape[0])
     return plan
@@ -83,7 +85,8 @@ def decode_attention(q, k_cache, v_cache, k_new=None, v_new=None, *, cache_seqle
                              "the last page is")
         plan = make_plan(q, k_cache, v_cache, k_new, v_new, block_table=block_table, num_splits=num_splits,
                          softmax_scale=softmax_scale, causal=options.get("causal", True), window_size=window,
-                         backend=backend, unified_max=options.get("unified_max"), workspace=False)
+                         backend=backend, unified_max=options.get("unified_max"), workspace=False,
+                         num_units=default_num_units(q.device), choose=choose)
         if cache_seqlens is not None:
             check_values(cache_seqlens, plan.n_new, plan.capacity, block_table, k_cache.shape[2], k_cache.shape[0])
     else:
@@ -161,7 +164,7 @@ def decode_with_reader(q, reader, seqlens, *, num_splits=None, softmax_scale=Non
 
     window_size = _checks.check_window(window_size)
     name = choose_backend(backend, decode_case(q, reader.capacity, reader.heads_kv, reader.head_dim_v, "compressed",
-                                               causal, window_size, unified_max))
+                                               causal, window_size, unified_max), choose)
     if not isinstance(seqlens, torch.Tensor) or seqlens.shape != (q.shape[0],):
         raise ValueError(f"expected seqlens of shape ({q.shape[0]},), got {getattr(seqlens, 'shape', seqlens)}")
     check_values(seqlens, 0, reader.capacity, None, 1, 1)

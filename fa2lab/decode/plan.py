@@ -185,22 +185,20 @@ def decode_case(q, capacity: int, heads_kv: int, head_dim_v: int, cache: str, ca
                 bool(causal), tuple(window_size), True, cache=cache, unified_max=unified_max is not None)
 
 
-def choose_backend(backend: str, case) -> str:
-    """The decode backend, from fa2lab's one dispatch point (`fa2lab.backends.choose("decode", ...)`):
-    on CUDA the Triton split-K kernel for dense and paged caches, the PyTorch split-K for the rest."""
-    from fa2lab.backends import choose
-
+def choose_backend(backend: str, case, choose) -> str:
+    """The decode backend, from fa2lab's one dispatch point (choose = `fa2lab.backends.choose`, as
+    the caller holds it): on CUDA the Triton split-K kernel for dense and paged caches, the PyTorch
+    split-K for the rest."""
     if backend not in DECODE_BACKENDS:
         raise ValueError(f"unknown decode backend {backend!r}; choose one of {list(DECODE_BACKENDS)}")
     return choose("decode", case, backend).name
 
 
 def make_plan(q, k_cache, v_cache, k_new, v_new, *, block_table, num_splits, softmax_scale, causal, window_size,
-              backend, unified_max, workspace: bool) -> DecodePlan:
+              backend, unified_max, workspace: bool, num_units: int, choose) -> DecodePlan:
     """A plan from checked shapes (no device read). workspace: allocate the kernel's workspace
-    (a plan kept across calls); False leaves it to each call."""
+    (a plan kept across calls); False leaves it to each call. num_units: SMs (GPU) or threads."""
     from fa2lab.decode import splits as split_rule
-    from fa2lab.decode.splitk import default_num_units
 
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"expected num_splits to be a positive int or None (auto), got {num_splits!r}")
@@ -209,7 +207,8 @@ def make_plan(q, k_cache, v_cache, k_new, v_new, *, block_table, num_splits, sof
     paged = block_table is not None
     capacity = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
     name = choose_backend(backend, decode_case(q, capacity, k_cache.shape[1], v_cache.shape[-1],
-                                               "paged" if paged else "dense", causal, window_size, unified_max))
+                                               "paged" if paged else "dense", causal, window_size, unified_max),
+                          choose)
     b, hq, nq, _ = q.shape
     hkv = k_cache.shape[1]
     scale = _checks.resolve_scale(softmax_scale, q.shape[-1])
@@ -219,12 +218,12 @@ def make_plan(q, k_cache, v_cache, k_new, v_new, *, block_table, num_splits, sof
 
         config = decode_config((hq // hkv) * nq, max(q.shape[-1], v_cache.shape[-1]), q.dtype)
         tiles = b * hkv * row_tiles(hq, hkv, nq, config)
-        splits = min(num_splits or split_rule.kernel_num_splits(tiles, capacity, default_num_units(q.device),
-                                                                 block_n=config["BLOCK_N"]), split_rule.MAX_SPLITS)
+        # the split rule of fa2lab.decode.splits (the cost model predicts the same count)
+        splits = min(num_splits or split_rule.kernel_num_splits(tiles, capacity, num_units), split_rule.MAX_SPLITS)
         if workspace:
             space = decode_workspace(b, hq, hkv, nq, v_cache.shape[-1], splits, config, q.device)
     else:
-        splits = num_splits or (split_rule.num_splits("tiled", b * hkv, capacity, default_num_units(q.device))
+        splits = num_splits or (split_rule.num_splits("tiled", b * hkv, capacity, num_units)
                                 if b else 1)
     return DecodePlan(
         backend=name, paged=paged, q_shape=tuple(q.shape), k_shape=tuple(k_cache.shape), v_shape=tuple(v_cache.shape),

@@ -14,7 +14,7 @@ KERNEL_BLOCK_N = 64  # keys per tile of the Triton decode kernel (fa2lab.kernels
 # Programs per SM the kernel's splits aim at: the best geometric mean over the dense cases of
 # `python -m fa2lab.bench.decode_gpu --tune` on the H200 (2026-12-02, BENCHMARKS.md; kernel-only).
 KERNEL_PROGRAMS_PER_SM = 2
-MAX_SPLITS = 128  # the kernel's fused merge holds (splits x Dv) fp32 values of one row in registers
+MAX_SPLITS = 128  # the kernel's fused merge holds (splits x Dv) fp32 values of one row in registers (kernels.decode.MAX_SPLITS; a test checks)
 
 
 def kernel_num_splits(work_items: int, cache_len: int, num_sms: int, block_n: int = KERNEL_BLOCK_N,

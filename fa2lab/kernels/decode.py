@@ -27,7 +27,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fa2lab.decode.splits import MAX_SPLITS
 from fa2lab.kernels.common import LOG2E, LOG2E_K, dot, ieee_dot, online_softmax_step, pow2
 
 
@@ -176,6 +175,7 @@ def _append_kernel(KN, VN, K, V, SEQLENS, BT,
 
 
 DECODE_BLOCK_N = 64  # keys per tile; its split count: fa2lab.decode.splits.kernel_num_splits
+MAX_SPLITS = 128  # the fused merge holds (splits x Dv) fp32 values of one row in registers (= splits.MAX_SPLITS)
 
 
 # Decode tiles for 2-byte dtypes at D <= 128: the best geometric mean over the dense cases of
