@@ -3,7 +3,7 @@
 Two implementations behind one choice made here per call: the Hopper kernels (hopper_fwd.py,
 hopper_bwd.py: TMA descriptors, sm_90 tiles) where `hopper_eligible` holds, the portable kernels
 (fwd.py, bwd.py: Ampere and newer, and the CPU interpreter) everywhere else. While torch.compile
-traces, the same choice runs inside the custom operators of `ops.py` (autograd registered there);
+traces, the same choice runs inside the custom operators below (autograd registered for them);
 eager calls go through the autograd.Functions below (an operator's dispatch costs more than a
 small kernel).
 """
@@ -11,8 +11,10 @@ small kernel).
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
+from torch import Tensor
 
 from fa2lab.kernels.bwd import flash_bwd_triton
 from fa2lab.kernels.fwd import flash_fwd_triton, flash_fwd_varlen_triton
@@ -86,12 +88,95 @@ class _TritonVarlenAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
+# The same choice as torch custom operators, for torch.compile (see the module docstring).
+@torch.library.custom_op("fa2lab::attn_fwd", mutates_args=())
+def attn_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, left: int, right: int) -> tuple[Tensor, Tensor]:
+    fwd, _ = _fwd_impl(q, k, v, False)
+    return fwd(q, k, v, scale=scale, left=left, right=right)
+
+
+@attn_fwd.register_fake
+def _(q, k, v, scale, left, right):
+    b, h, n, _ = q.shape
+    return q.new_empty(b, h, n, v.shape[-1]), q.new_empty(b, h, n, dtype=torch.float32)
+
+
+@torch.library.custom_op("fa2lab::attn_bwd", mutates_args=())
+def attn_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+             scale: float, left: int, right: int) -> tuple[Tensor, Tensor, Tensor]:
+    cfg = dict(scale=scale, left=left, right=right)
+    bwd = _bwd_impl(hopper_eligible(q, k, v), dout, 2, max(q.shape[-1], v.shape[-1]), cfg)
+    return bwd(dout.contiguous(), dlse, q, k, v, out, lse, **cfg)
+
+
+@attn_bwd.register_fake
+def _(dout, dlse, q, k, v, out, lse, scale, left, right):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attn_setup(ctx, inputs, output):
+    q, k, v, scale, left, right = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.cfg = (scale, left, right)
+
+
+def _attn_backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dout = torch.zeros_like(out) if dout is None else dout
+    dq, dk, dv = attn_bwd(dout, dlse, q, k, v, out, lse, *ctx.cfg)
+    return dq, dk, dv, None, None, None
+
+
+attn_fwd.register_autograd(_attn_backward, setup_context=_attn_setup)
+
+
+@torch.library.custom_op("fa2lab::varlen_fwd", mutates_args=())
+def varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, scale: float,
+               left: int, right: int) -> tuple[Tensor, Tensor]:
+    fwd, _ = _fwd_impl(q, k, v, True)
+    return fwd(q, k, v, cu_q, cu_k, max_q, scale=scale, left=left, right=right)
+
+
+@varlen_fwd.register_fake
+def _(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right):
+    total, h, _ = q.shape
+    return q.new_empty(total, h, v.shape[-1]), q.new_empty(h, total, dtype=torch.float32)
+
+
+@torch.library.custom_op("fa2lab::varlen_bwd", mutates_args=())
+def varlen_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+               cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, scale: float, left: int,
+               right: int) -> tuple[Tensor, Tensor, Tensor]:
+    cfg = dict(scale=scale, left=left, right=right, max_q=max_q, max_k=max_k)
+    bwd = _bwd_impl(hopper_eligible(q, k, v), dout, 0, max(q.shape[-1], v.shape[-1]), cfg)
+    return bwd(dout.contiguous(), dlse, q, k, v, out, lse, cu_q=cu_q, cu_k=cu_k, **cfg)
+
+
+@varlen_bwd.register_fake
+def _(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _varlen_setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_q, cu_k)
+    ctx.cfg = (max_q, max_k, scale, left, right)
+
+
+def _varlen_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dout = torch.zeros_like(out) if dout is None else dout
+    dq, dk, dv = varlen_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, *ctx.cfg)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup)
+
+
 def triton_attention(q, k, v, *, scale, left, right, return_lse=False):
     """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out [, lse (B, Hq, Nq) fp32]."""
     if torch.compiler.is_compiling():
-        from fa2lab.kernels import ops
-
-        out, lse = ops.attn_fwd(q, k, v, float(scale), int(left), int(right))
+        out, lse = attn_fwd(q, k, v, float(scale), int(left), int(right))
     else:
         out, lse = _TritonAttention.apply(q, k, v, scale, left, right)
     return (out, lse) if return_lse else out
@@ -100,9 +185,7 @@ def triton_attention(q, k, v, *, scale, left, right, return_lse=False):
 def triton_varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, left, right, return_lse=False):
     """Packed q (total_q, Hq, D), k/v (total_k, Hkv, D) -> out (total_q, Hq, Dv) [, lse (Hq, total_q)]."""
     if torch.compiler.is_compiling():
-        from fa2lab.kernels import ops
-
-        out, lse = ops.varlen_fwd(q, k, v, cu_q, cu_k, int(max_q), int(max_k), float(scale), int(left), int(right))
+        out, lse = varlen_fwd(q, k, v, cu_q, cu_k, int(max_q), int(max_k), float(scale), int(left), int(right))
     else:
         out, lse = _TritonVarlenAttention.apply(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right)
     return (out, lse) if return_lse else out

@@ -1,4 +1,6 @@
-"""The Triton entry points as torch custom operators (`torch.library.custom_op`).
+"""The Triton decode entry points as torch custom operators (`torch.library.custom_op`); the
+dense and varlen ones (fa2lab::attn_fwd / attn_bwd / varlen_fwd / varlen_bwd) sit with their
+autograd in kernels/attention.py.
 
 torch.compile sees each kernel call as one opaque operator with a fake (shape-only) implementation,
 so `torch.compile(fullgraph=True)` traces `fa2lab.attention`, `varlen_attention` and
@@ -12,8 +14,6 @@ Eager calls skip the operator layer: a custom op's Python dispatch costs about 0
 decode step's kernel. kernels/attention.py and `decode` / `append_kv` below call the operators
 while torch.compile traces and the kernels directly otherwise.
 
-    fa2lab::attn_fwd / attn_bwd       dense FA2, (B, H, N, D)
-    fa2lab::varlen_fwd / varlen_bwd   packed sequences, (total, H, D) with cu_seqlens
     fa2lab::decode                    fused split-K decode, dense or paged (mutates its workspace)
     fa2lab::append_kv                 in-place K/V append at each sequence's length (mutates the cache)
 """
@@ -25,94 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fa2lab.kernels import attention as kernel_attention
 from fa2lab.kernels import decode as kernel_decode
 from fa2lab.kernels.decode import append_kv_triton, decode_config, decode_workspace
-from fa2lab.kernels.hopper_config import hopper_eligible
-
-
-@torch.library.custom_op("fa2lab::attn_fwd", mutates_args=())
-def attn_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, left: int, right: int) -> tuple[Tensor, Tensor]:
-    fwd, _ = kernel_attention._fwd_impl(q, k, v, False)
-    return fwd(q, k, v, scale=scale, left=left, right=right)
-
-
-@attn_fwd.register_fake
-def _(q, k, v, scale, left, right):
-    b, h, n, _ = q.shape
-    return q.new_empty(b, h, n, v.shape[-1]), q.new_empty(b, h, n, dtype=torch.float32)
-
-
-@torch.library.custom_op("fa2lab::attn_bwd", mutates_args=())
-def attn_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-             scale: float, left: int, right: int) -> tuple[Tensor, Tensor, Tensor]:
-    cfg = dict(scale=scale, left=left, right=right)
-    bwd = kernel_attention._bwd_impl(hopper_eligible(q, k, v), dout, 2, max(q.shape[-1], v.shape[-1]), cfg)
-    return bwd(dout.contiguous(), dlse, q, k, v, out, lse, **cfg)
-
-
-@attn_bwd.register_fake
-def _(dout, dlse, q, k, v, out, lse, scale, left, right):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _attn_setup(ctx, inputs, output):
-    q, k, v, scale, left, right = inputs
-    ctx.save_for_backward(q, k, v, *output)
-    ctx.cfg = (scale, left, right)
-
-
-def _attn_backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dout = torch.zeros_like(out) if dout is None else dout
-    dq, dk, dv = attn_bwd(dout, dlse, q, k, v, out, lse, *ctx.cfg)
-    return dq, dk, dv, None, None, None
-
-
-attn_fwd.register_autograd(_attn_backward, setup_context=_attn_setup)
-
-
-@torch.library.custom_op("fa2lab::varlen_fwd", mutates_args=())
-def varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, scale: float,
-               left: int, right: int) -> tuple[Tensor, Tensor]:
-    fwd, _ = kernel_attention._fwd_impl(q, k, v, True)
-    return fwd(q, k, v, cu_q, cu_k, max_q, scale=scale, left=left, right=right)
-
-
-@varlen_fwd.register_fake
-def _(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right):
-    total, h, _ = q.shape
-    return q.new_empty(total, h, v.shape[-1]), q.new_empty(h, total, dtype=torch.float32)
-
-
-@torch.library.custom_op("fa2lab::varlen_bwd", mutates_args=())
-def varlen_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-               cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, scale: float, left: int,
-               right: int) -> tuple[Tensor, Tensor, Tensor]:
-    cfg = dict(scale=scale, left=left, right=right, max_q=max_q, max_k=max_k)
-    bwd = kernel_attention._bwd_impl(hopper_eligible(q, k, v), dout, 0, max(q.shape[-1], v.shape[-1]), cfg)
-    return bwd(dout.contiguous(), dlse, q, k, v, out, lse, cu_q=cu_q, cu_k=cu_k, **cfg)
-
-
-@varlen_bwd.register_fake
-def _(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _varlen_setup(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right = inputs
-    ctx.save_for_backward(q, k, v, *output, cu_q, cu_k)
-    ctx.cfg = (max_q, max_k, scale, left, right)
-
-
-def _varlen_backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dout = torch.zeros_like(out) if dout is None else dout
-    dq, dk, dv = varlen_bwd(dout, dlse, q, k, v, out, lse, cu_q, cu_k, *ctx.cfg)
-    return dq, dk, dv, None, None, None, None, None, None, None
-
-
-varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup)
 
 
 @torch.library.custom_op("fa2lab::decode", mutates_args=("o_part", "l_part", "locks"))
