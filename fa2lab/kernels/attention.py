@@ -104,9 +104,9 @@ def _(q, k, v, scale, left, right):
 @torch.library.custom_op("fa2lab::attn_bwd", mutates_args=())
 def attn_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
              scale: float, left: int, right: int) -> tuple[Tensor, Tensor, Tensor]:
-    cfg = dict(scale=scale, left=left, right=right)
-    bwd = _bwd_impl(hopper_eligible(q, k, v), dout, 2, max(q.shape[-1], v.shape[-1]), cfg)
-    return bwd(dout.contiguous(), dlse, q, k, v, out, lse, **cfg)
+    cfg, dout = dict(scale=scale, left=left, right=right), dout.contiguous()
+    bwd = _bwd_impl(hopper_eligible(q, k, v), dout, 2, max(q.shape[-1], v.shape[-1]), cfg)  # as the eager backward
+    return bwd(dout, dlse, q, k, v, out, lse, **cfg)
 
 
 @attn_bwd.register_fake
@@ -147,9 +147,9 @@ def _(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right):
 def varlen_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, scale: float, left: int,
                right: int) -> tuple[Tensor, Tensor, Tensor]:
-    cfg = dict(scale=scale, left=left, right=right, max_q=max_q, max_k=max_k)
+    cfg, dout = dict(scale=scale, left=left, right=right, max_q=max_q, max_k=max_k), dout.contiguous()
     bwd = _bwd_impl(hopper_eligible(q, k, v), dout, 0, max(q.shape[-1], v.shape[-1]), cfg)
-    return bwd(dout.contiguous(), dlse, q, k, v, out, lse, cu_q=cu_q, cu_k=cu_k, **cfg)
+    return bwd(dout, dlse, q, k, v, out, lse, cu_q=cu_q, cu_k=cu_k, **cfg)
 
 
 @varlen_bwd.register_fake
