@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 
 import torch
-from fa2lab import _checks
 
+from fa2lab import _checks
 from fa2lab.backends import choose
 from fa2lab.decode.plan import (DECODE_BACKENDS, DecodePlan, check_shapes, check_values, choose_backend, decode_case,
                                 make_plan)
@@ -157,12 +157,15 @@ def decode_with_reader(q, reader, seqlens, *, num_splits=None, softmax_scale=Non
     if isinstance(reader, (DenseReader, PagedReader)):
         table = reader.block_table if isinstance(reader, PagedReader) else None
         return decode_attention(q, reader.k, reader.v, cache_seqlens=seqlens, block_table=table, **kw)
-    if q.shape[-1] != reader.head_dim or q.shape[1] % reader.heads_kv or q.shape[0] != reader.batch:
+    _checks.check_tensor("q", q, 4, "(B, Hq, Nq, D)")
+    _checks.check_floating("q", q)
+    heads_ok = q.shape[1] % reader.heads_kv == 0 if reader.heads_kv else q.shape[1] == 0
+    if q.shape[-1] != reader.head_dim or not heads_ok or q.shape[0] != reader.batch:
         raise ValueError(f"expected q (B={reader.batch}, Hq multiple of {reader.heads_kv}, Nq, D={reader.head_dim}) "
                          f"for this cache, got {tuple(q.shape)}")
-    from fa2lab import _checks
-
     window_size = _checks.check_window(window_size)
+    causal, return_lse = _checks.check_flag("causal", causal), _checks.check_flag("return_lse", return_lse)
+    unified_max = _checks.check_optional_number("unified_max", unified_max, "the fixed softmax reference phi")
     name = choose_backend(backend, decode_case(q, reader.capacity, reader.heads_kv, reader.head_dim_v, "compressed",
                                                causal, window_size, unified_max), choose)
     if not isinstance(seqlens, torch.Tensor) or seqlens.shape != (q.shape[0],):
@@ -170,6 +173,11 @@ def decode_with_reader(q, reader, seqlens, *, num_splits=None, softmax_scale=Non
     check_values(seqlens, 0, reader.capacity, None, 1, 1)
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"expected num_splits to be a positive int or None (auto), got {num_splits!r}")
+    if q.shape[0] * q.shape[1] * q.shape[2] == 0:  # no query row: nothing to split or merge
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = q.new_zeros(*q.shape[:3], reader.head_dim_v)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=lse_dtype, device=q.device)
+        return (out, lse) if return_lse else out
     plan = DecodePlan(backend=name, paged=False, q_shape=tuple(q.shape), k_shape=(), v_shape=(), table_shape=None,
                       new_shape=None, dtype=q.dtype, device=q.device, capacity=reader.capacity,
                       num_splits=num_splits or splits.num_splits("tiled", q.shape[0] * reader.heads_kv,
