@@ -13,6 +13,7 @@ from fa2lab.decode.readers import DenseReader, PagedReader
 from fa2lab.decode import splits
 from fa2lab.decode.splitk import DECODE_BLOCK_K, default_num_units, splitk_decode
 from fa2lab.reference import attention_ref
+from fa2lab.variants.options import NONE, check_variants
 
 log = logging.getLogger("fa2lab")
 DECODE_BACKENDS = ("auto", *BACKENDS)  # one set of names with fa2lab.attention; "sdpa" says why it cannot
@@ -45,7 +46,8 @@ def _check_block_table(block_table, seqlens, reader) -> None:
 
 def decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, block_table=None, num_splits=None,
                      softmax_scale=None, causal=True, window_size=(-1, -1), return_lse=False,
-                     backend="auto", unified_max=None):
+                     backend="auto", unified_max=None, softcap=0.0, alibi_slopes=None, attn_bias=None, sinks=None,
+                     dropout_p=0.0, generator=None, score_mod=None, mask_mod=None):
     """Attention of Nq new tokens per sequence against a KV cache, split-K (Flash-Decoding).
 
     q: (B, Hq, Nq, D), Nq small: the last Nq positions of each sequence (causal bottom-right).
@@ -60,6 +62,12 @@ def decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, block_table=Non
     are checked and recomputed exactly when phi over- or underflows. backend: "auto" | "tiled"
     (this split-K) | "triton" (the split-K kernel) | "reference" (naive, per sequence), decided by
     `fa2lab.backends.choose("decode", ...)`; one that cannot run the case raises a ValueError.
+
+    Variants as in `fa2lab.attention`, for sequence b as the dense call on its first
+    cache_seqlens[b] keys: softcap, alibi_slopes (Hq,) / (B, Hq), attn_bias broadcastable to
+    (B, Hq, Nq, Nmax) (paged: Nmax = max_pages_per_seq * page_size), sinks (Hq,), score_mod /
+    mask_mod run in the split-K (backend "tiled"); dropout (decoding in training) runs per sequence
+    on the reference. "auto" sends variants away from the Triton decode kernel and logs why.
     """
     _checks.check_tensor("q", q, 4, "(B, Hq, Nq, D)")
     paged = block_table is not None
@@ -92,10 +100,13 @@ def decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, block_table=Non
     if paged:
         _check_block_table(block_table, seqlens, reader)
     _check_backend_and_q(backend, q, reader)
+    var = check_variants(q, k_cache, softcap=softcap, alibi_slopes=alibi_slopes, attn_bias=attn_bias, sinks=sinks,
+                         dropout_p=dropout_p, generator=generator, score_mod=score_mod, mask_mod=mask_mod,
+                         batch=batch, nk=reader.capacity)
     # A full cache's longest sequence is its capacity: known without reading seqlens back (no sync).
     return _decode(q, reader, seqlens, reader.capacity if cache_seqlens is None else None, num_splits=num_splits,
                    softmax_scale=softmax_scale, causal=causal, window_size=window_size, return_lse=return_lse,
-                   backend=backend, unified_max=unified_max)
+                   backend=backend, unified_max=unified_max, variants=var)
 
 
 def decode_with_reader(q, reader, seqlens, *, num_splits=None, softmax_scale=None, causal=True,
@@ -120,7 +131,7 @@ def _check_backend_and_q(backend, q, reader) -> None:
 
 
 def _decode(q, reader, seqlens, max_len, *, num_splits, softmax_scale, causal, window_size, return_lse, backend,
-            unified_max):
+            unified_max, variants=NONE):
     """The decode itself, on checked inputs. max_len: max(seqlens) where the caller knows it
     (None: read it back from the device)."""
     window_size = _checks.check_window(window_size)
@@ -133,14 +144,16 @@ def _decode(q, reader, seqlens, max_len, *, num_splits, softmax_scale, causal, w
     batch = q.shape[0]
 
     # The Triton split-K kernel on CUDA for dense and paged caches; everything else (CPU,
-    # compressed caches, unified max) goes through the PyTorch split-K (fa2lab.backends decides).
-    backend = choose("decode", decode_case(q, reader, causal, window_size, unified_max), backend).name
+    # compressed caches, unified max, variants) goes through the PyTorch split-K, dropout through
+    # the per-sequence reference (fa2lab.backends decides).
+    case = decode_case(q, reader, causal, window_size, unified_max, variants.active)
+    backend = choose("decode", case, backend).name
     if no_query_rows(q):  # B, Hq or Nq is 0, every argument checked: nothing to split or merge
         rows = q.shape[:3]
         return empty_attention(q, getattr(reader, "k", q), getattr(reader, "v", q), (*rows, reader.head_dim_v),
                                rows, return_lse)
     if backend == "reference":
-        out, lse = _reference(q, reader, seqlens, causal, window_size, scale)
+        out, lse = _reference(q, reader, seqlens, causal, window_size, scale, variants)
     elif backend == "triton":
         from fa2lab.kernels.decode import decode_triton
 
@@ -156,7 +169,8 @@ def _decode(q, reader, seqlens, max_len, *, num_splits, softmax_scale, causal, w
             max_len = (int(seqlens.max()) if batch else 0) if max_len is None else max_len
             num_splits = splits.num_splits("tiled", batch * reader.heads_kv, max_len, default_num_units(q.device))
         out, lse, stats = splitk_decode(q, reader, seqlens, scale=scale, left=left, right=right,
-                                        num_splits=num_splits, block_k=DECODE_BLOCK_K, unified_max=unified_max)
+                                        num_splits=num_splits, block_k=DECODE_BLOCK_K, unified_max=unified_max,
+                                        variants=variants if variants.any else None)
         if stats is not None and not stats.exact:
             log.warning("fa2lab: unified max phi=%g out of range (max logit - phi = %.3g, smallest row max - "
                         "phi = %.3g); recomputed with the online softmax", stats.phi, stats.max_shift,
@@ -165,16 +179,17 @@ def _decode(q, reader, seqlens, max_len, *, num_splits, softmax_scale, causal, w
     return (out, lse) if return_lse else out
 
 
-def decode_case(q, reader, causal, window_size, unified_max) -> Case:
+def decode_case(q, reader, causal, window_size, unified_max, variants=()) -> Case:
     """The `fa2lab.backends.Case` of a decode call: Nk is the cache's capacity."""
     cache = "paged" if isinstance(reader, PagedReader) else "dense" if isinstance(reader, DenseReader) else "compressed"
     return Case(q.device.type, q.dtype, q.shape[2], reader.capacity, q.shape[1], reader.heads_kv, q.shape[-1],
                 reader.head_dim_v, bool(causal), tuple(window_size), True, cache=cache,
-                unified_max=unified_max is not None)
+                unified_max=unified_max is not None, variants=tuple(variants))
 
 
-def _reference(q, reader, seqlens, causal, window_size, scale):
-    """Each sequence on its own: gather its cache and run the naive oracle."""
+def _reference(q, reader, seqlens, causal, window_size, scale, variants=NONE):
+    """Each sequence on its own: gather its cache and run the naive oracle (with the sequence's
+    row of the variants: its slopes, its bias corner, b = its index for score/mask functions)."""
     outs, lses = [], []
     # Read in fp32 at least (fp64 for fp64 queries), so a compressed cache is judged by what it
     # stores, not by a round trip through a low-precision dtype.
@@ -183,7 +198,8 @@ def _reference(q, reader, seqlens, causal, window_size, scale):
     for b in range(q.shape[0]):
         n = int(seqlens[b])
         o, l = attention_ref(q[b:b + 1], k_all[b:b + 1, :, :n].to(q.dtype), v_all[b:b + 1, :, :n].to(q.dtype),
-                             causal=causal, window_size=window_size, softmax_scale=scale, return_lse=True)
+                             causal=causal, window_size=window_size, softmax_scale=scale, return_lse=True,
+                             variants=variants.for_sequence(b, q.shape[2], n) if variants.any else None)
         outs.append(o)
         lses.append(l)
     return torch.cat(outs), torch.cat(lses)

@@ -65,6 +65,26 @@ class _TritonAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+class _TritonVariantAttention(torch.autograd.Function):
+    """With soft-capping, ALiBi, a bias, sinks or dropout (kernels/variants.py). sinks is an input
+    so that it gets a gradient; the bias is read, not differentiated (the dispatch sends bias.grad
+    to the tiled backend); dropout's seed is kept, its mask is regenerated in the backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, scale, left, right, kvars):
+        out, lse = flash_fwd_triton(q, k, v, scale=scale, left=left, right=right, variants=kvars)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.cfg = dict(scale=scale, left=left, right=right, variants=kvars)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        dq, dk, dv, dsinks = flash_bwd_triton(dout, dlse, q, k, v, out, lse, **ctx.cfg)
+        return dq, dk, dv, dsinks, None, None, None, None
+
+
 class _TritonVarlenAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right):
@@ -83,8 +103,17 @@ class _TritonVarlenAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def triton_attention(q, k, v, *, scale, left, right, return_lse=False):
-    """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out [, lse (B, Hq, Nq) fp32]."""
+def triton_attention(q, k, v, *, scale, left, right, return_lse=False, variants=None):
+    """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out [, lse (B, Hq, Nq) fp32].
+    variants: a checked fa2lab.variants.Variants (softcap, ALiBi, bias, sinks, dropout) or None."""
+    if variants is not None and variants.any:
+        from fa2lab.kernels.variants import KernelVariants
+        from fa2lab.variants.dropout import draw_seed
+
+        seed = draw_seed(variants.generator) if variants.dropout_p > 0 else 0
+        kvars = KernelVariants(variants, q, seed, scale)
+        out, lse = _TritonVariantAttention.apply(q, k, v, variants.sinks, scale, left, right, kvars)
+        return (out, lse) if return_lse else out
     out, lse = _TritonAttention.apply(q, k, v, scale, left, right)
     return (out, lse) if return_lse else out
 
