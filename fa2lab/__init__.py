@@ -17,14 +17,19 @@ Public API:
     decode_attention(q, k_cache, v_cache, k_new, v_new, *, cache_seqlens, block_table, num_splits, plan, ...)
     decode_plan(q, k_cache, v_cache, k_new, v_new, *, ...)  check once, decode with no host sync
     merge_states(out_a, lse_a, out_b, lse_b), merge_states_stack(outs, lses)
+    attention_probs(q, k, *, lse, rows, ...)   the probabilities P of chosen rows, tile by tile
+    dropout_mask(q, k, *, dropout_p, generator) the keep mask a dropout call would use (debugging)
+    create_block_mask(mask_mod, B, H, Nq, Nk)  which tiles a mask_mod leaves empty / full
     reference.attention_ref(...)          the naive materialised oracle
     tiled.tiled_attention(...)            FA2 in readable PyTorch, with tile sizes and a tracer
 """
 
-from fa2lab.api import attention, available_backends, varlen_attention
+from fa2lab.api import attention, available_backends, dropout_mask, varlen_attention
 from fa2lab.decode import DecodePlan, decode_attention, decode_plan, merge_states, merge_states_stack
 from fa2lab.masks import draw_mask
 from fa2lab.tiled import TileTracer, tiled_attention
+from fa2lab.variants.blockmask import BlockMask, create_block_mask
+from fa2lab.variants.probs import attention_probs
 
 __all__ = [
     "attention",
@@ -38,5 +43,9 @@ __all__ = [
     "tiled_attention",
     "TileTracer",
     "draw_mask",
+    "attention_probs",
+    "dropout_mask",
+    "create_block_mask",
+    "BlockMask",
 ]
 __version__ = "0.1.0"

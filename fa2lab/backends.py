@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from fa2lab import masks
 from fa2lab.reference import attention_ref
 from fa2lab.tiled.attention import tiled_attention_unchecked
+from fa2lab.variants import NONE
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,10 @@ class Case:
     cache: str = "dense"  # how the K/V are held: "dense" | "paged" | "compressed" (decode) | "packed" (varlen)
     unified_max: bool = False  # decode: FlashDecoding++'s fixed softmax reference (PyTorch split-K only)
     requires_grad: bool = False  # model: a backward pass will follow (no split-K decode route then)
+    # The attention variants in use (fa2lab.variants.Variants.active): "softcap", "alibi", "bias",
+    # "bias_grad", "sinks", "dropout", "score_mod", "mask_mod". One column for all of them: each
+    # backend's `unsupported` names the ones it cannot run.
+    variants: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, q, k, v, causal, window_size, return_lse, **columns) -> "Case":
@@ -76,22 +81,24 @@ class Reference:
             return "ring attention merges FA2 blocks by their LSE: use 'tiled' or 'triton'"
         return None
 
-    def __call__(self, q, k, v, *, causal, window_size, scale, return_lse):
+    def __call__(self, q, k, v, *, causal, window_size, scale, return_lse, variants=NONE):
         return attention_ref(q, k, v, causal=causal, window_size=window_size, softmax_scale=scale,
-                             upcast=True, return_lse=return_lse)
+                             upcast=True, return_lse=return_lse, variants=variants)
 
 
 class Tiled:
     name = "tiled"
     summary = ("FlashAttention-2 in PyTorch (fa2lab.tiled; split-K decode: fa2lab.decode.splitk): O(N) memory, "
-               "every mask and shape")
+               "every mask, shape and variant")
 
     def unsupported(self, case: Case, op: str = "dense") -> str | None:
+        if op == "decode" and "dropout" in case.variants:
+            return "the split-K decode has no dropout (decoding in training): use 'reference'"
         return None
 
-    def __call__(self, q, k, v, *, causal, window_size, scale, return_lse):
+    def __call__(self, q, k, v, *, causal, window_size, scale, return_lse, variants=NONE):
         return tiled_attention_unchecked(q, k, v, causal=causal, window_size=window_size, scale=scale,
-                                         return_lse=return_lse)
+                                         return_lse=return_lse, variants=variants)
 
 
 class Sdpa:
@@ -100,6 +107,8 @@ class Sdpa:
 
     def unsupported(self, case: Case, op: str = "dense") -> str | None:
         left, right = case.window
+        if case.variants:
+            return f"torch SDPA has none of fa2lab's attention variants ({', '.join(case.variants)})"
         if op == "decode":
             return "torch SDPA does not read KV caches (per-sequence lengths, pages): use 'tiled' or 'triton'"
         if op == "ring":
@@ -114,7 +123,7 @@ class Sdpa:
             return f"torch SDPA does not define zero-length inputs (Nq={case.nq}, Nk={case.nk})"
         return None
 
-    def __call__(self, q, k, v, *, causal, window_size, scale, return_lse):
+    def __call__(self, q, k, v, *, causal, window_size, scale, return_lse, variants=NONE):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
 
@@ -149,13 +158,28 @@ class Triton:
             return f"the Triton decode kernel reads dense or paged caches, not a {case.cache} one"
         if op == "decode" and case.unified_max:
             return "the Triton decode kernel has no unified max (FlashDecoding++): use 'tiled'"
-        return triton_unavailable(case.device, case.dtype, (case.d, case.dv))
+        if op == "decode" and case.variants:
+            return f"the Triton decode kernel has no {', '.join(case.variants)} (the split-K in PyTorch has them)"
+        why = triton_unavailable(case.device, case.dtype, (case.d, case.dv))
+        mods = [n for n in case.variants if n in TRITON_UNSUPPORTED_VARIANTS]
+        if why is None and mods:
+            why = f"the Triton kernels do not run {' or '.join(mods)} ({TRITON_UNSUPPORTED_VARIANTS[mods[0]]})"
+        return why
 
-    def __call__(self, q, k, v, *, causal, window_size, scale, return_lse):
+    def __call__(self, q, k, v, *, causal, window_size, scale, return_lse, variants=NONE):
         from fa2lab.kernels.attention import triton_attention
 
         left, right = masks.effective_window(causal, window_size)
-        return triton_attention(q, k, v, scale=scale, left=left, right=right, return_lse=return_lse)
+        return triton_attention(q, k, v, scale=scale, left=left, right=right, return_lse=return_lse,
+                                variants=variants)
+
+
+# Variants the Triton kernels leave to the tiled backend, and why.
+TRITON_UNSUPPORTED_VARIANTS = {
+    "score_mod": "Python functions of index tensors run per tile on the tiled backend",
+    "mask_mod": "Python functions of index tensors run per tile on the tiled backend",
+    "bias_grad": "the kernels take a bias in the forward and give q, k, v gradients, not bias.grad",
+}
 
 
 BACKENDS = {b.name: b for b in (Reference(), Tiled(), Sdpa(), Triton())}

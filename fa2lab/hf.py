@@ -22,7 +22,9 @@ transformers is optional (`pip install -e ".[hf]"`); importing this module does 
 
 Other inputs: packed sequences (one row, position_ids restarting, or flash-style cu_seq_lens_q/k
 kwargs) go through varlen; sliding windows become window_size=(w - 1, w - 1) as in FA2;
-`output_attentions=True`, attention dropout in training and softcapping use the logged naive path.
+Gemma 2's logit soft-capping (`softcap`) and gpt-oss's attention sinks (`s_aux`) run in every
+fa2lab path (dense, varlen, split-K decode); `output_attentions=True` and attention dropout in
+training use the logged naive path.
 """
 
 from __future__ import annotations
@@ -65,8 +67,8 @@ def make_attention_forward(backend: str = "auto"):
 
     def fa2lab_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                                  sliding_window=None, softcap=None, is_causal=None, **kwargs):
-        if kwargs.get("s_aux") is not None:
-            raise ValueError("attn_implementation='fa2lab' has no attention sinks (s_aux); use 'eager' for this model")
+        sinks = kwargs.get("s_aux")  # gpt-oss's learnable sinks (Hq,)
+        var = dict(softcap=softcap or 0.0, sinks=sinks)
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         window = (sliding_window - 1, sliding_window - 1) if sliding_window else (-1, -1)
         nq = query.shape[2]
@@ -81,13 +83,12 @@ def make_attention_forward(backend: str = "auto"):
 
         naive_reason = ("output_attentions=True" if kwargs.get("output_attentions") else
                         "a dense mask from the model's own mask function" if mask4d is not None else
-                        f"attention dropout {dropout}" if dropout and module.training else
-                        f"softcap {softcap}" if softcap else None)
+                        f"attention dropout {dropout}" if dropout and module.training else None)
         if naive_reason:
             out, probs = naive_attention(query, key, value, key_mask=mask2d, dense_mask=mask4d,
                                          causal=causal and mask4d is None, window_size=window, softmax_scale=scaling,
                                          dropout=dropout if module.training else 0.0, softcap=softcap,
-                                         reason=naive_reason)
+                                         sinks=sinks, reason=naive_reason)
             return out.transpose(1, 2).contiguous(), probs
 
         cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
@@ -97,11 +98,11 @@ def make_attention_forward(backend: str = "auto"):
             b = query.shape[0]
             flat = lambda x: x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[-1])  # noqa: E731  (B*N, H, D)
             out = packed_attention(flat(query), flat(key), flat(value), cu_q, cu_k, causal=causal,
-                                   window_size=window, softmax_scale=scaling, backend=backend)  # (total_q, Hq, Dv)
+                                   window_size=window, softmax_scale=scaling, backend=backend, **var)  # (total_q, Hq, Dv)
             return out.reshape(b, nq, *out.shape[1:]), None
 
         out = padded_attention(query, key, value, mask2d, causal=causal, window_size=window, softmax_scale=scaling,
-                               backend=backend)  # (B, Hq, Nq, Dv)
+                               backend=backend, **var)  # (B, Hq, Nq, Dv)
         return out.transpose(1, 2).contiguous(), None
 
     fa2lab_attention_forward.backend = backend

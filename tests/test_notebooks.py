@@ -12,7 +12,8 @@ from fa2lab.sweep.spec import METRICS_PARAM, notebook_parameters, type_problem
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 EXPECTED = ["00_quickstart", "01_online_softmax", "02_tiling", "03_memory_scaling", "04_split_k_decoding",
-            "05_kv_caches", "06_hardware_profiles", "07_gpu_kernels", "08_ring_attention", "10_backward",
+            "05_kv_caches", "06_hardware_profiles", "07_gpu_kernels", "08_ring_attention", "09_attention_variants",
+            "10_backward",
             "11_numerics", "12_models"]
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
 CLEAN = "python -m fa2lab.sweep.clean notebooks/*.ipynb"
@@ -34,6 +35,8 @@ SMOKE = {
     "07_gpu_kernels": dict(live=False),  # results_file: a synthetic one, written by the fixture
     "08_ring_attention": dict(world_size=3, seq_len=18, layout="zigzag", heads_q=2, heads_kv=1,
                               head_dim=8, seed=1),
+    "09_attention_variants": dict(seq_len_q=20, seq_len_k=33, heads=1, head_dim=8, row=19, softcap=1.0,
+                                  alibi_slope=0.5, sink=-0.5, dropout_p=0.5, block=8, doc_len=7, seed=1),
     "10_backward": dict(seq_len=70, block_q=16, block_k=16, causal=False, ns=[64, 128], heads=1, head_dim=16),
     "11_numerics": dict(ns=[32, 97], logit_scales=[2.0], dtypes=["float32", "bfloat16"], backends=["tiled", "sdpa"],
                         heads=1, head_dim=16, source_dtype="float16"),

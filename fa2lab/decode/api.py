@@ -13,12 +13,12 @@ import torch
 
 from fa2lab import _checks
 from fa2lab.backends import choose
-from fa2lab.decode.plan import (DECODE_BACKENDS, DecodePlan, check_shapes, check_values, choose_backend, decode_case,
-                                make_plan)
+from fa2lab.decode.plan import DECODE_BACKENDS, DecodePlan, check_shapes, check_values, choose_backend, make_plan
 from fa2lab.decode.readers import DenseReader, PagedReader
 from fa2lab.decode import splits
 from fa2lab.decode.splitk import DECODE_BLOCK_K, default_num_units, splitk_decode
 from fa2lab.reference import attention_ref
+from fa2lab.variants.options import NONE, check_variants
 
 log = logging.getLogger("fa2lab")
 _UNSET = object()
@@ -48,7 +48,9 @@ def decode_plan(q, k_cache, v_cache, k_new=None, v_new=None, *, cache_seqlens=No
 
 def decode_attention(q, k_cache, v_cache, k_new=None, v_new=None, *, cache_seqlens=None, block_table=None,
                      num_splits=None, softmax_scale=None, causal=_UNSET, window_size=_UNSET, return_lse=False,
-                     backend="auto", unified_max=_UNSET, plan: DecodePlan | None = None):
+                     backend="auto", unified_max=_UNSET, plan: DecodePlan | None = None, softcap=0.0,
+                     alibi_slopes=None, attn_bias=None, sinks=None, dropout_p=0.0, generator=None, score_mod=None,
+                     mask_mod=None):
     """Attention of Nq new tokens per sequence against a KV cache, split-K (Flash-Decoding).
 
     q: (B, Hq, Nq, D), Nq small or in the thousands (chunked prefill): the last Nq positions of each
@@ -73,6 +75,13 @@ def decode_attention(q, k_cache, v_cache, k_new=None, v_new=None, *, cache_seqle
     host-device synchronisation (lengths and pages clamped on the device). Without a plan the call
     checks lengths and page table on the device: one synchronisation (none for a full dense cache).
     Options left out of a planned call are the plan's; options given must agree with it.
+
+    Variants as in `fa2lab.attention`, for sequence b as the dense call on its first
+    cache_seqlens[b] keys: softcap, alibi_slopes (Hq,) / (B, Hq), attn_bias broadcastable to
+    (B, Hq, Nq, Nmax) (paged: Nmax = max_pages_per_seq * page_size), sinks (Hq,), score_mod /
+    mask_mod run in the split-K (backend "tiled"); dropout (decoding in training) runs per sequence
+    on the reference. "auto" sends variants away from the Triton decode kernel and logs why.
+    Variants are not planned: a call with a plan takes none.
     """
     return_lse = _checks.check_flag("return_lse", return_lse)
     options = {name: val for name, val in (("causal", causal), ("window_size", window_size),
@@ -83,13 +92,22 @@ def decode_attention(q, k_cache, v_cache, k_new=None, v_new=None, *, cache_seqle
         if block_table is not None and cache_seqlens is None:
             raise ValueError("a paged cache needs cache_seqlens (B,) int32: page tables do not say how full "
                              "the last page is")
+        capacity = block_table.shape[1] * k_cache.shape[2] if block_table is not None else k_cache.shape[2]
+        var = check_variants(q, k_cache, softcap=softcap, alibi_slopes=alibi_slopes, attn_bias=attn_bias, sinks=sinks,
+                             dropout_p=dropout_p, generator=generator, score_mod=score_mod, mask_mod=mask_mod,
+                             batch=q.shape[0], nk=capacity)
         plan = make_plan(q, k_cache, v_cache, k_new, v_new, block_table=block_table, num_splits=num_splits,
+                         variants=var,
                          softmax_scale=softmax_scale, causal=options.get("causal", True), window_size=window,
                          backend=backend, unified_max=options.get("unified_max"), workspace=False,
                          num_units=default_num_units(q.device), choose=choose)
         if cache_seqlens is not None:
             check_values(cache_seqlens, plan.n_new, plan.capacity, block_table, k_cache.shape[2], k_cache.shape[0])
     else:
+        if (softcap or alibi_slopes is not None or attn_bias is not None or sinks is not None or dropout_p
+                or score_mod is not None or mask_mod is not None):
+            raise ValueError("decode plans hold no attention variants (softcap, alibi_slopes, attn_bias, sinks, "
+                             "dropout_p, score_mod, mask_mod); call decode_attention without plan= for them")
         if not isinstance(plan, DecodePlan):
             raise ValueError(f"expected plan from fa2lab.decode_plan(...), got {type(plan).__name__}")
         if "window_size" in options:
@@ -166,8 +184,7 @@ def decode_with_reader(q, reader, seqlens, *, num_splits=None, softmax_scale=Non
     window_size = _checks.check_window(window_size)
     causal, return_lse = _checks.check_flag("causal", causal), _checks.check_flag("return_lse", return_lse)
     unified_max = _checks.check_optional_number("unified_max", unified_max, "the fixed softmax reference phi")
-    name = choose_backend(backend, decode_case(q, reader.capacity, reader.heads_kv, reader.head_dim_v, "compressed",
-                                               causal, window_size, unified_max), choose)
+    name = choose_backend(backend, decode_case(q, reader, causal, window_size, unified_max), choose)
     if not isinstance(seqlens, torch.Tensor) or seqlens.shape != (q.shape[0],):
         raise ValueError(f"expected seqlens of shape ({q.shape[0]},), got {getattr(seqlens, 'shape', seqlens)}")
     check_values(seqlens, 0, reader.capacity, None, 1, 1)
@@ -190,11 +207,22 @@ def decode_with_reader(q, reader, seqlens, *, num_splits=None, softmax_scale=Non
     return (out, lse) if return_lse else out
 
 
+def decode_case(q, reader, causal, window_size, unified_max, variants=()):
+    """The `fa2lab.backends.Case` of a decode call over `reader`: Nk is the cache's capacity."""
+    from fa2lab.decode import plan as planning
+
+    cache = "paged" if isinstance(reader, PagedReader) else "dense" if isinstance(reader, DenseReader) else "compressed"
+    return planning.decode_case(q, reader.capacity, reader.heads_kv, reader.head_dim_v, cache, causal, window_size,
+                                unified_max, variants)
+
+
 def _readable(plan, q, reader, seqlens, left, right):
+    variants = plan.variants if plan.variants is not None else NONE
     if plan.backend == "reference":
-        return _reference(q, reader, seqlens, plan.causal, plan.window_size, plan.scale)
+        return _reference(q, reader, seqlens, plan.causal, plan.window_size, plan.scale, variants)
     out, lse, stats = splitk_decode(q, reader, seqlens, scale=plan.scale, left=left, right=right,
-                                    num_splits=plan.num_splits, block_k=DECODE_BLOCK_K, unified_max=plan.unified_max)
+                                    num_splits=plan.num_splits, block_k=DECODE_BLOCK_K, unified_max=plan.unified_max,
+                                    variants=plan.variants)
     if stats is not None and not stats.exact:
         log.warning("fa2lab: unified max phi=%g out of range (max logit - phi = %.3g, smallest row max - "
                     "phi = %.3g); recomputed with the online softmax", stats.phi, stats.max_shift,
@@ -202,7 +230,7 @@ def _readable(plan, q, reader, seqlens, left, right):
     return out, lse
 
 
-def _reference(q, reader, seqlens, causal, window_size, scale):
+def _reference(q, reader, seqlens, causal, window_size, scale, variants=NONE):
     """Each sequence on its own: gather its cache and run the naive oracle."""
     outs, lses = [], []
     # Read in fp32 at least (fp64 for fp64 queries), so a compressed cache is judged by what it
@@ -212,7 +240,8 @@ def _reference(q, reader, seqlens, causal, window_size, scale):
     for b in range(q.shape[0]):
         n = int(seqlens[b])
         o, l = attention_ref(q[b:b + 1], k_all[b:b + 1, :, :n].to(q.dtype), v_all[b:b + 1, :, :n].to(q.dtype),
-                             causal=causal, window_size=window_size, softmax_scale=scale, return_lse=True)
+                             causal=causal, window_size=window_size, softmax_scale=scale, return_lse=True,
+                             variants=variants.for_sequence(b, q.shape[2], n) if variants.any else None)
         outs.append(o)
         lses.append(l)
     if not outs:

@@ -43,6 +43,7 @@ class DecodePlan:
     unified_max: float | None
     workspace: tuple = field(default=(), compare=False, repr=False)  # Triton partials and counters
     config: dict = field(default_factory=dict, compare=False)  # Triton tiles (BLOCK_M, BLOCK_N, ...)
+    variants: object = field(default=None, compare=False, repr=False)  # fa2lab.variants, unplanned calls only
 
     @property
     def n_new(self) -> int:
@@ -177,12 +178,14 @@ def check_values(seqlens, n_new: int, capacity: int, block_table, page_size: int
                          f"{block_table[b].tolist()} (pages in use: the first {int(pages_used[b])})")
 
 
-def decode_case(q, capacity: int, heads_kv: int, head_dim_v: int, cache: str, causal, window_size, unified_max):
+def decode_case(q, capacity: int, heads_kv: int, head_dim_v: int, cache: str, causal, window_size, unified_max,
+                variants=()):
     """The `fa2lab.backends.Case` of a decode call: Nk is the cache's capacity."""
     from fa2lab.backends import Case
 
     return Case(q.device.type, q.dtype, q.shape[2], capacity, q.shape[1], heads_kv, q.shape[-1], head_dim_v,
-                bool(causal), tuple(window_size), True, cache=cache, unified_max=unified_max is not None)
+                bool(causal), tuple(window_size), True, cache=cache, unified_max=unified_max is not None,
+                variants=tuple(variants))
 
 
 def choose_backend(backend: str, case, choose) -> str:
@@ -195,7 +198,7 @@ def choose_backend(backend: str, case, choose) -> str:
 
 
 def make_plan(q, k_cache, v_cache, k_new, v_new, *, block_table, num_splits, softmax_scale, causal, window_size,
-              backend, unified_max, workspace: bool, num_units: int, choose) -> DecodePlan:
+              backend, unified_max, workspace: bool, num_units: int, choose, variants=None) -> DecodePlan:
     """A plan from checked shapes (no device read). workspace: allocate the kernel's workspace
     (a plan kept across calls); False leaves it to each call. num_units: SMs (GPU) or threads."""
     from fa2lab.decode import splits as split_rule
@@ -207,7 +210,8 @@ def make_plan(q, k_cache, v_cache, k_new, v_new, *, block_table, num_splits, sof
     paged = block_table is not None
     capacity = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
     name = choose_backend(backend, decode_case(q, capacity, k_cache.shape[1], v_cache.shape[-1],
-                                               "paged" if paged else "dense", causal, window_size, unified_max),
+                                               "paged" if paged else "dense", causal, window_size, unified_max,
+                                               variants.active if variants is not None else ()),
                           choose)
     b, hq, nq, _ = q.shape
     hkv = k_cache.shape[1]
@@ -230,4 +234,5 @@ def make_plan(q, k_cache, v_cache, k_new, v_new, *, block_table, num_splits, sof
         table_shape=tuple(block_table.shape) if paged else None,
         new_shape=tuple(k_new.shape) if k_new is not None else None, dtype=q.dtype, device=q.device,
         capacity=capacity, num_splits=splits, scale=scale, causal=bool(causal), window_size=tuple(window_size),
-        unified_max=None if unified_max is None else float(unified_max), workspace=space, config=config)
+        unified_max=None if unified_max is None else float(unified_max), workspace=space, config=config,
+        variants=variants if variants is not None and variants.any else None)

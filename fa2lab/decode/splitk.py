@@ -11,6 +11,9 @@ of its running max, so partials need no rescaling. exp(s - phi) overflows when a
 phi by more than log(float max) and underflows to 0 when every logit of a row is far below phi;
 both are detected, and the call is recomputed with the exact online softmax.
 
+Variants (soft-capping, ALiBi, bias, score/mask functions) change each tile's logits as in the
+dense backends; sinks are added once, to the merged result.
+
 Fast twin: fa2lab/kernels/decode.py. Tests: tests/test_decode.py.
 """
 
@@ -24,6 +27,8 @@ import torch
 from fa2lab.decode.merge import merge_states_stack
 from fa2lab.tiled.layout import pack_rows, unpack_lse, unpack_rows
 from fa2lab.tiled.softmax import online_softmax_step
+from fa2lab.variants.options import Variants
+from fa2lab.variants.scores import TileIndex, logits, mod_visible
 
 NEG_INF = float("-inf")
 DECODE_BLOCK_K = 512  # keys per tile: the score tile has only Nq*G rows, so long tiles amortise op overhead
@@ -94,9 +99,34 @@ class UnifiedMaxStats:
     exact: bool
 
 
-def _partial(q_p, reader, seqlens, j0, j1, nq, group, left, right, block_k, acc_t, phi=None):
+def _variant_logits(s, visible, var, seqlens, t0, t1, nq, group):
+    """The variants on a decode tile s (B, Hkv, Nq*G, Bc): soft-capping, ALiBi (distance from the
+    query's position seqlens[b] - Nq + i), bias, score_mod, mask_mod (with the indices a dense call
+    on sequence b's first seqlens[b] keys would give). -> (logits, visible)."""
+    b, hkv, rows, _ = s.shape
+    r = torch.arange(rows, device=s.device)
+    idx = TileIndex(torch.arange(b, device=s.device).view(-1, 1, 1, 1),
+                    torch.arange(hkv, device=s.device).view(1, -1, 1, 1) * group + (r % group).view(1, 1, -1, 1),
+                    (r // group).view(1, 1, -1, 1), torch.arange(t0, t1, device=s.device).view(1, 1, 1, -1))
+    s = logits(s, Variants(softcap=var.softcap), idx, nq, nq)[0]
+    if var.alibi_slopes is not None:
+        qpos = seqlens.view(-1, 1, 1, 1) - nq + idx.q  # (B, 1, Nq*G, 1)
+        s = s - var.alibi_slopes.to(s.dtype)[idx.b, idx.h] * (qpos - idx.kv).abs().to(s.dtype)
+    s = logits(s, Variants(attn_bias=var.attn_bias, score_mod=var.score_mod), idx, nq, nq)[0]
+    keep = mod_visible(var, idx)
+    return s, visible if keep is None else visible & keep
+
+
+def apply_sinks(out, lse, sinks):
+    """exp(sinks[h]) joins each row's denominator: out (B, Hq, Nq, Dv), lse (B, Hq, Nq)."""
+    lse_s = torch.logaddexp(lse, sinks.to(lse.dtype).view(1, -1, 1))
+    return out * torch.exp(lse - lse_s)[..., None], lse_s
+
+
+def _partial(q_p, reader, seqlens, j0, j1, nq, group, left, right, block_k, acc_t, phi=None, var=None):
     """FA2 online softmax over keys [j0, j1): out (B, Hkv, Nq*G, Dv), lse (B, Hkv, Nq*G),
-    and with a unified max phi, also the largest logit of each row (for the range check)."""
+    and with a unified max phi, also the largest logit of each row (for the range check).
+    var: the call's fa2lab.variants.Variants (softcap, ALiBi, bias, score/mask functions) or None."""
     b, hkv, rows, _ = q_p.shape
     m_i = torch.full((b, hkv, rows, 1), NEG_INF, dtype=acc_t, device=q_p.device)
     l_i = torch.zeros_like(m_i)
@@ -112,7 +142,10 @@ def _partial(q_p, reader, seqlens, j0, j1, nq, group, left, right, block_k, acc_
         stale = torch.arange(t0, t1, device=seqlens.device)[None, :] >= seqlens[:, None]  # (B, Bc)
         if bool(stale.any()):
             v_t = v_t.masked_fill(stale[:, None, :, None], 0.0)
-        s = (q_p @ k_t.transpose(-1, -2)).masked_fill_(~visible, NEG_INF)  # (B, Hkv, Nq*G, Bc)
+        s = q_p @ k_t.transpose(-1, -2)  # (B, Hkv, Nq*G, Bc)
+        if var is not None and var.changes_scores:
+            s, visible = _variant_logits(s, visible, var, seqlens, t0, t1, nq, group)
+        s = s.masked_fill(~visible, NEG_INF)
         if phi is None:
             m_i, l_i, acc, _ = online_softmax_step(s, m_i, l_i, acc, v_t)
         else:  # unified max: no rescaling; m_i only records the row max for the range check
@@ -129,9 +162,11 @@ def _partial(q_p, reader, seqlens, j0, j1, nq, group, left, right, block_k, acc_
 
 
 def splitk_decode(q, reader, seqlens, *, scale, left, right, num_splits, block_k=DECODE_BLOCK_K,
-                  unified_max=None, fallback=True, return_partials=False):
+                  unified_max=None, fallback=True, return_partials=False, variants=None):
     """q (B, Hq, Nq, D), a KVReader, seqlens (B,) -> out (B, Hq, Nq, Dv) in q's dtype,
     lse (B, Hq, Nq) float32 (float64 for float64), and UnifiedMaxStats or None.
+    variants: fa2lab.variants.Variants without dropout; sinks join the merged result (the partials
+    stay plain (out, lse) pairs over their keys).
     fallback=False keeps a unified-max result even when its range check fails (to show the
     failure); return_partials adds the per-split (outs (S, B, Hq, Nq, Dv), lses (S, B, Hq, Nq))."""
     b, hq, nq, d = q.shape
@@ -144,7 +179,7 @@ def splitk_decode(q, reader, seqlens, *, scale, left, right, num_splits, block_k
     plan = plan_splits(max_len, num_splits, block_k)
 
     def run(phi):
-        parts = [_partial(q_p, reader, seqlens, j0, j1, nq, group, left, right, block_k, acc_t, phi)
+        parts = [_partial(q_p, reader, seqlens, j0, j1, nq, group, left, right, block_k, acc_t, phi, variants)
                  for j0, j1 in plan.ranges]
         outs = torch.stack([p[0] for p in parts])  # (S, B, Hkv, Nq*G, Dv)
         lses = torch.stack([p[1] for p in parts])  # (S, B, Hkv, Nq*G)
@@ -174,6 +209,8 @@ def splitk_decode(q, reader, seqlens, *, scale, left, right, num_splits, block_k
     dv = out.shape[-1]
     out = unpack_rows(out.reshape(b * hkv, nq * group, dv), b, hq, hkv)  # (B, Hq, Nq, Dv)
     lse = unpack_lse(lse.reshape(b * hkv, nq * group), b, hq, hkv)  # (B, Hq, Nq)
+    if variants is not None and variants.sinks is not None:
+        out, lse = apply_sinks(out, lse, variants.sinks)
     if not return_partials:
         return out.to(q.dtype), lse, stats
     outs, lses = partials

@@ -81,8 +81,9 @@ def _block_backward(do_b, dlse_b, q_b, k_b, v_b, out_b, lse_b, blk, scale, kerne
         return flash_bwd_triton(do_b, dlse_b, q_b, k_b, v_b, out_b, lse_b.float(), scale=scale,
                                 left=blk.window[0], right=blk.window[1])
     acc_t = accum_dtype(q_b.dtype)
-    return flash_backward(do_b.to(acc_t), dlse_b, q_b.to(acc_t), k_b.to(acc_t), v_b.to(acc_t), out_b.to(acc_t),
-                          lse_b, **_block_kw(blk, scale))
+    dq, dk, dv, _, _ = flash_backward(do_b.to(acc_t), dlse_b, q_b.to(acc_t), k_b.to(acc_t), v_b.to(acc_t),
+                                      out_b.to(acc_t), lse_b, **_block_kw(blk, scale))  # no variants: no dbias, dsinks
+    return dq, dk, dv
 
 
 def step_forward(out, lse, q_in, k_s, v_s, step, scale: float, kernels: bool = False) -> None:

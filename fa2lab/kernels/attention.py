@@ -2,15 +2,16 @@
 
 Two implementations behind one choice made here per call: the Hopper kernels (hopper_fwd.py,
 hopper_bwd.py: TMA descriptors, sm_90 tiles) where `hopper_eligible` holds, the portable kernels
-(fwd.py, bwd.py: Ampere and newer, and the CPU interpreter) everywhere else. While torch.compile
-traces, the same choice runs inside the custom operators below (autograd registered for them);
-eager calls go through the autograd.Functions below (an operator's dispatch costs more than a
-small kernel).
+(fwd.py, bwd.py: Ampere and newer, and the CPU interpreter) everywhere else.
+While torch.compile traces, the same choice runs inside the custom operators below (autograd
+registered for them); eager calls go through the autograd.Functions (an operator's dispatch costs
+more than a small kernel). Variants run eagerly only.
 """
 
 from __future__ import annotations
 
 import logging
+
 from typing import Optional
 
 import torch
@@ -68,6 +69,26 @@ class _TritonAttention(torch.autograd.Function):
         bwd = _bwd_impl(ctx.hopper, dout, 2, max(q.shape[-1], v.shape[-1]), ctx.cfg)
         dq, dk, dv = bwd(dout, dlse, q, k, v, out, lse, **ctx.cfg)
         return dq, dk, dv, None, None, None
+
+
+class _TritonVariantAttention(torch.autograd.Function):
+    """With soft-capping, ALiBi, a bias, sinks or dropout (kernels/variants.py). sinks is an input
+    so that it gets a gradient; the bias is read, not differentiated (the dispatch sends bias.grad
+    to the tiled backend); dropout's seed is kept, its mask is regenerated in the backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, scale, left, right, kvars):
+        out, lse = flash_fwd_triton(q, k, v, scale=scale, left=left, right=right, variants=kvars)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.cfg = dict(scale=scale, left=left, right=right, variants=kvars)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        dq, dk, dv, dsinks = flash_bwd_triton(dout, dlse, q, k, v, out, lse, **ctx.cfg)
+        return dq, dk, dv, dsinks, None, None, None, None
 
 
 class _TritonVarlenAttention(torch.autograd.Function):
@@ -173,8 +194,17 @@ def _varlen_backward(ctx, dout, dlse):
 varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup)
 
 
-def triton_attention(q, k, v, *, scale, left, right, return_lse=False):
-    """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out [, lse (B, Hq, Nq) fp32]."""
+def triton_attention(q, k, v, *, scale, left, right, return_lse=False, variants=None):
+    """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out [, lse (B, Hq, Nq) fp32].
+    variants: a checked fa2lab.variants.Variants (softcap, ALiBi, bias, sinks, dropout) or None."""
+    if variants is not None and variants.any:
+        from fa2lab.kernels.variants import KernelVariants
+        from fa2lab.variants.dropout import draw_seed
+
+        seed = draw_seed(variants.generator) if variants.dropout_p > 0 else 0
+        kvars = KernelVariants(variants, q, seed, scale)
+        out, lse = _TritonVariantAttention.apply(q, k, v, variants.sinks, scale, left, right, kvars)
+        return (out, lse) if return_lse else out
     if torch.compiler.is_compiling():
         out, lse = attn_fwd(q, k, v, float(scale), int(left), int(right))
     else:

@@ -4,7 +4,9 @@ dK/dV: one program per (key block, batch x K/V head); it loops over the G query 
 the K/V head and over the query blocks that can see its keys, so GQA gradients are summed in
 registers, without atomics or a per-query-head copy. dQ: one program per (query block, batch x
 query head), looping over visible key blocks. Delta = rowsum(dO * O) - dLSE is precomputed.
-Everything in the log2 domain as in the forward kernel.
+Everything in the log2 domain as in the forward kernel. Variants (kernels/variants.py) recompute
+the forward's logits and dropout mask; dS goes back through soft-capping (times 1 - tanh^2); ALiBi
+and the bias are constants here (no bias.grad), the sinks' gradient is an O(N) sum in PyTorch.
 
 Readable twin: fa2lab/tiled/backward.py. Tests: tests/test_triton.py, tests/test_triton_gpu.py.
 """
@@ -16,6 +18,7 @@ import triton
 import triton.language as tl
 
 from fa2lab.kernels.common import LOG2E, LOG2E_K, dot, ieee_dot, pow2, seq_offsets
+from fa2lab.kernels.variants import PLAIN_FLAGS, _dropout_keep, _variant_logits, plain_args
 
 
 @triton.jit
@@ -24,9 +27,12 @@ def _bwd_dkdv_kernel(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     slb, slh, slm, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
     HKV, Nq, Nk, G, qk_scale, sm_scale, LEFT, RIGHT,
+    ALIBI, BIAS, SINKS, sab, sah, sbb, sbh, sbm, sbn, cap_in, cap_out, dropout_p, seed,
     D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, IS_VARLEN: tl.constexpr, IEEE_DOT: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SINKS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -72,6 +78,10 @@ def _bwd_dkdv_kernel(
         hi = tl.minimum(nq, tl.minimum(j0 + BLOCK_N, nk) - 1 - off + LEFT + 1)
     for g in range(0, G):
         h = hk * G + g
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = tl.load(ALIBI + b * sab + h * sah) * LOG2E_K
+        bias_base = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + tl.arange(0, BLOCK_M)
             row_ok = rows < nq
@@ -82,16 +92,25 @@ def _bwd_dkdv_kernel(
             lse2 = tl.load(LSE + bl + h * slh + rows * slm, mask=row_ok, other=float("inf")) * LOG2E_K
             lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows with no key: P = 0
             delta = tl.load(DELTA + bl + h * slh + rows * slm, mask=row_ok, other=0.0)
-            s_t = dot(k, tl.trans(q), IEEE_DOT) * qk_scale  # (BLOCK_N, BLOCK_M) = S^T
             valid = (cols[:, None] < nk) & row_ok[None, :]
+            s_t, t_t = _variant_logits(dot(k, tl.trans(q), IEEE_DOT), rows[None, :], cols[:, None], valid, nq, nk,
+                                       qk_scale, cap_in, cap_out, slope2, bias_base, sbm, sbn, SOFTCAP, HAS_ALIBI,
+                                       HAS_BIAS)  # (BLOCK_N, BLOCK_M) = S^T
             if HAS_LEFT:
                 valid = valid & (cols[:, None] >= rows[None, :] + off - LEFT)
             if HAS_RIGHT:
                 valid = valid & (cols[:, None] <= rows[None, :] + off + RIGHT)
             p_t = tl.where(valid, tl.math.exp2(s_t - lse2[None, :]), 0.0)  # P^T
-            dv += dot(p_t.to(do.dtype), do, IEEE_DOT)
             dp_t = dot(v, tl.trans(do), IEEE_DOT)  # (BLOCK_N, BLOCK_M) = dP^T
+            if HAS_DROPOUT:  # the forward's mask, regenerated: dV += (P Z)^T dO, dP *= Z
+                keep = _dropout_keep(seed, b * (HKV * G) + h, rows[None, :], cols[:, None], nq, nk, dropout_p)
+                dv += dot(tl.where(keep, p_t / (1.0 - dropout_p), 0.0).to(do.dtype), do, IEEE_DOT)
+                dp_t = tl.where(keep, dp_t / (1.0 - dropout_p), 0.0)
+            else:
+                dv += dot(p_t.to(do.dtype), do, IEEE_DOT)
             ds_t = p_t * (dp_t - delta[None, :])
+            if SOFTCAP:  # back through softcap * tanh(x / softcap): times 1 - tanh^2
+                ds_t = ds_t * (1.0 - t_t * t_t)
             dk += dot(ds_t.to(q.dtype), q, IEEE_DOT)
     dk = dk * sm_scale
     tl.store(DKEY + bdk + hk * sdkh + cols[:, None] * sdkn + offs_d[None, :] * sdkd, dk.to(DKEY.dtype.element_ty),
@@ -106,9 +125,12 @@ def _bwd_dq_kernel(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     slb, slh, slm, sdqb, sdqh, sdqm, sdqd,
     H, Nq, Nk, G, qk_scale, sm_scale, LEFT, RIGHT,
+    ALIBI, BIAS, SINKS, sab, sah, sbb, sbh, sbm, sbn, cap_in, cap_out, dropout_p, seed,
     D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, IS_VARLEN: tl.constexpr, IEEE_DOT: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SINKS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -146,6 +168,10 @@ def _bwd_dq_kernel(
     lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
     delta = tl.load(DELTA + bl + h * slh + rows * slm, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(ALIBI + b * sab + h * sah) * LOG2E_K
+    bias_base = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
 
     off = nk - nq
     lo = 0
@@ -161,15 +187,22 @@ def _bwd_dq_kernel(
                     mask=(cols[:, None] < nk) & (offs_d[None, :] < D), other=0.0)
         v = tl.load(V + bv + hk * svh + cols[:, None] * svn + offs_dv[None, :] * svd,
                     mask=(cols[:, None] < nk) & (offs_dv[None, :] < DV), other=0.0)
-        s = dot(q, tl.trans(k), IEEE_DOT) * qk_scale  # (BLOCK_M, BLOCK_N)
         valid = (cols[None, :] < nk) & row_ok[:, None]
+        s, t = _variant_logits(dot(q, tl.trans(k), IEEE_DOT), rows[:, None], cols[None, :], valid, nq, nk, qk_scale,
+                               cap_in, cap_out, slope2, bias_base, sbm, sbn, SOFTCAP, HAS_ALIBI,
+                               HAS_BIAS)  # (BLOCK_M, BLOCK_N)
         if HAS_LEFT:
             valid = valid & (cols[None, :] >= rows[:, None] + off - LEFT)
         if HAS_RIGHT:
             valid = valid & (cols[None, :] <= rows[:, None] + off + RIGHT)
         p = tl.where(valid, tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = dot(do, tl.trans(v), IEEE_DOT)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, pid_bh, rows[:, None], cols[None, :], nq, nk, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq += dot(ds.to(k.dtype), k, IEEE_DOT)
     dq = dq * sm_scale
     tl.store(DQ + bdq + h * sdqh + rows[:, None] * sdqm + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),
@@ -230,19 +263,27 @@ def bwd_config(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
 
 
 def flash_bwd_triton(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu_k=None, max_q=0, max_k=0,
-                     config=None):
+                     config=None, variants=None):
     """Dense: q (B, Hq, Nq, D) etc., lse (B, Hq, Nq). Varlen (cu_q given): q (total_q, Hq, D),
-    lse (Hq, total_q). Returns dq, dk, dv in the dtypes and layouts of q, k, v."""
+    lse (Hq, total_q). Returns dq, dk, dv in the dtypes and layouts of q, k, v; with variants
+    (dense only, a kernels.variants.KernelVariants) also dsinks (Hq,) or None."""
     varlen = cu_q is not None
     delta = _delta(do, out, varlen)  # (B, Hq, Nq) or (Hq, total_q), fp32
     if dlse is not None:
         delta -= dlse.float()
     lse = lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dsinks = None
+    if variants is not None and variants.var.sinks is not None:  # -sum_i exp(sink - lse_i) Delta_i, O(N)
+        sinks = variants.var.sinks
+        dsinks = -(torch.exp(sinks.float().view(1, -1, 1) - lse) * delta).sum(dim=(0, 2)).to(sinks.dtype)
     if q.numel() == 0 or k.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        grads = dq.zero_(), dk.zero_(), dv.zero_()
+        return grads if variants is None else (*grads, dsinks)
     d, dvd = q.shape[-1], v.shape[-1]
     cfg = dict(config or bwd_config(max(d, dvd), q.dtype))
+    if variants is not None and variants.var.attn_bias is not None and config is None:  # see fwd._launch
+        cfg = {name: (*tiles[:3], min(tiles[3], 2)) for name, tiles in cfg.items()}
     if varlen:
         batch, h, hkv = cu_q.numel() - 1, q.shape[1], k.shape[1]
         nq = nk = 0
@@ -257,16 +298,17 @@ def flash_bwd_triton(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=No
         grid_q, grid_k = nq, nk
         cu_q = cu_k = torch.zeros(1, dtype=torch.int32, device=q.device)
     common = dict(D=d, DV=dvd, HEAD_DIM=pow2(d), HEAD_DIM_V=pow2(dvd), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
-                  IS_VARLEN=varlen, IEEE_DOT=ieee_dot(q.dtype))
+                  IS_VARLEN=varlen, IEEE_DOT=ieee_dot(q.dtype), **(variants.flags() if variants else PLAIN_FLAGS))
+    var_args = variants.args() if variants else plain_args(q)
     group = h // hkv
     bm, bn, warps, stages = cfg["dkdv"]
     _bwd_dkdv_kernel[(triton.cdiv(grid_k, bn), batch * hkv)](
         q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, *st(q), *st(k), *st(v), *st(do), *sl, *st(dk), *st(dv),
-        hkv, nq, nk, group, scale * LOG2E, scale, max(left, 0), max(right, 0), **common,
+        hkv, nq, nk, group, scale * LOG2E, scale, max(left, 0), max(right, 0), *var_args, **common,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     bm, bn, warps, stages = cfg["dq"]
     _bwd_dq_kernel[(triton.cdiv(grid_q, bm), batch * h)](
         q, k, v, do, lse, delta, dq, cu_q, cu_k, *st(q), *st(k), *st(v), *st(do), *sl, *st(dq),
-        h, nq, nk, group, scale * LOG2E, scale, max(left, 0), max(right, 0), **common,
+        h, nq, nk, group, scale * LOG2E, scale, max(left, 0), max(right, 0), *var_args, **common,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-    return dq, dk, dv
+    return (dq, dk, dv) if variants is None else (dq, dk, dv, dsinks)

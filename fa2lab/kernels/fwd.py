@@ -4,7 +4,8 @@ Same algorithm and notation as fa2lab/tiled/forward.py, in the log2 domain (exp2
 instruction; scale * log2(e) is folded into the logits). Masks are FA2's (bottom-right causal,
 sliding window); key blocks outside the window are never loaded. Any Nq, Nk (edges masked), any
 head dim up to 256 (padded to a power of two with masked loads), GQA by index arithmetic (no K/V
-copies), varlen through cu_seqlens.
+copies), varlen through cu_seqlens. Soft-capping, ALiBi, an additive bias, sinks and dropout are
+compile-time switches (kernels/variants.py): switched off, the code is the plain kernel's.
 
 Readable twin: fa2lab/tiled/forward.py. Tests: tests/test_triton.py, tests/test_triton_gpu.py.
 """
@@ -16,14 +17,18 @@ import triton
 import triton.language as tl
 
 from fa2lab.kernels.common import LOG2E, LOG2E_K, dot, ieee_dot, interpreting, online_softmax_step, pow2, seq_offsets
+from fa2lab.kernels.variants import PLAIN_FLAGS, _dropout_keep, _variant_logits, plain_args
 
 
 @triton.jit
 def _attn_blocks(acc, l_i, m_i, q, k_base, v_base, start, stop, offs_m, offs_n, offs_d, offs_dv, nk, off, LEFT, RIGHT,
-                 skn, skd, svn, svd, qk_scale, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
-                 MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, IEEE_DOT: tl.constexpr):
+                 skn, skd, svn, svd, qk_scale, nq, bh, cap_in, cap_out, slope2, bias_base, sbm, sbn, dropout_p, seed,
+                 D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, IEEE_DOT: tl.constexpr,
+                 SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr):
     """Online softmax over key blocks [start, stop) (Algorithm 1, lines 6-10); MASKED blocks apply
-    the window and the key-length bound element by element."""
+    the window and the key-length bound element by element. Variants (kernels/variants.py) change
+    the logits; dropout scales P after l_i has summed it."""
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
         if MASKED:
@@ -31,7 +36,10 @@ def _attn_blocks(acc, l_i, m_i, q, k_base, v_base, start, stop, offs_m, offs_n, 
                         mask=(cols[:, None] < nk) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_N, HEAD_DIM)
         else:
             k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :] * skd, mask=offs_d[None, :] < D, other=0.0)
-        s = dot(q, tl.trans(k), IEEE_DOT) * qk_scale  # (BLOCK_M, BLOCK_N) logits in log2 units
+        s, _ = _variant_logits(dot(q, tl.trans(k), IEEE_DOT), offs_m[:, None], cols[None, :],
+                               (offs_m[:, None] < nq) & (cols[None, :] < nk), nq, nk, qk_scale, cap_in, cap_out,
+                               slope2, bias_base, sbm, sbn, SOFTCAP, HAS_ALIBI,
+                               HAS_BIAS)  # (BLOCK_M, BLOCK_N) logits in log2 units
         if MASKED:
             valid = cols[None, :] < nk
             if HAS_LEFT:
@@ -40,6 +48,9 @@ def _attn_blocks(acc, l_i, m_i, q, k_base, v_base, start, stop, offs_m, offs_n, 
                 valid = valid & (cols[None, :] <= offs_m[:, None] + off + RIGHT)
             s = tl.where(valid, s, float("-inf"))
         p, alpha, l_i, m_i = online_softmax_step(s, m_i, l_i)
+        if HAS_DROPOUT:  # after l_i: the softmax normalises the undropped probabilities
+            keep = _dropout_keep(seed, bh, offs_m[:, None], cols[None, :], nq, nk, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         if MASKED:
             v = tl.load(v_base + cols[:, None] * svn + offs_dv[None, :] * svd,
                         mask=(cols[:, None] < nk) & (offs_dv[None, :] < DV), other=0.0)  # (BLOCK_N, HEAD_DIM_V)
@@ -56,9 +67,12 @@ def _fwd_kernel(
     Q, K, V, O, LSE, CU_Q, CU_K,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, slb, slh, slm,
     H, Nq, Nk, G, qk_scale, LEFT, RIGHT,
+    ALIBI, BIAS, SINKS, sab, sah, sbb, sbh, sbm, sbn, cap_in, cap_out, dropout_p, seed,
     D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, IS_VARLEN: tl.constexpr, IEEE_DOT: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SINKS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -89,6 +103,10 @@ def _fwd_kernel(
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < nq) & (offs_d[None, :] < D), other=0.0)
     k_base = K + b_off_k + hk * skh
     v_base = V + b_off_v + hk * svh
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(ALIBI + b * sab + h * sah) * LOG2E_K
+    bias_base = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
 
     off = nk - nq  # bottom-right alignment of the diagonal
     lo = 0
@@ -112,18 +130,28 @@ def _fwd_kernel(
         hi_full = tl.minimum(hi_full, ((i0 + off + RIGHT + 1) // BLOCK_N) * BLOCK_N)
     hi_full = tl.maximum(hi_full, lo_full)
     acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, lo, lo_full, offs_m, offs_n, offs_d, offs_dv,
-                                 nk, off, LEFT, RIGHT, skn, skd, svn, svd, qk_scale, D, DV, BLOCK_N,
-                                 True, HAS_LEFT, HAS_RIGHT, IEEE_DOT)
+                                 nk, off, LEFT, RIGHT, skn, skd, svn, svd, qk_scale, nq, pid_bh, cap_in, cap_out, slope2, bias_base, sbm, sbn,
+                                 dropout_p, seed, D, DV, BLOCK_N,
+                                 True, HAS_LEFT, HAS_RIGHT, IEEE_DOT, SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT)
     acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, lo_full, hi_full, offs_m, offs_n, offs_d, offs_dv,
-                                 nk, off, LEFT, RIGHT, skn, skd, svn, svd, qk_scale, D, DV, BLOCK_N,
-                                 False, HAS_LEFT, HAS_RIGHT, IEEE_DOT)
+                                 nk, off, LEFT, RIGHT, skn, skd, svn, svd, qk_scale, nq, pid_bh, cap_in, cap_out, slope2, bias_base, sbm, sbn,
+                                 dropout_p, seed, D, DV, BLOCK_N,
+                                 False, HAS_LEFT, HAS_RIGHT, IEEE_DOT, SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT)
     acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, tl.maximum(hi_full, lo), hi, offs_m, offs_n,
-                                 offs_d, offs_dv, nk, off, LEFT, RIGHT, skn, skd, svn, svd, qk_scale, D, DV, BLOCK_N,
-                                 True, HAS_LEFT, HAS_RIGHT, IEEE_DOT)
+                                 offs_d, offs_dv, nk, off, LEFT, RIGHT, skn, skd, svn, svd, qk_scale, nq, pid_bh, cap_in, cap_out, slope2, bias_base, sbm, sbn,
+                                 dropout_p, seed, D, DV, BLOCK_N,
+                                 True, HAS_LEFT, HAS_RIGHT, IEEE_DOT, SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / LOG2E_K)
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    if HAS_SINKS:  # exp(sink) joins the denominator: lse' = logaddexp(lse, sink), out' = out e^(lse - lse')
+        sink2 = tl.load(SINKS + h) * LOG2E_K
+        top = tl.maximum(lse2, sink2)
+        lse_s = top + tl.math.log2(tl.math.exp2(lse2 - top) + tl.math.exp2(sink2 - top))
+        out = out * tl.math.exp2(lse2 - lse_s)[:, None]
+        lse2 = lse_s
+    lse = lse2 / LOG2E_K
     o_ptrs = O + b_off_o + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < nq) & (offs_dv[None, :] < DV))
     tl.store(LSE + b_off_l + h * slh + offs_m * slm, lse, mask=offs_m < nq)
@@ -142,21 +170,27 @@ def fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
 
 
 def _launch(q, k, v, out, lse, strides_q, strides_k, strides_v, strides_o, strides_l, batch, h, nq, nk, hkv,
-            scale, left, right, cu_q, cu_k, varlen, grid_m, config=None):
+            scale, left, right, cu_q, cu_k, varlen, grid_m, config=None, variants=None):
     d, dv = q.shape[-1], v.shape[-1]
     cfg = dict(config or fwd_config(max(d, dv), q.dtype))
+    if variants is not None and variants.var.attn_bias is not None and config is None:
+        # The bias tile is a third pipelined load: three stages of K, V and bias tiles need 288 KB
+        # of shared memory at D = 128 (H200: 227 KB); two fit.
+        cfg["num_stages"] = min(cfg["num_stages"], 2)
     grid = (triton.cdiv(grid_m, cfg["BLOCK_M"]), batch * h)
     dummy = cu_q if cu_q is not None else torch.zeros(1, dtype=torch.int32, device=q.device)
     _fwd_kernel[grid](
         q, k, v, out, lse, dummy, cu_k if cu_k is not None else dummy,
         *strides_q, *strides_k, *strides_v, *strides_o, *strides_l,
         h, nq, nk, h // hkv, scale * LOG2E, max(left, 0), max(right, 0),
+        *(variants.args() if variants else plain_args(q)),
         D=d, DV=dv, HEAD_DIM=pow2(d), HEAD_DIM_V=pow2(dv), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
-        IS_VARLEN=varlen, IEEE_DOT=ieee_dot(q.dtype), **cfg)
+        IS_VARLEN=varlen, IEEE_DOT=ieee_dot(q.dtype), **(variants.flags() if variants else PLAIN_FLAGS), **cfg)
 
 
-def flash_fwd_triton(q, k, v, *, scale, left, right, config=None):
-    """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out (B, Hq, Nq, Dv), lse (B, Hq, Nq) fp32."""
+def flash_fwd_triton(q, k, v, *, scale, left, right, config=None, variants=None):
+    """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out (B, Hq, Nq, Dv), lse (B, Hq, Nq) fp32.
+    variants: a kernels.variants.KernelVariants (softcap, ALiBi, bias, sinks, dropout) or None."""
     b, h, nq, _ = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     if q.stride(1) < q.stride(2):  # q is a (B, Nq, Hq, D) tensor seen as (B, Hq, Nq, D): write out the same way
@@ -167,7 +201,7 @@ def flash_fwd_triton(q, k, v, *, scale, left, right, config=None):
     if out.numel() == 0 or nq == 0:
         return out, lse.fill_(float("-inf"))
     _launch(q, k, v, out, lse, q.stride(), k.stride(), v.stride(), out.stride(), (*lse.stride(), ),
-            b, h, nq, nk, hkv, scale, left, right, None, None, False, nq, config)
+            b, h, nq, nk, hkv, scale, left, right, None, None, False, nq, config, variants)
     return out, lse
 
 

@@ -23,6 +23,7 @@ from fa2lab.api import attention, varlen_attention
 from fa2lab.backends import Case
 from fa2lab.decode import decode_attention, decode_plan
 from fa2lab.models.selection import select_backend
+from fa2lab.variants.options import check_variants
 
 log = logging.getLogger("fa2lab")
 _naive_logged: set = set()
@@ -59,12 +60,14 @@ def _decode_plan(q, k, v, causal, window_size, scale, backend):
 
 
 def padded_attention(q, k, v, key_mask=None, *, causal=True, window_size=(-1, -1), softmax_scale=None, backend="auto",
-                     scale=UNSET):
+                     softcap=0.0, sinks=None, scale=UNSET):
     """q (B, Hq, Nq, D) are the last Nq of the Nk slots of k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv);
     key_mask (B, Nk) bool, True for real tokens, or None (all real). -> (B, Hq, Nq, Dv); rows of
-    padding queries are zeros. Causal and window masks count real tokens only. (`scale=` is the
-    deprecated name of softmax_scale.)"""
+    padding queries are zeros. Causal and window masks count real tokens only. softcap (Gemma 2)
+    and sinks (Hq,) (gpt-oss) as in `fa2lab.attention`. (`scale=` is the deprecated name of
+    softmax_scale.)"""
     scale = renamed("padded_attention", "scale", "softmax_scale", scale, softmax_scale)
+    var = dict(softcap=softcap or 0.0, sinks=sinks)
     b, hq, nq, _ = q.shape
     nk = k.shape[2]
     if key_mask is not None:
@@ -74,16 +77,24 @@ def padded_attention(q, k, v, key_mask=None, *, causal=True, window_size=(-1, -1
         if torch.compiler.is_compiling():
             # Traced: the mask's values are unknown, so attend through it densely (no sync, no
             # data-dependent shape); eager calls pack the real tokens instead.
+            if softcap or sinks is not None:
+                raise ValueError("a padding mask under torch.compile goes through masked SDPA, which has no softcap "
+                                 "or sinks; run this model eagerly, or without a padding mask")
             return masked_attention(q, k, v, key_mask, causal=causal, window_size=window_size, softmax_scale=scale)
         if _all_real(key_mask):
             key_mask = None
     if key_mask is None:
         causal_1, window_1 = _decode_window(causal, window_size, nq)
-        choice = select_backend(Case.of(q, k, v, causal_1, window_1, False, requires_grad=_needs_grad(q, k, v)),
-                                backend)
+        active = check_variants(q, k, **var).active
+        choice = select_backend(Case.of(q, k, v, causal_1, window_1, False, requires_grad=_needs_grad(q, k, v),
+                                        variants=active), backend)
         if choice.op == "decode":  # a generation step on CUDA: split-K over the whole cache
+            if active:  # variants are not planned
+                return decode_attention(q, k, v, causal=causal, window_size=window_size, softmax_scale=scale,
+                                        backend=choice.name, **var)
             return decode_attention(q, k, v, plan=_decode_plan(q, k, v, causal, window_size, scale, choice.name))
-        return attention(q, k, v, causal=causal_1, window_size=window_1, softmax_scale=scale, backend=choice.name)
+        return attention(q, k, v, causal=causal_1, window_size=window_1, softmax_scale=scale, backend=choice.name,
+                         **var)
 
     query_mask = key_mask[:, nk - nq:]  # (B, Nq)
     lens_q, lens_k = query_mask.sum(1), key_mask.sum(1)  # (B,)
@@ -91,18 +102,20 @@ def padded_attention(q, k, v, key_mask=None, *, causal=True, window_size=(-1, -1
     k_packed = k.transpose(1, 2)[key_mask]  # (total_k, Hkv, D)
     v_packed = v.transpose(1, 2)[key_mask]  # (total_k, Hkv, Dv)
     out = packed_attention(q_packed, k_packed, v_packed, _cumsum(lens_q), _cumsum(lens_k), causal=causal,
-                           window_size=window_size, softmax_scale=scale, backend=backend)  # (total_q, Hq, Dv)
+                           window_size=window_size, softmax_scale=scale, backend=backend, **var)  # (total_q, Hq, Dv)
     full = out.new_zeros(b, nq, hq, v.shape[-1])
     full[query_mask] = out
     return full.transpose(1, 2)  # (B, Hq, Nq, Dv)
 
 
 def packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=True, window_size=(-1, -1), softmax_scale=None,
-                     backend="auto", scale=UNSET):
+                     backend="auto", softcap=0.0, sinks=None, scale=UNSET):
     """`fa2lab.varlen_attention` with the model-layer backend choice: q (total_q, Hq, D),
     k (total_k, Hkv, D), v (total_k, Hkv, Dv), cu_seqlens int32 (S + 1,) -> (total_q, Hq, Dv).
     (`scale=` is the deprecated name of softmax_scale.)"""
     scale = renamed("packed_attention", "scale", "softmax_scale", scale, softmax_scale)
+    var = dict(softcap=softcap or 0.0, sinks=sinks)
+    active = check_variants(q.transpose(0, 1)[None], k.transpose(0, 1)[None], **var).active
     cu_q, cu_k = _checks.check_int32("cu_seqlens_q", cu_seqlens_q), _checks.check_int32("cu_seqlens_k", cu_seqlens_k)
     lens = [(int(a), int(b)) for a, b in zip((cu_q[1:] - cu_q[:-1]).tolist(), (cu_k[1:] - cu_k[:-1]).tolist())]
     if max((n for n, _ in lens), default=0) <= 1:
@@ -110,10 +123,10 @@ def packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=True, window
     hq, hkv, d, dv = q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
     grad = _needs_grad(q, k, v)
     cases = [Case(q.device.type, q.dtype, a, b, hq, hkv, d, dv, bool(causal), tuple(window_size), False,
-                  cache="packed", requires_grad=grad) for a, b in lens if a > 0]
+                  cache="packed", requires_grad=grad, variants=active) for a, b in lens if a > 0]
     choice = select_backend(cases, backend)
     return varlen_attention(q, k, v, cu_q, cu_k, causal=causal, window_size=window_size, softmax_scale=scale,
-                            backend=choice.name)
+                            backend=choice.name, **var)
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
@@ -179,14 +192,14 @@ def _cumsum(lens: torch.Tensor) -> torch.Tensor:
 
 
 def naive_attention(q, k, v, *, key_mask=None, dense_mask=None, causal=True, window_size=(-1, -1), softmax_scale=None,
-                    dropout=0.0, softcap=None, reason="output_attentions=True", scale=UNSET):
+                    dropout=0.0, softcap=None, sinks=None, reason="output_attentions=True", scale=UNSET):
     """Materialised attention that also returns the probabilities: the one path that forms Nq x Nk.
 
     q (B, Hq, Nq, D) are the last Nq of Nk slots, k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv);
     key_mask (B, Nk) bool; dense_mask (B or 1, 1 or Hq, Nq, Nk), bool (True = attend) or additive
-    float. -> out (B, Hq, Nq, Dv) in q's dtype, probs (B, Hq, Nq, Nk) in q's dtype (rows with no
-    visible key are zeros). Logged at WARNING once per reason: FA2 never forms these.
-    (`scale=` is the deprecated name of softmax_scale.)
+    float. sinks (Hq,): one more logit per row whose value is zero (gpt-oss). -> out (B, Hq, Nq, Dv)
+    in q's dtype, probs (B, Hq, Nq, Nk) in q's dtype (rows with no visible key are zeros). Logged at
+    WARNING once per reason: FA2 never forms these. (`scale=` is the deprecated name of softmax_scale.)
     """
     scale = renamed("naive_attention", "scale", "softmax_scale", scale, softmax_scale)
     if reason not in _naive_logged:
@@ -211,7 +224,11 @@ def naive_attention(q, k, v, *, key_mask=None, dense_mask=None, causal=True, win
             visible = visible & (dense_mask > torch.finfo(dense_mask.dtype).min / 2)
     s = s.masked_fill(~visible, float("-inf"))
     has_key = visible.any(dim=-1, keepdim=True)  # (., ., Nq, 1)
-    p = torch.softmax(s.masked_fill(~has_key, 0.0), dim=-1).masked_fill(~has_key, 0.0)
+    if sinks is None:
+        p = torch.softmax(s.masked_fill(~has_key, 0.0), dim=-1).masked_fill(~has_key, 0.0)
+    else:  # the sink joins the denominator; rows with no key keep only the sink: P = 0
+        sink = sinks.to(acc).view(1, -1, 1, 1).expand(s.shape[0], -1, nq, 1)
+        p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1]
     p = p.to(q.dtype)
     p_drop = torch.nn.functional.dropout(p, p=dropout) if dropout > 0 else p
     return p_drop @ v_rep, p  # (B, Hq, Nq, Dv), (B, Hq, Nq, Nk)

@@ -13,6 +13,9 @@ online softmax keeps per row a running max m_i, a running sum l_i and an unnorma
 Tiles that the causal / window mask leaves empty are never visited; fully visible tiles are
 computed without a mask; only tiles that straddle a mask edge are masked element by element.
 All heads of the batch go through each step together (one bmm), GQA groups packed as rows.
+Attention variants (`fa2lab.variants`) change S before the online softmax (soft-capping, ALiBi,
+bias, score_mod; mask_mod skips the tiles it leaves empty), scale P by the dropout mask before
+P V_j (l_i sums the undropped P) and add the sinks to l_i after the last tile (tiled/variants.py).
 
 Fast twin: fa2lab/kernels/fwd.py. Tests: tests/test_tiled.py, tests/test_properties.py.
 """
@@ -25,6 +28,7 @@ from fa2lab import masks
 from fa2lab.masks import TileState
 from fa2lab.tiled.layout import pack_rows, unpack_lse, unpack_rows
 from fa2lab.tiled.softmax import online_softmax_step
+from fa2lab.tiled.variants import apply_sinks
 
 NEG_INF = float("-inf")
 
@@ -40,9 +44,10 @@ def packed_row_mask(i0, i1, j0, j1, nq, nk, left, right, group, device) -> torch
     return mask.repeat_interleave(group, dim=0) if group > 1 else mask
 
 
-def flash_forward(q, k, v, *, scale, causal, window_size, block_q, block_k, tracer=None):
+def flash_forward(q, k, v, *, scale, causal, window_size, block_q, block_k, tracer=None, variants=None):
     """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv)
-    -> out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) in the accumulation dtype."""
+    -> out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) in the accumulation dtype.
+    variants: a `fa2lab.tiled.variants.TileVariants` or None (plain FA2)."""
     b, hq, nq, _ = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
     group = hq // hkv
@@ -70,14 +75,24 @@ def flash_forward(q, k, v, *, scale, causal, window_size, block_q, block_k, trac
         for kt, j0 in enumerate(range(0, nk, block_k)):
             j1 = min(j0 + block_k, nk)
             state = masks.tile_state(i0, i1, j0, j1, nq, nk, left, right) if j0 < hi and j1 > lo else TileState.SKIPPED
+            visible = None
+            if variants is not None:
+                window = (packed_row_mask(i0, i1, j0, j1, nq, nk, left, right, group, q.device)
+                          if state is TileState.PARTIAL else None)
+                state, visible = variants.visibility(state, window, qt, kt, i0, i1, j0, j1)
             if state is TileState.SKIPPED:
                 if tracer is not None:
                     tracer.record(qt, kt, (i0, i1), (j0, j1), state.value)
                 continue
             s = torch.bmm(q_i, k_p[:, j0:j1].transpose(1, 2))  # (B*Hkv, Br*G, Bc)
-            if state is TileState.PARTIAL:
+            if variants is not None:
+                s = variants.logits(s, i0, i1, j0, j1)[0]
+                if visible is not None:
+                    s = s.masked_fill(~visible, NEG_INF)
+            elif state is TileState.PARTIAL:
                 s.masked_fill_(~packed_row_mask(i0, i1, j0, j1, nq, nk, left, right, group, q.device), NEG_INF)
-            m_i, l_i, acc, _ = online_softmax_step(s, m_i, l_i, acc, v_p[:, j0:j1])  # acc (B*Hkv, Br*G, Dv)
+            drop = variants.dropout_scale(i0, i1, j0, j1, acc_t) if variants is not None else None
+            m_i, l_i, acc, _ = online_softmax_step(s, m_i, l_i, acc, v_p[:, j0:j1], drop)  # acc (B*Hkv, Br*G, Dv)
             if tracer is not None:
                 tracer.record(qt, kt, (i0, i1), (j0, j1), state.value,
                               unpack_lse(m_i.squeeze(-1), b, hq, hkv) if tracer.record_stats else None,
@@ -88,5 +103,7 @@ def flash_forward(q, k, v, *, scale, causal, window_size, block_q, block_k, trac
         out_p[:, rows] = acc / l_i.masked_fill(empty, 1.0)
         lse_p[:, rows] = (m_i + l_i.log()).masked_fill(empty, NEG_INF).squeeze(-1)
 
+    if variants is not None and variants.var.sinks is not None:
+        out_p, lse_p = apply_sinks(out_p, lse_p, variants.sinks_packed(acc_t))
     out = unpack_rows(out_p, b, hq, hkv).to(q.dtype)  # (B, Hq, Nq, Dv)
     return out, unpack_lse(lse_p, b, hq, hkv)  # (B, Hq, Nq)

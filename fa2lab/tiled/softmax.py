@@ -20,9 +20,11 @@ NEG_INF = float("-inf")
 
 
 def online_softmax_step(s: torch.Tensor, m_i: torch.Tensor, l_i: torch.Tensor, acc: torch.Tensor,
-                        v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        v: torch.Tensor, drop: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """s (..., R, Bc) scores of one tile (masked entries -inf), m_i and l_i (..., R, 1),
-    acc (..., R, Dv), v (..., Bc, Dv) -> (m_i, l_i, acc, alpha) after the tile.
+    acc (..., R, Dv), v (..., Bc, Dv) -> (m_i, l_i, acc, alpha) after the tile. drop (..., R, Bc),
+    dropout's Z / (1 - p), multiplies P after l_i has summed it (the softmax stays undropped).
 
     In place on s (it becomes P), l_i and acc, so a loop allocates nothing per tile but S."""
     m_new = torch.maximum(m_i, s.amax(dim=-1, keepdim=True))
@@ -32,6 +34,8 @@ def online_softmax_step(s: torch.Tensor, m_i: torch.Tensor, l_i: torch.Tensor, a
     p = s.sub_(m_ref).exp_()  # (..., R, Bc)
     alpha = (m_i - m_ref).exp_()  # (..., R, 1)
     l_i = l_i.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
+    if drop is not None:
+        p = p.mul_(drop)
     acc = acc.mul_(alpha)
     acc = acc.baddbmm_(p, v) if acc.dim() == 3 else acc.add_(p @ v)  # (..., R, Dv)
     return m_new, l_i, acc, alpha

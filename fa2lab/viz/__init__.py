@@ -12,6 +12,7 @@ on import (`use_notebook_renderer()` does, when a notebook calls it).
     hardware   06 derived tiles, rooflines, predicted against measured
     gpu        07 GPU benchmark results against SDPA, cuDNN, FlexAttention and the peaks
     ring       08 ring attention: the schedule of a plan, the LSE merge step by step
+    variants   09 attention variants: a row's probabilities, soft-capping, ALiBi, mask tiles, dropout
     backward   10 Algorithm 2: what the forward saves, the order of the backward's tiles, saved memory
     numerics   11 error against float64 per backend and dtype, the 2x rule, where the error comes from
     models     12 a small Qwen3 / Qwen3-VL through transformers: backend per layer, logits, memory
@@ -20,7 +21,7 @@ on import (`use_notebook_renderer()` does, when a notebook calls it).
 """
 
 from fa2lab.viz import (backward, compare, decoding, gpu, hardware, kvcache, models, numerics, ring, scaling, softmax,
-                        sweeps, tiling)
+                        sweeps, tiling, variants)
 from fa2lab.viz.decoding import decode_latency, decode_latency_figure, splitk_merge_figure, unified_max_figure
 from fa2lab.viz.softmax import naive_vs_safe_figure, online_softmax_figure, online_softmax_trace, softmax_stability
 from fa2lab.viz.style import f32, styled, use_notebook_renderer
@@ -29,7 +30,7 @@ from fa2lab.viz.tiling import (CASES, TracedBlock, running_stats_figure, tile_ca
 
 __all__ = [
     "decoding", "gpu", "hardware", "kvcache", "ring", "scaling", "softmax", "sweeps", "tiling", "widgets",
-    "backward", "numerics", "models", "compare",
+    "backward", "numerics", "models", "compare", "variants",
     "use_notebook_renderer", "styled", "f32",
     "explore", "int_slider", "float_slider", "choice",
     "online_softmax_trace", "online_softmax_figure", "softmax_stability", "naive_vs_safe_figure",
