@@ -131,7 +131,7 @@ def run_plan(plan: DecodePlan, q, k_cache, v_cache, k_new, v_new, cache_seqlens,
         else:
             append_kv_torch(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, plan.capacity)
     b, hq, nq, _ = plan.q_shape
-    if b * nq == 0:
+    if b * hq * nq == 0:  # no query rows (B, Hq or Nq is 0): nothing to split or merge
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         out = q.new_zeros(b, hq, nq, v_cache.shape[-1])
         lse = torch.full((b, hq, nq), float("-inf"), dtype=lse_dtype, device=q.device)

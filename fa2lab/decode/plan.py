@@ -119,23 +119,13 @@ def check_shapes(q, k_cache, v_cache, k_new, v_new, block_table, cache_seqlens, 
     window_size = _checks.check_window(window_size)
     batch = q.shape[0]
     if paged:
-        if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.shape[0] != batch:
-            raise ValueError(f"expected block_table to be int32 (B={batch}, max_pages_per_seq), got "
-                             f"{getattr(block_table, 'shape', block_table)}")
-        if block_table.dtype != torch.int32:
-            raise ValueError(f"expected block_table to be int32, got {block_table.dtype}; use .to(torch.int32)")
-        if block_table.device != q.device:
-            raise ValueError(f"expected block_table on {q.device}, got {block_table.device}")
+        _check_index_tensor("block_table", block_table, lambda t: t.dim() == 2 and t.shape[0] == batch,
+                            f"(B={batch}, max_pages_per_seq)", q.device)
     elif k_cache.shape[0] != batch:
         raise ValueError(f"expected k_cache batch {k_cache.shape[0]} to equal q's batch {batch}")
     if cache_seqlens is not None:
-        if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (batch,):
-            raise ValueError(f"expected cache_seqlens to be an int32 tensor of shape (B,) = ({batch},), got "
-                             f"{getattr(cache_seqlens, 'shape', cache_seqlens)}")
-        if cache_seqlens.dtype != torch.int32:
-            raise ValueError(f"expected cache_seqlens to be int32, got {cache_seqlens.dtype}; use .to(torch.int32)")
-        if cache_seqlens.device != q.device:
-            raise ValueError(f"expected cache_seqlens on {q.device}, got {cache_seqlens.device}; move it with .to()")
+        _check_index_tensor("cache_seqlens", cache_seqlens, lambda t: t.shape == (batch,), f"(B,) = ({batch},)",
+                            q.device)
     if (k_new is None) != (v_new is None):
         raise ValueError("expected k_new and v_new together (both None, or both (B, Hkv, Nnew, D/Dv))")
     if k_new is not None:
@@ -236,3 +226,14 @@ def make_plan(q, k_cache, v_cache, k_new, v_new, *, block_table, num_splits, sof
         capacity=capacity, num_splits=splits, scale=scale, causal=bool(causal), window_size=tuple(window_size),
         unified_max=None if unified_max is None else float(unified_max), workspace=space, config=config,
         variants=variants if variants is not None and variants.any else None)
+
+
+def _check_index_tensor(name: str, t, shape_ok, shape: str, device) -> None:
+    """An int32 tensor of indices or lengths of the given shape on q's device (checked on the host:
+    shape, dtype and device only, never its values)."""
+    if not isinstance(t, torch.Tensor) or not shape_ok(t):
+        raise ValueError(f"expected {name} to be an int32 tensor of shape {shape}, got {getattr(t, 'shape', t)}")
+    if t.dtype != torch.int32:
+        raise ValueError(f"expected {name} to be int32, got {t.dtype}; use .to(torch.int32)")
+    if t.device != device:
+        raise ValueError(f"expected {name} on {device}, got {t.device}; move it with .to({str(device)!r})")

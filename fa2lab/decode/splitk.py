@@ -64,7 +64,7 @@ def auto_num_splits(work_items: int, cache_len: int, num_units: int, block_k: in
     """FlashAttention-2's heuristic: split only when B*Hkv work items leave units idle; take the
     fewest splits whose wave efficiency is within 85% of the best."""
     n_tiles = max(1, math.ceil(cache_len / block_k))
-    if work_items >= 0.8 * num_units:
+    if work_items <= 0 or work_items >= 0.8 * num_units:  # no work (Hkv = 0), or enough to fill the units
         return 1
     candidates = range(1, max(1, min(max_splits, num_units, n_tiles)) + 1)
     eff = {s: (work_items * s / num_units) / math.ceil(work_items * s / num_units) for s in candidates}
