@@ -83,37 +83,43 @@ def decode_attention(q, k_cache, v_cache, k_new=None, v_new=None, *, cache_seqle
     on the reference. "auto" sends variants away from the Triton decode kernel and logs why.
     Variants are not planned: a call with a plan takes none.
     """
-    return_lse = _checks.check_flag("return_lse", return_lse)
-    options = {name: val for name, val in (("causal", causal), ("window_size", window_size),
-                                            ("unified_max", unified_max)) if val is not _UNSET}
-    if plan is None:
-        window = check_shapes(q, k_cache, v_cache, k_new, v_new, block_table, cache_seqlens,
-                              options.get("window_size", (-1, -1)))
-        if block_table is not None and cache_seqlens is None:
-            raise ValueError("a paged cache needs cache_seqlens (B,) int32: page tables do not say how full "
-                             "the last page is")
-        capacity = block_table.shape[1] * k_cache.shape[2] if block_table is not None else k_cache.shape[2]
-        var = check_variants(q, k_cache, softcap=softcap, alibi_slopes=alibi_slopes, attn_bias=attn_bias, sinks=sinks,
-                             dropout_p=dropout_p, generator=generator, score_mod=score_mod, mask_mod=mask_mod,
-                             batch=q.shape[0], nk=capacity)
-        plan = make_plan(q, k_cache, v_cache, k_new, v_new, block_table=block_table, num_splits=num_splits,
-                         variants=var,
-                         softmax_scale=softmax_scale, causal=options.get("causal", True), window_size=window,
-                         backend=backend, unified_max=options.get("unified_max"), workspace=False,
-                         num_units=default_num_units(q.device), choose=choose)
-        if cache_seqlens is not None:
-            check_values(cache_seqlens, plan.n_new, plan.capacity, block_table, k_cache.shape[2], k_cache.shape[0])
-    else:
+    if return_lse is not True and return_lse is not False:
+        return_lse = _checks.check_flag("return_lse", return_lse)
+    if plan is not None:  # the planned call: host-side comparisons only, then the launch
         if (softcap or alibi_slopes is not None or attn_bias is not None or sinks is not None or dropout_p
                 or score_mod is not None or mask_mod is not None):
             raise ValueError("decode plans hold no attention variants (softcap, alibi_slopes, attn_bias, sinks, "
                              "dropout_p, score_mod, mask_mod); call decode_attention without plan= for them")
         if not isinstance(plan, DecodePlan):
             raise ValueError(f"expected plan from fa2lab.decode_plan(...), got {type(plan).__name__}")
-        if "window_size" in options:
-            options["window_size"] = tuple(options["window_size"])
-        plan.check_call(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
-                        dict(options, softmax_scale=softmax_scale, num_splits=num_splits, backend=backend))
+        plain = (causal is _UNSET and window_size is _UNSET and unified_max is _UNSET and softmax_scale is None
+                 and num_splits is None and backend == "auto")
+        if not (plain and plan.matches(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)):
+            options = {name: val for name, val in (("causal", causal), ("window_size", window_size),
+                                                    ("unified_max", unified_max)) if val is not _UNSET}
+            if "window_size" in options:
+                options["window_size"] = tuple(options["window_size"])
+            plan.check_call(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
+                            dict(options, softmax_scale=softmax_scale, num_splits=num_splits, backend=backend))
+        return run_plan(plan, q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, return_lse, backend)
+    options = {name: val for name, val in (("causal", causal), ("window_size", window_size),
+                                            ("unified_max", unified_max)) if val is not _UNSET}
+    window = check_shapes(q, k_cache, v_cache, k_new, v_new, block_table, cache_seqlens,
+                          options.get("window_size", (-1, -1)))
+    if block_table is not None and cache_seqlens is None:
+        raise ValueError("a paged cache needs cache_seqlens (B,) int32: page tables do not say how full "
+                         "the last page is")
+    capacity = block_table.shape[1] * k_cache.shape[2] if block_table is not None else k_cache.shape[2]
+    var = check_variants(q, k_cache, softcap=softcap, alibi_slopes=alibi_slopes, attn_bias=attn_bias, sinks=sinks,
+                         dropout_p=dropout_p, generator=generator, score_mod=score_mod, mask_mod=mask_mod,
+                         batch=q.shape[0], nk=capacity)
+    plan = make_plan(q, k_cache, v_cache, k_new, v_new, block_table=block_table, num_splits=num_splits,
+                     variants=var,
+                     softmax_scale=softmax_scale, causal=options.get("causal", True), window_size=window,
+                     backend=backend, unified_max=options.get("unified_max"), workspace=False,
+                     num_units=default_num_units(q.device), choose=choose)
+    if cache_seqlens is not None:
+        check_values(cache_seqlens, plan.n_new, plan.capacity, block_table, k_cache.shape[2], k_cache.shape[0])
     return run_plan(plan, q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, return_lse, backend)
 
 
@@ -121,13 +127,12 @@ def run_plan(plan: DecodePlan, q, k_cache, v_cache, k_new, v_new, cache_seqlens,
              asked="auto"):
     """The decode itself on checked inputs; reads nothing back on the Triton path."""
     if cache_seqlens is None:  # a full dense cache: its length is the capacity, known on the host
-        cache_seqlens = torch.full((plan.q_shape[0],), plan.capacity, dtype=torch.int32, device=q.device)
-    left, right = plan.window
+        cache_seqlens = plan.full_lengths
+        if cache_seqlens is None:
+            cache_seqlens = torch.full((plan.q_shape[0],), plan.capacity, dtype=torch.int32, device=q.device)
     if k_new is not None:  # the append happens even when there is no query row to attend
         if plan.backend == "triton":
-            from fa2lab.kernels import ops
-
-            ops.append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+            _ops().append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
         else:
             append_kv_torch(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, plan.capacity)
     b, hq, nq, _ = plan.q_shape
@@ -137,15 +142,25 @@ def run_plan(plan: DecodePlan, q, k_cache, v_cache, k_new, v_new, cache_seqlens,
         lse = torch.full((b, hq, nq), float("-inf"), dtype=lse_dtype, device=q.device)
         return (out, lse) if return_lse else out
     if plan.backend == "triton":
-        from fa2lab.kernels import ops
-
-        out, lse = ops.decode(q, k_cache, v_cache, cache_seqlens, block_table, plan, left, right)
-    else:
-        seqlens = (cache_seqlens + plan.n_new).clamp(0, plan.capacity)  # what the kernels do on the device
-        reader = PagedReader(k_cache, v_cache, block_table) if plan.paged else DenseReader(k_cache, v_cache)
-        out, lse = _readable(plan, q, reader, seqlens, left, right)
+        out, lse = _ops().decode(q, k_cache, v_cache, cache_seqlens, block_table, plan, return_lse)
+        return (out, lse) if return_lse else out
+    left, right = plan.window
+    seqlens = (cache_seqlens + plan.n_new).clamp(0, plan.capacity)  # what the kernels do on the device
+    reader = PagedReader(k_cache, v_cache, block_table) if plan.paged else DenseReader(k_cache, v_cache)
+    out, lse = _readable(plan, q, reader, seqlens, left, right)
     lse = lse.float() if q.dtype != torch.float64 else lse
     return (out, lse) if return_lse else out
+
+
+_OPS = []
+
+
+def _ops():
+    if not _OPS:  # imported on first use: Triton is optional
+        from fa2lab.kernels import ops
+
+        _OPS.append(ops)
+    return _OPS[0]
 
 
 def append_kv_torch(k_cache, v_cache, k_new, v_new, seqlens, block_table, capacity: int) -> None:

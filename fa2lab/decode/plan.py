@@ -44,6 +44,8 @@ class DecodePlan:
     workspace: tuple = field(default=(), compare=False, repr=False)  # Triton partials and counters
     config: dict = field(default_factory=dict, compare=False)  # Triton tiles (BLOCK_M, BLOCK_N, ...)
     variants: object = field(default=None, compare=False, repr=False)  # fa2lab.variants, unplanned calls only
+    launch: object = field(default=None, compare=False, repr=False)  # kernels.decode.DecodeLaunch (planned Triton)
+    full_lengths: object = field(default=None, compare=False, repr=False)  # (B,) int32 = capacity, for no cache_seqlens
 
     @property
     def n_new(self) -> int:
@@ -53,6 +55,33 @@ class DecodePlan:
     def window(self) -> tuple[int, int]:
         """(left, right) key bounds, -1 unbounded, as the kernels take them."""
         return masks.effective_window(self.causal, self.window_size)
+
+    def matches(self, q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table) -> bool:
+        """The common case of `check_call` in a few comparisons (a planned call's whole host-side
+        check): tensors of the planned shapes, dtype and device, int32 lengths of shape (B,)."""
+        dt, dev = self.dtype, self.device
+        try:
+            ok = (q.shape == self.q_shape and k_cache.shape == self.k_shape and v_cache.shape == self.v_shape
+                  and q.dtype == dt and k_cache.dtype == dt and v_cache.dtype == dt
+                  and q.device == dev and k_cache.device == dev and v_cache.device == dev)
+            if not ok:
+                return False
+            if self.new_shape is None:
+                if k_new is not None or v_new is not None:
+                    return False
+            elif (k_new is None or v_new is None or k_new.shape != self.new_shape
+                  or v_new.shape[:3] != self.new_shape[:3]):
+                return False
+            if cache_seqlens is None:
+                return not self.paged and self.new_shape is None
+            ok = (cache_seqlens.dtype == torch.int32 and cache_seqlens.shape == self.q_shape[:1]
+                  and cache_seqlens.device == dev)
+            if self.paged:
+                return (ok and block_table is not None and block_table.dtype == torch.int32
+                        and block_table.shape == self.table_shape and block_table.device == dev)
+            return ok and block_table is None
+        except AttributeError:  # not a tensor: check_call names it
+            return False
 
     def check_call(self, q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, options: dict) -> None:
         """Host-side metadata only (no device read): the call must be the one this plan was made for."""
@@ -72,6 +101,10 @@ class DecodePlan:
         if self.paged and (tuple(block_table.shape) != self.table_shape or block_table.dtype != torch.int32):
             raise ValueError(f"this decode plan was made for an int32 block_table of shape {self.table_shape}, got "
                              f"{block_table.dtype} {tuple(block_table.shape)}; make a new plan")
+        for name, t in (("cache_seqlens", cache_seqlens), ("block_table", block_table)):
+            if isinstance(t, torch.Tensor) and t.device != self.device:
+                raise ValueError(f"expected {name} on {self.device} like q, got {t.device}; move it with "
+                                 f".to({str(self.device)!r})")
         if (k_new is None) != (self.new_shape is None):
             raise ValueError(f"this decode plan was made {'with' if self.new_shape else 'without'} k_new/v_new; "
                              f"make a new plan for the other kind of call")
@@ -206,26 +239,33 @@ def make_plan(q, k_cache, v_cache, k_new, v_new, *, block_table, num_splits, sof
     b, hq, nq, _ = q.shape
     hkv = k_cache.shape[1]
     scale = _checks.resolve_scale(softmax_scale, q.shape[-1])
-    config, space = {}, ()
+    config, space, launch, full = {}, (), None, None
     if name == "triton":
-        from fa2lab.kernels.decode import decode_config, decode_workspace, row_tiles
+        from fa2lab.kernels.decode import DecodeLaunch, decode_config, row_tiles
 
         config = decode_config((hq // hkv) * nq, max(q.shape[-1], v_cache.shape[-1]), q.dtype)
         tiles = b * hkv * row_tiles(hq, hkv, nq, config)
         # the split rule of fa2lab.decode.splits (the cost model predicts the same count)
         splits = min(num_splits or split_rule.kernel_num_splits(tiles, capacity, num_units), split_rule.MAX_SPLITS)
-        if workspace:
-            space = decode_workspace(b, hq, hkv, nq, v_cache.shape[-1], splits, config, q.device)
+        if workspace:  # a kept plan: everything of the launch computed once, the workspace owned
+            left, right = masks.effective_window(causal, window_size)
+            launch = DecodeLaunch(tuple(q.shape), tuple(k_cache.shape), tuple(v_cache.shape), q.dtype, q.device,
+                                  paged=paged, table_cols=block_table.shape[1] if paged else 0, scale=scale,
+                                  left=left, right=right, num_splits=splits,
+                                  n_new=k_new.shape[2] if k_new is not None else 0, config=config)
+            space = launch.workspace
     else:
         splits = num_splits or (split_rule.num_splits("tiled", b * hkv, capacity, num_units)
                                 if b else 1)
+    if workspace:
+        full = torch.full((b,), capacity, dtype=torch.int32, device=q.device)  # the lengths of a full cache
     return DecodePlan(
         backend=name, paged=paged, q_shape=tuple(q.shape), k_shape=tuple(k_cache.shape), v_shape=tuple(v_cache.shape),
         table_shape=tuple(block_table.shape) if paged else None,
         new_shape=tuple(k_new.shape) if k_new is not None else None, dtype=q.dtype, device=q.device,
         capacity=capacity, num_splits=splits, scale=scale, causal=bool(causal), window_size=tuple(window_size),
         unified_max=None if unified_max is None else float(unified_max), workspace=space, config=config,
-        variants=variants if variants is not None and variants.any else None)
+        variants=variants if variants is not None and variants.any else None, launch=launch, full_lengths=full)
 
 
 def _check_index_tensor(name: str, t, shape_ok, shape: str, device) -> None:

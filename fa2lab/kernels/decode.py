@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fa2lab.kernels.common import LOG2E, LOG2E_K, dot, ieee_dot, online_softmax_step, pow2
+from fa2lab.kernels.common import LOG2E, LOG2E_K, dot, ieee_dot, interpreting, online_softmax_step, pow2
 
 
 
@@ -40,7 +40,7 @@ def _decode_kernel(
     D: tl.constexpr, D_V: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr, SPLIT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    IEEE_DOT: tl.constexpr,
+    IEEE_DOT: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     tile = tl.program_id(0)  # (b, hk, row tile)
     split = tl.program_id(1)
@@ -112,7 +112,8 @@ def _decode_kernel(
     if not SPLIT:
         o_ptr = O + b.to(tl.int64) * sob + h[:, None] * soh + qi[:, None] * som + offs_dv[None, :] * sod
         tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < D_V))
-        tl.store(LSE + b * slb + h * slh + qi * slm, lse2 / LOG2E_K, mask=row_ok)
+        if STORE_LSE:
+            tl.store(LSE + b * slb + h * slh + qi * slm, lse2 / LOG2E_K, mask=row_ok)
     else:
         n_tiles = tl.num_programs(0)
         part = (split * n_tiles + tile).to(tl.int64) * BLOCK_M  # workspace (S, tiles, BLOCK_M[, HEAD_DIM_V])
@@ -139,8 +140,10 @@ def _decode_kernel(
                 qr, hr = ri // G, hk * G + ri % G
                 tl.store(O + b.to(tl.int64) * sob + hr * soh + qr * som + offs_dv * sod,
                          o_row.to(O.dtype.element_ty), mask=offs_dv < D_V)
-                lse_row = tl.where(total == 0.0, float("-inf"), m_ref + tl.math.log2(tl.where(total == 0.0, 1.0, total)))
-                tl.store(LSE + b * slb + hr * slh + qr * slm, lse_row / LOG2E_K)
+                if STORE_LSE:
+                    lse_row = tl.where(total == 0.0, float("-inf"),
+                                       m_ref + tl.math.log2(tl.where(total == 0.0, 1.0, total)))
+                    tl.store(LSE + b * slb + hr * slh + qr * slm, lse_row / LOG2E_K)
             tl.atomic_xchg(LOCKS + tile, 0)
 
 
@@ -196,7 +199,7 @@ def decode_config(group_rows: int, head_dim: int, dtype: torch.dtype) -> dict:
 
 
 def row_tiles(heads_q: int, heads_kv: int, nq: int, config: dict) -> int:
-    return triton.cdiv(max(1, (heads_q // heads_kv) * nq), config["BLOCK_M"])
+    return -(-max(1, (heads_q // heads_kv) * nq) // config["BLOCK_M"])
 
 
 def decode_workspace(b, heads_q, heads_kv, nq, dv, num_splits, config, device):
@@ -211,40 +214,109 @@ def decode_workspace(b, heads_q, heads_kv, nq, dv, num_splits, config, device):
     return o_part, l_part, torch.zeros(tiles, dtype=torch.int32, device=device)
 
 
+class DecodeLaunch:
+    """Everything of one decode launch that the shapes fix, computed once: grid, scalar arguments,
+    compile-time constants, output strides and the workspace. A `fa2lab.decode_plan` holds one, so
+    that a planned call only reads its tensors' strides and launches.
+
+    Launch cost: Triton's `kernel[grid](...)` binds and specialises all 57 arguments on every call
+    (~10-20 us of host time). After the first launch compiles the kernel, later launches whose
+    tensors have the same strides and 16-byte alignment (the only things Triton specialises on
+    that a plan does not fix) call the compiled kernel directly (`CompiledKernel[grid]`); any other
+    call goes through Triton's binder again. BIND = False turns the direct call off."""
+
+    BIND = True
+
+    def __init__(self, q_shape, k_shape, v_shape, dtype, device, *, paged: bool, table_cols: int, scale: float,
+                 left: int, right: int, num_splits: int, n_new: int, config: dict | None = None, workspace=None):
+        b, hq, nq, d = q_shape
+        hkv, dv = k_shape[1], v_shape[-1]
+        group = hq // hkv
+        self.out_shape, self.lse_shape = (b, hq, nq, dv), (b, hq, nq)
+        self.dtype, self.device, self.paged = dtype, device, paged
+        self.empty = b * hq * nq == 0
+        cfg = dict(config or decode_config(group * nq, max(d, dv), dtype))
+        splits = max(1, min(int(num_splits), MAX_SPLITS))
+        self.num_splits = splits
+        m_tiles = row_tiles(hq, hkv, nq, cfg)
+        self.workspace = tuple(workspace) if workspace is not None else decode_workspace(
+            b, hq, hkv, nq, dv, splits, cfg, device)
+        capacity = table_cols * k_shape[2] if paged else k_shape[2]
+        self.grid = (b * hkv * m_tiles, splits)
+        out_strides = (hq * nq * dv, nq * dv, dv, 1)  # contiguous (B, Hq, Nq, Dv)
+        lse_strides = (hq * nq, nq, 1)  # contiguous (B, Hq, Nq)
+        self.tail = (*out_strides, *lse_strides, hkv, nq, group, n_new, capacity, k_shape[0], scale * LOG2E,
+                     max(left, 0), max(right, 0), m_tiles, splits)
+        self.options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+        self.constexprs = dict(
+            D=d, D_V=dv, HEAD_DIM=pow2(d), HEAD_DIM_V=pow2(dv), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_S=max(2, 1 << (splits - 1).bit_length()), PAGE_SIZE=k_shape[2] if paged else 1, PAGED=paged,
+            SPLIT=splits > 1, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, IEEE_DOT=ieee_dot(dtype))
+        self._bound = {}  # (input strides, STORE_LSE) -> (CompiledKernel[grid], constants)
+
+    def __call__(self, q, k_cache, v_cache, seqlens, block_table=None, return_lse=True):
+        """-> out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) fp32 (None unless return_lse)."""
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device) if return_lse else None
+        if self.empty:
+            return out, lse
+        bt = block_table if self.paged else seqlens
+        args = (q, k_cache, v_cache, seqlens, bt, out, out if lse is None else lse, *self.workspace,
+                *q.stride(), *k_cache.stride(), *v_cache.stride(), bt.stride(0) if self.paged else 0, *self.tail)
+        key = None
+        # Triton specialises pointers on 16-byte alignment: bind only the common, all-aligned case.
+        if self.BIND and not ((q.data_ptr() | k_cache.data_ptr() | v_cache.data_ptr() | seqlens.data_ptr()
+                               | bt.data_ptr()) & 15):
+            key = (args[10:23], return_lse)  # the input strides; everything else the shapes fix
+            bound = self._bound.get(key)
+            if bound:
+                runner, constants = bound
+                runner(*args, *constants)
+                return out, lse
+        compiled = _decode_kernel[self.grid](*args, STORE_LSE=return_lse, **self.constexprs, **self.options)
+        if key is not None and key not in self._bound:
+            self._bound[key] = _bind(compiled, self.grid, args, dict(self.constexprs, STORE_LSE=return_lse))
+        return out, lse
+
+
+def _bind(compiled, grid, args, constexprs):
+    """(CompiledKernel[grid], trailing constants), or None (keep Triton's own launch). A compiled
+    kernel takes every parameter positionally, as `JITFunction.run` passes them (Triton >= 3.2):
+    the compile-time constants last. The launcher rejects a wrong argument count before it
+    launches, so the binding is tried once here, relaunching this call's kernel on this call's
+    arguments (the same results, written twice)."""
+    if interpreting() or not hasattr(compiled, "function"):
+        return None
+    runner = compiled[grid]
+    constants = [constexprs[name] for name in _decode_kernel.arg_names[len(args):]]
+    try:
+        runner(*args, *constants)
+    except TypeError:
+        return None
+    return runner, constants
+
+
+def decode_launch(q, k_cache, v_cache, *, scale, left, right, num_splits, block_table=None, n_new=0,
+                  workspace=None, config=None) -> DecodeLaunch:
+    """The `DecodeLaunch` of these tensors' shapes."""
+    return DecodeLaunch(tuple(q.shape), tuple(k_cache.shape), tuple(v_cache.shape), q.dtype, q.device,
+                        paged=block_table is not None,
+                        table_cols=block_table.shape[1] if block_table is not None else 0, scale=scale, left=left,
+                        right=right, num_splits=num_splits, n_new=n_new, config=config, workspace=workspace)
+
+
 def decode_triton(q, k_cache, v_cache, seqlens, *, scale, left, right, num_splits, block_table=None,
-                  n_new=0, workspace=None, config=None, out=None, lse=None):
+                  n_new=0, workspace=None, config=None, return_lse=True):
     """q (B, Hq, Nq, D); dense cache (B, Hkv, Nmax, D) or pages (P, Hkv, page, D) + block_table;
     seqlens int32 (B,): keys [0, seqlens[b] + n_new) of sequence b are attended (clamped to the
     capacity on the device) -> out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) fp32.
 
     No host-device sync: a call launches asynchronously and can be captured in a CUDA graph.
-    workspace: from `decode_workspace` for these shapes and num_splits (None: allocated here)."""
-    b, hq, nq, d = q.shape
-    hkv, dv = k_cache.shape[1], v_cache.shape[-1]
-    group = hq // hkv
-    paged = block_table is not None
-    capacity = block_table.shape[1] * k_cache.shape[2] if paged else k_cache.shape[2]
-    cfg = dict(config or decode_config(group * nq, max(d, dv), q.dtype))
-    out = torch.empty(b, hq, nq, dv, dtype=q.dtype, device=q.device) if out is None else out
-    lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device) if lse is None else lse
-    if out.numel() == 0 and lse.numel() == 0:
-        return out, lse
-    splits = max(1, min(int(num_splits), MAX_SPLITS))
-    m_tiles = row_tiles(hq, hkv, nq, cfg)
-    o_part, l_part, locks = workspace if workspace is not None else decode_workspace(b, hq, hkv, nq, dv, splits, cfg,
-                                                                                       q.device)
-    bt = block_table if paged else seqlens
-    block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-    _decode_kernel[(b * hkv * m_tiles, splits)](
-        q, k_cache, v_cache, seqlens, bt, out, lse, o_part, l_part, locks,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), bt.stride(0) if paged else 0,
-        *out.stride(), *lse.stride(),
-        hkv, nq, group, n_new, capacity, k_cache.shape[0], scale * LOG2E, max(left, 0), max(right, 0), m_tiles,
-        splits,
-        D=d, D_V=dv, HEAD_DIM=pow2(d), HEAD_DIM_V=pow2(dv), BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_S=max(2, 1 << (splits - 1).bit_length()), PAGE_SIZE=k_cache.shape[2] if paged else 1, PAGED=paged,
-        SPLIT=splits > 1, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, IEEE_DOT=ieee_dot(q.dtype), **cfg)
-    return out, lse
+    workspace: from `decode_workspace` for these shapes and num_splits (None: allocated here).
+    A plan keeps the `decode_launch(...)` object instead and calls it."""
+    launch = decode_launch(q, k_cache, v_cache, scale=scale, left=left, right=right, num_splits=num_splits,
+                           block_table=block_table, n_new=n_new, workspace=workspace, config=config)
+    return launch(q, k_cache, v_cache, seqlens, block_table, return_lse)
 
 
 def append_kv_triton(k_cache, v_cache, k_new, v_new, seqlens, block_table=None) -> None:

@@ -64,16 +64,22 @@ def append_kv(k_cache, v_cache, k_new, v_new, seqlens, block_table=None) -> None
         append_kv_triton(k_cache, v_cache, k_new, v_new, seqlens, block_table)
 
 
-def decode(q, k_cache, v_cache, seqlens, block_table, plan, left: int, right: int):
-    """The planned decode through `fa2lab::decode`: the plan's workspace, or a fresh one."""
+def decode(q, k_cache, v_cache, seqlens, block_table, plan, return_lse=True):
+    """The planned decode: eager calls run the plan's `DecodeLaunch` (everything precomputed; an
+    unkept plan builds one), torch.compile traces `fa2lab::decode` with the plan's workspace."""
+    if not torch.compiler.is_compiling():
+        if plan.launch is not None:
+            return plan.launch(q, k_cache, v_cache, seqlens, block_table, return_lse)
+        left, right = plan.window
+        return kernel_decode.decode_triton(q, k_cache, v_cache, seqlens, scale=plan.scale, left=left, right=right,
+                                           num_splits=plan.num_splits, block_table=block_table, n_new=plan.n_new,
+                                           workspace=plan.workspace or None, config=plan.config or None,
+                                           return_lse=return_lse)
     b, hq, nq, _ = q.shape
     config = plan.config or decode_config((hq // k_cache.shape[1]) * nq, max(q.shape[-1], v_cache.shape[-1]),
                                           q.dtype)
     space = plan.workspace or decode_workspace(b, hq, k_cache.shape[1], nq, v_cache.shape[-1], plan.num_splits,
                                                config, q.device)
-    if not torch.compiler.is_compiling():
-        return kernel_decode.decode_triton(q, k_cache, v_cache, seqlens, scale=plan.scale, left=left, right=right,
-                                           num_splits=plan.num_splits, block_table=block_table, n_new=plan.n_new,
-                                           workspace=space, config=config)
+    left, right = plan.window
     return decode_op(q, k_cache, v_cache, seqlens, block_table, *space, plan.scale, left, right, plan.num_splits,
                      plan.n_new, config["BLOCK_M"], config["BLOCK_N"], config["num_warps"], config["num_stages"])
