@@ -128,3 +128,40 @@ def test_compiled_fullgraph_attention_and_decode():
     dec = torch.compile(lambda q, s: fa2lab.decode_attention(q, cache_k, cache_v, cache_seqlens=s, plan=plan),
                         fullgraph=True)
     torch.testing.assert_close(dec(qd, seqlens), fa2lab.decode_attention(qd, cache_k, cache_v, cache_seqlens=seqlens))
+
+
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_planned_decode_bound_launch_equals_tritons_launch(page_size):
+    """A kept plan calls the compiled kernel directly after its first launch: the bits must be those
+    of Triton's own launch, also when the lengths change and inside a CUDA graph."""
+    from fa2lab.kernels import decode as dk
+
+    b, hq, hkv, d, n = 3, 32, 8, 128, 8192
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(b, hq, 1, d, generator=g).bfloat16().cuda()
+    k, v = (torch.randn(b, hkv, n, d, generator=g).bfloat16().cuda() for _ in range(2))
+    table = None
+    if page_size:
+        k, table = _paged(k, page_size, g)
+        v = torch.randn_like(k)
+    seqlens = torch.tensor([1, 4097, n], dtype=torch.int32, device="cuda")
+    kw = dict(cache_seqlens=seqlens, block_table=table)
+    plan = fa2lab.decode_plan(q, k, v, **kw)
+    first, lse_first = fa2lab.decode_attention(q, k, v, plan=plan, return_lse=True, **kw)
+    bound, lse_bound = fa2lab.decode_attention(q, k, v, plan=plan, return_lse=True, **kw)
+    assert plan.launch._bound and all(plan.launch._bound.values())  # bound after the first launch
+    assert torch.equal(first, bound) and torch.equal(lse_first, lse_bound)
+    seqlens[0] = 300
+    bound = fa2lab.decode_attention(q, k, v, plan=plan, **kw)
+    dk.DecodeLaunch.BIND = False
+    try:
+        plain = fa2lab.decode_attention(q, k, v, plan=plan, **kw)
+    finally:
+        dk.DecodeLaunch.BIND = True
+    assert torch.equal(bound, plain)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fa2lab.decode_attention(q, k, v, plan=plan, **kw)
+    seqlens[0] = 1
+    graph.replay()
+    assert torch.equal(captured, first)

@@ -2,14 +2,23 @@
 page sizes 1, 16, 256), without one, next to torch SDPA's flash and cuDNN kernels, same run.
 
     bytes = 2 * B * Hkv * L * D * 2          # K and V read once, bf16
-    python -m fa2lab.bench.decode_gpu [--tune] [--out DIR]
+    python -m fa2lab.bench.decode_gpu [--host] [--splits] [--tune] [--no-public] [--out DIR]
 
---tune adds a kernel-only sweep of the decode kernel's tiles (labelled as kernel-only).
+Every timed call is first checked against an fp32 SDPA math reference; its error is reported next
+to bf16 SDPA math's (the 2x rule). "paged 16 seq" is page size 16 with pages in order (the same
+kernel as "paged 16", whose pages are in a random order): the difference is the cost of scattered
+pages, not of the page table. "plan dense (again)" repeats the first row at the end of its case.
+--host: host time of one call (launches are asynchronous: the time until the call returns) and the
+step time of back-to-back calls without an L2 flush (what a decode loop sees). --splits: the planned
+call at 1-8 programs per SM. --tune: a kernel-only sweep of the decode kernel's tiles (labelled as kernel-only).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -36,45 +45,134 @@ def _sdpa(backend, q, k, v):
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def public_calls(b, hq, hkv, n, dtype=torch.bfloat16):
+def _inputs(b, hq, hkv, n, dtype=torch.bfloat16):
     q = torch.randn(b, hq, 1, D, device="cuda", dtype=dtype)
     k, v = (torch.randn(b, hkv, n, D, device="cuda", dtype=dtype) for _ in range(2))
-    seqlens = torch.full((b,), n, dtype=torch.int32, device="cuda")
+    return q, k, v, torch.full((b,), n, dtype=torch.int32, device="cuda")
+
+
+def public_calls(q, k, v, seqlens, pages=((16, True), (1, True), (256, True), (16, False))):
+    """name -> zero-argument call, for one case. pages: (page size, random order)."""
+    b, n = q.shape[0], k.shape[2]
     calls = {}
     plan = fa2lab.decode_plan(q, k, v, cache_seqlens=seqlens)
-    calls["fa2lab plan dense"] = lambda: fa2lab.decode_attention(q, k, v, cache_seqlens=seqlens, plan=plan)
-    calls["fa2lab no plan dense"] = lambda: fa2lab.decode_attention(q, k, v, cache_seqlens=seqlens)
-    for page in (16, 1, 256):
-        perm = torch.randperm(b * (n // page), device="cuda").view(b, n // page)
+    calls["plan dense"] = lambda: fa2lab.decode_attention(q, k, v, cache_seqlens=seqlens, plan=plan)
+    for page, shuffled in pages:
+        order = torch.randperm(b * (n // page), device="cuda") if shuffled else torch.arange(b * (n // page),
+                                                                                                device="cuda")
+        perm = order.view(b, n // page)
         kp, vp, table = _paged(k, page, perm), _paged(v, page, perm), perm.to(torch.int32)
         p = fa2lab.decode_plan(q, kp, vp, cache_seqlens=seqlens, block_table=table)
-        calls[f"fa2lab plan paged {page}"] = (lambda kp=kp, vp=vp, t=table, p=p:
-                                              fa2lab.decode_attention(q, kp, vp, cache_seqlens=seqlens, block_table=t,
-                                                                      plan=p))
+        calls[f"paged {page}{'' if shuffled else ' seq'}"] = (
+            lambda kp=kp, vp=vp, t=table, p=p: fa2lab.decode_attention(q, kp, vp, cache_seqlens=seqlens,
+                                                                        block_table=t, plan=p))
+    calls["no plan"] = lambda: fa2lab.decode_attention(q, k, v, cache_seqlens=seqlens)
     calls["sdpa flash"] = lambda: _sdpa(SDPBackend.FLASH_ATTENTION, q, k, v)
     calls["sdpa cudnn"] = lambda: _sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v)
+    calls["plan dense (again)"] = calls["plan dense"]
+    return calls, plan
+
+
+def _errors(q, k, v):
+    """(fp32 SDPA math truth, bf16 SDPA math's error against it): the yardstick of the 2x rule."""
     truth = _sdpa(SDPBackend.MATH, q.float(), k.float(), v.float())
-    return calls, truth, plan
+    naive = (_sdpa(SDPBackend.MATH, q, k, v).float() - truth).abs().max().item()
+    return truth, naive
 
 
-def run_public(log=print):
+def run_public(log=print, cases=CASES):
     rows = []
-    for b, hq, hkv, n in CASES:
-        calls, truth, plan = public_calls(b, hq, hkv, n)
+    for b, hq, hkv, n in cases:
+        q, k, v, seqlens = _inputs(b, hq, hkv, n)
+        calls, plan = public_calls(q, k, v, seqlens)
+        truth, naive = _errors(q, k, v)
         nbytes = 2 * b * hkv * n * D * 2  # K and V read once
         for name, fn in calls.items():
             try:
-                out = fn()
-                err = (out.float() - truth).abs().max().item()
-                t = _bench(fn)
+                err = (fn().float() - truth).abs().max().item()
+                t = _bench(fn, f"decode {name}").median_s
                 rows.append(dict(kind="decode_public", impl=name, B=b, Hq=hq, Hkv=hkv, L=n, D=D, us=t * 1e6,
-                                 tbps=nbytes / t / 1e12, err=err, num_splits=plan.num_splits))
-                log(f"decode {name:<22} B={b:>3} Hkv={hkv:>2} L={n:>6} {t * 1e6:8.1f} us {nbytes / t / 1e12:5.2f} TB/s "
-                    f"err {err:.1e}")
+                                 tbps=nbytes / t / 1e12, err=err, sdpa_math_bf16_err=naive,
+                                 num_splits=plan.num_splits))
+                log(f"decode {name:<18} B={b:>3} Hkv={hkv:>2} L={n:>6} {t * 1e6:8.1f} us {nbytes / t / 1e12:5.2f} TB/s "
+                    f"err {err:.1e} (bf16 math {naive:.1e})")
             except Exception as exc:  # noqa: BLE001 - a failing implementation is a result
-                rows.append(dict(kind="decode_public", impl=name, B=b, L=n, error=str(exc)[:300]))
-                log(f"decode {name:<22} B={b} L={n}: {type(exc).__name__}: {str(exc)[:200]}")
-        del calls, truth
+                rows.append(dict(kind="decode_public", impl=name, B=b, Hkv=hkv, L=n, error=str(exc)[:300]))
+                log(f"decode {name:<18} B={b} L={n}: {type(exc).__name__}: {str(exc)[:200]}")
+        del calls, truth, q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _host_us(fn, calls=300, sync_every=50):
+    """Median host time of one call (it returns before the GPU is done): the Python and launch cost."""
+    times = []
+    for i in range(calls):
+        if i % sync_every == 0:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    torch.cuda.synchronize()
+    return statistics.median(times) * 1e6
+
+
+def _loop_us(fn, steps=200):
+    """Wall time per call of `steps` back-to-back calls (no L2 flush): a decode loop's step time."""
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps * 1e6
+
+
+def run_host(log=print):
+    """Host time per call, and whether the directly bound kernel gives the bits of Triton's launch."""
+    from fa2lab.kernels import decode as dk
+
+    rows = []
+    for b, hq, hkv, n in [(1, 32, 8, 4096), (1, 32, 8, 32768)]:
+        q, k, v, seqlens = _inputs(b, hq, hkv, n)
+        plan = fa2lab.decode_plan(q, k, v, cache_seqlens=seqlens)
+        planned = lambda: fa2lab.decode_attention(q, k, v, cache_seqlens=seqlens, plan=plan)  # noqa: E731
+        bound_out = planned()
+        planned()
+        bound = bool(plan.launch._bound) and all(plan.launch._bound.values())
+        dk.DecodeLaunch.BIND = False
+        same = torch.equal(planned(), bound_out)
+        unbound_host = _host_us(planned)
+        dk.DecodeLaunch.BIND = True
+        cudnn = lambda: _sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v)  # noqa: E731
+        row = dict(kind="decode_host", B=b, Hkv=hkv, L=n, bound=bound, bound_equals_triton_launch=same,
+                   host_us_planned=_host_us(planned), host_us_planned_triton_launch=unbound_host,
+                   host_us_cudnn=_host_us(cudnn), host_us_empty=_host_us(lambda: torch.empty(1, device="cuda")),
+                   loop_us_planned=_loop_us(planned), loop_us_cudnn=_loop_us(cudnn))
+        rows.append(row)
+        log(" ".join(f"{k_}={v_:.1f}" if isinstance(v_, float) else f"{k_}={v_}" for k_, v_ in row.items()))
+        del q, k, v
+    return rows
+
+
+def run_splits(log=print, per_sm=(1, 2, 4, 8)):
+    """The planned dense call at several programs per SM (num_splits given to the plan)."""
+    from fa2lab.decode.splits import kernel_num_splits
+
+    rows = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for b, hq, hkv, n in [CASES[0], CASES[1], CASES[2]]:
+        q, k, v, seqlens = _inputs(b, hq, hkv, n)
+        nbytes = 2 * b * hkv * n * D * 2
+        for p_sm in per_sm:
+            splits = kernel_num_splits(b * hkv, n, sms, programs_per_sm=p_sm)
+            plan = fa2lab.decode_plan(q, k, v, cache_seqlens=seqlens, num_splits=splits)
+            t = _bench(lambda: fa2lab.decode_attention(q, k, v, cache_seqlens=seqlens, plan=plan)).median_s
+            rows.append(dict(kind="decode_splits", B=b, Hkv=hkv, L=n, per_sm=p_sm, splits=splits, us=t * 1e6,
+                             tbps=nbytes / t / 1e12))
+            log(f"splits B={b} Hkv={hkv} L={n} per_sm={p_sm} splits={splits}: {t * 1e6:.1f} us "
+                f"{nbytes / t / 1e12:.2f} TB/s")
+        del q, k, v
         torch.cuda.empty_cache()
     return rows
 
@@ -87,11 +185,7 @@ def run_tune(log=print):
     rows = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for b, hq, hkv, n in [CASES[0], CASES[1], CASES[3]]:
-        q = torch.randn(b, hq, 1, D, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(b, hkv, n, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        seqlens = torch.full((b,), n, dtype=torch.int32, device="cuda")
-        perm = torch.randperm(b * (n // 16), device="cuda").view(b, n // 16)
-        kp, vp, table = _paged(k, 16, perm), _paged(v, 16, perm), perm.to(torch.int32)
+        q, k, v, seqlens = _inputs(b, hq, hkv, n)
         nbytes = 2 * b * hkv * n * D * 2
         for bn in (64, 128):
             for warps in (4, 8):
@@ -100,70 +194,60 @@ def run_tune(log=print):
                     for per_sm in (2, 4, 8):
                         splits = kernel_num_splits(b * hkv * row_tiles(hq, hkv, 1, cfg), n, sms, block_n=bn,
                                                    programs_per_sm=per_sm)
-                        for paged in (False, True):
-                            kk, vv, bt = (kp, vp, table) if paged else (k, v, None)
-                            try:
-                                t = _bench(lambda: decode_triton(q, kk, vv, seqlens, scale=D ** -0.5, left=-1, right=0,
-                                                                 num_splits=splits, block_table=bt, config=cfg))
-                            except Exception as exc:  # noqa: BLE001
-                                log(f"tune {cfg} {type(exc).__name__}")
-                                continue
-                            rows.append(dict(kind="decode_tune", B=b, Hkv=hkv, L=n, paged=paged, splits=splits,
-                                             per_sm=per_sm, **cfg, us=t * 1e6, tbps=nbytes / t / 1e12))
-        best = {}
-        for r in rows:
-            if r["B"] == b and r["L"] == n:
-                key = r["paged"]
-                if key not in best or r["tbps"] > best[key]["tbps"]:
-                    best[key] = r
-        for r in best.values():
-            log(f"tune (kernel-only) best B={b} L={n} paged={r['paged']}: {r['tbps']:.2f} TB/s "
-                f"BLOCK_N={r['BLOCK_N']} warps={r['num_warps']} stages={r['num_stages']} per_sm={r['per_sm']} "
-                f"splits={r['splits']}")
-        del q, k, v, kp, vp
+                        t = _bench(lambda: decode_triton(q, k, v, seqlens, scale=D ** -0.5, left=-1, right=0,
+                                                         num_splits=splits, config=cfg)).median_s
+                        rows.append(dict(kind="decode_tune", B=b, Hkv=hkv, L=n, splits=splits, per_sm=per_sm, **cfg,
+                                         us=t * 1e6, tbps=nbytes / t / 1e12))
+        best = max((r for r in rows if r["B"] == b and r["L"] == n), key=lambda r: r["tbps"])
+        log(f"tune (kernel-only) best B={b} L={n}: {best['tbps']:.2f} TB/s {best}")
+        del q, k, v
         torch.cuda.empty_cache()
     return rows
 
 
+def summary(rows) -> list[str]:
+    """The short table: TB/s per case and implementation, plan / cuDNN and paged 16 / dense."""
+    table = {}
+    for r in rows:
+        if r.get("kind") == "decode_public" and "tbps" in r:
+            table.setdefault((r["B"], r["Hkv"], r["L"]), {})[r["impl"]] = r["tbps"]
+    names = ["plan dense", "paged 16", "paged 1", "paged 256", "paged 16 seq", "no plan", "sdpa flash", "sdpa cudnn",
+             "plan dense (again)"]
+    lines = ["| case | " + " | ".join(names) + " | plan/cuDNN | paged16/dense |"]
+    for (b, hkv, n), vals in table.items():
+        cells = [f"{vals[x]:.2f}" if x in vals else "-" for x in names]
+        dense = max(vals.get("plan dense", 0), vals.get("plan dense (again)", 0))
+        ratio = dense / vals["sdpa cudnn"] if vals.get("sdpa cudnn") else float("nan")
+        paged = vals.get("paged 16", 0) / dense if dense else float("nan")
+        lines.append(f"| B={b} Hkv={hkv} L={n} | " + " | ".join(cells) + f" | {ratio:.2f} | {paged:.2f} |")
+    return lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fa2lab.bench.decode_gpu", description=__doc__)
-    p.add_argument("--tune", action="store_true")
+    for flag in ("--host", "--splits", "--tune", "--no-public"):
+        p.add_argument(flag, action="store_true")
     p.add_argument("--out", type=Path, default=Path("experiments/results"))
     args = p.parse_args(argv)
     env = environment()
     pk = peaks()
     print(env)
-    print(f"peaks: copy {pk['copy_tbps']:.2f} TB/s")
-    rows = run_tune() if args.tune else []
-    if args.tune:  # the public calls below run the tiles that served the dense cases best (geometric mean)
-        from fa2lab.decode import splits as split_rule
-        from fa2lab.kernels import decode as dk
-
-        score = {}
-        for r in rows:
-            if r["kind"] == "decode_tune" and not r["paged"]:
-                key = (r["BLOCK_N"], r["num_warps"], r["num_stages"], r["per_sm"])
-                score.setdefault(key, []).append(r["tbps"])
-        best = max((k for k, v in score.items() if len(v) == max(map(len, score.values()))),
-                   key=lambda k: torch.tensor(score[k]).log().mean().item())
-        dk.DECODE_TILES.update(BLOCK_N=best[0], num_warps=best[1], num_stages=best[2])
-        split_rule.KERNEL_PROGRAMS_PER_SM = best[3]
-        print(f"tiles for the public calls (from the sweep): {dk.DECODE_TILES}, programs per SM {best[3]}")
-        rows.append(dict(kind="decode_tiles", programs_per_sm=best[3], **dk.DECODE_TILES))
-    rows += run_public()
-    save_results(args.out, "decode", dict(environment=env, peaks=pk, rows=rows))
-    table = {}
-    for r in rows:
-        if r.get("kind") == "decode_public" and "tbps" in r:
-            table.setdefault((r["B"], r["Hkv"], r["L"]), {})[r["impl"]] = r["tbps"]
-    names = ["fa2lab plan dense", "fa2lab plan paged 16", "fa2lab plan paged 1", "fa2lab plan paged 256",
-             "fa2lab no plan dense", "sdpa flash", "sdpa cudnn"]
-    print("\n| case | " + " | ".join(names) + " | plan/cuDNN | paged16/dense |")
-    for (b, hkv, n), vals in table.items():
-        cells = [f"{vals[x]:.2f}" if x in vals else "-" for x in names]
-        ratio = vals.get("fa2lab plan dense", 0) / vals["sdpa cudnn"] if "sdpa cudnn" in vals else float("nan")
-        paged = vals.get("fa2lab plan paged 16", 0) / vals.get("fa2lab plan dense", float("nan"))
-        print(f"| B={b} Hkv={hkv} L={n} | " + " | ".join(cells) + f" | {ratio:.2f} | {paged:.2f} |")
+    print(f"peaks: copy {pk['copy_tbps']:.2f} TB/s, bf16 matmul {pk['matmul_tflops']:.0f} TFLOP/s")
+    rows = []
+    payload = dict(environment=env, peaks=pk, rows=rows)
+    steps = [(args.host, run_host), (not args.no_public, run_public), (args.splits, run_splits),
+             (args.tune, run_tune)]
+    path = None
+    for wanted, step in steps:
+        if wanted:
+            rows += step()
+            if path is None:
+                path = save_results(args.out, "decode", payload)
+            else:  # the same file, rewritten: partial results survive a time limit
+                path.write_text(json.dumps(payload, indent=1))
+    print(f"\ncopy {pk['copy_tbps']:.2f} TB/s")
+    for line in summary(rows):
+        print(line)
     return 0
 
 

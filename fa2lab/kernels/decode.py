@@ -291,7 +291,7 @@ def _bind(compiled, grid, args, constexprs):
     constants = [constexprs[name] for name in _decode_kernel.arg_names[len(args):]]
     try:
         runner(*args, *constants)
-    except TypeError:
+    except (TypeError, ValueError):  # a launcher of another form: keep Triton's launch
         return None
     return runner, constants
 
