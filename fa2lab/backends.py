@@ -158,8 +158,9 @@ class Triton:
             return f"the Triton decode kernel reads dense or paged caches, not a {case.cache} one"
         if op == "decode" and case.unified_max:
             return "the Triton decode kernel has no unified max (FlashDecoding++): use 'tiled'"
-        if op == "decode" and case.variants:
-            return f"the Triton decode kernel has no {', '.join(case.variants)} (the split-K in PyTorch has them)"
+        extra = [n for n in case.variants if n not in TRITON_DECODE_VARIANTS]
+        if op == "decode" and extra:
+            return f"the Triton decode kernel has no {', '.join(extra)} (the split-K in PyTorch has them)"
         why = triton_unavailable(case.device, case.dtype, (case.d, case.dv))
         mods = [n for n in case.variants if n in TRITON_UNSUPPORTED_VARIANTS]
         if why is None and mods:
@@ -173,6 +174,10 @@ class Triton:
         return triton_attention(q, k, v, scale=scale, left=left, right=right, return_lse=return_lse,
                                 variants=variants)
 
+
+# Variants the Triton split-K decode kernel runs (fa2lab/kernels/decode.py); the others go to the
+# PyTorch split-K.
+TRITON_DECODE_VARIANTS = ("softcap", "alibi", "sinks")
 
 # Variants the Triton kernels leave to the tiled backend, and why.
 TRITON_UNSUPPORTED_VARIANTS = {

@@ -26,7 +26,7 @@ _UNSET = object()
 
 def decode_plan(q, k_cache, v_cache, k_new=None, v_new=None, *, cache_seqlens=None, block_table=None,
                 num_splits=None, softmax_scale=None, causal=True, window_size=(-1, -1), backend="auto",
-                unified_max=None) -> DecodePlan:
+                unified_max=None, softcap=0.0, alibi_slopes=None, sinks=None) -> DecodePlan:
     """Check a decode call once; pass the result as `decode_attention(..., plan=plan)`.
 
     Arguments as `decode_attention`. The plan fixes shapes, dtype, device, options, backend, split
@@ -35,9 +35,17 @@ def decode_plan(q, k_cache, v_cache, k_new=None, v_new=None, *, cache_seqlens=No
     valid while lengths grow up to the capacity and while the page table changes: planned calls
     clamp lengths and page numbers on the device instead of checking them. One plan serves every
     layer whose cache has the same shapes, on one CUDA stream at a time (it holds the workspace).
+
+    Variants: softcap, alibi_slopes (Hq,) / (B, Hq) and sinks (Hq,) (issue 17's semantics, as
+    `decode_attention`). The plan fixes which of them are on and the softcap value; a planned call
+    may pass other slopes or sinks of the same shapes (one plan for every layer of a model whose
+    layers have their own sinks) or leave them out to use the plan's.
     """
     window_size = check_shapes(q, k_cache, v_cache, k_new, v_new, block_table, cache_seqlens, window_size)
-    plan = make_plan(q, k_cache, v_cache, k_new, v_new, block_table=block_table, num_splits=num_splits,
+    capacity = block_table.shape[1] * k_cache.shape[2] if block_table is not None else k_cache.shape[2]
+    var = check_variants(q, k_cache, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, batch=q.shape[0],
+                         nk=capacity)
+    plan = make_plan(q, k_cache, v_cache, k_new, v_new, block_table=block_table, num_splits=num_splits, variants=var,
                      softmax_scale=softmax_scale, causal=causal, window_size=window_size, backend=backend,
                      unified_max=unified_max, workspace=True, num_units=default_num_units(q.device),
                      choose=choose)
@@ -80,18 +88,22 @@ def decode_attention(q, k_cache, v_cache, k_new=None, v_new=None, *, cache_seqle
     cache_seqlens[b] keys: softcap, alibi_slopes (Hq,) / (B, Hq), attn_bias broadcastable to
     (B, Hq, Nq, Nmax) (paged: Nmax = max_pages_per_seq * page_size), sinks (Hq,), score_mod /
     mask_mod run in the split-K (backend "tiled"); dropout (decoding in training) runs per sequence
-    on the reference. "auto" sends variants away from the Triton decode kernel and logs why.
-    Variants are not planned: a call with a plan takes none.
+    on the reference. The Triton decode kernel runs softcap, alibi_slopes and sinks (dense and
+    paged, planned or not); "auto" sends bias, score/mask functions and dropout away from it and
+    logs why. Plans take softcap, alibi_slopes and sinks (`decode_plan`); a planned call may pass
+    its own slopes and sinks of the planned shapes.
     """
     if return_lse is not True and return_lse is not False:
         return_lse = _checks.check_flag("return_lse", return_lse)
     if plan is not None:  # the planned call: host-side comparisons only, then the launch
-        if (softcap or alibi_slopes is not None or attn_bias is not None or sinks is not None or dropout_p
-                or score_mod is not None or mask_mod is not None):
-            raise ValueError("decode plans hold no attention variants (softcap, alibi_slopes, attn_bias, sinks, "
-                             "dropout_p, score_mod, mask_mod); call decode_attention without plan= for them")
+        if attn_bias is not None or dropout_p or score_mod is not None or mask_mod is not None:
+            raise ValueError("decode plans hold softcap, alibi_slopes and sinks, not attn_bias, dropout_p, "
+                             "score_mod or mask_mod; call decode_attention without plan= for them")
         if not isinstance(plan, DecodePlan):
             raise ValueError(f"expected plan from fa2lab.decode_plan(...), got {type(plan).__name__}")
+        variants = plan.variants
+        if softcap or alibi_slopes is not None or sinks is not None:
+            variants = plan.call_variants(softcap, alibi_slopes, sinks)
         plain = (causal is _UNSET and window_size is _UNSET and unified_max is _UNSET and softmax_scale is None
                  and num_splits is None and backend == "auto")
         if not (plain and plan.matches(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)):
@@ -101,7 +113,8 @@ def decode_attention(q, k_cache, v_cache, k_new=None, v_new=None, *, cache_seqle
                 options["window_size"] = tuple(options["window_size"])
             plan.check_call(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
                             dict(options, softmax_scale=softmax_scale, num_splits=num_splits, backend=backend))
-        return run_plan(plan, q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, return_lse, backend)
+        return run_plan(plan, q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, return_lse, backend,
+                        variants)
     options = {name: val for name, val in (("causal", causal), ("window_size", window_size),
                                             ("unified_max", unified_max)) if val is not _UNSET}
     window = check_shapes(q, k_cache, v_cache, k_new, v_new, block_table, cache_seqlens,
@@ -124,8 +137,11 @@ def decode_attention(q, k_cache, v_cache, k_new=None, v_new=None, *, cache_seqle
 
 
 def run_plan(plan: DecodePlan, q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, return_lse,
-             asked="auto"):
-    """The decode itself on checked inputs; reads nothing back on the Triton path."""
+             asked="auto", variants=_UNSET):
+    """The decode itself on checked inputs; reads nothing back on the Triton path. variants: the
+    call's checked Variants (default: the plan's)."""
+    if variants is _UNSET:
+        variants = plan.variants
     if cache_seqlens is None:  # a full dense cache: its length is the capacity, known on the host
         cache_seqlens = plan.full_lengths
         if cache_seqlens is None:
@@ -142,12 +158,12 @@ def run_plan(plan: DecodePlan, q, k_cache, v_cache, k_new, v_new, cache_seqlens,
         lse = torch.full((b, hq, nq), float("-inf"), dtype=lse_dtype, device=q.device)
         return (out, lse) if return_lse else out
     if plan.backend == "triton":
-        out, lse = _ops().decode(q, k_cache, v_cache, cache_seqlens, block_table, plan, return_lse)
+        out, lse = _ops().decode(q, k_cache, v_cache, cache_seqlens, block_table, plan, return_lse, variants)
         return (out, lse) if return_lse else out
     left, right = plan.window
     seqlens = (cache_seqlens + plan.n_new).clamp(0, plan.capacity)  # what the kernels do on the device
     reader = PagedReader(k_cache, v_cache, block_table) if plan.paged else DenseReader(k_cache, v_cache)
-    out, lse = _readable(plan, q, reader, seqlens, left, right)
+    out, lse = _readable(plan, q, reader, seqlens, left, right, variants)
     lse = lse.float() if q.dtype != torch.float64 else lse
     return (out, lse) if return_lse else out
 
@@ -231,13 +247,14 @@ def decode_case(q, reader, causal, window_size, unified_max, variants=()):
                                 unified_max, variants)
 
 
-def _readable(plan, q, reader, seqlens, left, right):
-    variants = plan.variants if plan.variants is not None else NONE
+def _readable(plan, q, reader, seqlens, left, right, variants=_UNSET):
+    variants = plan.variants if variants is _UNSET else variants
     if plan.backend == "reference":
-        return _reference(q, reader, seqlens, plan.causal, plan.window_size, plan.scale, variants)
+        return _reference(q, reader, seqlens, plan.causal, plan.window_size, plan.scale,
+                          variants if variants is not None else NONE)
     out, lse, stats = splitk_decode(q, reader, seqlens, scale=plan.scale, left=left, right=right,
                                     num_splits=plan.num_splits, block_k=DECODE_BLOCK_K, unified_max=plan.unified_max,
-                                    variants=plan.variants)
+                                    variants=variants)
     if stats is not None and not stats.exact:
         log.warning("fa2lab: unified max phi=%g out of range (max logit - phi = %.3g, smallest row max - "
                     "phi = %.3g); recomputed with the online softmax", stats.phi, stats.max_shift,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fa2lab import _checks, masks
+from fa2lab.variants.options import NONE
 
 DECODE_BACKENDS = ("auto", "reference", "tiled", "sdpa", "triton")  # fa2lab.attention's names; "sdpa" says why not
 
@@ -82,6 +83,29 @@ class DecodePlan:
             return ok and block_table is None
         except AttributeError:  # not a tensor: check_call names it
             return False
+
+    def call_variants(self, softcap, alibi_slopes, sinks):
+        """The variants of a planned call that passes some: the plan's, with the call's slopes and
+        sinks (checked host-side: shape, dtype, device). The plan fixes which variants are on."""
+        import dataclasses
+
+        from fa2lab.variants.options import NONE, _check_sinks, _check_slopes
+
+        var = self.variants if self.variants is not None else NONE
+        b, hq = self.q_shape[:2]
+        for name, given, planned in (("softcap", bool(softcap), var.softcap > 0),
+                                     ("alibi_slopes", alibi_slopes is not None, var.alibi_slopes is not None),
+                                     ("sinks", sinks is not None, var.sinks is not None)):
+            if given and not planned:
+                raise ValueError(f"this decode plan was made without {name}; make it with "
+                                 f"fa2lab.decode_plan(..., {name}=...) (a plan fixes which variants are on)")
+        if softcap and float(softcap) != var.softcap:
+            raise ValueError(f"this decode plan was made with softcap={var.softcap}, the call asks {softcap}; "
+                             f"make a new plan")
+        return dataclasses.replace(
+            var, alibi_slopes=var.alibi_slopes if alibi_slopes is None else _check_slopes(alibi_slopes, b, hq,
+                                                                                           self.device),
+            sinks=var.sinks if sinks is None else _check_sinks(sinks, hq, self.device))
 
     def check_call(self, q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, options: dict) -> None:
         """Host-side metadata only (no device read): the call must be the one this plan was made for."""
@@ -249,10 +273,12 @@ def make_plan(q, k_cache, v_cache, k_new, v_new, *, block_table, num_splits, sof
         splits = min(num_splits or split_rule.kernel_num_splits(tiles, capacity, num_units), split_rule.MAX_SPLITS)
         if workspace:  # a kept plan: everything of the launch computed once, the workspace owned
             left, right = masks.effective_window(causal, window_size)
+            var = variants if variants is not None else NONE
             launch = DecodeLaunch(tuple(q.shape), tuple(k_cache.shape), tuple(v_cache.shape), q.dtype, q.device,
                                   paged=paged, table_cols=block_table.shape[1] if paged else 0, scale=scale,
                                   left=left, right=right, num_splits=splits,
-                                  n_new=k_new.shape[2] if k_new is not None else 0, config=config)
+                                  n_new=k_new.shape[2] if k_new is not None else 0, config=config,
+                                  softcap=var.softcap, alibi=var.alibi_slopes is not None, sinks=var.sinks is not None)
             space = launch.workspace
     else:
         splits = num_splits or (split_rule.num_splits("tiled", b * hkv, capacity, num_units)

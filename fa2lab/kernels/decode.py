@@ -28,19 +28,31 @@ import triton
 import triton.language as tl
 
 from fa2lab.kernels.common import LOG2E, LOG2E_K, dot, ieee_dot, interpreting, online_softmax_step, pow2
+from fa2lab.kernels.variants import _variant_logits
 
 
 
 @triton.jit
+def _sink(lse2, sink2):
+    """exp(sink) joins the denominator (log2 units): -> (e^(lse - lse'), lse' = logaddexp(lse, sink)),
+    the output's factor and the new lse. A row that saw no key (lse = -inf) keeps out = 0 and gets
+    lse' = sink."""
+    top = tl.maximum(lse2, sink2)
+    lse_s = top + tl.math.log2(tl.math.exp2(lse2 - top) + tl.math.exp2(sink2 - top))
+    return tl.math.exp2(lse2 - lse_s), lse_s
+
+
+@triton.jit
 def _decode_kernel(
-    Q, K, V, SEQLENS, BT, O, LSE, OP, LP, LOCKS,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbt_b,
+    Q, K, V, SEQLENS, BT, O, LSE, OP, LP, LOCKS, ALIBI, SINKS,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbt_b, sab, sah,
     sob, soh, som, sod, slb, slh, slm,
-    HKV, Nq, G, NEW, CAPACITY, NUM_PAGES, qk_scale, LEFT, RIGHT, M_TILES, S,
+    HKV, Nq, G, NEW, CAPACITY, NUM_PAGES, qk_scale, LEFT, RIGHT, M_TILES, S, cap_in, cap_out,
     D: tl.constexpr, D_V: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr, SPLIT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     IEEE_DOT: tl.constexpr, STORE_LSE: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     tile = tl.program_id(0)  # (b, hk, row tile)
     split = tl.program_id(1)
@@ -58,6 +70,9 @@ def _decode_kernel(
     q = tl.load(Q + b.to(tl.int64) * sqb + h[:, None] * sqh + qi[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, HEAD_DIM)
     qpos = L - Nq + qi  # absolute position of each query row (bottom-right alignment)
+    slope2 = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
+    if HAS_ALIBI:  # each row has its own head: (BLOCK_M, 1) slopes, log2 units
+        slope2 = (tl.load(ALIBI + b * sab + h * sah, mask=row_ok, other=0.0) * LOG2E_K)[:, None]
 
     # Keys any row of this tile can see: [lo, hi), then an equal, tile-aligned share per split.
     first_q = L - Nq + (mt * BLOCK_M) // G
@@ -96,7 +111,10 @@ def _decode_kernel(
                     mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_N, HEAD_DIM)
         v = tl.load(V + hk * svh + v_row[:, None] + offs_dv[None, :] * svd,
                     mask=col_ok[:, None] & (offs_dv[None, :] < D_V), other=0.0)  # (BLOCK_N, HEAD_DIM_V)
-        s = dot(q, tl.trans(k), IEEE_DOT) * qk_scale  # (BLOCK_M, BLOCK_N) logits in log2 units
+        # (BLOCK_M, BLOCK_N) logits in log2 units; soft-capping and ALiBi as the dense kernels
+        # (kernels/variants.py), ALiBi's distance |i + L - Nq - j| = |qpos - j| with Nk = L.
+        s, _ = _variant_logits(dot(q, tl.trans(k), IEEE_DOT), qi[:, None], cols[None, :], False, Nq, L, qk_scale,
+                               cap_in, cap_out, slope2, Q, 0, 0, SOFTCAP, HAS_ALIBI, False)
         valid = col_ok[None, :] & row_ok[:, None]
         if HAS_LEFT:
             valid = valid & (cols[None, :] >= qpos[:, None] - LEFT)
@@ -110,6 +128,9 @@ def _decode_kernel(
     lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))  # log2 units
 
     if not SPLIT:
+        if HAS_SINKS:
+            factor, lse2 = _sink(lse2, tl.load(SINKS + h, mask=row_ok, other=0.0) * LOG2E_K)
+            out = out * factor[:, None]
         o_ptr = O + b.to(tl.int64) * sob + h[:, None] * soh + qi[:, None] * som + offs_dv[None, :] * sod
         tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < D_V))
         if STORE_LSE:
@@ -138,11 +159,13 @@ def _decode_kernel(
                 o_row = tl.sum(parts * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
                 ri = mt * BLOCK_M + i
                 qr, hr = ri // G, hk * G + ri % G
+                lse_row = tl.where(total == 0.0, float("-inf"), m_ref + tl.math.log2(tl.where(total == 0.0, 1.0, total)))
+                if HAS_SINKS:
+                    factor, lse_row = _sink(lse_row, tl.load(SINKS + hr) * LOG2E_K)
+                    o_row = o_row * factor
                 tl.store(O + b.to(tl.int64) * sob + hr * soh + qr * som + offs_dv * sod,
                          o_row.to(O.dtype.element_ty), mask=offs_dv < D_V)
                 if STORE_LSE:
-                    lse_row = tl.where(total == 0.0, float("-inf"),
-                                       m_ref + tl.math.log2(tl.where(total == 0.0, 1.0, total)))
                     tl.store(LSE + b * slb + hr * slh + qr * slm, lse_row / LOG2E_K)
             tl.atomic_xchg(LOCKS + tile, 0)
 
@@ -228,7 +251,8 @@ class DecodeLaunch:
     BIND = True
 
     def __init__(self, q_shape, k_shape, v_shape, dtype, device, *, paged: bool, table_cols: int, scale: float,
-                 left: int, right: int, num_splits: int, n_new: int, config: dict | None = None, workspace=None):
+                 left: int, right: int, num_splits: int, n_new: int, config: dict | None = None, workspace=None,
+                 softcap: float = 0.0, alibi: bool = False, sinks: bool = False):
         b, hq, nq, d = q_shape
         hkv, dv = k_shape[1], v_shape[-1]
         group = hq // hkv
@@ -245,29 +269,39 @@ class DecodeLaunch:
         self.grid = (b * hkv * m_tiles, splits)
         out_strides = (hq * nq * dv, nq * dv, dv, 1)  # contiguous (B, Hq, Nq, Dv)
         lse_strides = (hq * nq, nq, 1)  # contiguous (B, Hq, Nq)
+        cap_in, cap_out = (2.0 * scale / softcap * LOG2E, softcap * LOG2E) if softcap > 0 else (0.0, 0.0)
         self.tail = (*out_strides, *lse_strides, hkv, nq, group, n_new, capacity, k_shape[0], scale * LOG2E,
-                     max(left, 0), max(right, 0), m_tiles, splits)
+                     max(left, 0), max(right, 0), m_tiles, splits, cap_in, cap_out)
+        self.alibi, self.sinks = alibi, sinks
         self.options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
         self.constexprs = dict(
             D=d, D_V=dv, HEAD_DIM=pow2(d), HEAD_DIM_V=pow2(dv), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             BLOCK_S=max(2, 1 << (splits - 1).bit_length()), PAGE_SIZE=k_shape[2] if paged else 1, PAGED=paged,
-            SPLIT=splits > 1, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, IEEE_DOT=ieee_dot(dtype))
+            SPLIT=splits > 1, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, IEEE_DOT=ieee_dot(dtype),
+            SOFTCAP=softcap > 0, HAS_ALIBI=alibi, HAS_SINKS=sinks)
         self._bound = {}  # (input strides, STORE_LSE) -> (CompiledKernel[grid], constants)
 
-    def __call__(self, q, k_cache, v_cache, seqlens, block_table=None, return_lse=True):
-        """-> out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) fp32 (None unless return_lse)."""
+    def __call__(self, q, k_cache, v_cache, seqlens, block_table=None, return_lse=True, alibi_slopes=None,
+                 sinks=None):
+        """-> out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) fp32 (None unless return_lse).
+        alibi_slopes fp32 (B, Hq) (any strides, 0 where broadcast), sinks fp32 (Hq,) contiguous: given
+        exactly when this launch was made with alibi / sinks."""
         out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
         lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device) if return_lse else None
         if self.empty:
             return out, lse
         bt = block_table if self.paged else seqlens
-        args = (q, k_cache, v_cache, seqlens, bt, out, out if lse is None else lse, *self.workspace,
-                *q.stride(), *k_cache.stride(), *v_cache.stride(), bt.stride(0) if self.paged else 0, *self.tail)
+        slopes = alibi_slopes if self.alibi else seqlens  # placeholders: their flags keep them out of the code
+        sink = sinks if self.sinks else seqlens
+        strides = (*q.stride(), *k_cache.stride(), *v_cache.stride(), bt.stride(0) if self.paged else 0,
+                   *(slopes.stride() if self.alibi else (0, 0)))
+        args = (q, k_cache, v_cache, seqlens, bt, out, out if lse is None else lse, *self.workspace, slopes, sink,
+                *strides, *self.tail)
         key = None
         # Triton specialises pointers on 16-byte alignment: bind only the common, all-aligned case.
         if self.BIND and not ((q.data_ptr() | k_cache.data_ptr() | v_cache.data_ptr() | seqlens.data_ptr()
-                               | bt.data_ptr()) & 15):
-            key = (args[10:23], return_lse)  # the input strides; everything else the shapes fix
+                               | bt.data_ptr() | slopes.data_ptr() | sink.data_ptr()) & 15):
+            key = (strides, return_lse)  # the input strides; everything else the shapes fix
             bound = self._bound.get(key)
             if bound:
                 runner, constants = bound
@@ -297,26 +331,31 @@ def _bind(compiled, grid, args, constexprs):
 
 
 def decode_launch(q, k_cache, v_cache, *, scale, left, right, num_splits, block_table=None, n_new=0,
-                  workspace=None, config=None) -> DecodeLaunch:
+                  workspace=None, config=None, softcap=0.0, alibi=False, sinks=False) -> DecodeLaunch:
     """The `DecodeLaunch` of these tensors' shapes."""
     return DecodeLaunch(tuple(q.shape), tuple(k_cache.shape), tuple(v_cache.shape), q.dtype, q.device,
                         paged=block_table is not None,
                         table_cols=block_table.shape[1] if block_table is not None else 0, scale=scale, left=left,
-                        right=right, num_splits=num_splits, n_new=n_new, config=config, workspace=workspace)
+                        right=right, num_splits=num_splits, n_new=n_new, config=config, workspace=workspace,
+                        softcap=softcap, alibi=alibi, sinks=sinks)
 
 
 def decode_triton(q, k_cache, v_cache, seqlens, *, scale, left, right, num_splits, block_table=None,
-                  n_new=0, workspace=None, config=None, return_lse=True):
+                  n_new=0, workspace=None, config=None, return_lse=True, softcap=0.0, alibi_slopes=None,
+                  sinks=None):
     """q (B, Hq, Nq, D); dense cache (B, Hkv, Nmax, D) or pages (P, Hkv, page, D) + block_table;
     seqlens int32 (B,): keys [0, seqlens[b] + n_new) of sequence b are attended (clamped to the
     capacity on the device) -> out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) fp32.
 
     No host-device sync: a call launches asynchronously and can be captured in a CUDA graph.
     workspace: from `decode_workspace` for these shapes and num_splits (None: allocated here).
+    Variants (fa2lab.variants' semantics, sequence b as the dense call on its first seqlens[b] keys):
+    softcap > 0, alibi_slopes fp32 (B, Hq), sinks fp32 (Hq,).
     A plan keeps the `decode_launch(...)` object instead and calls it."""
     launch = decode_launch(q, k_cache, v_cache, scale=scale, left=left, right=right, num_splits=num_splits,
-                           block_table=block_table, n_new=n_new, workspace=workspace, config=config)
-    return launch(q, k_cache, v_cache, seqlens, block_table, return_lse)
+                           block_table=block_table, n_new=n_new, workspace=workspace, config=config, softcap=softcap,
+                           alibi=alibi_slopes is not None, sinks=sinks is not None)
+    return launch(q, k_cache, v_cache, seqlens, block_table, return_lse, alibi_slopes, sinks)
 
 
 def append_kv_triton(k_cache, v_cache, k_new, v_new, seqlens, block_table=None) -> None:
