@@ -165,3 +165,47 @@ def test_planned_decode_bound_launch_equals_tritons_launch(page_size):
     seqlens[0] = 1
     graph.replay()
     assert torch.equal(captured, first)
+
+
+@pytest.mark.parametrize("page_size", [None, 1, 16])
+@pytest.mark.parametrize("which", [("softcap",), ("alibi",), ("sinks",), ("softcap", "alibi", "sinks")])
+def test_triton_decode_variants_full_size_within_torch_rule(page_size, which):
+    """Issue 17's soft-capping, ALiBi and sinks in the planned split-K kernel, bf16, D=128, GQA 32:8,
+    ragged lengths up to 8192: each sequence within 2x of bf16 PyTorch's error against float64."""
+    from fa2lab.measure.exactness import exact_floor
+    from fa2lab.reference import attention_ref
+
+    b, hq, hkv, d, n = 3, 32, 8, 128, 8192
+    g = torch.Generator().manual_seed(4)
+    q64 = torch.randn(b, hq, 1, d, generator=g, dtype=torch.float64).cuda()
+    k64, v64 = (torch.randn(b, hkv, n, d, generator=g, dtype=torch.float64).cuda() for _ in range(2))
+    opts = {}
+    if "softcap" in which:
+        opts["softcap"] = 5.0
+    if "alibi" in which:
+        opts["alibi_slopes"] = torch.rand(b, hq, generator=g).cuda() * 0.01
+    if "sinks" in which:
+        opts["sinks"] = torch.randn(hq, generator=g).cuda() + 3.0
+    lengths = [1, 4097, n]
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    q, k, v = (t.bfloat16() for t in (q64, k64, v64))
+    kc, vc, table = k, v, None
+    if page_size:
+        kc, table = _paged(k, page_size, g)
+        vc = torch.empty_like(kc)
+        per_seq = n // page_size
+        vc[table.long().flatten()] = v.view(b, hkv, per_seq, page_size, d).transpose(1, 2).reshape(-1, hkv,
+                                                                                                   page_size, d)
+    plan = fa2lab.decode_plan(q, kc, vc, cache_seqlens=seqlens, block_table=table, **opts)
+    assert plan.backend == "triton"
+    out, lse = fa2lab.decode_attention(q, kc, vc, cache_seqlens=seqlens, block_table=table, plan=plan,
+                                       return_lse=True)
+    for i, m in enumerate(lengths):
+        seq = {key: (val[i:i + 1] if key == "alibi_slopes" else val) for key, val in opts.items()}
+        truth, lse_t = attention_ref(q64[i:i + 1], k64[i:i + 1, :, :m], v64[i:i + 1, :, :m], causal=True,
+                                     return_lse=True, **{key: (val.double() if torch.is_tensor(val) else val)
+                                                         for key, val in seq.items()})
+        naive = attention_ref(q[i:i + 1], k[i:i + 1, :, :m], v[i:i + 1, :, :m], causal=True, upcast=False, **seq)
+        err = (out[i:i + 1].double() - truth).abs().max().item()
+        assert err <= 2 * (naive.double() - truth).abs().max().item() + exact_floor(torch.bfloat16), (i, err)
+        assert (lse[i:i + 1].double() - lse_t).abs().max().item() < 1e-3

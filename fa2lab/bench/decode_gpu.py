@@ -2,7 +2,7 @@
 page sizes 1, 16, 256), without one, next to torch SDPA's flash and cuDNN kernels, same run.
 
     bytes = 2 * B * Hkv * L * D * 2          # K and V read once, bf16
-    python -m fa2lab.bench.decode_gpu [--host] [--splits] [--tune] [--no-public] [--out DIR]
+    python -m fa2lab.bench.decode_gpu [--host] [--splits] [--variants] [--tune] [--no-public] [--out DIR]
 
 Every timed call is first checked against an fp32 SDPA math reference; its error is reported next
 to bf16 SDPA math's (the 2x rule). "paged 16 seq" is page size 16 with pages in order (the same
@@ -10,7 +10,8 @@ kernel as "paged 16", whose pages are in a random order): the difference is the 
 pages, not of the page table. "plan dense (again)" repeats the first row at the end of its case.
 --host: host time of one call (launches are asynchronous: the time until the call returns) and the
 step time of back-to-back calls without an L2 flush (what a decode loop sees). --splits: the planned
-call at 1-8 programs per SM. --tune: a kernel-only sweep of the decode kernel's tiles (labelled as kernel-only).
+call at 1-8 programs per SM. --variants: soft-capping, ALiBi and sinks through the planned call against
+the plain planned call. --tune: a kernel-only sweep of the decode kernel's tiles (labelled as kernel-only).
 """
 
 from __future__ import annotations
@@ -177,6 +178,71 @@ def run_splits(log=print, per_sm=(1, 2, 4, 8)):
     return rows
 
 
+VARIANTS = {
+    "plain": {},
+    "softcap": dict(softcap=30.0),  # Gemma 2's attention cap
+    "alibi": dict(alibi="slopes"),
+    "sinks": dict(sinks="logits"),
+    "all three": dict(softcap=30.0, alibi="slopes", sinks="logits"),
+}
+
+
+def _variant_options(spec, hq):
+    opts = dict(spec)
+    if "alibi" in opts:  # ALiBi's geometric slopes, 2^(-8 h / Hq)
+        opts.pop("alibi")
+        opts["alibi_slopes"] = 2.0 ** (-8.0 * torch.arange(1, hq + 1, device="cuda") / hq)
+    if "sinks" in opts:
+        opts["sinks"] = torch.randn(hq, device="cuda")
+    return opts
+
+
+def run_variants(log=print, cases=(CASES[0], CASES[2], CASES[3]), pages=(None, 16)):
+    """Soft-capping, ALiBi and sinks through the planned call, against the plain planned call (same
+    run), each checked against an fp32 oracle per sequence (with bf16 math's error beside it)."""
+    from fa2lab.reference import attention_ref
+
+    rows = []
+    for b, hq, hkv, n in cases:
+        q, k, v, seqlens = _inputs(b, hq, hkv, n)
+        nbytes = 2 * b * hkv * n * D * 2
+        for page in pages:
+            if page:
+                perm = torch.randperm(b * (n // page), device="cuda").view(b, n // page)
+                kc, vc, table = _paged(k, page, perm), _paged(v, page, perm), perm.to(torch.int32)
+            else:
+                kc, vc, table = k, v, None
+            base = None
+            for name, spec in VARIANTS.items():
+                opts = _variant_options(spec, hq)
+                plan = fa2lab.decode_plan(q, kc, vc, cache_seqlens=seqlens, block_table=table, **opts)
+                fn = lambda: fa2lab.decode_attention(q, kc, vc, cache_seqlens=seqlens, block_table=table,  # noqa: E731
+                                                     plan=plan)
+                rows_b = range(min(b, 4))  # the error on the first sequences: all of them have length n
+                truth = torch.cat([attention_ref(q[i:i + 1].float(), k[i:i + 1].float(), v[i:i + 1].float(),
+                                                 causal=True, **_seq_opts(opts, i)) for i in rows_b])
+                naive = torch.cat([attention_ref(q[i:i + 1], k[i:i + 1], v[i:i + 1], causal=True, upcast=False,
+                                                 **_seq_opts(opts, i)) for i in rows_b])
+                err = (fn()[: len(rows_b)].float() - truth).abs().max().item()
+                naive_err = (naive.float() - truth).abs().max().item()
+                t = _bench(fn, f"decode variant {name}").median_s
+                base = t if name == "plain" else base
+                rows.append(dict(kind="decode_variant", variant=name, page=page, B=b, Hkv=hkv, L=n, us=t * 1e6,
+                                 tbps=nbytes / t / 1e12, vs_plain=base / t, err=err, sdpa_math_bf16_err=naive_err))
+                log(f"variant {name:<9} page={page} B={b} Hkv={hkv} L={n}: {t * 1e6:7.1f} us "
+                    f"{nbytes / t / 1e12:5.2f} TB/s {base / t:.3f}x plain, err {err:.1e} (bf16 math {naive_err:.1e})")
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _seq_opts(opts, i):
+    seq = dict(opts)
+    if "alibi_slopes" in seq and seq["alibi_slopes"].dim() == 2:
+        seq["alibi_slopes"] = seq["alibi_slopes"][i:i + 1]
+    return seq
+
+
 def run_tune(log=print):
     """Kernel-only (decode_triton directly, no plan checks): tiles x split density."""
     from fa2lab.decode.splits import kernel_num_splits
@@ -225,7 +291,7 @@ def summary(rows) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fa2lab.bench.decode_gpu", description=__doc__)
-    for flag in ("--host", "--splits", "--tune", "--no-public"):
+    for flag in ("--host", "--splits", "--variants", "--tune", "--no-public"):
         p.add_argument(flag, action="store_true")
     p.add_argument("--out", type=Path, default=Path("experiments/results"))
     args = p.parse_args(argv)
@@ -235,8 +301,8 @@ def main(argv=None) -> int:
     print(f"peaks: copy {pk['copy_tbps']:.2f} TB/s, bf16 matmul {pk['matmul_tflops']:.0f} TFLOP/s")
     rows = []
     payload = dict(environment=env, peaks=pk, rows=rows)
-    steps = [(args.host, run_host), (not args.no_public, run_public), (args.splits, run_splits),
-             (args.tune, run_tune)]
+    steps = [(args.host, run_host), (not args.no_public, run_public), (args.variants, run_variants),
+             (args.splits, run_splits), (args.tune, run_tune)]
     path = None
     for wanted, step in steps:
         if wanted:
