@@ -43,6 +43,54 @@ def _sink(lse2, sink2):
 
 
 @triton.jit
+def _decode_tiles(acc, l_i, m_i, q, k_base, v_base, bt_base, b, t0, t1, j1, qi, qpos, row_ok, offs_d, offs_dv,
+                  skb, skn, skd, svb, svn, svd, NUM_PAGES, Nq, L, qk_scale, cap_in, cap_out, slope2, bias_dummy,
+                  LEFT, RIGHT, D: tl.constexpr, D_V: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                  PAGED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, IEEE_DOT: tl.constexpr,
+                  SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASKED: tl.constexpr):
+    """FA2's online softmax over the key tiles [t0, t1) of one split (keys < j1): Algorithm 1,
+    lines 6-10. MASKED tiles check every column against j1 and the window; the others are inside
+    both (and D, D_V are the padded widths or their loads are masked by columns only)."""
+    for start in range(t0, t1, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < j1
+        if PAGED:
+            if PAGE_SIZE % BLOCK_N == 0:  # the tile lies in one page: one table entry per tile
+                page = tl.load(bt_base + start // PAGE_SIZE)
+                off = start % PAGE_SIZE + tl.arange(0, BLOCK_N)
+            else:  # small pages: BLOCK_N // PAGE_SIZE entries, neighbours in one cache line
+                page = tl.load(bt_base + cols // PAGE_SIZE, mask=col_ok, other=0)
+                off = cols % PAGE_SIZE
+            page = tl.minimum(tl.maximum(page, 0), NUM_PAGES - 1).to(tl.int64)  # memory-safe for any table
+            k_row = page * skb + off * skn
+            v_row = page * svb + off * svn
+        else:
+            k_row = b.to(tl.int64) * skb + cols.to(tl.int64) * skn
+            v_row = b.to(tl.int64) * svb + cols.to(tl.int64) * svn
+        k_mask = offs_d[None, :] < D
+        v_mask = offs_dv[None, :] < D_V
+        if MASKED:
+            k_mask = k_mask & col_ok[:, None]
+            v_mask = v_mask & col_ok[:, None]
+        k = tl.load(k_base + k_row[:, None] + offs_d[None, :] * skd, mask=k_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
+        v = tl.load(v_base + v_row[:, None] + offs_dv[None, :] * svd, mask=v_mask, other=0.0)  # (BLOCK_N, HEAD_DIM_V)
+        # (BLOCK_M, BLOCK_N) logits in log2 units; soft-capping and ALiBi as the dense kernels
+        # (kernels/variants.py), ALiBi's distance |i + L - Nq - j| = |qpos - j| with Nk = L.
+        s, _ = _variant_logits(dot(q, tl.trans(k), IEEE_DOT), qi[:, None], cols[None, :], False, Nq, L, qk_scale,
+                               cap_in, cap_out, slope2, bias_dummy, 0, 0, SOFTCAP, HAS_ALIBI, False)
+        if MASKED:
+            valid = col_ok[None, :] & row_ok[:, None]
+            if HAS_LEFT:
+                valid = valid & (cols[None, :] >= qpos[:, None] - LEFT)
+            if HAS_RIGHT:
+                valid = valid & (cols[None, :] <= qpos[:, None] + RIGHT)
+            s = tl.where(valid, s, float("-inf"))
+        p, alpha, l_i, m_i = online_softmax_step(s, m_i, l_i)  # Algorithm 1, lines 8-10
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE_DOT)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _decode_kernel(
     Q, K, V, SEQLENS, BT, O, LSE, OP, LP, LOCKS, ALIBI, SINKS,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sbt_b, sab, sah,
@@ -91,38 +139,30 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
-    for start in range(j0, j1, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < j1
-        if PAGED:
-            if PAGE_SIZE % BLOCK_N == 0:  # the tile lies in one page: one table entry per tile
-                page = tl.load(BT + b.to(tl.int64) * sbt_b + start // PAGE_SIZE)
-                off = start % PAGE_SIZE + tl.arange(0, BLOCK_N)
-            else:  # small pages: BLOCK_N // PAGE_SIZE entries, neighbours in one cache line
-                page = tl.load(BT + b.to(tl.int64) * sbt_b + cols // PAGE_SIZE, mask=col_ok, other=0)
-                off = cols % PAGE_SIZE
-            page = tl.minimum(tl.maximum(page, 0), NUM_PAGES - 1).to(tl.int64)  # memory-safe for any table
-            k_row = page * skb + off * skn
-            v_row = page * svb + off * svn
-        else:
-            k_row = b.to(tl.int64) * skb + cols.to(tl.int64) * skn
-            v_row = b.to(tl.int64) * svb + cols.to(tl.int64) * svn
-        k = tl.load(K + hk * skh + k_row[:, None] + offs_d[None, :] * skd,
-                    mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_N, HEAD_DIM)
-        v = tl.load(V + hk * svh + v_row[:, None] + offs_dv[None, :] * svd,
-                    mask=col_ok[:, None] & (offs_dv[None, :] < D_V), other=0.0)  # (BLOCK_N, HEAD_DIM_V)
-        # (BLOCK_M, BLOCK_N) logits in log2 units; soft-capping and ALiBi as the dense kernels
-        # (kernels/variants.py), ALiBi's distance |i + L - Nq - j| = |qpos - j| with Nk = L.
-        s, _ = _variant_logits(dot(q, tl.trans(k), IEEE_DOT), qi[:, None], cols[None, :], False, Nq, L, qk_scale,
-                               cap_in, cap_out, slope2, Q, 0, 0, SOFTCAP, HAS_ALIBI, False)
-        valid = col_ok[None, :] & row_ok[:, None]
-        if HAS_LEFT:
-            valid = valid & (cols[None, :] >= qpos[:, None] - LEFT)
-        if HAS_RIGHT:
-            valid = valid & (cols[None, :] <= qpos[:, None] + RIGHT)
-        s = tl.where(valid, s, float("-inf"))
-        p, alpha, l_i, m_i = online_softmax_step(s, m_i, l_i)  # Algorithm 1, lines 8-10
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE_DOT)
+    # Tiles every row of this tile sees in full need no mask: [u0, u1), inside [j0, j1). Only the
+    # ragged last tile and the tiles on a window's edge pay for element-wise masking.
+    u1 = j0 + ((j1 - j0) // BLOCK_N) * BLOCK_N
+    if HAS_RIGHT:
+        u1 = tl.minimum(u1, j0 + (tl.maximum(first_q + RIGHT + 1 - j0, 0) // BLOCK_N) * BLOCK_N)
+    u0 = j0
+    if HAS_LEFT:
+        u0 = tl.minimum(j0 + tl.cdiv(tl.maximum(last_q - LEFT - j0, 0), BLOCK_N) * BLOCK_N, u1)
+    u1 = tl.maximum(u1, u0)
+    k_base = K + hk * skh
+    v_base = V + hk * svh
+    bt_base = BT + b.to(tl.int64) * sbt_b
+    acc, l_i, m_i = _decode_tiles(acc, l_i, m_i, q, k_base, v_base, bt_base, b, j0, u0, j1, qi, qpos, row_ok, offs_d,
+                                  offs_dv, skb, skn, skd, svb, svn, svd, NUM_PAGES, Nq, L, qk_scale, cap_in, cap_out,
+                                  slope2, Q, LEFT, RIGHT, D, D_V, BLOCK_N, PAGE_SIZE, PAGED, HAS_LEFT, HAS_RIGHT,
+                                  IEEE_DOT, SOFTCAP, HAS_ALIBI, True)
+    acc, l_i, m_i = _decode_tiles(acc, l_i, m_i, q, k_base, v_base, bt_base, b, u0, u1, j1, qi, qpos, row_ok, offs_d,
+                                  offs_dv, skb, skn, skd, svb, svn, svd, NUM_PAGES, Nq, L, qk_scale, cap_in, cap_out,
+                                  slope2, Q, LEFT, RIGHT, D, D_V, BLOCK_N, PAGE_SIZE, PAGED, HAS_LEFT, HAS_RIGHT,
+                                  IEEE_DOT, SOFTCAP, HAS_ALIBI, False)
+    acc, l_i, m_i = _decode_tiles(acc, l_i, m_i, q, k_base, v_base, bt_base, b, u1, j1, j1, qi, qpos, row_ok, offs_d,
+                                  offs_dv, skb, skn, skd, svb, svn, svd, NUM_PAGES, Nq, L, qk_scale, cap_in, cap_out,
+                                  slope2, Q, LEFT, RIGHT, D, D_V, BLOCK_N, PAGE_SIZE, PAGED, HAS_LEFT, HAS_RIGHT,
+                                  IEEE_DOT, SOFTCAP, HAS_ALIBI, True)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]  # 0 for rows that saw no key
     lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))  # log2 units
