@@ -43,23 +43,43 @@ def _sink(lse2, sink2):
 
 
 @triton.jit
+def _pages(bt_base, start, j1, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """The physical page of each key of the tile at `start`: one table entry when the tile lies in
+    one page, else BLOCK_N // PAGE_SIZE entries (neighbours in one cache line), one per key."""
+    if PAGE_SIZE % BLOCK_N == 0:
+        return tl.load(bt_base + start // PAGE_SIZE, mask=start < j1, other=0)
+    cols = start + tl.arange(0, BLOCK_N)
+    return tl.load(bt_base + cols // PAGE_SIZE, mask=cols < j1, other=0)
+
+
+@triton.jit
 def _decode_tiles(acc, l_i, m_i, q, k_base, v_base, bt_base, b, t0, t1, j1, qi, qpos, row_ok, offs_d, offs_dv,
                   skb, skn, skd, svb, svn, svd, NUM_PAGES, Nq, L, qk_scale, cap_in, cap_out, slope2, bias_dummy,
                   LEFT, RIGHT, D: tl.constexpr, D_V: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
                   PAGED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, IEEE_DOT: tl.constexpr,
-                  SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASKED: tl.constexpr):
+                  SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASKED: tl.constexpr,
+                  PREFETCH_PAGES: tl.constexpr):
     """FA2's online softmax over the key tiles [t0, t1) of one split (keys < j1): Algorithm 1,
     lines 6-10. MASKED tiles check every column against j1 and the window; the others are inside
-    both (and D, D_V are the padded widths or their loads are masked by columns only)."""
+    both (and D, D_V are the padded widths or their loads are masked by columns only).
+    PREFETCH_PAGES reads the next tile's page-table entries one iteration ahead, so that a K/V load
+    never waits for the table read that gives its address."""
+    if PAGED and PREFETCH_PAGES:
+        nxt = _pages(bt_base, t0, j1, BLOCK_N, PAGE_SIZE)
+    else:
+        nxt = 0
     for start in range(t0, t1, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < j1
         if PAGED:
-            if PAGE_SIZE % BLOCK_N == 0:  # the tile lies in one page: one table entry per tile
-                page = tl.load(bt_base + start // PAGE_SIZE)
+            if PREFETCH_PAGES:
+                page = nxt
+                nxt = _pages(bt_base, start + BLOCK_N, j1, BLOCK_N, PAGE_SIZE)
+            else:
+                page = _pages(bt_base, start, j1, BLOCK_N, PAGE_SIZE)
+            if PAGE_SIZE % BLOCK_N == 0:
                 off = start % PAGE_SIZE + tl.arange(0, BLOCK_N)
-            else:  # small pages: BLOCK_N // PAGE_SIZE entries, neighbours in one cache line
-                page = tl.load(bt_base + cols // PAGE_SIZE, mask=col_ok, other=0)
+            else:
                 off = cols % PAGE_SIZE
             page = tl.minimum(tl.maximum(page, 0), NUM_PAGES - 1).to(tl.int64)  # memory-safe for any table
             k_row = page * skb + off * skn
@@ -100,7 +120,7 @@ def _decode_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr, SPLIT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     IEEE_DOT: tl.constexpr, STORE_LSE: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, PREFETCH_PAGES: tl.constexpr,
 ):
     tile = tl.program_id(0)  # (b, hk, row tile)
     split = tl.program_id(1)
@@ -154,15 +174,15 @@ def _decode_kernel(
     acc, l_i, m_i = _decode_tiles(acc, l_i, m_i, q, k_base, v_base, bt_base, b, j0, u0, j1, qi, qpos, row_ok, offs_d,
                                   offs_dv, skb, skn, skd, svb, svn, svd, NUM_PAGES, Nq, L, qk_scale, cap_in, cap_out,
                                   slope2, Q, LEFT, RIGHT, D, D_V, BLOCK_N, PAGE_SIZE, PAGED, HAS_LEFT, HAS_RIGHT,
-                                  IEEE_DOT, SOFTCAP, HAS_ALIBI, True)
+                                  IEEE_DOT, SOFTCAP, HAS_ALIBI, True, PREFETCH_PAGES)
     acc, l_i, m_i = _decode_tiles(acc, l_i, m_i, q, k_base, v_base, bt_base, b, u0, u1, j1, qi, qpos, row_ok, offs_d,
                                   offs_dv, skb, skn, skd, svb, svn, svd, NUM_PAGES, Nq, L, qk_scale, cap_in, cap_out,
                                   slope2, Q, LEFT, RIGHT, D, D_V, BLOCK_N, PAGE_SIZE, PAGED, HAS_LEFT, HAS_RIGHT,
-                                  IEEE_DOT, SOFTCAP, HAS_ALIBI, False)
+                                  IEEE_DOT, SOFTCAP, HAS_ALIBI, False, PREFETCH_PAGES)
     acc, l_i, m_i = _decode_tiles(acc, l_i, m_i, q, k_base, v_base, bt_base, b, u1, j1, j1, qi, qpos, row_ok, offs_d,
                                   offs_dv, skb, skn, skd, svb, svn, svd, NUM_PAGES, Nq, L, qk_scale, cap_in, cap_out,
                                   slope2, Q, LEFT, RIGHT, D, D_V, BLOCK_N, PAGE_SIZE, PAGED, HAS_LEFT, HAS_RIGHT,
-                                  IEEE_DOT, SOFTCAP, HAS_ALIBI, True)
+                                  IEEE_DOT, SOFTCAP, HAS_ALIBI, True, PREFETCH_PAGES)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]  # 0 for rows that saw no key
     lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))  # log2 units
@@ -248,6 +268,9 @@ MAX_SPLITS = 128  # the fused merge holds (splits x Dv) fp32 values of one row i
 # `python -m fa2lab.bench.decode_gpu --tune` on the H200 (2026-12-02, BENCHMARKS.md; kernel-only),
 # with 2 programs per SM (fa2lab.decode.splits.KERNEL_PROGRAMS_PER_SM).
 DECODE_TILES = dict(BLOCK_N=DECODE_BLOCK_N, num_warps=8, num_stages=3)
+# Kernel options under measurement (bench.decode_gpu flips them in one process): page-table reads
+# one tile ahead.
+DECODE_OPTIONS = dict(prefetch_pages=False)
 
 
 def decode_config(group_rows: int, head_dim: int, dtype: torch.dtype) -> dict:
@@ -318,7 +341,8 @@ class DecodeLaunch:
             D=d, D_V=dv, HEAD_DIM=pow2(d), HEAD_DIM_V=pow2(dv), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             BLOCK_S=max(2, 1 << (splits - 1).bit_length()), PAGE_SIZE=k_shape[2] if paged else 1, PAGED=paged,
             SPLIT=splits > 1, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, IEEE_DOT=ieee_dot(dtype),
-            SOFTCAP=softcap > 0, HAS_ALIBI=alibi, HAS_SINKS=sinks)
+            SOFTCAP=softcap > 0, HAS_ALIBI=alibi, HAS_SINKS=sinks,
+            PREFETCH_PAGES=bool(paged and DECODE_OPTIONS["prefetch_pages"]))
         self._bound = {}  # (input strides, STORE_LSE) -> (CompiledKernel[grid], constants)
 
     def __call__(self, q, k_cache, v_cache, seqlens, block_table=None, return_lse=True, alibi_slopes=None,
