@@ -2,7 +2,7 @@
 page sizes 1, 16, 256), without one, next to torch SDPA's flash and cuDNN kernels, same run.
 
     bytes = 2 * B * Hkv * L * D * 2          # K and V read once, bf16
-    python -m fa2lab.bench.decode_gpu [--host] [--splits] [--variants] [--tune] [--no-public] [--out DIR]
+    python -m fa2lab.bench.decode_gpu [--host] [--splits] [--variants] [--options] [--tune] [--no-public] [--out DIR]
 
 Every timed call is first checked against an fp32 SDPA math reference; its error is reported next
 to bf16 SDPA math's (the 2x rule). "paged 16 seq" is page size 16 with pages in order (the same
@@ -11,7 +11,8 @@ pages, not of the page table. "plan dense (again)" repeats the first row at the 
 --host: host time of one call (launches are asynchronous: the time until the call returns) and the
 step time of back-to-back calls without an L2 flush (what a decode loop sees). --splits: the planned
 call at 1-8 programs per SM. --variants: soft-capping, ALiBi and sinks through the planned call against
-the plain planned call. --tune: a kernel-only sweep of the decode kernel's tiles (labelled as kernel-only).
+the plain planned call. --options: kernel options (split rule, page-table prefetch, 128-key tiles)
+through the planned call. --tune: a kernel-only sweep of the decode kernel's tiles (labelled as kernel-only).
 """
 
 from __future__ import annotations
@@ -243,6 +244,56 @@ def _seq_opts(opts, i):
     return seq
 
 
+OPTION_CASES = [(CASES[0], None), (CASES[2], None), (CASES[2], 16), (CASES[3], 16), (CASES[4], 16)]
+
+
+def run_options(log=print, cases=OPTION_CASES):
+    """The planned call under kernel options, one case at a time, same run: the split rule (enough
+    programs for `per_sm` per SM, rounded up, or as many as fit in one wave), page-table reads
+    one tile ahead, 128-key tiles."""
+    from fa2lab.decode.splits import KERNEL_PROGRAMS_PER_SM
+    from fa2lab.kernels import decode as dk
+
+    rows = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    slots = KERNEL_PROGRAMS_PER_SM * sms
+    options = {"default": {}, "one wave": dict(one_wave=True), "prefetch pages": dict(prefetch_pages=True),
+               "BLOCK_N 128": dict(BLOCK_N=128), "BLOCK_N 128 prefetch": dict(BLOCK_N=128, prefetch_pages=True)}
+    for (b, hq, hkv, n), page in cases:
+        q, k, v, seqlens = _inputs(b, hq, hkv, n)
+        nbytes = 2 * b * hkv * n * D * 2
+        kc, vc, table = k, v, None
+        if page:
+            perm = torch.randperm(b * (n // page), device="cuda").view(b, n // page)
+            kc, vc, table = _paged(k, page, perm), _paged(v, page, perm), perm.to(torch.int32)
+        truth = _sdpa(SDPBackend.MATH, q.float(), k.float(), v.float())
+        base = None
+        for name, opt in options.items():
+            if "prefetch" in name and not page:
+                continue
+            saved = dict(dk.DECODE_TILES), dict(dk.DECODE_OPTIONS)
+            dk.DECODE_TILES["BLOCK_N"] = opt.get("BLOCK_N", saved[0]["BLOCK_N"])
+            dk.DECODE_OPTIONS["prefetch_pages"] = opt.get("prefetch_pages", False)
+            try:
+                splits = max(1, slots // (b * hkv)) if opt.get("one_wave") else None
+                plan = fa2lab.decode_plan(q, kc, vc, cache_seqlens=seqlens, block_table=table, num_splits=splits)
+                fn = lambda: fa2lab.decode_attention(q, kc, vc, cache_seqlens=seqlens, block_table=table,  # noqa: E731
+                                                     plan=plan)
+                err = (fn().float() - truth).abs().max().item()
+                t = _bench(fn, f"decode option {name}").median_s
+            finally:
+                dk.DECODE_TILES.update(saved[0])
+                dk.DECODE_OPTIONS.update(saved[1])
+            base = t if base is None else base
+            rows.append(dict(kind="decode_option", option=name, page=page, B=b, Hkv=hkv, L=n, splits=plan.num_splits,
+                             us=t * 1e6, tbps=nbytes / t / 1e12, vs_default=base / t, err=err))
+            log(f"option {name:<20} page={page} B={b} Hkv={hkv} L={n} splits={plan.num_splits}: {t * 1e6:7.1f} us "
+                f"{nbytes / t / 1e12:5.2f} TB/s {base / t:.3f}x default, err {err:.1e}")
+        del q, k, v, kc, vc
+        torch.cuda.empty_cache()
+    return rows
+
+
 def run_tune(log=print):
     """Kernel-only (decode_triton directly, no plan checks): tiles x split density."""
     from fa2lab.decode.splits import kernel_num_splits
@@ -291,7 +342,7 @@ def summary(rows) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fa2lab.bench.decode_gpu", description=__doc__)
-    for flag in ("--host", "--splits", "--variants", "--tune", "--no-public"):
+    for flag in ("--host", "--splits", "--variants", "--options", "--tune", "--no-public"):
         p.add_argument(flag, action="store_true")
     p.add_argument("--out", type=Path, default=Path("experiments/results"))
     args = p.parse_args(argv)
@@ -302,7 +353,7 @@ def main(argv=None) -> int:
     rows = []
     payload = dict(environment=env, peaks=pk, rows=rows)
     steps = [(args.host, run_host), (not args.no_public, run_public), (args.variants, run_variants),
-             (args.splits, run_splits), (args.tune, run_tune)]
+             (args.options, run_options), (args.splits, run_splits), (args.tune, run_tune)]
     path = None
     for wanted, step in steps:
         if wanted:
