@@ -198,13 +198,16 @@ def _variant_options(spec, hq):
     return opts
 
 
-def run_variants(log=print, cases=(CASES[0], CASES[2], CASES[3]), pages=(None, 16)):
+VARIANT_CASES = [(CASES[0], (None, 16)), (CASES[3], (None,))]
+
+
+def run_variants(log=print, cases=VARIANT_CASES):
     """Soft-capping, ALiBi and sinks through the planned call, against the plain planned call (same
     run), each checked against an fp32 oracle per sequence (with bf16 math's error beside it)."""
     from fa2lab.reference import attention_ref
 
     rows = []
-    for b, hq, hkv, n in cases:
+    for (b, hq, hkv, n), pages in cases:
         q, k, v, seqlens = _inputs(b, hq, hkv, n)
         nbytes = 2 * b * hkv * n * D * 2
         for page in pages:
@@ -244,7 +247,8 @@ def _seq_opts(opts, i):
     return seq
 
 
-OPTION_CASES = [(CASES[0], None), (CASES[2], None), (CASES[2], 16), (CASES[3], 16), (CASES[4], 16)]
+OPTION_CASES = [(CASES[2], None, ("default", "one wave")), (CASES[3], 16, ("default", "prefetch pages", "BLOCK_N 128")),
+                (CASES[4], 16, ("default", "prefetch pages", "BLOCK_N 128"))]
 
 
 def run_options(log=print, cases=OPTION_CASES):
@@ -259,7 +263,7 @@ def run_options(log=print, cases=OPTION_CASES):
     slots = KERNEL_PROGRAMS_PER_SM * sms
     options = {"default": {}, "one wave": dict(one_wave=True), "prefetch pages": dict(prefetch_pages=True),
                "BLOCK_N 128": dict(BLOCK_N=128), "BLOCK_N 128 prefetch": dict(BLOCK_N=128, prefetch_pages=True)}
-    for (b, hq, hkv, n), page in cases:
+    for (b, hq, hkv, n), page, names in cases:
         q, k, v, seqlens = _inputs(b, hq, hkv, n)
         nbytes = 2 * b * hkv * n * D * 2
         kc, vc, table = k, v, None
@@ -268,9 +272,8 @@ def run_options(log=print, cases=OPTION_CASES):
             kc, vc, table = _paged(k, page, perm), _paged(v, page, perm), perm.to(torch.int32)
         truth = _sdpa(SDPBackend.MATH, q.float(), k.float(), v.float())
         base = None
-        for name, opt in options.items():
-            if "prefetch" in name and not page:
-                continue
+        for name in names:
+            opt = options[name]
             saved = dict(dk.DECODE_TILES), dict(dk.DECODE_OPTIONS)
             dk.DECODE_TILES["BLOCK_N"] = opt.get("BLOCK_N", saved[0]["BLOCK_N"])
             dk.DECODE_OPTIONS["prefetch_pages"] = opt.get("prefetch_pages", False)
