@@ -20,10 +20,12 @@ MAX_SPLITS = 128  # the kernel's fused merge holds (splits x Dv) fp32 values of 
 def kernel_num_splits(work_items: int, cache_len: int, num_sms: int, block_n: int = KERNEL_BLOCK_N,
                       programs_per_sm: int | None = None) -> int:
     """Decode is memory-bound: a GPU reaches its bandwidth only with several programs per SM in
-    flight, so split until work_items (B*Hkv*row tiles) * splits covers `programs_per_sm` per SM,
-    keeping >= 2 tiles a split. cache_len: the capacity (a plan never reads the lengths)."""
+    flight, so split until work_items (B*Hkv*row tiles) * splits fills `programs_per_sm` per SM,
+    but never past one wave (rounded down: 5 splits of B*Hkv = 64 would launch 320 programs for 264
+    places, a second wave of 56 whole chunks), keeping >= 2 tiles a split. cache_len: the capacity
+    (a plan never reads the lengths)."""
     per_sm = KERNEL_PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
-    want = -(-per_sm * num_sms // max(1, work_items))
+    want = max(1, per_sm * num_sms // max(1, work_items))
     return max(1, min(want, cache_len // (2 * block_n), MAX_SPLITS))
 
 
