@@ -74,6 +74,15 @@ class Crossover:
 def set_crossover(crossover: Crossover) -> None:
     """Register a measurement for `select_backend` (replaces one for the same device, dtype, D)."""
     _crossovers[(crossover.device, crossover.dtype, crossover.head_dim)] = crossover
+    _forget_routes()
+
+
+def _forget_routes() -> None:
+    """The model layers keep each decided call (fa2lab.models.functional); a new measurement changes
+    what "auto" decides, so they decide again."""
+    from fa2lab.models.functional import clear_routes
+
+    clear_routes()
 
 
 def get_crossover(device: str, dtype: torch.dtype, head_dim: int) -> Crossover | None:
@@ -82,6 +91,7 @@ def get_crossover(device: str, dtype: torch.dtype, head_dim: int) -> Crossover |
 
 def clear_crossovers() -> None:
     _crossovers.clear()
+    _forget_routes()
 
 
 def measure_crossover(*, device="cpu", dtype=torch.float32, head_dim=64, heads=8, heads_kv=None, batch=1,
