@@ -20,6 +20,16 @@ transformers is optional (`pip install -e ".[hf]"`); importing this module does 
     block_sequence_ids (bidirectional image blocks of Gemma 3/4, PaliGemma). Qwen3 and Qwen3-VL
     use neither.
 
+Speed: every layer of a forward makes the same call, so the backend is decided and the inputs
+checked once per forward and shape (fa2lab.models.functional's route memory), not once per layer;
+generation steps on CUDA run planned split-K `decode_attention` with no host-device sync.
+With a static cache and a compiled step (`torch.compile(model.forward, mode="reduce-overhead",
+fullgraph=True)`, the prefill run eagerly as generate does): the eager prefill plans the one-token
+step against the cache's buffers, and the traced step decodes over the filled slots with the fill
+level as a device tensor (no sync, captured in the CUDA graph). That needs a forward without a
+tokenizer mask (padding is judged by the arguments, never by reading values); with one, the
+traced step attends through a device mask over every slot (torch SDPA), as sdpa does.
+
 Other inputs: packed sequences (one row, position_ids restarting, or flash-style cu_seq_lens_q/k
 kwargs) go through varlen; sliding windows become window_size=(w - 1, w - 1) as in FA2;
 Gemma 2's logit soft-capping (`softcap`) and gpt-oss's attention sinks (`s_aux`) run in every

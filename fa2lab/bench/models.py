@@ -197,6 +197,55 @@ def run(cfg: ModelBench = ModelBench(), out_csv: Path | None = None, progress=pr
     return rows
 
 
+def layer_stack_decode(cfg: ModelBench = GPU_BENCH, n: int = 1024, steps: int = 16, rounds: int = 2) -> list[dict]:
+    """fa2lab's own model layers (`fa2lab.models.FlashAttention2TransformerLayer`, cfg's shape and
+    depth, random weights, no embedding or vocabulary): an n-token prefill, then `steps` one-token
+    steps per cache kind, tokens/s = B * steps / t, best of `rounds`:
+      SplitKCache             planned split-K decode with in-place append, one call per layer
+      SplitKCache(cuda_graph) each layer's step the replay of a captured CUDA graph (DecodeSession)
+      DynamicKVCache          keys grown by concatenation, split-K over the whole tensor
+    The first step of each (the capture, for the graph) is left out of the timing."""
+    from fa2lab.models import DynamicKVCache, FlashAttention2TransformerLayer, LayerConfig, SplitKCache
+
+    shape = LayerConfig(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+                        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                        intermediate_size=cfg.intermediate_size, rope_theta=1e6)
+    dtype = getattr(torch, cfg.dtype)
+    torch.manual_seed(0)
+    with torch.device(cfg.device):
+        layers = [FlashAttention2TransformerLayer(shape, i).to(dtype).eval() for i in range(cfg.num_hidden_layers)]
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(cfg.batch, n + steps + 1, cfg.hidden_size, generator=g) * 0.1).to(cfg.device, dtype)
+    kinds = {"SplitKCache": lambda: SplitKCache(cfg.batch, n + steps + 1),
+             "SplitKCache(cuda_graph)": lambda: SplitKCache(cfg.batch, n + steps + 1, cuda_graph=True),
+             "DynamicKVCache": DynamicKVCache}
+    if torch.device(cfg.device).type != "cuda":  # CUDA graphs: CUDA only
+        del kinds["SplitKCache(cuda_graph)"]
+    best = {k: float("inf") for k in kinds}
+    last = {}
+
+    def forward(h, cache):
+        for layer in layers:
+            h, _, cache = layer(h, past_key_value=cache, use_cache=True)
+        return h, cache
+
+    with torch.no_grad():
+        for _ in range(rounds):
+            for kind, make in kinds.items():
+                h, cache = forward(x[:, :n], make())
+                h, cache = forward(x[:, n:n + 1], cache)  # the first step (captures the graphs)
+
+                def decode(cache=cache, kind=kind):
+                    for t in range(steps):
+                        h, _ = forward(x[:, n + 1 + t:n + 2 + t], cache)
+                    last[kind] = h.float()
+                best[kind] = min(best[kind], _once(decode, cfg.device, f"{kind} {steps} steps").median_s)
+    base = last["SplitKCache"]
+    return [dict(cache=k, N=n, layers=cfg.num_hidden_layers, decode_tok_s=round(cfg.batch * steps / t, 1),
+                 vs_planned=round(best["SplitKCache"] / t, 2),
+                 max_diff_vs_planned=float((last[k] - base).abs().max())) for k, t in best.items()]
+
+
 def crossover_report(cfg: ModelBench = ModelBench()) -> str:
     """Where plain attention stops beating each FA2 path at this model's head shape, measured now."""
     from fa2lab.models.selection import measure_crossover
@@ -261,6 +310,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="interleaved repeats, best kept")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--out", type=Path, default=None, help="CSV (default results/models/{cpu,gpu}_models.csv)")
+    p.add_argument("--layer-stack", action="store_true",
+                   help="only fa2lab's own layers: decode with SplitKCache, SplitKCache(cuda_graph=True), DynamicKVCache")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -273,6 +324,11 @@ def main(argv=None) -> int:
     out = args.out or Path("results") / "models" / f"{'gpu' if args.gpu else 'cpu'}_models.csv"
     where = torch.cuda.get_device_name(0) if args.gpu else f"{torch.get_num_threads()} threads"
     print(f"fa2lab model benchmark {time.strftime('%Y-%m-%d')}: torch {torch.__version__}, {where}; {cfg}")
+    if args.layer_stack:
+        for r in layer_stack_decode(cfg, n=min(cfg.lengths), steps=cfg.decode_steps, rounds=cfg.rounds):
+            print(f"layer stack ({r['layers']} fa2lab layers) N={r['N']} {r['cache']:<24} decode {r['decode_tok_s']:7.1f} "
+                  f"tok/s  x planned {r['vs_planned']:.2f}  max |out - planned's| {r['max_diff_vs_planned']:.3g}")
+        return 0
     if not args.gpu:
         print(sizing_report(), "\n")
         print(crossover_report(cfg), "\n")
