@@ -23,6 +23,7 @@ from fa2lab._deprecated import UNSET, renamed
 from fa2lab.api import attention, resolve_scale, varlen_attention
 from fa2lab.backends import BACKENDS, Case
 from fa2lab.decode import decode_attention, decode_plan
+from fa2lab.models import selection
 from fa2lab.models.selection import select_backend
 from fa2lab.variants.options import NONE, check_variants
 
@@ -79,6 +80,9 @@ def _triton_inference(q, k, v, *, causal, window_size, scale, return_lse, varian
 def clear_routes() -> None:
     """Forget the decided calls (a new crossover measurement changes what "auto" picks)."""
     _routes.clear()
+
+
+selection.on_change(clear_routes)
 
 
 def _remember(key, run) -> None:
