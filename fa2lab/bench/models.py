@@ -246,6 +246,45 @@ def layer_stack_decode(cfg: ModelBench = GPU_BENCH, n: int = 1024, steps: int = 
                  max_diff_vs_planned=float((last[k] - base).abs().max())) for k, t in best.items()]
 
 
+def attention_call_cost(cfg: ModelBench = GPU_BENCH, lengths=(1024, 4096, 16384), calls: int = 500) -> list[dict]:
+    """One layer's attention call as transformers makes it in a decode step (q (B, Hq, 1, D), k/v
+    (B, Hkv, Nk, D), no mask), "fa2lab" against transformers' sdpa function: host microseconds
+    per call (time to issue `calls` calls back to back, no sync between them) and device-bound
+    microseconds per call (the same calls, synchronised at the end). The host figure is what a
+    28-layer eager decode step pays 28 times."""
+    import fa2lab.hf
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Module(torch.nn.Module):
+        is_causal, training = True, False
+        num_key_value_groups = cfg.num_attention_heads // cfg.num_key_value_heads
+
+    module, dtype, rows = Module(), getattr(torch, cfg.dtype), []
+    fns = {"fa2lab": fa2lab.hf.make_attention_forward("auto"), "sdpa": sdpa_attention_forward}
+    for n in lengths:
+        g = torch.Generator().manual_seed(n)
+        q = torch.randn(cfg.batch, 1, cfg.num_attention_heads, cfg.head_dim, generator=g).to(cfg.device, dtype)
+        q = q.transpose(1, 2)  # (B, Hq, 1, D), as the model's transpose of its projection
+        k, v = (torch.randn(cfg.batch, cfg.num_key_value_heads, n, cfg.head_dim, generator=g).to(cfg.device, dtype)
+                for _ in range(2))
+        outs = {}
+        for name, fn in fns.items():
+            call = lambda: fn(module, q, k, v, None, scaling=cfg.head_dim ** -0.5)[0]  # noqa: E731
+            for _ in range(20):
+                call()
+            _sync(cfg.device)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                outs[name] = call()
+            t_host = time.perf_counter() - t0
+            _sync(cfg.device)
+            t_all = time.perf_counter() - t0
+            rows.append(dict(impl=name, Nk=n, host_us=round(t_host / calls * 1e6, 1),
+                             synced_us=round(t_all / calls * 1e6, 1)))
+        rows[-2]["max_diff_vs_sdpa"] = float((outs["fa2lab"].float() - outs["sdpa"].float()).abs().max())
+    return rows
+
+
 def crossover_report(cfg: ModelBench = ModelBench()) -> str:
     """Where plain attention stops beating each FA2 path at this model's head shape, measured now."""
     from fa2lab.models.selection import measure_crossover
@@ -310,6 +349,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="interleaved repeats, best kept")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--out", type=Path, default=None, help="CSV (default results/models/{cpu,gpu}_models.csv)")
+    p.add_argument("--call-cost", action="store_true",
+                   help="only one layer's decode-step attention call: host and device microseconds, fa2lab vs sdpa")
     p.add_argument("--layer-stack", action="store_true",
                    help="only fa2lab's own layers: decode with SplitKCache, SplitKCache(cuda_graph=True), DynamicKVCache")
     args = p.parse_args(argv)
@@ -324,6 +365,12 @@ def main(argv=None) -> int:
     out = args.out or Path("results") / "models" / f"{'gpu' if args.gpu else 'cpu'}_models.csv"
     where = torch.cuda.get_device_name(0) if args.gpu else f"{torch.get_num_threads()} threads"
     print(f"fa2lab model benchmark {time.strftime('%Y-%m-%d')}: torch {torch.__version__}, {where}; {cfg}")
+    if args.call_cost:
+        for r in attention_call_cost(cfg, lengths=cfg.lengths):
+            print(f"decode-step attention call Nk={r['Nk']:>6} {r['impl']:<7} host {r['host_us']:6.1f} us/call  "
+                  f"issued and finished {r['synced_us']:6.1f} us/call"
+                  + (f"  max |fa2lab - sdpa| {r['max_diff_vs_sdpa']:.3g}" if "max_diff_vs_sdpa" in r else ""))
+        return 0
     if args.layer_stack:
         for r in layer_stack_decode(cfg, n=min(cfg.lengths), steps=cfg.decode_steps, rounds=cfg.rounds):
             print(f"layer stack ({r['layers']} fa2lab layers) N={r['N']} {r['cache']:<24} decode {r['decode_tok_s']:7.1f} "
