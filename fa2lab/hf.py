@@ -20,6 +20,16 @@ transformers is optional (`pip install -e ".[hf]"`); importing this module does 
     block_sequence_ids (bidirectional image blocks of Gemma 3/4, PaliGemma). Qwen3 and Qwen3-VL
     use neither.
 
+Speed: every layer of a forward makes the same call, so the backend is decided and the inputs
+checked once per forward and shape (fa2lab.models.functional's route memory), not once per layer;
+generation steps on CUDA run planned split-K `decode_attention` with no host-device sync.
+With a static cache and a compiled step (`torch.compile(model.forward, mode="reduce-overhead",
+fullgraph=True)`, the prefill run eagerly as generate does): the eager prefill plans the one-token
+step against the cache's buffers, and the traced step decodes over the filled slots with the fill
+level as a device tensor (no sync, captured in the CUDA graph). That needs a forward without a
+tokenizer mask (padding is judged by the arguments, never by reading values); with one, the
+traced step attends through a device mask over every slot (torch SDPA), as sdpa does.
+
 Other inputs: packed sequences (one row, position_ids restarting, or flash-style cu_seq_lens_q/k
 kwargs) go through varlen; sliding windows become window_size=(w - 1, w - 1) as in FA2;
 Gemma 2's logit soft-capping (`softcap`) and gpt-oss's attention sinks (`s_aux`) run in every
@@ -34,7 +44,7 @@ import logging
 import torch
 
 from fa2lab.models.functional import (cu_seqlens_from_position_ids, masked_attention, naive_attention,
-                                      packed_attention, padded_attention)
+                                      packed_attention, padded_attention, prepare_static_decode, static_decode)
 
 log = logging.getLogger("fa2lab")
 INSTALL_HINT = 'fa2lab.hf needs transformers (>= 4.57, for Qwen3-VL): pip install -e ".[hf]"'
@@ -74,11 +84,25 @@ def make_attention_forward(backend: str = "auto"):
         nq = query.shape[2]
         mask2d = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         mask4d = attention_mask if attention_mask is not None and attention_mask.dim() == 4 else None
+        if attention_mask is not None and attention_mask.dim() == 1 and not (softcap or sinks is not None):
+            # a traced static cache without padding: the fill level per sequence (B,) int32
+            out = static_decode(query, key, value, attention_mask, causal=causal, window_size=window,
+                                softmax_scale=scaling, backend=backend)
+            return out.transpose(1, 2).contiguous(), None
+        if attention_mask is not None and attention_mask.dim() == 1:
+            mask2d = _slot_codes(attention_mask, key.shape[2])
         if mask2d is not None and mask2d.dtype == torch.int8:  # a traced static cache: slot codes
+            if softcap or sinks is not None:
+                raise ValueError("a static cache under torch.compile attends through masked SDPA, which has no "
+                                 "softcap or sinks; run this model eagerly, or with a dynamic cache")
             out = masked_attention(query, key, value, mask2d == STATIC_REAL, causal=causal, window_size=window,
                                    softmax_scale=scaling, query_end=(mask2d != STATIC_UNUSED).sum(1))
             return out.transpose(1, 2).contiguous(), None
-        if mask2d is not None:  # a static cache holds more slots than are in use
+        if mask2d is not None and key.shape[2] > mask2d.shape[1]:  # a static cache holds more slots than are in use
+            if not (softcap or sinks is not None or dropout and module.training or kwargs.get("output_attentions")):
+                # plan its later one-token steps now (eagerly), for a compiled decode step to find
+                prepare_static_decode(query, key, value, causal=causal, window_size=window, softmax_scale=scaling,
+                                      backend=backend)
             key, value = key[:, :, :mask2d.shape[1]], value[:, :, :mask2d.shape[1]]
 
         naive_reason = ("output_attentions=True" if kwargs.get("output_attentions") else
@@ -124,8 +148,14 @@ def attention_mask(**kwargs):
     else:
         q_length, q_offset = kwargs["cache_position"].shape[0], kwargs["cache_position"][0]
     if isinstance(q_offset, torch.Tensor) and torch.compiler.is_compiling():
-        # A static cache under torch.compile: its fill level is a device tensor; mark the slots in
-        # use on the device (the layer then attends through the mask, over every slot).
+        # A static cache under torch.compile: its fill level is a device tensor. Without padding
+        # (no tokenizer mask: known from the arguments, not from values) and with the plain causal
+        # mask, the layers get the fill level itself, (B,) int32, and decode over the filled slots;
+        # otherwise slot codes on the device (the layer attends through them, over every slot).
+        plain = getattr(kwargs.get("mask_function"), "__name__", "") == "causal_mask_function"
+        if pad is None and plain and isinstance(kv_offset, int) and kv_offset == 0:
+            filled = (q_offset + q_length).clamp(0, kv_length).to(torch.int32)  # () fill level after this call
+            return filled.reshape(1).expand(kwargs["batch_size"]).contiguous()  # (B,)
         return _traced_static_mask(pad, kwargs, q_offset, kv_offset, q_length, kv_length)
     used = int(q_offset) - kv_offset + int(q_length)  # slots of the key tensor the layer will see
     if pad is None:
@@ -155,6 +185,12 @@ def _traced_static_mask(pad, kwargs, q_offset, kv_offset, q_length, kv_length):
 
 
 STATIC_UNUSED, STATIC_PADDING, STATIC_REAL = 0, 1, 2
+
+
+def _slot_codes(filled: torch.Tensor, kv_length: int) -> torch.Tensor:
+    """Fill levels (B,) -> the slot codes of `_traced_static_mask` (B, kv_length) int8, no padding."""
+    used = torch.arange(kv_length, device=filled.device)[None, :] < filled[:, None]  # (B, kv_length)
+    return used.to(torch.int8) * STATIC_REAL
 
 
 def _dense_mask(kwargs):

@@ -29,6 +29,15 @@ def _registered():
     fa2lab.hf.register("fa2lab_tiled", backend="tiled")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_routes():
+    """Decided calls are kept per shape (fa2lab.models.functional); a test that patches the dispatch
+    must not leave its decisions to the next test, nor find an earlier test's."""
+    functional.clear_routes()
+    yield
+    functional.clear_routes()
+
+
 def _qwen3(**overrides):
     torch.manual_seed(0)
     cfg = tiny_qwen3_config(initializer_range=0.1, **overrides)
@@ -271,3 +280,60 @@ def test_qwen3_static_cache_decode_step_compiles_fullgraph():
         outs[impl] = (first, second)
     for ours, theirs in zip(outs["fa2lab"], outs["sdpa"]):
         assert max_err(ours, theirs) < 1e-3
+
+
+def test_qwen3_static_cache_compiled_decode_runs_planned_split_k(monkeypatch):
+    """The compiled generation step reaches the planned split-K decode: the eager prefill plans the
+    one-token step against the static cache's buffers, the traced step (fullgraph) finds the plan
+    and decodes over the filled slots with the device's fill level, no value read back. On the CPU
+    the dispatch is told to treat the step as on a GPU (the Triton decode runs interpreted)."""
+    from fa2lab import backends
+    from fa2lab.models import functional as fn
+
+    monkeypatch.setattr(backends, "_is_generation_step", lambda case: case.nq <= backends.DECODE_MAX_NQ < case.nk
+                        and not case.requires_grad)
+    monkeypatch.setitem(backends.AUTO_ORDER["decode"], "cpu", ("triton", "tiled"))
+    monkeypatch.setattr(fn, "_static_plans", {})
+    calls = []
+    planned = fn.decode_attention
+    monkeypatch.setattr(fn, "decode_attention", lambda *a, **kw: (calls.append(kw["plan"]), planned(*a, **kw))[1])
+    torch._dynamo.reset()
+    model = _qwen3()
+    ids, _ = _batch(n=12, lengths=(12, 12))
+    logits = {}
+    for impl in ("sdpa", "fa2lab"):
+        model.set_attn_implementation(impl)
+        cache = transformers.StaticCache(config=model.config, max_cache_len=40)
+        step = torch.compile(model, fullgraph=True, backend="aot_eager")
+        with torch.no_grad():
+            first = model(input_ids=ids, past_key_values=cache).logits  # eager prefill (as generate does)
+            nxt = first[:, -1:].argmax(-1)  # (B, 1)
+            second = step(input_ids=nxt, past_key_values=cache).logits
+            third = step(input_ids=second[:, -1:].argmax(-1), past_key_values=cache).logits
+        logits[impl] = (first, second, third)
+    plans = [p for p in fn._static_plans.values() if p is not None]
+    assert len(plans) == 1 and plans[0].backend == "triton" and plans[0].q_shape[2] == 1, fn._static_plans
+    assert calls and all(p is plans[0] for p in calls), "the traced step did not run the planned decode"
+    for ours, theirs in zip(logits["fa2lab"], logits["sdpa"]):
+        assert max_err(ours, theirs) < 1e-3
+
+
+def test_the_backend_is_decided_and_checked_once_per_forward_not_per_layer(monkeypatch):
+    """Every layer of a forward makes the same attention call: the first one decides and checks it
+    (fa2lab.backends.choose, the public call's validation), the others reuse the decision; a
+    second forward of the same shapes decides nothing. Logits stay those of the undecided path."""
+    decided = []
+    real = functional.select_backend
+    monkeypatch.setattr(functional, "select_backend", lambda *a, **kw: decided.append(a) or real(*a, **kw))
+    model = _qwen3(num_hidden_layers=3)
+    ids, _ = _batch(n=20, lengths=(20, 20))
+    first = _logits(model, "fa2lab", input_ids=ids)
+    assert len(decided) == 1
+    again = _logits(model, "fa2lab", input_ids=ids)
+    assert len(decided) == 1 and torch.equal(first, again)
+    functional.clear_routes()
+    model.set_attn_implementation("fa2lab_tiled")  # another backend: decided anew, once
+    with torch.no_grad():
+        tiled = model(input_ids=ids).logits
+    assert len(decided) == 2 and max_err(tiled, first) < 1e-4
+    assert max_err(first, _logits(model, "sdpa", input_ids=ids)) < 1e-4

@@ -18,6 +18,16 @@ from fa2lab.models.rotary import RotaryEmbedding, apply_rotary
 from fa2lab.models.sizing import AttentionShape, kv_cache_bytes, memory_table
 from fa2lab.reference import attention_ref
 
+
+@pytest.fixture(autouse=True)
+def _fresh_routes():
+    """Decided calls are kept per shape (fa2lab.models.functional); a test that patches the dispatch
+    must not leave its decisions to the next test, nor find an earlier test's."""
+    functional.clear_routes()
+    yield
+    functional.clear_routes()
+
+
 TINY = LayerConfig()  # hidden 64, Hq 4, Hkv 2, D 16
 
 
@@ -302,3 +312,70 @@ def test_scale_is_a_deprecated_name_of_softmax_scale(fn):
     assert all(torch.equal(a, b) for a, b in zip(*(x if isinstance(x, tuple) else (x,) for x in (new, old))))
     with pytest.raises(ValueError, match="got both scale= and softmax_scale="):
         getattr(functional, fn)(q, k, v, scale=0.3, softmax_scale=0.3)
+
+
+def _graph_vs_planned(device, dtype, steps=4, monkeypatch=None):
+    """A layer's prefill (ragged, left-padded) and `steps` one-token steps through SplitKCache with
+    and without cuda_graph=True -> (outputs of each, the graph cache)."""
+    layer = _layer(dtype=dtype).to(device)
+    x, mask = _x(2, 9 + steps, dtype=dtype).to(device), _mask([9, 6], 9, "left").to(device)
+    outs = {}
+    for graph in (False, True):
+        cache = SplitKCache(batch=2, max_len=9 + steps, cuda_graph=graph)
+        with torch.no_grad():
+            layer(x[:, :9], attention_mask=mask, past_key_value=cache, use_cache=True)
+            outs[graph] = torch.cat([layer(x[:, t:t + 1], past_key_value=cache, use_cache=True)[0]
+                                     for t in range(9, 9 + steps)], 1)
+    return outs, cache
+
+
+def test_splitk_cache_cuda_graph_steps_replay_one_capture_per_layer(monkeypatch):
+    """The logic of SplitKCache(cuda_graph=True) on the CPU: capture stands in for a CUDA graph
+    (run once, undo, then every step replays the same function over the session's buffers), so the
+    steps must read their inputs from the persistent buffers and continue the prefilled cache."""
+    from fa2lab.kvcache import session
+
+    captures = []
+
+    def capture(step, device, undo):  # what _capture does, without the CUDA graph
+        step()
+        undo()
+        captures.append(step)
+        return step
+
+    monkeypatch.setattr(session, "GRAPH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(session, "_capture", capture)
+    outs, cache = _graph_vs_planned("cpu", torch.float64)
+    assert len(captures) == 1 and list(cache.sessions) == [0]  # one layer, captured at its first step
+    assert cache.sessions[0].steps == 4 and cache.seqlens(0).tolist() == [13, 10]
+    assert max_err(outs[True], outs[False]) < 1e-12
+    layer = _layer()
+    with pytest.raises(ValueError, match="past max_len=13"), torch.no_grad():
+        layer(_x(2, 1), past_key_value=cache, use_cache=True)
+    assert cache.seqlens(0).tolist() == [13, 10]  # the refused step wrote nothing
+    monkeypatch.setattr(session, "GRAPH_DEVICES", ("cuda",))
+    cpu_cache = SplitKCache(batch=2, max_len=16, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"), torch.no_grad():
+        layer(_x(2, 9), past_key_value=cpu_cache, use_cache=True)  # prefill: no graph
+        layer(_x(2, 1), past_key_value=cpu_cache, use_cache=True)  # the first step: refused on a CPU
+
+
+@pytest.mark.gpu
+def test_splitk_cache_cuda_graph_on_cuda_matches_the_planned_steps_without_syncs():
+    outs, cache = _graph_vs_planned("cuda", torch.bfloat16, steps=6)
+    assert cache.seqlens(0).tolist() == [15, 12]
+    assert max_err(outs[True].float(), outs[False].float()) < 2e-2  # bf16: the same kernel, one rounding apart
+    layer = _layer(dtype=torch.bfloat16).cuda()
+    cache = SplitKCache(batch=2, max_len=32, cuda_graph=True)
+    with torch.no_grad():
+        layer(_x(2, 9, dtype=torch.bfloat16).cuda(), past_key_value=cache, use_cache=True)
+        layer(_x(2, 1, dtype=torch.bfloat16).cuda(), past_key_value=cache, use_cache=True)  # captures
+        x = _x(2, 1, dtype=torch.bfloat16, seed=5).cuda()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                layer(x, past_key_value=cache, use_cache=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert cache.seqlens(0).tolist() == [13, 13]

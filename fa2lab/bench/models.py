@@ -70,7 +70,8 @@ def build_model(cfg: ModelBench):
     shape = {k: v for k, v in asdict(cfg).items() if k not in NOT_MODEL}
     torch.manual_seed(0)
     model_cfg = tiny_qwen3_config(max_position_embeddings=2 * max(cfg.lengths) + cfg.decode_steps, **shape)
-    model = AutoModelForCausalLM.from_config(model_cfg, attn_implementation="sdpa").eval()
+    with torch.device(cfg.device):  # random weights drawn where they will live (seconds on a CPU for 0.6 B)
+        model = AutoModelForCausalLM.from_config(model_cfg, attn_implementation="sdpa").eval()
     return model.to(cfg.device, getattr(torch, cfg.dtype))
 
 
@@ -122,7 +123,7 @@ def decode_step_agreement(model, cfg: ModelBench, n: int) -> dict:
     should be of the size of eager's (the model-level form of the error rule)."""
     ids = torch.randint(0, cfg.vocab_size, (cfg.batch, n), generator=torch.Generator().manual_seed(1)).to(cfg.device)
     logits = {}
-    for impl in cfg.impls:
+    for impl in dict.fromkeys([*cfg.impls, "eager"]):  # eager: the size of a same-precision difference
         model.set_attn_implementation(impl)
         out = model(ids, use_cache=True, logits_to_keep=1)
         token = torch.full((cfg.batch, 1), 7, dtype=torch.long, device=cfg.device)
@@ -196,6 +197,94 @@ def run(cfg: ModelBench = ModelBench(), out_csv: Path | None = None, progress=pr
     return rows
 
 
+def layer_stack_decode(cfg: ModelBench = GPU_BENCH, n: int = 1024, steps: int = 16, rounds: int = 2) -> list[dict]:
+    """fa2lab's own model layers (`fa2lab.models.FlashAttention2TransformerLayer`, cfg's shape and
+    depth, random weights, no embedding or vocabulary): an n-token prefill, then `steps` one-token
+    steps per cache kind, tokens/s = B * steps / t, best of `rounds`:
+      SplitKCache             planned split-K decode with in-place append, one call per layer
+      SplitKCache(cuda_graph) each layer's step the replay of a captured CUDA graph (DecodeSession)
+      DynamicKVCache          keys grown by concatenation, split-K over the whole tensor
+    The first step of each (the capture, for the graph) is left out of the timing."""
+    from fa2lab.models import DynamicKVCache, FlashAttention2TransformerLayer, LayerConfig, SplitKCache
+
+    shape = LayerConfig(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+                        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                        intermediate_size=cfg.intermediate_size, rope_theta=1e6)
+    dtype = getattr(torch, cfg.dtype)
+    torch.manual_seed(0)
+    with torch.device(cfg.device):
+        layers = [FlashAttention2TransformerLayer(shape, i).to(dtype).eval() for i in range(cfg.num_hidden_layers)]
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(cfg.batch, n + steps + 1, cfg.hidden_size, generator=g) * 0.1).to(cfg.device, dtype)
+    kinds = {"SplitKCache": lambda: SplitKCache(cfg.batch, n + steps + 1),
+             "SplitKCache(cuda_graph)": lambda: SplitKCache(cfg.batch, n + steps + 1, cuda_graph=True),
+             "DynamicKVCache": DynamicKVCache}
+    if torch.device(cfg.device).type != "cuda":  # CUDA graphs: CUDA only
+        del kinds["SplitKCache(cuda_graph)"]
+    best = {k: float("inf") for k in kinds}
+    last = {}
+
+    def forward(h, cache):
+        for layer in layers:
+            h, _, cache = layer(h, past_key_value=cache, use_cache=True)
+        return h, cache
+
+    with torch.no_grad():
+        for _ in range(rounds):
+            for kind, make in kinds.items():
+                h, cache = forward(x[:, :n], make())
+                h, cache = forward(x[:, n:n + 1], cache)  # the first step (captures the graphs)
+
+                def decode(cache=cache, kind=kind):
+                    for t in range(steps):
+                        h, _ = forward(x[:, n + 1 + t:n + 2 + t], cache)
+                    last[kind] = h.float()
+                best[kind] = min(best[kind], _once(decode, cfg.device, f"{kind} {steps} steps").median_s)
+    base = last["SplitKCache"]
+    return [dict(cache=k, N=n, layers=cfg.num_hidden_layers, decode_tok_s=round(cfg.batch * steps / t, 1),
+                 vs_planned=round(best["SplitKCache"] / t, 2),
+                 max_diff_vs_planned=float((last[k] - base).abs().max())) for k, t in best.items()]
+
+
+def attention_call_cost(cfg: ModelBench = GPU_BENCH, lengths=(1024, 4096, 16384), calls: int = 500) -> list[dict]:
+    """One layer's attention call as transformers makes it in a decode step (q (B, Hq, 1, D), k/v
+    (B, Hkv, Nk, D), no mask), "fa2lab" against transformers' sdpa function: host microseconds
+    per call (time to issue `calls` calls back to back, no sync between them) and device-bound
+    microseconds per call (the same calls, synchronised at the end). The host figure is what a
+    28-layer eager decode step pays 28 times."""
+    import fa2lab.hf
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Module(torch.nn.Module):
+        is_causal, training = True, False
+        num_key_value_groups = cfg.num_attention_heads // cfg.num_key_value_heads
+
+    module, dtype, rows = Module(), getattr(torch, cfg.dtype), []
+    fns = {"fa2lab": fa2lab.hf.make_attention_forward("auto"), "sdpa": sdpa_attention_forward}
+    for n in lengths:
+        g = torch.Generator().manual_seed(n)
+        q = torch.randn(cfg.batch, 1, cfg.num_attention_heads, cfg.head_dim, generator=g).to(cfg.device, dtype)
+        q = q.transpose(1, 2)  # (B, Hq, 1, D), as the model's transpose of its projection
+        k, v = (torch.randn(cfg.batch, cfg.num_key_value_heads, n, cfg.head_dim, generator=g).to(cfg.device, dtype)
+                for _ in range(2))
+        outs = {}
+        for name, fn in fns.items():
+            call = lambda: fn(module, q, k, v, None, scaling=cfg.head_dim ** -0.5)[0]  # noqa: E731
+            for _ in range(20):
+                call()
+            _sync(cfg.device)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                outs[name] = call()
+            t_host = time.perf_counter() - t0
+            _sync(cfg.device)
+            t_all = time.perf_counter() - t0
+            rows.append(dict(impl=name, Nk=n, host_us=round(t_host / calls * 1e6, 1),
+                             synced_us=round(t_all / calls * 1e6, 1)))
+        rows[-2]["max_diff_vs_sdpa"] = float((outs["fa2lab"].float() - outs["sdpa"].float()).abs().max())
+    return rows
+
+
 def crossover_report(cfg: ModelBench = ModelBench()) -> str:
     """Where plain attention stops beating each FA2 path at this model's head shape, measured now."""
     from fa2lab.models.selection import measure_crossover
@@ -260,6 +349,10 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="interleaved repeats, best kept")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--out", type=Path, default=None, help="CSV (default results/models/{cpu,gpu}_models.csv)")
+    p.add_argument("--call-cost", action="store_true",
+                   help="only one layer's decode-step attention call: host and device microseconds, fa2lab vs sdpa")
+    p.add_argument("--layer-stack", action="store_true",
+                   help="only fa2lab's own layers: decode with SplitKCache, SplitKCache(cuda_graph=True), DynamicKVCache")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -272,6 +365,17 @@ def main(argv=None) -> int:
     out = args.out or Path("results") / "models" / f"{'gpu' if args.gpu else 'cpu'}_models.csv"
     where = torch.cuda.get_device_name(0) if args.gpu else f"{torch.get_num_threads()} threads"
     print(f"fa2lab model benchmark {time.strftime('%Y-%m-%d')}: torch {torch.__version__}, {where}; {cfg}")
+    if args.call_cost:
+        for r in attention_call_cost(cfg, lengths=cfg.lengths):
+            print(f"decode-step attention call Nk={r['Nk']:>6} {r['impl']:<7} host {r['host_us']:6.1f} us/call  "
+                  f"issued and finished {r['synced_us']:6.1f} us/call"
+                  + (f"  max |fa2lab - sdpa| {r['max_diff_vs_sdpa']:.3g}" if "max_diff_vs_sdpa" in r else ""))
+        return 0
+    if args.layer_stack:
+        for r in layer_stack_decode(cfg, n=min(cfg.lengths), steps=cfg.decode_steps, rounds=cfg.rounds):
+            print(f"layer stack ({r['layers']} fa2lab layers) N={r['N']} {r['cache']:<24} decode {r['decode_tok_s']:7.1f} "
+                  f"tok/s  x planned {r['vs_planned']:.2f}  max |out - planned's| {r['max_diff_vs_planned']:.3g}")
+        return 0
     if not args.gpu:
         print(sizing_report(), "\n")
         print(crossover_report(cfg), "\n")

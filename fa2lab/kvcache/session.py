@@ -6,6 +6,8 @@ from, on any device.
 The cache (a StaticKVCache: persistent K/V buffers) and the fp32 output buffer are allocated once
 and reused every step; `decode` appends the step's K/V, attends, and so advances the length.
 A call in the wrong state raises an error naming the state and the call that was expected.
+`init(cache=..., filled=n)` continues a cache that already holds a prompt (the model layers'
+`fa2lab.models.SplitKCache(cuda_graph=True)` hands each layer's prefilled cache to a session).
 """
 
 from __future__ import annotations
@@ -28,14 +30,18 @@ class DecodeSession:
     """cuda_graph=True (CUDA only): each step - write K/V at each sequence's length, advance the
     lengths, split-K attention - is one captured CUDA graph over persistent buffers, replayed with
     no host-device sync and no kernel-launch overhead. It takes one new token per sequence per step,
-    all sequences advancing together (the capacity check uses a host-side count).
+    all sequences advancing together (the capacity check uses a host-side count). Its decode
+    options (num_splits, softmax_scale, causal, window_size) go into the captured plan.
+    output_dtype: the output buffer's dtype (default float32, as the design's fp32 output; a model
+    layer asks for its activations' dtype, and the cast happens inside the graph).
 
     Every option is checked here, so that a decode cannot fail on one; and a decode that fails all
     the same (out of memory, an interrupt) leaves the session exactly as before it: same lengths,
     same state, and the same call can be retried."""
 
     def __init__(self, batch: int, heads_q: int, heads_kv: int, max_len: int, head_dim: int, *,
-                 dtype=torch.float16, device="cpu", cuda_graph: bool = False, **decode_kwargs):
+                 dtype=torch.float16, device="cpu", cuda_graph: bool = False, output_dtype=torch.float32,
+                 **decode_kwargs):
         self.shape = dict(batch=batch, heads_q=heads_q, heads_kv=heads_kv, max_len=max_len, head_dim=head_dim)
         for name, value in self.shape.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -51,8 +57,11 @@ class DecodeSession:
             raise ValueError(f"expected a device such as 'cpu' or 'cuda', got {device!r}") from None
         if not isinstance(cuda_graph, bool):
             raise ValueError(f"expected cuda_graph to be True or False, got {cuda_graph!r}")
-        if cuda_graph and self.device.type != "cuda":
+        if cuda_graph and self.device.type not in GRAPH_DEVICES:
             raise ValueError(f"cuda_graph=True needs a CUDA device, got {self.device}; use cuda_graph=False")
+        if output_dtype not in _checks.FLOAT_DTYPES:
+            raise ValueError(f"expected output_dtype to be one of {list(_checks.FLOAT_DTYPES)}, got {output_dtype!r}")
+        self.output_dtype = output_dtype
         self.dtype, self.decode_kwargs = dtype, _check_decode_options(decode_kwargs, dtype, self.device,
                                                                       self.shape, cuda_graph)
         self.cuda_graph = cuda_graph
@@ -69,12 +78,30 @@ class DecodeSession:
             raise RuntimeError(f"DecodeSession.{call}() called in state {self.state!r}; expected one of "
                                f"{', '.join(c + '()' for c in _NEXT[self.state])}")
 
-    def init(self) -> "DecodeSession":
+    def init(self, cache: StaticKVCache | None = None, filled: int = 0) -> "DecodeSession":
+        """Allocate the buffers, or continue `cache`: a StaticKVCache of the session's shape, dtype
+        and device whose sequences hold at most `filled` tokens (a host-side count: the capacity
+        check of graph steps uses it and never reads the lengths back)."""
         self._enter("init")
         s = self.shape
-        self.cache = StaticKVCache(s["batch"], s["heads_kv"], s["max_len"], s["head_dim"], dtype=self.dtype,
-                                   device=self.device)
-        self._host_len = 0
+        if cache is None:
+            if filled:
+                raise ValueError(f"filled={filled} describes a given cache; pass cache= with it, or filled=0")
+            cache = StaticKVCache(s["batch"], s["heads_kv"], s["max_len"], s["head_dim"], dtype=self.dtype,
+                                  device=self.device)
+        else:
+            want = (s["batch"], s["heads_kv"], s["max_len"], s["head_dim"])
+            got = (cache.batch, cache.heads_kv, cache.max_len, cache.head_dim)
+            if not isinstance(cache, StaticKVCache) or got != want or cache.head_dim_v != s["head_dim"]:
+                raise ValueError(f"expected a StaticKVCache of (B, Hkv, max_len, D) = {want}, got "
+                                 f"{got if isinstance(cache, StaticKVCache) else type(cache).__name__}")
+            if cache.dtype != self.dtype or cache.device != torch.device(self.device):
+                raise ValueError(f"expected the cache in {self.dtype} on {self.device}, got {cache.dtype} on "
+                                 f"{cache.device}")
+            if isinstance(filled, bool) or not isinstance(filled, int) or not 0 <= filled <= s["max_len"]:
+                raise ValueError(f"expected filled to be an int in [0, max_len={s['max_len']}], got {filled!r}")
+        self.cache = cache
+        self._host_len = filled
         self.state = "ready"
         return self
 
@@ -113,6 +140,11 @@ class DecodeSession:
         self._enter("decode")
         # All or nothing: the append only writes past each sequence's length, so restoring the
         # lengths undoes it; the output buffer is written last.
+        if self.cuda_graph and self.graph is not None:  # a replay: checks first, then nothing can fail halfway
+            self._replay()
+            self.steps += 1
+            self.state = "decoded"
+            return
         lengths, host_len = self.cache.lengths.clone(), self._host_len
         try:
             if self.cuda_graph:
@@ -121,7 +153,7 @@ class DecodeSession:
                 self.cache.append(self._k, self._v)  # raises before any change if the cache is full
                 out = self.cache.attend(self._q, **self.decode_kwargs)  # (B, Hq, Nq, D)
                 if self.output is None or self.output.shape != out.shape:
-                    self.output = torch.empty(out.shape, dtype=torch.float32, device=self.device)
+                    self.output = torch.empty(out.shape, dtype=self.output_dtype, device=self.device)
                 self.output.copy_(out)
         except BaseException:
             self.cache.lengths.copy_(lengths)
@@ -142,32 +174,30 @@ class DecodeSession:
         cache.lengths.add_(1)
         self.output.copy_(out)
 
-    def _decode_graph(self) -> None:
-        s = self.shape
-        if self._host_len + 1 > s["max_len"]:
-            raise ValueError(f"sequences would grow to {self._host_len + 1} tokens, past max_len={s['max_len']}; "
-                             f"allocate a larger session")
-        if self.graph is None:
-            from fa2lab.decode import decode_plan
+    def _check_room(self) -> None:
+        if self._host_len + 1 > self.shape["max_len"]:
+            raise ValueError(f"sequences would grow to {self._host_len + 1} tokens, past max_len="
+                             f"{self.shape['max_len']}; allocate a larger session")
 
-            self.output = torch.empty(s["batch"], s["heads_q"], 1, s["head_dim"], dtype=torch.float32,
-                                      device=self.device)
-            # Checked once (this reads the lengths back); every replay then runs sync-free.
-            options = {k: v for k, v in self.decode_kwargs.items() if k != "return_lse"}
-            self._plan = decode_plan(self._qbuf, self.cache.k, self.cache.v, self._kbuf, self._vbuf,
-                                     cache_seqlens=self.cache.lengths, **options)
-            saved = self.cache.lengths.clone()
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # warm-up compiles the kernels; its writes are undone below
-                self._graph_step()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self.cache.lengths.copy_(saved)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self._graph_step()
-        self.graph.replay()
+    def _replay(self) -> None:
+        self._check_room()  # before the replay: a full cache changes nothing
+        self.graph()
         self._host_len += 1
+
+    def _decode_graph(self) -> None:
+        """The first graph step: plan (one read of the lengths), warm up, capture, replay."""
+        from fa2lab.decode import decode_plan
+
+        s = self.shape
+        self._check_room()
+        self.output = torch.empty(s["batch"], s["heads_q"], 1, s["head_dim"], dtype=self.output_dtype,
+                                  device=self.device)
+        # Checked once (this reads the lengths back); every replay then runs sync-free.
+        self._plan = decode_plan(self._qbuf, self.cache.k, self.cache.v, self._kbuf, self._vbuf,
+                                 cache_seqlens=self.cache.lengths, **self.decode_kwargs)
+        saved = self.cache.lengths.clone()
+        self.graph = _capture(self._graph_step, self.device, undo=lambda: self.cache.lengths.copy_(saved))
+        self._replay()
 
     def get_output(self) -> torch.Tensor:
         """The fp32 output buffer (B, Hq, Nq, D); it is overwritten by the next decode."""
@@ -194,6 +224,22 @@ class DecodeSession:
 
 
 _DECODE_OPTIONS = ("num_splits", "softmax_scale", "causal", "window_size", "backend", "unified_max")
+GRAPH_DEVICES = ("cuda",)  # where cuda_graph=True can capture (a test of the logic on a CPU widens it)
+
+
+def _capture(step, device, undo):
+    """Run `step` once on a side stream (compiles the kernels), `undo` its effects, capture it in
+    a CUDA graph; returns the replay (a callable that launches the whole step at once)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    undo()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def _check_decode_options(options: dict, dtype, device, shape: dict, cuda_graph: bool) -> dict:
@@ -205,9 +251,11 @@ def _check_decode_options(options: dict, dtype, device, shape: dict, cuda_graph:
     if unknown:
         raise ValueError(f"unknown decode option(s) {unknown}; DecodeSession takes {list(_DECODE_OPTIONS)} "
                          f"(the output buffer holds out only: no return_lse)")
-    if cuda_graph and options:
-        raise ValueError(f"cuda_graph=True replays one captured split-K kernel with the default options; got "
-                         f"{sorted(options)}: drop them or use cuda_graph=False")
+    if cuda_graph and (options.get("unified_max") is not None or options.get("backend", "auto") not in ("auto",
+                                                                                                     "triton")):
+        raise ValueError(f"cuda_graph=True captures the planned Triton split-K kernel, which has no unified max "
+                         f"and no other backend; got backend={options.get('backend', 'auto')!r}, unified_max="
+                         f"{options.get('unified_max')!r}: drop them or use cuda_graph=False")
     n = options.get("num_splits")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"expected num_splits to be a positive int or None (auto), got {n!r}")

@@ -7,7 +7,8 @@ patches (total, dim). Nothing here imports transformers; `fa2lab.hf` is the tran
     FlashAttention2TransformerLayer(config, idx)    pre-norm decoder layer (attention + SwiGLU MLP)
     create_flash_attention_2(config, idx, backend)  factory; logs the backends it may use
     FlashAttention2Vision(dim, heads)               packed image patches through varlen attention
-    DynamicKVCache, SplitKCache                     KV caches (the second decodes split-K)
+    DynamicKVCache, SplitKCache                     KV caches (the second decodes split-K;
+                                                    SplitKCache(cuda_graph=True): CUDA-graph steps)
     select_backend, measure_crossover               backend choice by device/dtype/D/length
     padded_attention, naive_attention               the functional core (varlen; the logged naive path)
     LayerConfig, layer_config                       layer shape from any HF-style config

@@ -13,6 +13,8 @@ What each call runs:
     SplitKCache                                        prefill as above, then decode steps through one
                                                         planned split-K decode_attention each (in-place
                                                         append, ragged lengths, no host sync)
+    SplitKCache(cuda_graph=True)                        the same, each one-token step the replay of a
+                                                        captured CUDA graph per layer (DecodeSession)
     output_attentions=True                              the logged naive path (probabilities)
 """
 

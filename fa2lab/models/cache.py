@@ -3,7 +3,9 @@
     DynamicKVCache   keys in slots, grown by concatenation: the Hugging Face `Cache.update`
                      contract (transformers' DynamicCache and StaticCache work in its place)
     SplitKCache      one fa2lab `StaticKVCache` per layer: ragged sequences stored without their
-                     padding, decode steps through split-K `decode_attention` (Flash-Decoding)
+                     padding, decode steps through split-K `decode_attention` (Flash-Decoding);
+                     cuda_graph=True: each layer's one-token step is a replayed CUDA graph
+                     (`fa2lab.kvcache.DecodeSession(cuda_graph=True)` over the layer's cache)
 
 Shapes: new keys and values (B, Hkv, n, D); slots (B, Hkv, Nk, D).
 """
@@ -37,12 +39,21 @@ class DynamicKVCache:
 class SplitKCache:
     """One `fa2lab.kvcache.StaticKVCache` per layer, allocated on first use: (B, Hkv, max_len, D)
     buffers written in place. Each sequence keeps only its real tokens (a padded prefill is
-    compacted), so decode reads exactly cache_seqlens[b] keys per sequence through split-K."""
+    compacted), so decode reads exactly cache_seqlens[b] keys per sequence through split-K.
 
-    def __init__(self, batch: int, max_len: int, *, num_splits: int | None = None):
+    cuda_graph=True (CUDA): a decode step of one token per sequence runs, per layer, as the replay
+    of one captured CUDA graph (copy the step's q, k, v into persistent buffers; write K/V at each
+    length, planned split-K attention, advance the lengths, cast the output), captured at the
+    layer's first step by a `DecodeSession` that continues the layer's prefilled cache. No host
+    work per layer beyond the copies and the replay; steps of several tokens take the planned path."""
+
+    def __init__(self, batch: int, max_len: int, *, num_splits: int | None = None, cuda_graph: bool = False):
         if batch < 1 or max_len < 1:
             raise ValueError(f"expected batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
-        self.batch, self.max_len, self.num_splits = batch, max_len, num_splits
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"expected cuda_graph to be True or False, got {cuda_graph!r}")
+        self.batch, self.max_len, self.num_splits, self.cuda_graph = batch, max_len, num_splits, cuda_graph
+        self.sessions: dict = {}  # layer -> DecodeSession (cuda_graph=True), made at its first step
         self.layers: dict[int, StaticKVCache] = {}
         # Per layer, the longest sequence, counted on the host: decode steps check the capacity
         # against it and never read the lengths back.
@@ -90,6 +101,8 @@ class SplitKCache:
         if self.host_max[layer_idx] + n > self.max_len:
             raise ValueError(f"a sequence would grow to {self.host_max[layer_idx] + n} tokens, past max_len="
                              f"{self.max_len}; allocate a larger SplitKCache")
+        if self.cuda_graph and n == 1:
+            return self._graph_step(layer_idx, cache, q, k, v, options)
         key = (tuple(q.shape), tuple(k.shape), tuple(cache.k.shape), q.dtype, q.device, tuple(sorted(options.items())))
         if key not in self._plans:  # one plan per shape, shared by every layer and step
             self._plans[key] = decode_plan(q, cache.k, cache.v, k.to(cache.k.dtype), v.to(cache.v.dtype),
@@ -100,6 +113,24 @@ class SplitKCache:
         cache.lengths.add_(n)
         self.host_max[layer_idx] += n
         return out
+
+    def _graph_step(self, layer_idx: int, cache: StaticKVCache, q, k, v, options):
+        """One token per sequence through the layer's DecodeSession (captured at its first step)."""
+        from fa2lab.kvcache.session import DecodeSession
+
+        session = self.sessions.get(layer_idx)
+        if session is None:
+            b, hq, _, d = q.shape
+            if cache.head_dim_v != d:
+                raise ValueError(f"cuda_graph=True needs equal key and value head dims, got {d} and "
+                                 f"{cache.head_dim_v}; use SplitKCache(cuda_graph=False)")
+            session = DecodeSession(b, hq, cache.heads_kv, self.max_len, d, dtype=cache.dtype, device=cache.device,
+                                    cuda_graph=True, output_dtype=q.dtype, num_splits=self.num_splits, **options)
+            self.sessions[layer_idx] = session.init(cache=cache, filled=self.host_max[layer_idx])
+        session.load_qkv(q, k.to(cache.dtype), v.to(cache.dtype))
+        session.decode()
+        self.host_max[layer_idx] += 1
+        return session.get_output()  # (B, Hq, 1, D), overwritten by this layer's next step
 
     def right_aligned(self, layer_idx: int):
         """Keys, values (B, Hkv, L, D) with each sequence's tokens in the last slots, and the slot

@@ -12,6 +12,7 @@ tokens of each sequence, runs `fa2lab.varlen_attention`, and scatters the result
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 
@@ -19,16 +20,18 @@ import torch
 
 from fa2lab import _checks, masks
 from fa2lab._deprecated import UNSET, renamed
-from fa2lab.api import attention, varlen_attention
-from fa2lab.backends import Case
+from fa2lab.api import attention, resolve_scale, varlen_attention
+from fa2lab.backends import BACKENDS, Case
 from fa2lab.decode import decode_attention, decode_plan
+from fa2lab.models import selection
 from fa2lab.models.selection import select_backend
-from fa2lab.variants.options import check_variants
+from fa2lab.variants.options import NONE, check_variants
 
 log = logging.getLogger("fa2lab")
 _naive_logged: set = set()
 
-__all__ = ["padded_attention", "packed_attention", "cu_seqlens_from_position_ids", "naive_attention"]
+__all__ = ["padded_attention", "packed_attention", "cu_seqlens_from_position_ids", "naive_attention", "masked_attention",
+           "prepare_static_decode", "static_decode", "clear_routes"]
 
 
 def _decode_window(causal: bool, window_size, nq: int) -> tuple[bool, tuple[int, int]]:
@@ -43,20 +46,123 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-_plans: dict = {}
+class _Route:
+    """A decided and validated attention call for one key of `_route_key`: what the first call of
+    that key chose (through `fa2lab.backends.choose`) and checked (the public call), run again
+    without repeating either. A model makes the same call in every layer of a forward (prefill)
+    or of a step (decode): the decision and the checks happen once per forward, not once per layer."""
+
+    __slots__ = ("run",)
+
+    def __init__(self, run):
+        self.run = run
 
 
-def _decode_plan(q, k, v, causal, window_size, scale, backend):
-    """One plan per shape, shared by every layer of a step (a full cache: no lengths, no sync)."""
-    key = (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, causal, tuple(window_size), scale,
-           backend)
-    plan = _plans.get(key)
-    if plan is None:
-        if len(_plans) > 64:  # a growing dynamic cache makes a new shape each step
-            _plans.clear()
-        plan = _plans[key] = decode_plan(q, k, v, causal=causal, window_size=window_size, softmax_scale=scale,
-                                         backend=backend)
-    return plan
+_routes: dict = {}
+_ROUTE_MEMORY = 128  # a growing dynamic cache makes a new key each step; forget all past this many
+
+
+def _route_key(q, k, v, causal, window_size, scale, backend):
+    """Everything `Case` and the checks read: shapes, dtype, device, options, gradient mode."""
+    return (q.shape, k.shape, v.shape, q.dtype, q.device, causal, window_size, scale, backend, _needs_grad(q, k, v))
+
+
+def _triton_inference(q, k, v, *, causal, window_size, scale, return_lse, variants):
+    """The Triton forward kernel that `fa2lab.kernels.attention` picks for these tensors (Hopper or
+    portable), called without the autograd.Function that training needs (~20-40 us a call)."""
+    from fa2lab.kernels.attention import _fwd_impl
+
+    left, right = masks.effective_window(causal, window_size)
+    fwd, _ = _fwd_impl(q, k, v, False)
+    return fwd(q, k, v, scale=scale, left=left, right=right)[0]
+
+
+def clear_routes() -> None:
+    """Forget the decided calls (a new crossover measurement changes what "auto" picks)."""
+    _routes.clear()
+
+
+selection.on_change(clear_routes)
+
+
+def _remember(key, run) -> None:
+    if len(_routes) >= _ROUTE_MEMORY:
+        _routes.clear()
+    _routes[key] = _Route(run)
+
+
+def _dense_route(q, k, v, causal, window_size, scale, backend):
+    """Decide (once per key) and run a call without variants; returns out (B, Hq, Nq, Dv)."""
+    nq = q.shape[2]
+    causal_1, window_1 = _decode_window(causal, window_size, nq)
+    choice = select_backend(Case.of(q, k, v, causal_1, window_1, False, requires_grad=_needs_grad(q, k, v)), backend)
+    cacheable = q.numel() > 0 and k.shape[2] > 0 and not torch.compiler.is_compiling()
+    if choice.op == "decode":  # a generation step on CUDA: split-K over the whole cache, planned
+        plan = decode_plan(q, k, v, causal=causal, window_size=window_size, softmax_scale=scale, backend=choice.name)
+        # A full dense cache: every sequence holds all Nk slots (the length is a host-side shape).
+        lengths = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
+        run = lambda q, k, v: decode_attention(q, k, v, cache_seqlens=lengths, plan=plan)  # noqa: E731
+    else:
+        out = attention(q, k, v, causal=causal_1, window_size=window_1, softmax_scale=scale, backend=choice.name)
+        if cacheable:  # checked by the call above; later calls of this key skip to the backend
+            resolved, impl = resolve_scale(scale, q.shape[-1]), BACKENDS[choice.name]
+            if choice.name == "triton" and not _needs_grad(q, k, v):
+                impl = _triton_inference  # no autograd.Function around the kernel: nothing to differentiate
+            _remember(_route_key(q, k, v, causal, window_size, scale, backend),
+                      lambda q, k, v: impl(q, k, v, causal=causal_1, window_size=window_1, scale=resolved,
+                                           return_lse=False, variants=NONE))
+        return out
+    if cacheable:
+        _remember(_route_key(q, k, v, causal, window_size, scale, backend), run)
+    return run(q, k, v)
+
+
+_static_plans: dict = {}
+
+
+def _static_key(q_shape, k, v, dtype, device, causal, window_size, scale, backend):
+    return (tuple(q_shape), tuple(k.shape), tuple(v.shape), dtype, device, causal, tuple(window_size), scale, backend)
+
+
+def prepare_static_decode(q, k, v, *, causal=True, window_size=(-1, -1), softmax_scale=None, backend="auto") -> bool:
+    """Plan, eagerly, the generation steps that will later run traced against a static cache:
+    q (B, Hq, Nq, D) of any Nq (the prefill's), k (B, Hkv, capacity, D), v (B, Hkv, capacity, Dv)
+    the cache's whole buffers. Makes (once per shape) the decode plan of a one-token step against
+    them, if fa2lab's dispatch sends such a step to split-K decode (CUDA, fp16/bf16, no gradients).
+    A traced step (`static_decode`) cannot make plans: they read device properties. Returns whether
+    a plan exists now."""
+    b, hq, _, d = q.shape
+    key = _static_key((b, hq, 1, d), k, v, q.dtype, q.device, causal, window_size, softmax_scale, backend)
+    if key in _static_plans:
+        return _static_plans[key] is not None
+    step = q.new_empty(b, hq, 1, d)  # (B, Hq, 1, D): shapes only
+    causal_1, window_1 = _decode_window(causal, window_size, 1)
+    choice = select_backend(Case.of(step, k, v, causal_1, window_1, False), backend)
+    plan = None
+    if choice.op == "decode" and choice.name == "triton":
+        plan = decode_plan(step, k, v, causal=causal, window_size=window_size, softmax_scale=softmax_scale,
+                           backend=choice.name)
+        # No workspace of its own: each traced call allocates it inside the graph, so that a CUDA
+        # graph (mode="reduce-overhead") owns its buffers instead of mutating a tensor from outside.
+        plan = dataclasses.replace(plan, workspace=())
+    if len(_static_plans) > 64:
+        _static_plans.clear()
+    _static_plans[key] = plan
+    return plan is not None
+
+
+def static_decode(q, k, v, lengths, *, causal=True, window_size=(-1, -1), softmax_scale=None, backend="auto"):
+    """q (B, Hq, Nq, D), the last Nq of lengths[b] filled slots of a static cache k (B, Hkv, capacity,
+    D), v (B, Hkv, capacity, Dv); lengths int32 (B,) on the device, no padding -> (B, Hq, Nq, Dv).
+    Traceable and capturable: a planned split-K decode over the filled slots where
+    `prepare_static_decode` made a plan for this shape; otherwise masked SDPA over every slot."""
+    key = _static_key(q.shape, k, v, q.dtype, q.device, causal, window_size, softmax_scale, backend)
+    plan = _static_plans.get(key)
+    if plan is not None:
+        return decode_attention(q, k, v, cache_seqlens=lengths, plan=plan)
+    filled = torch.arange(k.shape[2], device=q.device)[None, :] < lengths[:, None]  # (B, capacity)
+    return masked_attention(q, k, v, filled, causal=causal, window_size=window_size, softmax_scale=softmax_scale,
+                            query_end=lengths)
 
 
 def padded_attention(q, k, v, key_mask=None, *, causal=True, window_size=(-1, -1), softmax_scale=None, backend="auto",
@@ -84,15 +190,20 @@ def padded_attention(q, k, v, key_mask=None, *, causal=True, window_size=(-1, -1
         if _all_real(key_mask):
             key_mask = None
     if key_mask is None:
+        if not softcap and sinks is None:
+            window_size = tuple(window_size)
+            if not torch.compiler.is_compiling():  # traced code is specialised by torch.compile instead
+                route = _routes.get(_route_key(q, k, v, causal, window_size, scale, backend))
+                if route is not None:
+                    return route.run(q, k, v)
+            return _dense_route(q, k, v, causal, window_size, scale, backend)
         causal_1, window_1 = _decode_window(causal, window_size, nq)
         active = check_variants(q, k, **var).active
         choice = select_backend(Case.of(q, k, v, causal_1, window_1, False, requires_grad=_needs_grad(q, k, v),
                                         variants=active), backend)
-        if choice.op == "decode":  # a generation step on CUDA: split-K over the whole cache
-            if active:  # variants are not planned
-                return decode_attention(q, k, v, causal=causal, window_size=window_size, softmax_scale=scale,
-                                        backend=choice.name, **var)
-            return decode_attention(q, k, v, plan=_decode_plan(q, k, v, causal, window_size, scale, choice.name))
+        if choice.op == "decode":  # variants are not planned: the checked call
+            return decode_attention(q, k, v, causal=causal, window_size=window_size, softmax_scale=scale,
+                                    backend=choice.name, **var)
         return attention(q, k, v, causal=causal_1, window_size=window_1, softmax_scale=scale, backend=choice.name,
                          **var)
 

@@ -74,6 +74,20 @@ class Crossover:
 def set_crossover(crossover: Crossover) -> None:
     """Register a measurement for `select_backend` (replaces one for the same device, dtype, D)."""
     _crossovers[(crossover.device, crossover.dtype, crossover.head_dim)] = crossover
+    _changed()
+
+
+_listeners: list = []  # called when the crossovers change (fa2lab.models.functional forgets its decided calls)
+
+
+def on_change(callback) -> None:
+    """Call `callback()` whenever a crossover is registered or cleared: what "auto" decides may change."""
+    _listeners.append(callback)
+
+
+def _changed() -> None:
+    for callback in _listeners:
+        callback()
 
 
 def get_crossover(device: str, dtype: torch.dtype, head_dim: int) -> Crossover | None:
@@ -82,6 +96,7 @@ def get_crossover(device: str, dtype: torch.dtype, head_dim: int) -> Crossover |
 
 def clear_crossovers() -> None:
     _crossovers.clear()
+    _changed()
 
 
 def measure_crossover(*, device="cpu", dtype=torch.float32, head_dim=64, heads=8, heads_kv=None, batch=1,
