@@ -28,6 +28,14 @@ FWD = {
     256: (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, WARP_SPECIALIZE=True, HOST_DESC=True),
           dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, WARP_SPECIALIZE=True, HOST_DESC=True)),
 }
+# With an additive bias the bias tile is a third pipelined copy: BLOCK_N = 64 keeps three stages of
+# K, V and bias tiles in shared memory at D <= 128 (128 x 128 would need 288 KB for three); D = 256
+# halves BLOCK_M instead. Not yet measured against the alternatives.
+FWD_BIAS = {
+    64: dict(BLOCK_N=64, num_stages=3),
+    128: dict(BLOCK_N=64, num_stages=3),
+    256: dict(BLOCK_M=64, BLOCK_N=64, num_stages=2, num_warps=4),
+}
 # Backward: per kernel (BLOCK_M, BLOCK_N, num_warps, num_stages[, SWAP_AB]); dK/dV holds BLOCK_N keys
 # and walks queries, dQ holds BLOCK_M queries and walks keys. "dv" + "dk" instead of "dkdv": two
 # kernels with one accumulator each. Same sweep (2.5x flops): D=64 (32,128,4,3)/(128,32,4,3) 351
@@ -53,8 +61,12 @@ def _bound(head_dim: int) -> int:
     raise ValueError(f"head_dim {head_dim} > 256: the Hopper kernels hold at most 256 columns")
 
 
-def hopper_fwd_config(head_dim: int, *, causal: bool, seq_len: int) -> dict:
-    cfg = dict(FWD[_bound(head_dim)][1 if causal else 0])
+def hopper_fwd_config(head_dim: int, *, causal: bool, seq_len: int, variants=None) -> dict:
+    """variants: a kernels.variants.KernelVariants or None; a bias gets FWD_BIAS's tiles."""
+    bound = _bound(head_dim)
+    cfg = dict(FWD[bound][1 if causal else 0])
+    if variants is not None and variants.var.attn_bias is not None:
+        cfg.update(FWD_BIAS[bound])
     if seq_len < PERSISTENT_BELOW:
         cfg.setdefault("PERSISTENT", True)
     if os.environ.get("FA2LAB_HOPPER_HOST_DESC", "1") == "0":  # per-program device descriptors instead
