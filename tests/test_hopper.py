@@ -18,6 +18,8 @@ BWD = dict(dkdv=(16, 16, 4, 1), dq=(16, 16, 4, 1))
 # kernels with the swapped operand order (head dim 256's configuration).
 FWD_HOST = dict(FWD, HOST_DESC=True, PERSISTENT=True)
 BWD_SPLIT = dict(dv=(16, 32, 4, 1), dk=(16, 16, 4, 1, True), dq=(32, 16, 4, 1))
+# Lazy rescaling (skip acc * alpha when no row max grew) and the query-block-major tile order.
+FWD_LAZY = dict(FWD, LAZY_RESCALE=True, M_MAJOR=True, PERSISTENT=True)
 
 
 class _Hopper(torch.autograd.Function):
@@ -61,13 +63,14 @@ CASES = [
 ]
 
 
-VARIANTS = [("device", c) for c in CASES] + [("host+split", CASES[i]) for i in (0, 2, 3, 5)]
+VARIANTS = ([("device", c) for c in CASES] + [("host+split", CASES[i]) for i in (0, 2, 3, 5)]
+            + [("lazy", CASES[i]) for i in (0, 2)])
 
 
 @pytest.mark.parametrize("variant,case", VARIANTS)
 def test_hopper_kernels_within_torch_rule(variant, case):
     b, hq, hkv, nq, nk, d, causal, window = case
-    fn = _fn(FWD, BWD) if variant == "device" else _fn(FWD_HOST, BWD_SPLIT)
+    fn = dict(device=_fn(FWD, BWD), lazy=_fn(FWD_LAZY, BWD)).get(variant) or _fn(FWD_HOST, BWD_SPLIT)
     q, k, v = make_qkv(b, hq, hkv, nq, nk, d, seed=5)
     assert_within_torch_error(fn, q, k, v, torch.float16, causal=causal, window_size=window)
 
