@@ -219,3 +219,16 @@ def test_hopper_dropout_replays_the_shared_mask():
     do = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     for a, r in zip(torch.autograd.grad(out, leaves, do.half()), torch.autograd.grad(out_r, ref, do)):
         assert (a.double() - r).abs().max().item() < 2e-2
+
+
+def test_bench_prints_issue_15_table_from_a_run():
+    import json
+    from pathlib import Path
+
+    from fa2lab.bench.gpu import hopper_table
+
+    rows = json.loads((Path(__file__).parents[1] / "experiments/results/gpu-20261202-045930.json").read_text())["rows"]
+    lines = hopper_table(rows).splitlines()
+    assert len(lines) == 2 + 12 and "fa2lab / cuDNN fwd" in lines[0] and "fa2lab / cuDNN bwd" in lines[0]
+    row = next(line for line in lines if line.startswith("| N=4096 D=128 full |"))
+    assert row.split(" | ")[1] == "499" and row.split(" | ")[7] == "0.84"  # fa2lab 499, cuDNN 595: BENCHMARKS.md
