@@ -20,6 +20,7 @@ FWD_HOST = dict(FWD, HOST_DESC=True, PERSISTENT=True)
 BWD_SPLIT = dict(dv=(16, 32, 4, 1), dk=(16, 16, 4, 1, True), dq=(32, 16, 4, 1))
 # Lazy rescaling (skip acc * alpha when no row max grew) and the query-block-major tile order.
 FWD_LAZY = dict(FWD, LAZY_RESCALE=True, M_MAJOR=True, PERSISTENT=True)
+FWD_PIPE = dict(FWD, PIPELINE_QK=True, HOST_DESC=True)  # next tile's QK^T before this tile's softmax
 
 
 class _Hopper(torch.autograd.Function):
@@ -64,13 +65,13 @@ CASES = [
 
 
 VARIANTS = ([("device", c) for c in CASES] + [("host+split", CASES[i]) for i in (0, 2, 3, 5)]
-            + [("lazy", CASES[i]) for i in (0, 2)])
+            + [("lazy", CASES[i]) for i in (0, 2)] + [("pipe", CASES[i]) for i in (0, 1, 5)])
 
 
 @pytest.mark.parametrize("variant,case", VARIANTS)
 def test_hopper_kernels_within_torch_rule(variant, case):
     b, hq, hkv, nq, nk, d, causal, window = case
-    fn = dict(device=_fn(FWD, BWD), lazy=_fn(FWD_LAZY, BWD)).get(variant) or _fn(FWD_HOST, BWD_SPLIT)
+    fn = dict(device=_fn(FWD, BWD), lazy=_fn(FWD_LAZY, BWD), pipe=_fn(FWD_PIPE, BWD)).get(variant) or _fn(FWD_HOST, BWD_SPLIT)
     q, k, v = make_qkv(b, hq, hkv, nq, nk, d, seed=5)
     assert_within_torch_error(fn, q, k, v, torch.float16, causal=causal, window_size=window)
 

@@ -128,6 +128,39 @@ def _hopper_blocks(acc, l_i, m_i, q, desc_k, desc_v, start, stop, i0, offs_m, of
 
 
 @triton.jit
+def _softmax_pv(acc, l_i, m_i, s, desc_v, b, hk, start_n, qk_scale, BLOCK_N: tl.constexpr, HOST: tl.constexpr,
+                HEAD_DIM_V: tl.constexpr):
+    """Lines 8-10 of Algorithm 1 for one unmasked, plain tile whose S = Q K^T is given."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    v = _load(desc_v, b, hk, start_n, HOST, BLOCK_N, HEAD_DIM_V)  # (BLOCK_N, HEAD_DIM_V)
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _hopper_blocks_pipelined(acc, l_i, m_i, q, desc_k, desc_v, start, stop, b, hk, qk_scale, BLOCK_N: tl.constexpr,
+                             HOST: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr):
+    """The unmasked middle of a plain call with S of the next tile computed before the softmax of this
+    one (FA3's intra-warpgroup overlap, written in the source): the next QK^T does not depend on this
+    tile's softmax, so its tensor-core work can run while the softmax does."""
+    if start < stop:
+        k = _load(desc_k, b, hk, start, HOST, BLOCK_N, HEAD_DIM)
+        s = tl.dot(q, k.T)  # (BLOCK_M, BLOCK_N) of the first tile
+        for start_n in tl.range(start, stop - BLOCK_N, BLOCK_N):
+            k_next = _load(desc_k, b, hk, start_n + BLOCK_N, HOST, BLOCK_N, HEAD_DIM)
+            s_next = tl.dot(q, k_next.T)
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, desc_v, b, hk, start_n, qk_scale, BLOCK_N, HOST, HEAD_DIM_V)
+            s = s_next
+        acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, desc_v, b, hk, stop - BLOCK_N, qk_scale, BLOCK_N, HOST,
+                                    HEAD_DIM_V)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _hopper_fwd_tile(tile, Q, K, V, O, LSE, CU_Q, CU_K,
                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, slb, slh, slm,
                      H, Nq, Nk, G, NUM_M, NUM_BH, qk_scale, LEFT, RIGHT,
@@ -137,7 +170,7 @@ def _hopper_fwd_tile(tile, Q, K, V, O, LSE, CU_Q, CU_K,
                      IS_VARLEN: tl.constexpr, LONGEST_FIRST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
                      HOST: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BIAS_TMA: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                     LAZY_RESCALE: tl.constexpr, M_MAJOR: tl.constexpr):
+                     LAZY_RESCALE: tl.constexpr, M_MAJOR: tl.constexpr, PIPELINE_QK: tl.constexpr):
     if M_MAJOR:  # every head's block pid_m before any head's pid_m - 1 (longest-first across heads)
         bh = tile % NUM_BH
         pid_m = tile // NUM_BH
@@ -233,6 +266,9 @@ def _hopper_fwd_tile(tile, Q, K, V, O, LSE, CU_Q, CU_K,
                                            desc_b, sbm, sbn, dropout_p, seed, BLOCK_N, False, HAS_LEFT, HAS_RIGHT,
                                            WARP_SPECIALIZE, HOST, HEAD_DIM, HEAD_DIM_V, SOFTCAP, HAS_ALIBI, -1,
                                            HAS_BIAS, BIAS_TMA, HAS_DROPOUT, LAZY_RESCALE)
+        elif PIPELINE_QK and not (SOFTCAP or HAS_BIAS or HAS_DROPOUT):
+            acc, l_i, m_i = _hopper_blocks_pipelined(acc, l_i, m_i, q, desc_k, desc_v, lo_full, hi_full, b, hk,
+                                                     qk_scale, BLOCK_N, HOST, HEAD_DIM, HEAD_DIM_V)
         else:
             acc, l_i, m_i = _hopper_blocks(acc, l_i, m_i, q, desc_k, desc_v, lo_full, hi_full, i0, offs_m, offs_n, nk,
                                            off, LEFT, RIGHT, qk_scale, b, hk, nq, bh, cap_in, cap_out, slope2,
@@ -276,7 +312,7 @@ def _hopper_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                        PERSISTENT: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, HOST: tl.constexpr,
                        SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_TMA: tl.constexpr,
                        HAS_SINKS: tl.constexpr, HAS_DROPOUT: tl.constexpr, LAZY_RESCALE: tl.constexpr,
-                       M_MAJOR: tl.constexpr):
+                       M_MAJOR: tl.constexpr, PIPELINE_QK: tl.constexpr):
     num_bh = NUM_TILES // NUM_M
     if PERSISTENT:
         for tile in range(tl.program_id(0), NUM_TILES, tl.num_programs(0)):
@@ -285,14 +321,14 @@ def _hopper_fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K,
                              ALIBI, BIAS, SINKS, sab, sah, sbb, sbh, sbm, sbn, cap_in, cap_out, dropout_p, seed, D, DV,
                              HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, IS_VARLEN, LONGEST_FIRST,
                              WARP_SPECIALIZE, HOST, SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_TMA, HAS_SINKS, HAS_DROPOUT,
-                             LAZY_RESCALE, M_MAJOR)
+                             LAZY_RESCALE, M_MAJOR, PIPELINE_QK)
     else:
         _hopper_fwd_tile(tl.program_id(0), Q, K, V, O, LSE, CU_Q, CU_K, sqb, sqh, sqm, skb, skh, skn, svb, svh,
                          svn, sob, soh, som, slb, slh, slm, H, Nq, Nk, G, NUM_M, num_bh, qk_scale, LEFT, RIGHT,
                          ALIBI, BIAS, SINKS, sab, sah, sbb, sbh, sbm, sbn, cap_in, cap_out, dropout_p, seed, D, DV,
                          HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, IS_VARLEN, LONGEST_FIRST,
                          WARP_SPECIALIZE, HOST, SOFTCAP, HAS_ALIBI, HAS_BIAS, BIAS_TMA, HAS_SINKS, HAS_DROPOUT,
-                         LAZY_RESCALE, M_MAJOR)
+                         LAZY_RESCALE, M_MAJOR, PIPELINE_QK)
 
 
 def _scratch(size: int, alignment: int, stream):
@@ -349,6 +385,7 @@ def launch_hopper_fwd(q, k, v, out, lse, strides_q, strides_k, strides_v, stride
         grid = (tiles,)
     cfg.setdefault("LAZY_RESCALE", False)
     cfg.setdefault("M_MAJOR", False)
+    cfg.setdefault("PIPELINE_QK", False)
     dummy = cu_q if cu_q is not None else torch.zeros(1, dtype=torch.int32, device=lse.device)
     _hopper_fwd_kernel[grid](
         q, k, v, out, lse, dummy, cu_k if cu_k is not None else dummy,
