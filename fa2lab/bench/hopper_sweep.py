@@ -48,6 +48,7 @@ FWD2 = {
     (128, False): [_f(128, 128, 8, 3, **H), _f(128, 128, 8, 3, LAZY_RESCALE=True, **H),
                    _f(128, 128, 8, 3, WARP_SPECIALIZE=True, **H), _f(128, 64, 8, 3, **H),
                    _f(128, 64, 8, 2, maxnreg=128, **H), _f(64, 64, 4, 3, **H)],
+    "pipe": [_f(128, 64, 8, 3, PIPELINE_QK=True, **H), _f(128, 128, 8, 2, PIPELINE_QK=True, **H)],
     (128, True): [_f(128, 128, 8, 3, **H), _f(128, 128, 8, 3, LAZY_RESCALE=True, **H),
                   _f(128, 128, 8, 3, M_MAJOR=True, **H), _f(64, 64, 4, 3, **H)],
 }
@@ -132,7 +133,8 @@ def sweep(parts, cases, log=print, sink=None) -> list[dict]:
         fwd_of = lambda cfg: (lambda q_, k_, v_: hopper_fwd(q_, k_, v_, scale=q_.shape[-1] ** -0.5, left=-1,  # noqa: E731
                                                              right=right, config=cfg))
         if "fwd" in parts or "fwd2" in parts:
-            for cfg in (FWD[d] if "fwd" in parts else FWD2.get((d, causal), [])):
+            for cfg in (FWD[d] if "fwd" in parts else FWD2["pipe"] if "pipe" in parts and not causal
+                        else FWD2.get((d, causal), [])):
                 def one():
                     check = _rule(fwd_of(cfg), lambda *a: None, d, causal)
                     t = _bench(lambda: fwd_of(cfg)(q, k, v)).median_s

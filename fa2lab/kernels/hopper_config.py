@@ -67,6 +67,10 @@ def hopper_fwd_config(head_dim: int, *, causal: bool, seq_len: int, variants=Non
     cfg = dict(FWD[bound][1 if causal else 0])
     if variants is not None and variants.var.attn_bias is not None:
         cfg.update(FWD_BIAS[bound])
+    if variants is not None and variants.var.dropout_p > 0:
+        # Interleaving the four Philox outputs of a call (tl.join + reshape) goes through a shared-memory
+        # layout conversion: 128 x 128 with three stages then needs 246784 B (H200, 2026-12-02; 232448 fit).
+        cfg["num_stages"] = min(cfg["num_stages"], 2)
     if seq_len < PERSISTENT_BELOW:
         cfg.setdefault("PERSISTENT", True)
     if os.environ.get("FA2LAB_HOPPER_HOST_DESC", "1") == "0":  # per-program device descriptors instead
