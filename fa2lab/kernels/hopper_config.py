@@ -20,6 +20,10 @@ import torch
 # (warp-specialised 532, 128x32 380, 64x64 4 warps 424). Those with per-program device
 # descriptors; with HOST_DESC through the public call (`python -m fa2lab bench --hopper`, same day,
 # gpu-20261202-045930.json): D=64 415, D=128 499 (portable kernels 486 in the same run), D=256 555.
+# Second sweep (`python -m fa2lab.bench.hopper_sweep --parts fwd2`, H200, 2026-12-02 07:42 UTC,
+# hopper-sweep-20261202-074333.json): D=128 kept, 501 full / 443 causal; its rivals lazy rescaling
+# 500 / 446, warp-specialised 501, 128x64 476, 128x64 2 stages maxnreg=128 499, 64x64 4 warps 480 / 449,
+# query-block-major order 374 (causal); SDPA cuDNN 650 / 592 in that run.
 FWD = {
     64: (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HOST_DESC=True),
          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HOST_DESC=True)),
