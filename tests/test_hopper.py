@@ -18,6 +18,9 @@ BWD = dict(dkdv=(16, 16, 4, 1), dq=(16, 16, 4, 1))
 # kernels with the swapped operand order (head dim 256's configuration).
 FWD_HOST = dict(FWD, HOST_DESC=True, PERSISTENT=True)
 BWD_SPLIT = dict(dv=(16, 32, 4, 1), dk=(16, 16, 4, 1, True), dq=(32, 16, 4, 1))
+# Lazy rescaling (skip acc * alpha when no row max grew) and the query-block-major tile order.
+FWD_LAZY = dict(FWD, LAZY_RESCALE=True, M_MAJOR=True, PERSISTENT=True)
+FWD_PIPE = dict(FWD, PIPELINE_QK=True, HOST_DESC=True)  # next tile's QK^T before this tile's softmax
 
 
 class _Hopper(torch.autograd.Function):
@@ -61,13 +64,14 @@ CASES = [
 ]
 
 
-VARIANTS = [("device", c) for c in CASES] + [("host+split", CASES[i]) for i in (0, 2, 3, 5)]
+VARIANTS = ([("device", c) for c in CASES] + [("host+split", CASES[i]) for i in (0, 2, 3, 5)]
+            + [("lazy", CASES[i]) for i in (0, 2)] + [("pipe", CASES[i]) for i in (0, 1, 5)])
 
 
 @pytest.mark.parametrize("variant,case", VARIANTS)
 def test_hopper_kernels_within_torch_rule(variant, case):
     b, hq, hkv, nq, nk, d, causal, window = case
-    fn = _fn(FWD, BWD) if variant == "device" else _fn(FWD_HOST, BWD_SPLIT)
+    fn = dict(device=_fn(FWD, BWD), lazy=_fn(FWD_LAZY, BWD), pipe=_fn(FWD_PIPE, BWD)).get(variant) or _fn(FWD_HOST, BWD_SPLIT)
     q, k, v = make_qkv(b, hq, hkv, nq, nk, d, seed=5)
     assert_within_torch_error(fn, q, k, v, torch.float16, causal=causal, window_size=window)
 
@@ -126,3 +130,106 @@ def test_cost_model_rows_for_the_h200_run():
     rows = roofline_rows(json.loads(path.read_text()))
     assert len(rows) == 12  # every forward shape of issue 15's table
     assert all(r["measured_over_predicted"] >= 1.0 for r in rows)  # a roofline is a lower bound
+
+
+class _HopperVariants(torch.autograd.Function):
+    """The Hopper forward with variants and the portable backward: the pair a variant call on an sm_90
+    GPU runs until the Hopper backward takes variants (the backward regenerates the forward's mask)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, left, right, kvars, fwd_cfg):
+        from fa2lab.kernels.hopper_fwd import hopper_fwd
+
+        out, lse = hopper_fwd(q, k, v, scale=q.shape[-1] ** -0.5, left=left, right=right, config=fwd_cfg,
+                              variants=kvars)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (left, right, kvars)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        from fa2lab.kernels.bwd import flash_bwd_triton
+
+        q, k, v, out, lse = ctx.saved_tensors
+        left, right, kvars = ctx.args
+        dq, dk, dv, dsinks = flash_bwd_triton(dout.contiguous(), dlse, q, k, v, out, lse, scale=q.shape[-1] ** -0.5,
+                                              left=left, right=right, variants=kvars)
+        return dq, dk, dv, dsinks, None, None, None, None
+
+
+def _variant_fn(fwd_cfg, seed=0):
+    from fa2lab.kernels.variants import KernelVariants
+    from fa2lab.variants import check_variants
+
+    def run(q, k, v, *, causal=False, window_size=(-1, -1), return_lse=False, dropout_mask=None, **opts):
+        left, right = window_size
+        if causal:
+            right = 0 if right < 0 else min(right, 0)
+        var = check_variants(q, k, **opts)
+        kvars = KernelVariants(var, q, seed, q.shape[-1] ** -0.5)
+        out, lse = _HopperVariants.apply(q, k, v, var.sinks, left, right, kvars, fwd_cfg)
+        return (out, lse) if return_lse else out
+    return run
+
+
+def _variant_opts(which, b, hq, nq, nk):
+    g = torch.Generator().manual_seed(9)
+    table = dict(softcap=dict(softcap=1.5), alibi=dict(alibi_slopes=torch.rand(b, hq, generator=g)),
+                 bias=dict(attn_bias=torch.randn(1, hq, nq, nk, generator=g)),
+                 bias_keys=dict(attn_bias=torch.randn(b, 1, 1, nk, generator=g)),
+                 sinks=dict(sinks=torch.randn(hq, generator=g)))
+    out = {}
+    for w in which:
+        out.update(table[w])
+    return out
+
+
+# (which, causal, window, config); B=1, Hq=4, Hkv=2, Nq=37, Nk=70, D=40 (ALiBi's rows: Nq=70, Nk=37 too)
+VARIANT_CASES = [
+    (["softcap"], True, (-1, -1), FWD), (["alibi"], False, (-1, -1), FWD), (["alibi"], True, (-1, -1), FWD_HOST),
+    (["alibi"], False, (5, 9), FWD), (["bias"], True, (-1, -1), FWD), (["bias_keys"], False, (-1, -1), FWD_HOST),
+    (["sinks"], True, (8, -1), FWD), (["softcap", "alibi", "bias", "sinks"], False, (-1, -1), FWD_HOST),
+]
+
+
+@pytest.mark.parametrize("which,causal,window,cfg", VARIANT_CASES)
+@pytest.mark.parametrize("nq,nk", [(37, 70), (70, 37)])
+def test_hopper_forward_variants_within_torch_rule(which, causal, window, cfg, nq, nk):
+    if nq > nk and "alibi" not in which:
+        pytest.skip("Nq > Nk only for ALiBi (its side split depends on the diagonal's offset)")
+    q, k, v = make_qkv(1, 4, 2, nq, nk, 40, seed=2)
+    assert_within_torch_error(_variant_fn(cfg), q, k, v, torch.float16, causal=causal, window_size=window,
+                              **_variant_opts(which, 1, 4, nq, nk))
+
+
+def test_hopper_dropout_replays_the_shared_mask():
+    """The Hopper forward draws the mask one Philox call per four keys (`_dropout_keep_tile`); the
+    portable backward and the debug mask draw it entry by entry: the three must agree bit for bit."""
+    from fa2lab.kernels.variants import triton_keep_mask
+    from fa2lab.reference import attention_ref
+
+    q64, k64, v64 = make_qkv(1, 4, 2, 37, 70, 40, seed=4)
+    seed, p = 123456789012345, 0.3
+    mask = triton_keep_mask(seed, 1, 4, 37, 70, p, "cpu")
+    assert abs(mask.float().mean().item() - (1 - p)) < 0.05
+    leaves = [t.half().requires_grad_() for t in (q64, k64, v64)]
+    out, lse = _variant_fn(FWD, seed)(*leaves, causal=True, return_lse=True, dropout_p=p)
+    ref = [t.detach().requires_grad_() for t in (q64, k64, v64)]
+    out_r = attention_ref(*ref, causal=True, dropout_p=p, dropout_mask=mask)
+    assert (out.double() - out_r).abs().max().item() < 5e-3
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for a, r in zip(torch.autograd.grad(out, leaves, do.half()), torch.autograd.grad(out_r, ref, do)):
+        assert (a.double() - r).abs().max().item() < 2e-2
+
+
+def test_bench_prints_issue_15_table_from_a_run():
+    import json
+    from pathlib import Path
+
+    from fa2lab.bench.gpu import hopper_table
+
+    rows = json.loads((Path(__file__).parents[1] / "experiments/results/gpu-20261202-045930.json").read_text())["rows"]
+    lines = hopper_table(rows).splitlines()
+    assert len(lines) == 2 + 12 and "fa2lab / cuDNN fwd" in lines[0] and "fa2lab / cuDNN bwd" in lines[0]
+    row = next(line for line in lines if line.startswith("| N=4096 D=128 full |"))
+    assert row.split(" | ")[1] == "499" and row.split(" | ")[7] == "0.84"  # fa2lab 499, cuDNN 595: BENCHMARKS.md

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fa2lab.cost.flops import formula_flops
-from fa2lab.kernels.attention import triton_attention
 import fa2lab
 from fa2lab.measure.exactness import max_err, within_torch_error
 from fa2lab.measure.timing import Timing, print_process_warning, time_call
@@ -64,7 +63,7 @@ def _sdpa(backend):
 def _flex():
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    compiled = torch.compile(flex_attention)
+    compiled = torch.compile(flex_attention, dynamic=False)  # one static kernel per shape, not a dynamic one
     masks = {}
 
     def run(q, k, v, causal):
@@ -78,7 +77,7 @@ def _flex():
 
 
 def _fa2lab(q, k, v, causal):
-    return triton_attention(q, k, v, scale=q.shape[-1] ** -0.5, left=-1, right=0 if causal else -1)
+    return fa2lab.attention(q, k, v, causal=causal, backend="triton")  # the public call
 
 
 def _fa2lab_portable(q, k, v, causal):
@@ -109,10 +108,12 @@ def _check_rows(out, ref_out, q, k, v, causal, rows=128):
     return max(errs_ours), max(errs_ref)
 
 
-def forward_backward(cases, dtype=torch.bfloat16, with_bwd=True, pk=None, log=print, impls=None, portable_cases=()):
+def forward_backward(cases, dtype=torch.bfloat16, with_bwd=True, pk=None, log=print, impls=None, portable_cases=(),
+                     flex_cases=None):
     """One row per (case, implementation of `impls`, default FWD_IMPLS): forward, and backward with
     `with_bwd`. cases: (N, D, causal) with B*N = 32k tokens and H*D = 2048, or (N, D, causal, Hq, Hkv)
-    for GQA. portable_cases: the cases that also time the portable kernels (impl "fa2lab portable")."""
+    for GQA. portable_cases: the cases that also time the portable kernels (impl "fa2lab portable").
+    flex_cases: when given, FlexAttention runs on these cases only (each shape compiles for a while)."""
     base = FWD_IMPLS if impls is None else impls
     rows = []
     for case in cases:
@@ -125,6 +126,8 @@ def forward_backward(cases, dtype=torch.bfloat16, with_bwd=True, pk=None, log=pr
         q = torch.randn(b, h, n, d, device="cuda", dtype=dtype)
         k, v = (torch.randn(b, hkv, n, d, device="cuda", dtype=dtype) for _ in range(2))
         impls = dict(base)
+        if flex_cases is not None and case not in flex_cases:
+            impls.pop("flex (compiled)", None)
         if case in portable_cases:
             impls["fa2lab portable"] = lambda: _fa2lab_portable
         flops = formula_flops(b, h, n, n, d, causal=causal)  # 4*B*H*N*N*D: 2 matmuls of 2*N*N*D, /2 causal
@@ -213,6 +216,37 @@ PORTABLE_CASES = [(4096, 128, False), (4096, 128, True), (4096, 256, False)]
 DECODE_CASES = [(1, 32, 8, 32768, 128), (8, 32, 8, 8192, 128), (1, 32, 32, 131072, 128), (64, 32, 8, 4096, 128)]
 
 
+def hopper_table(rows) -> str:
+    """Issue 15's table from a run's rows: TFLOP/s per implementation, fa2lab / cuDNN, forward and (when
+    timed) backward, every figure from the same process."""
+    def label(r):
+        gqa = f" GQA {r['H']}:{r['Hkv']}" if r.get("Hkv", r.get("H")) != r.get("H") else ""
+        return f"N={r['N']} D={r['D']} {'causal' if r['causal'] else 'full'}{gqa}"
+
+    cols = [("fa2lab triton", "fa2lab"), ("fa2lab portable", "portable"), ("sdpa flash", "SDPA flash"),
+            ("sdpa cudnn", "cuDNN"), ("sdpa efficient", "efficient"), ("flex (compiled)", "Flex")]
+    got = {}
+    for r in rows:
+        if "tflops" in r:
+            got[(r["kind"], label(r), r["impl"])] = r
+    cases = list(dict.fromkeys(label(r) for r in rows if r.get("kind") == "fwd" and "tflops" in r))
+    kinds = [k for k in ("fwd", "bwd") if any(key[0] == k for key in got)]
+    head = ["case"]
+    for k in kinds:
+        head += [f"{name} {k}" for _, name in cols] + [f"fa2lab / cuDNN {k}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in cases:
+        cells = [c]
+        for k in kinds:
+            vals = {impl: got.get((k, c, impl)) for impl, _ in cols}
+            cells += [f"{vals[impl]['tflops']:.0f}{'' if vals[impl].get('exact', True) else ' (inexact)'}"
+                      if vals[impl] else "-" for impl, _ in cols]
+            ours, ref = vals["fa2lab triton"], vals["sdpa cudnn"]
+            cells.append(f"{ours['tflops'] / ref['tflops']:.2f}" if ours and ref else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def environment() -> dict:
     import triton
 
@@ -260,15 +294,19 @@ def parse_decode_case(text: str) -> tuple[int, int, int, int, int]:
 
 
 def run(quick: bool = False, with_bwd: bool = True, only: str | None = None, log=print, hopper: bool = False,
-        flex: bool = True, *, fwd_cases=None, decode_cases=None, impls=None) -> dict:
+        flex: bool = True, *, fwd_cases=None, decode_cases=None, impls=None, flex_cases=None,
+        portable: bool = True) -> dict:
     """The benchmark on the CUDA device here, in the results files' format: environment, peaks and
     rows. quick: two forward shapes and one decode shape, no FlexAttention (its torch.compile takes
     minutes). hopper: issue 15's table (HOPPER_CASES), the portable kernels beside on PORTABLE_CASES.
     flex: include FlexAttention. fwd_cases ('N,D,full|causal') and decode_cases ('B,Hq,Hkv,L,D'),
     when given, replace those lists (empty: none of that kind); impls: the forward implementations
-    (names of FWD_IMPLS). Cases are checked before the device is touched. Changes no module state."""
+    (names of FWD_IMPLS); flex_cases ('N,D,full|causal'): FlexAttention on these only; portable: time the
+    portable kernels beside on PORTABLE_CASES (with hopper). Cases are checked before the device is
+    touched. Changes no module state."""
     fwd = [parse_fwd_case(c) for c in fwd_cases] if fwd_cases is not None else None
     dec = [parse_decode_case(c) for c in decode_cases] if decode_cases is not None else None
+    flex_only = [parse_fwd_case(c) for c in flex_cases] if flex_cases is not None else None
     unknown = [i for i in impls or () if i not in FWD_IMPLS]
     if unknown:
         raise ValueError(f"unknown implementations {unknown}; known: {list(FWD_IMPLS)}")
@@ -285,8 +323,8 @@ def run(quick: bool = False, with_bwd: bool = True, only: str | None = None, log
     if only in (None, "fwd"):
         if fwd is None:
             fwd = FWD_CASES[1:2] + FWD_CASES[5:6] if quick else HOPPER_CASES if hopper else FWD_CASES
-        rows += forward_backward(fwd, with_bwd=with_bwd, pk=pk, log=log, impls=chosen,
-                                 portable_cases=PORTABLE_CASES if hopper and fwd_cases is None else ()) if fwd else []
+        rows += forward_backward(fwd, with_bwd=with_bwd, pk=pk, log=log, impls=chosen, flex_cases=flex_only,
+                                 portable_cases=PORTABLE_CASES if hopper and portable else ()) if fwd else []
     if only in (None, "decode"):
         if dec is None:
             dec = DECODE_CASES[:1] if quick else DECODE_CASES
@@ -303,11 +341,16 @@ def main(argv=None) -> int:
     p.add_argument("--hopper", action="store_true",
                    help="issue 15's table (D = 64/128/256, GQA), the portable kernels timed beside on three shapes")
     p.add_argument("--no-flex", action="store_true", help="leave out FlexAttention (its compiles take minutes)")
+    p.add_argument("--flex-cases", default=None,
+                   help="FlexAttention on these cases only, 'N,D,full|causal;...' (e.g. '4096,128,full;4096,128,causal')")
+    p.add_argument("--no-portable", action="store_true", help="--hopper without the portable kernels beside")
     args = p.parse_args(argv)
     results = run(quick=args.quick, with_bwd=not args.no_bwd, only=args.only, hopper=args.hopper,
-                  flex=not args.no_flex)
+                  flex=not args.no_flex, portable=not args.no_portable,
+                  flex_cases=args.flex_cases.split(";") if args.flex_cases else None)
     print(results["environment"])
     save_results(args.out, "gpu", results)
+    print(hopper_table(results["rows"]))
     print_process_warning()
     return 0
 

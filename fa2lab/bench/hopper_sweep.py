@@ -40,6 +40,18 @@ FWD = {
     128: [_f(128, 128, 8, 3), _f(128, 128, 8, 3, HOST_DESC=True), _f(128, 128, 8, 3, HOST_DESC=True, PERSISTENT=True)],
     256: [_f(128, 64, 8, 2, WARP_SPECIALIZE=True), _f(128, 64, 8, 2, WARP_SPECIALIZE=True, HOST_DESC=True)],
 }
+# Second sweep (issue 15's forward): the chosen configs against lazy rescaling, warp specialisation
+# with host descriptors, tiles small enough for two programs per SM (one program's softmax under the
+# other's matmuls, as FA3's ping-pong of two warpgroups), and the longest-first order across heads.
+H = dict(HOST_DESC=True)
+FWD2 = {
+    (128, False): [_f(128, 128, 8, 3, **H), _f(128, 128, 8, 3, LAZY_RESCALE=True, **H),
+                   _f(128, 128, 8, 3, WARP_SPECIALIZE=True, **H), _f(128, 64, 8, 3, **H),
+                   _f(128, 64, 8, 2, maxnreg=128, **H), _f(64, 64, 4, 3, **H)],
+    "pipe": [_f(128, 64, 8, 3, PIPELINE_QK=True, **H), _f(128, 128, 8, 2, PIPELINE_QK=True, **H)],
+    (128, True): [_f(128, 128, 8, 3, **H), _f(128, 128, 8, 3, LAZY_RESCALE=True, **H),
+                  _f(128, 128, 8, 3, M_MAJOR=True, **H), _f(64, 64, 4, 3, **H)],
+}
 BWD = {
     64: [dict(dkdv=(64, 128, 8, 2), dq=(128, 64, 8, 2)), dict(dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 3)),
          dict(dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3))],
@@ -109,6 +121,8 @@ def sweep(parts, cases, log=print, sink=None) -> list[dict]:
         for name, backend in (("sdpa cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa flash", SDPBackend.FLASH_ATTENTION)):
             def peer():
                 t = _bench(lambda: _sdpa(backend, q, k, v, causal)).median_s
+                if not parts & {"bwd", "portable"}:
+                    return dict(fwd_tflops=flops / t / 1e12)
                 leaves = [x.detach().requires_grad_() for x in (q, k, v)]
                 out = _sdpa(backend, *leaves, causal)
                 tb = _bench(lambda: torch.autograd.grad(out, leaves, do, retain_graph=True)).median_s
@@ -118,8 +132,9 @@ def sweep(parts, cases, log=print, sink=None) -> list[dict]:
             log(f"{name:<12} N={n} D={d} causal={causal}: {r}")
         fwd_of = lambda cfg: (lambda q_, k_, v_: hopper_fwd(q_, k_, v_, scale=q_.shape[-1] ** -0.5, left=-1,  # noqa: E731
                                                              right=right, config=cfg))
-        if "fwd" in parts:
-            for cfg in FWD[d]:
+        if "fwd" in parts or "fwd2" in parts:
+            for cfg in (FWD[d] if "fwd" in parts else FWD2["pipe"] if "pipe" in parts and not causal
+                        else FWD2.get((d, causal), [])):
                 def one():
                     check = _rule(fwd_of(cfg), lambda *a: None, d, causal)
                     t = _bench(lambda: fwd_of(cfg)(q, k, v)).median_s
@@ -211,9 +226,10 @@ CASES = [(4096, 128, False), (4096, 128, True), (4096, 64, False), (4096, 256, F
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fa2lab.bench.hopper_sweep", description=__doc__)
-    p.add_argument("--parts", default="fwd,bwd,portable")
+    p.add_argument("--parts", default="fwd,bwd,portable", help="fwd, fwd2 (the second forward sweep), bwd, portable")
     p.add_argument("--cases", default=None, help="N:D:causal,... (default: the FA2-paper shapes)")
     p.add_argument("--out", type=Path, default=Path("experiments/results"))
+    p.add_argument("--no-peaks", action="store_true", help="skip the matmul / copy peaks (device time)")
     p.add_argument("--jsonl", type=Path, default=None, help="also append each row to this file as it is measured")
     p.add_argument("--predict", type=Path, default=None,
                    help="no GPU: print the cost model's forward times next to a gpu-*.json of `bench --hopper`")
@@ -229,8 +245,9 @@ def main(argv=None) -> int:
                                           (x.split(":") for x in args.cases.split(","))]
     env = environment()
     print(env)
-    pk = peaks()
-    print(f"peaks: bf16 matmul {pk['matmul_tflops']:.0f} TFLOP/s, copy {pk['copy_tbps']:.2f} TB/s", flush=True)
+    pk = peaks() if not args.no_peaks else {}
+    if pk:
+        print(f"peaks: bf16 matmul {pk['matmul_tflops']:.0f} TFLOP/s, copy {pk['copy_tbps']:.2f} TB/s", flush=True)
     sink = args.jsonl.open("a") if args.jsonl else None
     rows = sweep(set(args.parts.split(",")), cases, sink=sink)
     save_results(args.out, "hopper-sweep", dict(environment=env, peaks=pk, rows=rows))

@@ -150,7 +150,9 @@ def _hopper(name: str, mem_bw: float, bw_source: str, ds: str) -> HardwareProfil
                                     "(bf16, N=4096, B*N=32k, H*D=2048; experiments/results/hopper-sweep-*.json): "
                                     "forward D=64 414, D=128 472 full / 408 causal, D=256 532 TFLOP/s; backward "
                                     "D=64 351, D=128 366 / 300, D=256 237 (old tiles 99); every row exact by the "
-                                    "2x / 3x rule. fa2lab/kernels/hopper_config.py lists the rivals of each row",
+                                    "2x / 3x rule. fa2lab/kernels/hopper_config.py lists the rivals of each row. Forward D=128 "
+                                    "re-swept 2026-12-02 07:42 UTC (hopper-sweep-20261202-074333.json): kept at "
+                                    "501 full / 443 causal, no rival faster beyond 1.4%",
                      compute_capability="CUDA-guide: GH100 is sm_90", units=f"{ds}: 132 SMs (SXM5)",
                      clock_hz="implied by the datasheet peaks: 989.4 TFLOP/s / (132 SMs x 4096 FLOP/clock) "
                               "= 1.83 GHz (max boost 1.98 GHz)",

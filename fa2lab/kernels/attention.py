@@ -34,7 +34,9 @@ def _note(path: str, q) -> None:
         _log.info("Triton attention on %s %s: %s kernels", q.device, str(q.dtype).removeprefix("torch."), path)
 
 
-def _fwd_impl(q, k, v, varlen: bool):
+def _fwd_impl(q, k, v, varlen: bool, variants=None):
+    """(forward function, whether it is the Hopper one). variants (a KernelVariants, dense calls) take the
+    same path as a plain call: both forwards run every variant with the same mask and semantics."""
     if hopper_eligible(q, k, v):
         from fa2lab.kernels.hopper_fwd import hopper_fwd, hopper_fwd_varlen
 
@@ -78,7 +80,8 @@ class _TritonVariantAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, scale, left, right, kvars):
-        out, lse = flash_fwd_triton(q, k, v, scale=scale, left=left, right=right, variants=kvars)
+        fwd, ctx.hopper = _fwd_impl(q, k, v, False, kvars)
+        out, lse = fwd(q, k, v, scale=scale, left=left, right=right, variants=kvars)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.cfg = dict(scale=scale, left=left, right=right, variants=kvars)
         return out, lse

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from fa2lab.kernels.common import LOG2E, LOG2E_K, dot, ieee_dot, interpreting, online_softmax_step, pow2, seq_offsets
-from fa2lab.kernels.variants import PLAIN_FLAGS, _dropout_keep, _variant_logits, plain_args
+from fa2lab.kernels.variants import PLAIN_FLAGS, _dropout_keep_tile, _variant_logits, plain_args
 
 
 @triton.jit
@@ -49,7 +49,7 @@ def _attn_blocks(acc, l_i, m_i, q, k_base, v_base, start, stop, offs_m, offs_n, 
             s = tl.where(valid, s, float("-inf"))
         p, alpha, l_i, m_i = online_softmax_step(s, m_i, l_i)
         if HAS_DROPOUT:  # after l_i: the softmax normalises the undropped probabilities
-            keep = _dropout_keep(seed, bh, offs_m[:, None], cols[None, :], nq, nk, dropout_p)
+            keep = _dropout_keep_tile(seed, bh, offs_m, start_n, nq, nk, dropout_p, BLOCK_N)  # a Philox call per 4 keys
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         if MASKED:
             v = tl.load(v_base + cols[:, None] * svn + offs_dv[None, :] * svd,

@@ -20,6 +20,10 @@ import torch
 # (warp-specialised 532, 128x32 380, 64x64 4 warps 424). Those with per-program device
 # descriptors; with HOST_DESC through the public call (`python -m fa2lab bench --hopper`, same day,
 # gpu-20261202-045930.json): D=64 415, D=128 499 (portable kernels 486 in the same run), D=256 555.
+# Second sweep (`python -m fa2lab.bench.hopper_sweep --parts fwd2`, H200, 2026-12-02 07:42 UTC,
+# hopper-sweep-20261202-074333.json): D=128 kept, 501 full / 443 causal; its rivals lazy rescaling
+# 500 / 446, warp-specialised 501, 128x64 476, 128x64 2 stages maxnreg=128 499, 64x64 4 warps 480 / 449,
+# query-block-major order 374 (causal); SDPA cuDNN 650 / 592 in that run.
 FWD = {
     64: (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HOST_DESC=True),
          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HOST_DESC=True)),
@@ -27,6 +31,14 @@ FWD = {
           dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, HOST_DESC=True)),
     256: (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, WARP_SPECIALIZE=True, HOST_DESC=True),
           dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, WARP_SPECIALIZE=True, HOST_DESC=True)),
+}
+# With an additive bias the bias tile is a third pipelined copy: BLOCK_N = 64 keeps three stages of
+# K, V and bias tiles in shared memory at D <= 128 (128 x 128 would need 288 KB for three); D = 256
+# halves BLOCK_M instead. Not yet measured against the alternatives.
+FWD_BIAS = {
+    64: dict(BLOCK_N=64, num_stages=3),
+    128: dict(BLOCK_N=64, num_stages=3),
+    256: dict(BLOCK_M=64, BLOCK_N=64, num_stages=2, num_warps=4),
 }
 # Backward: per kernel (BLOCK_M, BLOCK_N, num_warps, num_stages[, SWAP_AB]); dK/dV holds BLOCK_N keys
 # and walks queries, dQ holds BLOCK_M queries and walks keys. "dv" + "dk" instead of "dkdv": two
@@ -53,8 +65,16 @@ def _bound(head_dim: int) -> int:
     raise ValueError(f"head_dim {head_dim} > 256: the Hopper kernels hold at most 256 columns")
 
 
-def hopper_fwd_config(head_dim: int, *, causal: bool, seq_len: int) -> dict:
-    cfg = dict(FWD[_bound(head_dim)][1 if causal else 0])
+def hopper_fwd_config(head_dim: int, *, causal: bool, seq_len: int, variants=None) -> dict:
+    """variants: a kernels.variants.KernelVariants or None; a bias gets FWD_BIAS's tiles."""
+    bound = _bound(head_dim)
+    cfg = dict(FWD[bound][1 if causal else 0])
+    if variants is not None and variants.var.attn_bias is not None:
+        cfg.update(FWD_BIAS[bound])
+    if variants is not None and variants.var.dropout_p > 0:
+        # Interleaving the four Philox outputs of a call (tl.join + reshape) goes through a shared-memory
+        # layout conversion: 128 x 128 with three stages then needs 246784 B (H200, 2026-12-02; 232448 fit).
+        cfg["num_stages"] = min(cfg["num_stages"], 2)
     if seq_len < PERSISTENT_BELOW:
         cfg.setdefault("PERSISTENT", True)
     if os.environ.get("FA2LAB_HOPPER_HOST_DESC", "1") == "0":  # per-program device descriptors instead

@@ -4,10 +4,17 @@ Shared by the forward and both backward kernels so that the backward recomputes 
 forward's logits and mask. Everything in the kernels' log2 units (s * log2(e)); the formulas are
 those of fa2lab.variants.options:
 
-    softcap:  s = softcap * tanh(scale * q.k / softcap),  tanh(x) = 1 - 2 / (exp(2x) + 1)
+    softcap:  s = softcap * tanh(scale * q.k / softcap)   tanh: one MUFU op (tanh.approx.f32) on a GPU,
+                                                         1 - 2 / (exp(2x) + 1) under the interpreter
     ALiBi:    s -= slope * |i + Nk - Nq - j|
     bias:     s += bias[b, h, i, j]           read through the bias's strides (0 where broadcast)
-    dropout:  keep (b, h, i, j) iff Philox(seed, ((b * Hq + h) * Nq + i) * Nk + j) >= p
+    dropout:  keep (b, h, i, j) iff (r >> 1) >= floor(p * 2^31), r = lane j % 4 of
+              Philox4x32-10(seed, counter ((b * Hq + h) * Nq + i) * ceil(Nk / 4) + j // 4)
+
+One Philox call gives the four keys j = 4c .. 4c + 3 of a row: `_dropout_keep_tile` draws a
+(BLOCK_M, BLOCK_N / 4) block and interleaves the four results (a quarter of the Philox work per
+score); `_dropout_keep` computes the same bit of one entry anywhere (any tile orientation, any
+index block), so a kernel that cannot use the tile form still regenerates the same mask.
 
 `qi`, `kj` are broadcastable 2-D index blocks (rows[:, None], cols[None, :] in the forward and the
 dQ kernel; transposed in the dK/dV kernel), so one function serves both tile orientations.
@@ -19,7 +26,31 @@ import torch
 import triton
 import triton.language as tl
 
-from fa2lab.kernels.common import LOG2E, LOG2E_K
+from fa2lab.kernels.common import LOG2E, LOG2E_K, interpreting
+
+# The interpreter cannot run PTX: it keeps the exp2 form of tanh (read when this module is imported,
+# as Triton reads TRITON_INTERPRET when a kernel is defined).
+TANH_APPROX: tl.constexpr = tl.constexpr(not interpreting())
+HALF_LN2: tl.constexpr = tl.constexpr(0.5 / LOG2E)  # cap_in (2 scale / softcap * log2 e) -> scale / softcap
+P31: tl.constexpr = tl.constexpr(2.0 ** 31)
+
+
+@triton.jit
+def _tanh(x):
+    """tanh(x) for an fp32 tile: the MUFU's tanh.approx.f32 (max relative error 2^-10.99, below bf16's
+    and fp16's rounding of the logits it feeds), or 1 - 2 / (exp(2x) + 1) under the interpreter."""
+    if TANH_APPROX:
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2E_K)) + 1.0)  # exp2 -> inf gives 1, -> 0 gives -1
+
+
+@triton.jit
+def _softcap(dot, cap_in, cap_out):
+    """dot = q.k (fp32 tile) -> (s = softcap * tanh(scale q.k / softcap) in log2 units, the tanh)."""
+    t = _tanh(dot * (cap_in * HALF_LN2))
+    return t * cap_out, t
 
 
 @triton.jit
@@ -28,8 +59,7 @@ def _variant_logits(dot, qi, kj, load_ok, nq, nk, qk_scale, cap_in, cap_out, slo
     """dot = q.k (fp32 tile) -> (s in log2 units, tanh(scale q.k / softcap) or dot when not capped).
     cap_in = 2 * scale / softcap * log2(e), cap_out = softcap * log2(e), slope2 = slope * log2(e)."""
     if SOFTCAP:
-        t = 1.0 - 2.0 / (tl.math.exp2(dot * cap_in) + 1.0)  # tanh; exp2 -> inf gives 1, -> 0 gives -1
-        s = t * cap_out
+        s, t = _softcap(dot, cap_in, cap_out)
     else:
         t = dot
         s = dot * qk_scale
@@ -42,10 +72,32 @@ def _variant_logits(dot, qi, kj, load_ok, nq, nk, qk_scale, cap_in, cap_out, slo
 
 
 @triton.jit
+def _dropout_threshold(dropout_p):
+    """floor(p * 2^31): a kept entry has its 31 high random bits at or above it (exact: p is fp32)."""
+    return (tl.cast(dropout_p, tl.float32) * P31).to(tl.int32)
+
+
+@triton.jit
 def _dropout_keep(seed, bh, qi, kj, nq, nk, dropout_p):
-    """Bool tile: True where entry (bh, i, j) is kept. 64-bit Philox counters: unique per entry."""
-    offs = (bh.to(tl.int64) * nq + qi.to(tl.int64)) * nk + kj.to(tl.int64)
-    return tl.rand(seed, offs) >= dropout_p
+    """Bool tile: True where entry (bh, i, j) is kept; any broadcastable index blocks (one Philox call
+    per entry: the tile form below makes one per four). 64-bit counters: unique per group of 4 keys."""
+    c = (bh.to(tl.int64) * nq + qi.to(tl.int64)) * ((nk + 3) // 4) + (kj // 4).to(tl.int64)
+    r0, r1, r2, r3 = tl.randint4x(seed, c)
+    lane = kj % 4
+    r = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+    return (r >> 1).to(tl.int32, bitcast=True) >= _dropout_threshold(dropout_p)
+
+
+@triton.jit
+def _dropout_keep_tile(seed, bh, rows, j0, nq, nk, dropout_p, BLOCK_N: tl.constexpr):
+    """The same mask as `_dropout_keep` for the (rows, j0 .. j0 + BLOCK_N) tile, rows (BLOCK_M,) and
+    j0 % 4 == 0: one Philox call per four keys, its results interleaved into columns 4c + lane."""
+    groups = (j0 // 4) + tl.arange(0, BLOCK_N // 4)
+    c = (bh.to(tl.int64) * nq + rows.to(tl.int64))[:, None] * ((nk + 3) // 4) + groups.to(tl.int64)[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, c)  # (BLOCK_M, BLOCK_N // 4) each
+    r = tl.join(tl.join(r0, r2), tl.join(r1, r3))  # [m, c, y, x] = r_(2y + x): column 4c + 2y + x
+    r = tl.reshape(r, (rows.shape[0], BLOCK_N))
+    return (r >> 1).to(tl.int32, bitcast=True) >= _dropout_threshold(dropout_p)
 
 
 @triton.jit

@@ -7,7 +7,7 @@ gives bit-identical outputs and gradients, and successive calls draw fresh masks
 
 The hash (PyTorch backends) is four rounds of a 32-bit integer mixer (Chris Wellons' "lowbias32"),
 written with int64 tensor arithmetic that never overflows. The Triton kernels use Triton's Philox
-(`tl.rand`) instead: deterministic too, but a different mask (see fa2lab.kernels.fwd).
+(fa2lab/kernels/variants.py) instead: deterministic too, but a different mask.
 """
 
 from __future__ import annotations
