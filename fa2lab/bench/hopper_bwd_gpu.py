@@ -111,6 +111,15 @@ def _fa2lab(q, k, v, causal, **kw):
     return fa2lab.attention(q, k, v, causal=causal, backend="triton", **kw)
 
 
+def _with(kw):
+    def run(q, k, v, causal):
+        extra = dict(kw)
+        if "sinks" in extra and q.requires_grad:
+            extra["sinks"] = extra["sinks"].detach().requires_grad_()
+        return _fa2lab(q, k, v, causal, **extra)
+    return run
+
+
 def _sdpa(backend):
     def run(q, k, v, causal, **kw):
         with sdpa_kernel([backend]):
@@ -172,11 +181,29 @@ def _kernel_keys():
     return keys
 
 
+VARIANTS = ["plain", "softcap", "alibi", "sinks", "bias", "dropout"]
+
+
+def _variant_kw(label, case):
+    """Issue 17's options at the timed shape (softcap 30, ALiBi U(0,1), sinks N(0,1) with their
+    gradient, a (B, H, N, N) bf16 bias, dropout 0.1), as fa2lab.bench.variants_gpu."""
+    n, d, causal, h, hkv, b = _shape(case)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return {"plain": {}, "softcap": dict(softcap=30.0), "alibi": dict(alibi_slopes=torch.rand(h, device="cuda", generator=g)),
+            "sinks": dict(sinks=torch.randn(h, device="cuda", generator=g)),
+            "bias": dict(attn_bias=torch.randn(b, h, n, n, device="cuda", generator=g, dtype=torch.bfloat16)),
+            "dropout": dict(dropout_p=0.1, generator=g)}[label]
+
+
 def plan_items(plan: str):
     if plan == "sweep":
         return [(case, label, cfg) for case, cfgs in SWEEP.items() for label, cfg in cfgs.items()]
     if plan == "final":
         return [(case, "dispatch", "dispatch") for case in FINAL]
+    if plan == "variants":
+        return [((4096, 128, False), name, "dispatch") for name in VARIANTS]
+    if plan == "final+variants":
+        return plan_items("final") + plan_items("variants")
     raise ValueError(f"unknown plan {plan!r}: expected 'sweep' or 'final'")
 
 
@@ -207,13 +234,15 @@ def measure(items, sink, log=print):
         truth = _truth(q, k, v, do, causal)
         ref = _grads(_sdpa(SDPBackend.FLASH_ATTENTION), q, k, v, do, causal)
         runs = [("fa2lab", label, _fa2lab, cfg) for label, cfg in cfgs]
+        if any(label in VARIANTS for label, _ in cfgs):  # the variants' rows: no SDPA twin, checked by the GPU tests
+            runs = [("fa2lab " + label, label, _with(_variant_kw(label, case)), cfg) for label, cfg in cfgs]
         runs += [(name, name, _sdpa(be), None) for name, be in (("sdpa flash", SDPBackend.FLASH_ATTENTION),
                                                                 ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION))]
         fwd_ms = {}
         for impl_name, label, impl, cfg in runs:
             row = dict(impl=impl_name, config=label, cfg=repr(cfg), **shape)
             try:
-                ctx = bwd_config(d, causal, cfg) if impl is _fa2lab else contextlib.nullcontext()
+                ctx = bwd_config(d, causal, cfg) if impl_name.startswith("fa2lab") else contextlib.nullcontext()
                 with ctx:
                     before = _kernel_keys()
                     if impl_name not in fwd_ms:  # the forward does not depend on the backward's tiles
@@ -224,7 +253,9 @@ def measure(items, sink, log=print):
                     t_b = _bench(lambda: torch.autograd.grad(out, leaves, do, retain_graph=True))
                     t_f = fwd_ms[impl_name] * 1e-3
                     row.update(fwd_ms=t_f * 1e3, bwd_ms=t_b * 1e3, fwd_tflops=flops / t_f / 1e12,
-                               bwd_tflops=2.5 * flops / t_b / 1e12, **_check(grads, truth, ref))
+                               bwd_tflops=2.5 * flops / t_b / 1e12)
+                    if impl_name == "fa2lab" or label in ("sdpa flash", "sdpa cudnn") or label == "plain":
+                        row.update(_check(grads, truth, ref))
                     if impl is _fa2lab:
                         row["kernels"] = _kernel_info(before)
                     del out, grads, leaves
@@ -247,7 +278,13 @@ def summary(rows) -> list[str]:
     cases = {}
     for r in rows:
         cases.setdefault((r["N"], r["D"], r["causal"], r["H"], r["Hkv"]), []).append(r)
+    plain = next((r for r in rows if r["impl"] == "fa2lab plain" and "bwd_ms" in r), None)
+    if plain:
+        lines.append(" ".join(f"{r['config']} {r['bwd_ms'] / plain['bwd_ms']:.2f}" for r in rows
+                              if r["impl"].startswith("fa2lab ") and "bwd_ms" in r) + " (bwd x plain)")
     for (n, d, causal, h, hkv), rs in cases.items():
+        if all(r["impl"].startswith("fa2lab ") for r in rs):
+            continue
         cud = next((r for r in rs if r["impl"] == "sdpa cudnn" and "bwd_tflops" in r), None)
         ours = [r for r in rs if r["impl"] == "fa2lab" and r.get("exact")]
         if not ours or cud is None:

@@ -42,7 +42,13 @@ BWD_TWO_PASS = {
     128: dict(dkdv=(64, 128, 8, 2), dq=(128, 64, 8, 2)),
     256: dict(dv=(64, 128, 8, 2), dk=(32, 128, 8, 2), dq=(64, 64, 8, 2)),
 }
-# What a call gets: the fastest exact configuration per head dim.
+# What a call gets: the fastest exact configuration per head dim. The one pass lost everywhere
+# (H200, 2026-12-02, `python -m fa2lab.bench.hopper_bwd_gpu --plan sweep`, public call, bwd TFLOP/s,
+# N=4096): D=128 full 64x128 w8 289 (TMA reduce-add 304, 3 stages 288, 64x64 w4 183) against two
+# passes 364; causal 266 / 280 TMA against 298; D=64 64x64 w4 273 against 351; N=1024 D=128 237
+# against 263; D=256 dv + dkq 64x64 does not fit shared memory (263 KB). ptxas: the D=128 one-pass
+# kernel sits at 255 registers with 56-82 B of spills (two-pass dK/dV: 2 B), D=64 spills nothing
+# and still loses: the fp32 atomics cost more than the two matmuls they save. So two passes stay.
 BWD = dict(BWD_TWO_PASS)
 # Where the portable backward measured faster in the same run (H200, 2026-12-02, `python -m fa2lab
 # bench --hopper`, gpu-20261202-045930.json): D=128 causal 314 against the Hopper kernels' 298.
