@@ -47,6 +47,8 @@ def _fwd_impl(q, k, v, varlen: bool, variants=None):
 
 
 def _bwd_impl(hopper: bool, dout, token_dim: int, head_dim: int, cfg: dict):
+    """hopper_bwd where the Hopper kernels apply and measured faster (hopper_config.BWD_PORTABLE),
+    flash_bwd_triton otherwise; both take cfg's variants (softcap, ALiBi, bias, sinks, dropout)."""
     causal = cfg["right"] >= 0 and cfg["left"] < 0
     if hopper and tma_ok(dout, token_dim) and hopper_bwd_wanted(head_dim, causal):
         from fa2lab.kernels.hopper_bwd import hopper_bwd
@@ -90,7 +92,9 @@ class _TritonVariantAttention(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-        dq, dk, dv, dsinks = flash_bwd_triton(dout, dlse, q, k, v, out, lse, **ctx.cfg)
+        # Chosen afresh (not by the forward's path): both paths read the same lse and dropout mask.
+        bwd = _bwd_impl(hopper_eligible(q, k, v), dout, 2, max(q.shape[-1], v.shape[-1]), ctx.cfg)
+        dq, dk, dv, dsinks = bwd(dout, dlse, q, k, v, out, lse, **ctx.cfg)
         return dq, dk, dv, dsinks, None, None, None, None
 
 

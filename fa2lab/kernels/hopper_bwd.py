@@ -1,18 +1,26 @@
-"""FA2 backward for Hopper (sm_90): Algorithm 2 of fa2lab/kernels/bwd.py with TMA loads and split loops.
+"""FA2 backward for Hopper (sm_90): Algorithm 2 of fa2lab/kernels/bwd.py with TMA loads, one pass or two.
 
-Same two kernels as the portable backward, same notation (P recomputed from the saved LSE in the
-log2 domain, Delta = rowsum(dO * O) - dLSE precomputed by the portable preprocess kernel):
+Notation as the portable backward (P recomputed from the saved LSE in the log2 domain, the scale
+folded into one multiply per score; Delta = rowsum(dO * O) - dLSE from the portable preprocess).
+One kernel walks key blocks; what it accumulates is chosen by WHICH (bit 1 dV, 2 dK, 4 dQ):
 
-- dK/dV: one program per (key block, batch x K/V head); it walks the G query heads of its K/V
-  head and the query blocks that see its keys, so GQA gradients are summed in registers: no
-  atomics, no per-query-head copy.
-- dQ: one program per (query block, batch x query head), walking the visible key blocks.
+- one pass (WHICH = 7, FA2's original CUDA design, FA3, cuDNN): one program per (key block,
+  batch x K/V head) computes S, P, dV, dP, dS, dK for each visible query block and adds
+  dQ_i += dS_ij K_j into a zeroed fp32 buffer with relaxed atomics (or a TMA reduce-add): 5
+  matmuls per tile. A cast kernel writes dQ * scale in q's dtype.
+- two passes (WHICH = 3 plus the dQ kernel below): dQ from its own walk over key blocks, no
+  atomics: 7 matmuls per tile, but bit-reproducible (torch.use_deterministic_algorithms).
+- head dim 256 splits a pass into kernels with one big accumulator each (WHICH = 1, then 2 or 6).
 
-Hopper changes: Q, dO (dK/dV kernel) and K, V (dQ kernel) stream through on-device tensor
-descriptors, whose zero fill makes rows past the sequence ends contribute nothing (a zero key row
-gives dS @ K = 0, a zero query row gives dO = 0 and, with its LSE read as +inf, P = 0), so
+Either way a program walks the G query heads of its K/V head, so GQA's dK/dV are summed in
+registers: no atomics for them, no per-query-head copy. Q, dO (key-block kernel) and K, V (dQ
+kernel) stream through on-device tensor descriptors, whose zero fill makes rows past the sequence
+ends contribute nothing (a zero query row gives dO = 0 and, with its LSE read as +inf, P = 0), so
 only the causal / window edges pay for an element-wise mask; the blocks in between run unmasked.
-Stores go through descriptors too (clipped at the ends). Causal programs start longest-first.
+A partial last key block is masked throughout (its zero key rows would give P = exp(-lse) != 0,
+harmless to the clipped dK/dV stores but not to dQ). Causal programs start longest-first.
+Variants (kernels/variants.py) recompute the forward's logits and dropout mask exactly as the
+portable backward does; the sinks' gradient is an O(N) sum in PyTorch.
 """
 
 from __future__ import annotations
@@ -24,12 +32,18 @@ import triton.language as tl
 from fa2lab.kernels.bwd import _delta
 from fa2lab.kernels.common import LOG2E, LOG2E_K, pow2, seq_offsets
 from fa2lab.kernels.hopper_fwd import ensure_allocator
+from fa2lab.kernels.variants import PLAIN_FLAGS, _dropout_keep, _variant_logits, plain_args
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, desc_q, desc_do, LSE_H, DELTA_H, slm, start, stop, cols, nq, off, LEFT, RIGHT,
-                 qk_scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
-                 HAS_RIGHT: tl.constexpr, SWAP_AB: tl.constexpr, WHICH: tl.constexpr):
+def _key_block_steps(dk, dv, k, v, desc_q, desc_do, desc_dq, DQ_H, sdq_m, LSE_H, DELTA_H, slm, start, stop, cols,
+                     nq, nk, off, LEFT, RIGHT, qk_scale, cap_in, cap_out, slope2, bias_base, sbm, sbn, dropout_p,
+                     seed, bh, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SWAP_AB: tl.constexpr, WHICH: tl.constexpr,
+                     DQ_TMA: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_DROPOUT: tl.constexpr):
+    """Query blocks [start, stop) against the program's key block (Algorithm 2, lines 8-21)."""
+    offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(start, stop, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = rows < nq
@@ -40,51 +54,92 @@ def _dkdv_blocks(dk, dv, k, v, desc_q, desc_do, LSE_H, DELTA_H, slm, start, stop
         delta = tl.load(DELTA_H + rows * slm, mask=row_ok, other=0.0)
         if SWAP_AB:
             # S and dP as (BLOCK_M, BLOCK_N) products whose right operands K^T, V^T stay in shared
-            # memory; only the small P and dS tiles are transposed. Keeps K and V out of registers
-            # where the dK/dV accumulators already fill them (head dim 256).
-            s = tl.dot(q, k.T)  # (BLOCK_M, BLOCK_N), unscaled
-            p = tl.math.exp2(s * qk_scale - lse2[:, None])
+            # memory; the P and dS tiles are transposed for dV and dK. Keeps K and V out of
+            # registers where the dK/dV accumulators already fill them (head dim 256).
+            qi = rows[:, None]
+            kj = cols[None, :]
+            s, t = _variant_logits(tl.dot(q, k.T), qi, kj, (qi < nq) & (kj < nk), nq, nk, qk_scale, cap_in,
+                                   cap_out, slope2, bias_base, sbm, sbn, SOFTCAP, HAS_ALIBI, HAS_BIAS)
+            p = tl.math.exp2(s - lse2[:, None])  # (BLOCK_M, BLOCK_N)
             if MASKED:
-                valid = tl.full([BLOCK_M, 1], 1, tl.int1)
+                valid = kj < nk
                 if HAS_LEFT:
-                    valid = valid & (cols[None, :] >= rows[:, None] + off - LEFT)
+                    valid = valid & (kj >= qi + off - LEFT)
                 if HAS_RIGHT:
-                    valid = valid & (cols[None, :] <= rows[:, None] + off + RIGHT)
+                    valid = valid & (kj <= qi + off + RIGHT)
                 p = tl.where(valid, p, 0.0)
-            if WHICH & 1:
+            if HAS_DROPOUT:  # the forward's mask, regenerated: dV += (P Z)^T dO, dP *= Z
+                keep = _dropout_keep(seed, bh, qi, kj, nq, nk, dropout_p)
+                if WHICH & 1:
+                    dv = tl.dot(tl.where(keep, p / (1.0 - dropout_p), 0.0).to(do.dtype).T, do, dv)
+            elif WHICH & 1:
                 dv = tl.dot(p.to(do.dtype).T, do, dv)
-            if WHICH & 2:
+            if WHICH & 6:
                 dp = tl.dot(do, v.T)  # (BLOCK_M, BLOCK_N)
+                if HAS_DROPOUT:
+                    dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
                 ds = p * (dp - delta[:, None])
-                dk = tl.dot(ds.to(q.dtype).T, q, dk)
+                if SOFTCAP:  # back through softcap * tanh(x / softcap): times 1 - tanh^2
+                    ds = ds * (1.0 - t * t)
+                ds = ds.to(q.dtype)
+                if WHICH & 2:
+                    dk = tl.dot(ds.T, q, dk)
+                if WHICH & 4:
+                    dq = tl.dot(ds, k)  # (BLOCK_M, HEAD_DIM), fp32, unscaled
+                    if DQ_TMA:
+                        desc_dq.atomic_add([start_m, 0], dq)
+                    else:
+                        tl.atomic_add(DQ_H + rows[:, None] * sdq_m + offs_d[None, :], dq, sem="relaxed")
         else:
-            s_t = tl.dot(k, q.T)  # (BLOCK_N, BLOCK_M) = S^T, unscaled
-            p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])  # P^T
+            qi = rows[None, :]
+            kj = cols[:, None]
+            s_t, t_t = _variant_logits(tl.dot(k, q.T), qi, kj, (qi < nq) & (kj < nk), nq, nk, qk_scale, cap_in,
+                                       cap_out, slope2, bias_base, sbm, sbn, SOFTCAP, HAS_ALIBI, HAS_BIAS)
+            p_t = tl.math.exp2(s_t - lse2[None, :])  # (BLOCK_N, BLOCK_M) = P^T
             if MASKED:
-                valid = tl.full([1, BLOCK_M], 1, tl.int1)
+                valid = kj < nk
                 if HAS_LEFT:
-                    valid = valid & (cols[:, None] >= rows[None, :] + off - LEFT)
+                    valid = valid & (kj >= qi + off - LEFT)
                 if HAS_RIGHT:
-                    valid = valid & (cols[:, None] <= rows[None, :] + off + RIGHT)
+                    valid = valid & (kj <= qi + off + RIGHT)
                 p_t = tl.where(valid, p_t, 0.0)
-            if WHICH & 1:
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, bh, qi, kj, nq, nk, dropout_p)
+                if WHICH & 1:
+                    dv = tl.dot(tl.where(keep, p_t / (1.0 - dropout_p), 0.0).to(do.dtype), do, dv)
+            elif WHICH & 1:
                 dv = tl.dot(p_t.to(do.dtype), do, dv)
-            if WHICH & 2:
+            if WHICH & 6:
                 dp_t = tl.dot(v, do.T)  # (BLOCK_N, BLOCK_M) = dP^T
+                if HAS_DROPOUT:
+                    dp_t = tl.where(keep, dp_t / (1.0 - dropout_p), 0.0)
                 ds_t = p_t * (dp_t - delta[None, :])
-                dk = tl.dot(ds_t.to(q.dtype), q, dk)
+                if SOFTCAP:
+                    ds_t = ds_t * (1.0 - t_t * t_t)
+                ds_t = ds_t.to(q.dtype)
+                if WHICH & 2:
+                    dk = tl.dot(ds_t, q, dk)
+                if WHICH & 4:
+                    dq = tl.dot(ds_t.T, k)  # (BLOCK_M, HEAD_DIM), fp32, unscaled
+                    if DQ_TMA:
+                        desc_dq.atomic_add([start_m, 0], dq)
+                    else:
+                        tl.atomic_add(DQ_H + rows[:, None] * sdq_m + offs_d[None, :], dq, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _hopper_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DKEY, DVAL, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DKEY, DVAL, DQACC, CU_Q, CU_K,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, slb, slh, slm,
-    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, sab, sah, sam,
     HKV, Nq, Nk, G, NUM_N, qk_scale, sm_scale, LEFT, RIGHT,
+    ALIBI, BIAS, SINKS, s_ab, s_ah, sbb, sbh, sbm, sbn, cap_in, cap_out, dropout_p, seed,
     D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     IS_VARLEN: tl.constexpr, LONGEST_FIRST: tl.constexpr, SWAP_AB: tl.constexpr, WHICH: tl.constexpr,
+    DQ_TMA: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)  # causal: key block 0 is seen by the most queries, so this order is longest-first
     pid_bh = tl.program_id(1)
@@ -99,6 +154,7 @@ def _hopper_dkdv_kernel(
         bl = q_start.to(tl.int64) * slm
         bdk = k_start.to(tl.int64) * sdkn
         bdv = k_start.to(tl.int64) * sdvn
+        bacc = q_start.to(tl.int64) * sam
     else:
         bq = b.to(tl.int64) * sqb
         bk = b.to(tl.int64) * skb
@@ -107,6 +163,7 @@ def _hopper_dkdv_kernel(
         bl = b.to(tl.int64) * slb
         bdk = b.to(tl.int64) * sdkb
         bdv = b.to(tl.int64) * sdvb
+        bacc = b.to(tl.int64) * sab
     j0 = pid_n * BLOCK_N
     if j0 >= nk:
         return
@@ -136,20 +193,41 @@ def _hopper_dkdv_kernel(
     if HAS_LEFT:
         hi_full = tl.minimum(hi, (tl.maximum(0, j0 - off + LEFT + 1) // BLOCK_M) * BLOCK_M)
     hi_full = tl.maximum(hi_full, lo_full)
+    if WHICH & 4:
+        if j0 + BLOCK_N > nk:  # a partial key block: mask every query block (see the module docstring)
+            lo_full = hi
+            hi_full = hi
     for g in range(0, G):
         h = hk * G + g
         desc_q = tl.make_tensor_descriptor(Q + bq + h * sqh, shape=[nq, D], strides=[sqm, 1],
                                            block_shape=[BLOCK_M, HEAD_DIM])
         desc_do = tl.make_tensor_descriptor(DO + bdo + h * sdoh, shape=[nq, DV], strides=[sdom, 1],
                                             block_shape=[BLOCK_M, HEAD_DIM_V])
+        dq_h = DQACC + bacc + h * sah
+        desc_dq = desc_q
+        if DQ_TMA:
+            desc_dq = tl.make_tensor_descriptor(dq_h, shape=[nq, HEAD_DIM], strides=[sam, 1],
+                                                block_shape=[BLOCK_M, HEAD_DIM])
         lse_h = LSE + bl + h * slh
         delta_h = DELTA + bl + h * slh
-        dk, dv = _dkdv_blocks(dk, dv, k, v, desc_q, desc_do, lse_h, delta_h, slm, lo, lo_full, cols, nq, off, LEFT,
-                              RIGHT, qk_scale, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, SWAP_AB, WHICH)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, desc_q, desc_do, lse_h, delta_h, slm, lo_full, hi_full, cols, nq, off,
-                              LEFT, RIGHT, qk_scale, BLOCK_M, False, HAS_LEFT, HAS_RIGHT, SWAP_AB, WHICH)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, desc_q, desc_do, lse_h, delta_h, slm, tl.maximum(hi_full, lo), hi, cols,
-                              nq, off, LEFT, RIGHT, qk_scale, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, SWAP_AB, WHICH)
+        bh = b * (HKV * G) + h  # the forward's (batch, query head) index: dropout's counters
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = tl.load(ALIBI + b * s_ab + h * s_ah) * LOG2E_K
+        bias_base = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
+        dk, dv = _key_block_steps(dk, dv, k, v, desc_q, desc_do, desc_dq, dq_h, sam, lse_h, delta_h, slm, lo, lo_full,
+                                  cols, nq, nk, off, LEFT, RIGHT, qk_scale, cap_in, cap_out, slope2, bias_base, sbm,
+                                  sbn, dropout_p, seed, bh, BLOCK_M, HEAD_DIM, True, HAS_LEFT, HAS_RIGHT, SWAP_AB,
+                                  WHICH, DQ_TMA, SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT)
+        dk, dv = _key_block_steps(dk, dv, k, v, desc_q, desc_do, desc_dq, dq_h, sam, lse_h, delta_h, slm, lo_full,
+                                  hi_full, cols, nq, nk, off, LEFT, RIGHT, qk_scale, cap_in, cap_out, slope2,
+                                  bias_base, sbm, sbn, dropout_p, seed, bh, BLOCK_M, HEAD_DIM, False, HAS_LEFT,
+                                  HAS_RIGHT, SWAP_AB, WHICH, DQ_TMA, SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT)
+        dk, dv = _key_block_steps(dk, dv, k, v, desc_q, desc_do, desc_dq, dq_h, sam, lse_h, delta_h, slm,
+                                  tl.maximum(hi_full, lo), hi, cols, nq, nk, off, LEFT, RIGHT, qk_scale, cap_in,
+                                  cap_out, slope2, bias_base, sbm, sbn, dropout_p, seed, bh, BLOCK_M, HEAD_DIM, True,
+                                  HAS_LEFT, HAS_RIGHT, SWAP_AB, WHICH, DQ_TMA, SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                                  HAS_DROPOUT)
     desc_dk = tl.make_tensor_descriptor(DKEY + bdk + hk * sdkh, shape=[nk, D], strides=[sdkn, 1],
                                         block_shape=[BLOCK_N, HEAD_DIM])
     desc_dv = tl.make_tensor_descriptor(DVAL + bdv + hk * sdvh, shape=[nk, DV], strides=[sdvn, 1],
@@ -161,23 +239,33 @@ def _hopper_dkdv_kernel(
 
 
 @triton.jit
-def _dq_blocks(dq, q, do, lse2, delta, desc_k, desc_v, start, stop, rows, off, LEFT, RIGHT, qk_scale,
-               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+def _dq_blocks(dq, q, do, lse2, delta, desc_k, desc_v, start, stop, rows, nq, nk, off, LEFT, RIGHT, qk_scale,
+               cap_in, cap_out, slope2, bias_base, sbm, sbn, dropout_p, seed, bh,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr):
     for start_n in range(start, stop, BLOCK_N):
         k = desc_k.load([start_n, 0])  # (BLOCK_N, HEAD_DIM); rows past nk are zeros and add nothing
         v = desc_v.load([start_n, 0])  # (BLOCK_N, HEAD_DIM_V)
-        s = tl.dot(q, k.T)  # (BLOCK_M, BLOCK_N), unscaled
-        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        cols = start_n + tl.arange(0, BLOCK_N)
+        qi = rows[:, None]
+        kj = cols[None, :]
+        s, t = _variant_logits(tl.dot(q, k.T), qi, kj, (qi < nq) & (kj < nk), nq, nk, qk_scale, cap_in, cap_out,
+                               slope2, bias_base, sbm, sbn, SOFTCAP, HAS_ALIBI, HAS_BIAS)  # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
-            cols = start_n + tl.arange(0, BLOCK_N)
             valid = tl.full([BLOCK_N], 1, tl.int1)[None, :]
             if HAS_LEFT:
-                valid = valid & (cols[None, :] >= rows[:, None] + off - LEFT)
+                valid = valid & (kj >= qi + off - LEFT)
             if HAS_RIGHT:
-                valid = valid & (cols[None, :] <= rows[:, None] + off + RIGHT)
+                valid = valid & (kj <= qi + off + RIGHT)
             p = tl.where(valid, p, 0.0)
         dp = tl.dot(do, v.T)  # (BLOCK_M, BLOCK_N)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, qi, kj, nq, nk, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq)
     return dq
 
@@ -187,9 +275,11 @@ def _hopper_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, slb, slh, slm, sdqb, sdqh, sdqm,
     H, Nq, Nk, G, NUM_M, qk_scale, sm_scale, LEFT, RIGHT,
+    ALIBI, BIAS, SINKS, s_ab, s_ah, sbb, sbh, sbm, sbn, cap_in, cap_out, dropout_p, seed,
     D: tl.constexpr, DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    IS_VARLEN: tl.constexpr, LONGEST_FIRST: tl.constexpr,
+    IS_VARLEN: tl.constexpr, LONGEST_FIRST: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if LONGEST_FIRST:  # causal: the last query block sees the most keys
@@ -232,6 +322,10 @@ def _hopper_dq_kernel(
     lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
     delta = tl.load(DELTA + bl + h * slh + rows * slm, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(ALIBI + b * s_ab + h * s_ah) * LOG2E_K
+    bias_base = BIAS + b.to(tl.int64) * sbb + h.to(tl.int64) * sbh
 
     off = nk - nq
     i_last = tl.minimum(i0 + BLOCK_M, nq) - 1
@@ -248,22 +342,55 @@ def _hopper_dq_kernel(
     if HAS_RIGHT:
         hi_full = tl.minimum(hi, (tl.maximum(0, i0 + off + RIGHT + 1) // BLOCK_N) * BLOCK_N)
     hi_full = tl.maximum(hi_full, lo_full)
-    dq = _dq_blocks(dq, q, do, lse2, delta, desc_k, desc_v, lo, lo_full, rows, off, LEFT, RIGHT, qk_scale, BLOCK_N,
-                    True, HAS_LEFT, HAS_RIGHT)
-    dq = _dq_blocks(dq, q, do, lse2, delta, desc_k, desc_v, lo_full, hi_full, rows, off, LEFT, RIGHT, qk_scale,
-                    BLOCK_N, False, HAS_LEFT, HAS_RIGHT)
-    dq = _dq_blocks(dq, q, do, lse2, delta, desc_k, desc_v, tl.maximum(hi_full, lo), hi, rows, off, LEFT, RIGHT,
-                    qk_scale, BLOCK_N, True, HAS_LEFT, HAS_RIGHT)
+    dq = _dq_blocks(dq, q, do, lse2, delta, desc_k, desc_v, lo, lo_full, rows, nq, nk, off, LEFT, RIGHT, qk_scale,
+                    cap_in, cap_out, slope2, bias_base, sbm, sbn, dropout_p, seed, pid_bh, BLOCK_N, True, HAS_LEFT,
+                    HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT)
+    dq = _dq_blocks(dq, q, do, lse2, delta, desc_k, desc_v, lo_full, hi_full, rows, nq, nk, off, LEFT, RIGHT,
+                    qk_scale, cap_in, cap_out, slope2, bias_base, sbm, sbn, dropout_p, seed, pid_bh, BLOCK_N, False,
+                    HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT)
+    dq = _dq_blocks(dq, q, do, lse2, delta, desc_k, desc_v, tl.maximum(hi_full, lo), hi, rows, nq, nk, off, LEFT,
+                    RIGHT, qk_scale, cap_in, cap_out, slope2, bias_base, sbm, sbn, dropout_p, seed, pid_bh, BLOCK_N,
+                    True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, HAS_BIAS, HAS_DROPOUT)
     desc_dq = tl.make_tensor_descriptor(DQ + bdq + h * sdqh, shape=[nq, D], strides=[sdqm, 1],
                                         block_shape=[BLOCK_M, HEAD_DIM])
     desc_dq.store([i0, 0], (dq * sm_scale).to(DQ.dtype.element_ty))
 
 
+@triton.jit
+def _dq_cast_kernel(ACC, DQ, CU_Q, sab, sah, sam, sdqb, sdqh, sdqm, H, Nq, sm_scale, D: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """dQ = scale * (the fp32 sum of the atomic adds), in q's dtype and layout."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        nq = tl.load(CU_Q + b + 1) - q_start
+        ba = q_start.to(tl.int64) * sam
+        bd = q_start.to(tl.int64) * sdqm
+    else:
+        nq = Nq
+        ba = b.to(tl.int64) * sab
+        bd = b.to(tl.int64) * sdqb
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.load(ACC + ba + h * sah + rows[:, None] * sam + offs_d[None, :], mask=rows[:, None] < nq, other=0.0)
+    tl.store(DQ + bd + h * sdqh + rows[:, None] * sdqm + offs_d[None, :], (acc * sm_scale).to(DQ.dtype.element_ty),
+             mask=(rows[:, None] < nq) & (offs_d[None, :] < D))
+
+
+# Config keys -> WHICH: the two-pass dK/dV kernel, its head-dim-256 split, and the one-pass kernels.
+_KEY_BLOCK_KERNELS = (("dkdv", 3), ("dv", 1), ("dk", 2), ("dkdvq", 7), ("dkq", 6))
+
+
 def hopper_bwd(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu_k=None, max_q=0, max_k=0,
-               config=None):
+               config=None, variants=None):
     """Dense: q (B, Hq, Nq, D) etc., lse (B, Hq, Nq). Varlen (cu_q given): q (total_q, Hq, D),
     lse (Hq, total_q). Returns dq, dk, dv in the dtypes and layouts of q, k, v (the dispatcher
-    has checked that every head-dim stride is 1 and every other stride 16-byte aligned)."""
+    has checked that every head-dim stride is 1 and every other stride 16-byte aligned); with
+    variants (dense only, a kernels.variants.KernelVariants) also dsinks (Hq,) or None.
+    config: kernel tiles (see hopper_config.BWD); default hopper_config.hopper_bwd_config."""
     from fa2lab.kernels.hopper_config import hopper_bwd_config
 
     ensure_allocator()
@@ -273,8 +400,13 @@ def hopper_bwd(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu
         delta -= dlse.float()
     lse = lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dsinks = None
+    if variants is not None and variants.var.sinks is not None:  # -sum_i exp(sink - lse_i) Delta_i, O(N)
+        sinks = variants.var.sinks
+        dsinks = -(torch.exp(sinks.float().view(1, -1, 1) - lse) * delta).sum(dim=(0, 2)).to(sinks.dtype)
     if q.numel() == 0 or k.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        grads = dq.zero_(), dk.zero_(), dv.zero_()
+        return grads if variants is None else (*grads, dsinks)
     d, dvd = q.shape[-1], v.shape[-1]
     causal = right >= 0 and left < 0
     if varlen:
@@ -290,29 +422,47 @@ def hopper_bwd(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu
         sl = lse.stride()
         grid_q, grid_k = nq, nk
         cu_q = cu_k = torch.zeros(1, dtype=torch.int32, device=q.device)
-    cfg = dict(config or hopper_bwd_config(max(d, dvd), causal=causal, seq_len=grid_q))
+    cfg = dict(config or hopper_bwd_config(max(d, dvd), causal=causal, seq_len=grid_q,
+                                           deterministic=torch.are_deterministic_algorithms_enabled(),
+                                           variants=variants))
+    flags = variants.flags() if variants else PLAIN_FLAGS
+    var_args = variants.args() if variants else plain_args(q)
     common = dict(D=d, DV=dvd, HEAD_DIM=pow2(d), HEAD_DIM_V=pow2(dvd), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
-                  IS_VARLEN=varlen, LONGEST_FIRST=causal)
+                  IS_VARLEN=varlen, LONGEST_FIRST=causal, **flags)
     group = h // hkv
-    # "dkdv": one kernel for both; or "dv" and "dk": two kernels, each with one accumulator (head
-    # dim 256: two 64 x 256 fp32 accumulators alone fill 128 of a thread's 255 registers).
-    for key, which in (("dkdv", 3), ("dv", 1), ("dk", 2)):
+    atomic = any(key in cfg for key in ("dkdvq", "dkq"))
+    acc = q  # placeholder pointer when no kernel adds into dQ
+    if atomic:
+        # fp32 dQ sums, q's layout with HEAD_DIM columns; rows padded so that a block's adds past
+        # a sequence's end (zeros) stay inside the buffer without a mask.
+        pad = max(cfg[key][0] for key in ("dkdvq", "dkq") if key in cfg)
+        hd = pow2(d)
+        if varlen:
+            acc = torch.zeros(q.shape[0] + pad, h, hd, dtype=torch.float32, device=q.device)
+        else:
+            acc = torch.zeros(batch, h, triton.cdiv(nq, pad) * pad, hd, dtype=torch.float32, device=q.device)
+    for key, which in _KEY_BLOCK_KERNELS:
         if key not in cfg:
             continue
         bm, bn, warps, stages, *swap = cfg[key]  # optional 5th entry: SWAP_AB
         num_n = triton.cdiv(grid_k, bn)
         _hopper_dkdv_kernel[(num_n, batch * hkv)](
-            q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, *st(q), *st(k), *st(v), *st(do), *sl, *st(dk), *st(dv),
-            hkv, nq, nk, group, num_n, scale * LOG2E, scale, max(left, 0), max(right, 0), **common,
-            BLOCK_M=bm, BLOCK_N=bn, SWAP_AB=bool(swap and swap[0]), WHICH=which, num_warps=warps,
-            num_stages=stages)
-    bm, bn, warps, stages = cfg["dq"]
-    num_m = triton.cdiv(grid_q, bm)
-    _hopper_dq_kernel[(num_m, batch * h)](
-        q, k, v, do, lse, delta, dq, cu_q, cu_k, *st(q), *st(k), *st(v), *st(do), *sl, *st(dq),
-        h, nq, nk, group, num_m, scale * LOG2E, scale, max(left, 0), max(right, 0), **common,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-    return dq, dk, dv
+            q, k, v, do, lse, delta, dk, dv, acc, cu_q, cu_k, *st(q), *st(k), *st(v), *st(do), *sl, *st(dk),
+            *st(dv), *st(acc), hkv, nq, nk, group, num_n, scale * LOG2E, scale, max(left, 0), max(right, 0),
+            *var_args, **common, BLOCK_M=bm, BLOCK_N=bn, SWAP_AB=bool(swap and swap[0]), WHICH=which,
+            DQ_TMA=bool(which & 4 and cfg.get("dq_tma", False)), num_warps=warps, num_stages=stages)
+    if atomic:
+        block = 64 if d <= 128 else 32
+        _dq_cast_kernel[(triton.cdiv(grid_q, block), batch * h)](
+            acc, dq, cu_q, *st(acc), *st(dq), h, nq, scale, D=d, HEAD_DIM=pow2(d), BLOCK_M=block, IS_VARLEN=varlen)
+    else:
+        bm, bn, warps, stages = cfg["dq"]
+        num_m = triton.cdiv(grid_q, bm)
+        _hopper_dq_kernel[(num_m, batch * h)](
+            q, k, v, do, lse, delta, dq, cu_q, cu_k, *st(q), *st(k), *st(v), *st(do), *sl, *st(dq),
+            h, nq, nk, group, num_m, scale * LOG2E, scale, max(left, 0), max(right, 0), *var_args, **common,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    return (dq, dk, dv) if variants is None else (dq, dk, dv, dsinks)
 
 
 __all__ = ["hopper_bwd"]

@@ -40,17 +40,28 @@ FWD_BIAS = {
     128: dict(BLOCK_N=64, num_stages=3),
     256: dict(BLOCK_M=64, BLOCK_N=64, num_stages=2, num_warps=4),
 }
-# Backward: per kernel (BLOCK_M, BLOCK_N, num_warps, num_stages[, SWAP_AB]); dK/dV holds BLOCK_N keys
-# and walks queries, dQ holds BLOCK_M queries and walks keys. "dv" + "dk" instead of "dkdv": two
-# kernels with one accumulator each. Same sweep (2.5x flops): D=64 (32,128,4,3)/(128,32,4,3) 351
-# ((64,128,8,2)/(128,64,8,2) 290); D=128 (64,128,8,2)/(128,64,8,2) 366 full / 300 causal
-# ((32,128,8,2) 333 / 298, (64,64,8,3) 238 / 209); D=256 split dv (64,128,8,2) + dk (32,128,8,2)
-# + dq (64,64,8,2) 237 (one dkdv kernel (64,64,8,2), spilling: 214; the old portable tiles: 99).
-BWD = {
+# Backward: per kernel (BLOCK_M, BLOCK_N, num_warps, num_stages[, SWAP_AB]); the key-block kernel
+# holds BLOCK_N keys and walks queries, the dQ kernel holds BLOCK_M queries and walks keys. Keys
+# (kernels/hopper_bwd.py): "dkdv" + "dq" two passes; "dv" + "dk" + "dq" the same with one
+# accumulator per kernel; "dkdvq" one pass with dQ added atomically in fp32 ("dv" + "dkq" its split);
+# "dq_tma": True adds dQ through a TMA reduce-add instead of per-element atomics.
+# Two passes, same sweep (2.5x flops): D=64 (32,128,4,3)/(128,32,4,3) 351 ((64,128,8,2)/(128,64,8,2)
+# 290); D=128 (64,128,8,2)/(128,64,8,2) 366 full / 300 causal ((32,128,8,2) 333 / 298, (64,64,8,3)
+# 238 / 209); D=256 split dv (64,128,8,2) + dk (32,128,8,2) + dq (64,64,8,2) 237 (one dkdv kernel
+# (64,64,8,2), spilling: 214; the old portable tiles: 99).
+BWD_TWO_PASS = {
     64: dict(dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3)),
     128: dict(dkdv=(64, 128, 8, 2), dq=(128, 64, 8, 2)),
     256: dict(dv=(64, 128, 8, 2), dk=(32, 128, 8, 2), dq=(64, 64, 8, 2)),
 }
+# What a call gets: the fastest exact configuration per head dim. The one pass lost everywhere
+# (H200, 2026-12-02, `python -m fa2lab.bench.hopper_bwd_gpu --plan sweep`, public call, bwd TFLOP/s,
+# N=4096): D=128 full 64x128 w8 289 (TMA reduce-add 304, 3 stages 288, 64x64 w4 183) against two
+# passes 364; causal 266 / 280 TMA against 298; D=64 64x64 w4 273 against 351; N=1024 D=128 237
+# against 263; D=256 dv + dkq 64x64 does not fit shared memory (263 KB). ptxas: the D=128 one-pass
+# kernel sits at 255 registers with 56-82 B of spills (two-pass dK/dV: 2 B), D=64 spills nothing
+# and still loses: the fp32 atomics cost more than the two matmuls they save. So two passes stay.
+BWD = dict(BWD_TWO_PASS)
 # Where the portable backward measured faster in the same run (H200, 2026-12-02, `python -m fa2lab
 # bench --hopper`, gpu-20261202-045930.json): D=128 causal 314 against the Hopper kernels' 298.
 BWD_PORTABLE = {(128, True)}
@@ -82,8 +93,18 @@ def hopper_fwd_config(head_dim: int, *, causal: bool, seq_len: int, variants=Non
     return cfg
 
 
-def hopper_bwd_config(head_dim: int, *, causal: bool, seq_len: int) -> dict:
-    return dict(BWD[_bound(head_dim)])
+def hopper_bwd_config(head_dim: int, *, causal: bool, seq_len: int, deterministic: bool = False,
+                      variants=None) -> dict:
+    """The backward's kernels and tiles. deterministic (torch.use_deterministic_algorithms) and
+    dropout (whose contract is bit-identical gradients under one generator state) take the two
+    passes: fp32 atomics add dQ in a run-dependent order. A bias tile is a third pipelined load:
+    two stages at most, to fit shared memory (as the portable kernels)."""
+    bound = _bound(head_dim)
+    exact_order = deterministic or (variants is not None and variants.var.dropout_p > 0)
+    cfg = dict((BWD_TWO_PASS if exact_order else BWD)[bound])
+    if variants is not None and variants.var.attn_bias is not None:
+        cfg = {k: (*t[:3], min(t[3], 2), *t[4:]) if isinstance(t, tuple) else t for k, t in cfg.items()}
+    return cfg
 
 
 def hopper_bwd_wanted(head_dim: int, causal: bool) -> bool:
@@ -121,4 +142,4 @@ def hopper_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return all(tma_ok(t, token_dim) for t in (q, k, v))
 
 
-__all__ = ["BWD", "BWD_PORTABLE", "FWD", "hopper_bwd_config", "hopper_bwd_wanted", "hopper_eligible", "hopper_fwd_config", "tma_ok"]
+__all__ = ["BWD", "BWD_PORTABLE", "BWD_TWO_PASS", "FWD", "hopper_bwd_config", "hopper_bwd_wanted", "hopper_eligible", "hopper_fwd_config", "tma_ok"]
