@@ -202,10 +202,14 @@ def test_triton_decode_variants_full_size_within_torch_rule(page_size, which):
                                        return_lse=True)
     for i, m in enumerate(lengths):
         seq = {key: (val[i:i + 1] if key == "alibi_slopes" else val) for key, val in opts.items()}
-        truth, lse_t = attention_ref(q64[i:i + 1], k64[i:i + 1, :, :m], v64[i:i + 1, :, :m], causal=True,
-                                     return_lse=True, **{key: (val.double() if torch.is_tensor(val) else val)
-                                                         for key, val in seq.items()})
+        truth = attention_ref(q64[i:i + 1], k64[i:i + 1, :, :m], v64[i:i + 1, :, :m], causal=True,
+                              **{key: (val.double() if torch.is_tensor(val) else val) for key, val in seq.items()})
         naive = attention_ref(q[i:i + 1], k[i:i + 1, :, :m], v[i:i + 1, :, :m], causal=True, upcast=False, **seq)
         err = (out[i:i + 1].double() - truth).abs().max().item()
         assert err <= 2 * (naive.double() - truth).abs().max().item() + exact_floor(torch.bfloat16), (i, err)
-        assert (lse[i:i + 1].double() - lse_t).abs().max().item() < 1e-3
+        # lse against float64 of the bf16-rounded inputs: rounding q and k alone moves lse by ~1e-2
+        # at D=128 (round 2 of 2026-12-02 compared with the unrounded inputs and saw 6e-3).
+        _, lse_r = attention_ref(q[i:i + 1].double(), k[i:i + 1, :, :m].double(), v[i:i + 1, :, :m].double(),
+                                 causal=True, return_lse=True,
+                                 **{key: (val.double() if torch.is_tensor(val) else val) for key, val in seq.items()})
+        assert (lse[i:i + 1].double() - lse_r).abs().max().item() < 1e-3
