@@ -46,8 +46,8 @@ def _clocked_ring(group):
     class ClockedRing(Ring):
         waited = 0.0
 
-        def shift(self, tensors, tag, what):
-            pending, ring = super().shift(tensors, tag, what), self
+        def shift(self, tensors, tag, what, into=None):
+            pending, ring = super().shift(tensors, tag, what, into), self
 
             class Clocked:
                 def wait(self):
@@ -66,7 +66,7 @@ class _NoComm:
     def __init__(self, rank, world):
         self.rank, self.world = rank, world
 
-    def shift(self, tensors, tag, what):
+    def shift(self, tensors, tag, what, into=None):
         from fa2lab.distributed.comm import Ready
 
         return Ready(tensors)

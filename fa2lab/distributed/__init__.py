@@ -14,8 +14,9 @@ ring.py (the forward/backward ring and the public function), simulate.py (one-pr
 """
 
 from fa2lab.distributed.comm import RingError
-from fa2lab.distributed.plan import RingPlan, plan_ring
+from fa2lab.distributed.plan import RingPlan, plan_ring, zigzag_shard
 from fa2lab.distributed.ring import ring_attention
-from fa2lab.distributed.simulate import gather, shard, simulate_ring
+from fa2lab.distributed.simulate import gather, shard, simulate_ring, simulate_ring_grads
 
-__all__ = ["ring_attention", "plan_ring", "RingPlan", "RingError", "simulate_ring", "shard", "gather"]
+__all__ = ["ring_attention", "plan_ring", "RingPlan", "RingError", "simulate_ring", "simulate_ring_grads", "shard",
+           "gather", "zigzag_shard"]
