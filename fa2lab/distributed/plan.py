@@ -110,6 +110,26 @@ class RingPlan:
             row["share_of_busiest"] = round(row["pairs"] / busiest, 3)
         return rows
 
+    def comm_volume(self, batch: int, heads_q: int, heads_kv: int, head_dim: int, head_dim_v: int | None = None,
+                    itemsize: int = 2, grad_itemsize: int = 4, backward: bool = True) -> list[dict]:
+        """Bytes one rank sends at each ring step (every rank sends the same). Forward: W-1 hops
+        of a K/V shard, bytes = B * Hkv * Nk_local * (D + Dv) * itemsize; backward: W-1 K/V hops
+        again and W hops of the dK/dV accumulators (the last one brings them home), at
+        `grad_itemsize` (their travel dtype). heads_q is unused: queries never move."""
+        dv = head_dim if head_dim_v is None else head_dim_v
+        kv = batch * heads_kv * self.nk_local * (head_dim + dv)
+        w = self.world_size
+        rows = [dict(schedule="ring", phase="forward", step=s, what="K/V shard", bytes_sent=kv * itemsize)
+                for s in range(w - 1)]
+        if backward:
+            for s in range(w):
+                sent = (kv * itemsize if s < w - 1 else 0) + kv * grad_itemsize
+                rows.append(dict(schedule="ring", phase="backward", step=s,
+                                 what="K/V shard, dK/dV" if s < w - 1 else "dK/dV home", bytes_sent=sent))
+        for r in rows:
+            r["world_size"] = w
+        return rows
+
     def critical_path_pairs(self) -> int:
         """Sum over steps of the busiest rank's pairs: the ring waits for its slowest member at
         every step, so this (not the total) is what the wall time follows."""
