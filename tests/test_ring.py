@@ -357,9 +357,13 @@ def test_silent_rank_times_out_with_a_clear_error(tmp_path):
 def test_overlap_bench_reports_every_variant():
     from fa2lab.bench.ring import COLUMNS, run
 
-    rows = run(lengths=(64,), causal=(True,), heads=2, heads_kv=1, head_dim=16, repeats=1, progress=lambda s: None)
+    from fa2lab.bench.ring import target_lines
+
+    rows = run(lengths=(64,), causal=(True,), heads=2, heads_kv=2, head_dim=16, repeats=1, progress=lambda s: None)
     assert all(list(row) == COLUMNS for row in rows)
     kinds = {(row["mode"], row["kind"]) for row in rows}
-    assert kinds == {(m, k) for m in ("fwd", "fwd+bwd") for k in ("overlap", "serial", "compute", "comm", "single")} | {
-        ("fwd", "reshard")}
+    assert kinds == {(m, k) for m in ("fwd", "fwd+bwd") for k in ("overlap", "zigzag-in", "serial", "compute", "comm",
+                                                                   "ulysses", "single")} | {("fwd", "reshard")}
     assert all(row["ms"] > 0 for row in rows)
+    lines = target_lines(rows)  # causal: the fwd+bwd target only, for each timed implementation
+    assert len(lines) == 4 and all("causal fwd+bwd" in line and "(>= 0.85)" in line for line in lines), lines

@@ -143,3 +143,22 @@ def simulate_ring_grads(q, k, v, do, plan: RingPlan, softmax_scale: float | None
     return tuple(gather([res[i] if i != 1 else res[i].unsqueeze(-1) for res in results], plan, n_local[i])
                  .squeeze(-1) if i == 1 else gather([res[i] for res in results], plan, n_local[i])
                  for i in range(5))
+
+
+class LoopbackRing:
+    """One rank of a W-rank ring alone on this device: every hop "receives" a copy of what this
+    rank sends, into the ring's own receive buffers. The rank runs its plan's launches and
+    allocates every buffer of a real rank, so its peak memory and compute time are those of a
+    rank of W devices (without the network); its numbers are not attention (the K/V it holds
+    is its own at every step). For measuring one rank on one GPU: `bench.ring --loopback`."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+        self.next, self.prev = (rank + 1) % world, (rank - 1) % world
+
+    def shift(self, tensors, tag, what, into=None):
+        from fa2lab.distributed.comm import Ready
+
+        if into is None:
+            return Ready([t.clone(memory_format=torch.contiguous_format) for t in tensors])
+        return Ready([buf.copy_(t) for buf, t in zip(into, tensors)])
