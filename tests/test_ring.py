@@ -48,6 +48,18 @@ def test_plan_blocks_tile_the_mask_exactly(world, nq_local, nk_local, causal, wi
                 vis = masks.tile_mask(0, b - a, 0, d - c, b - a, d - c, *blk.window)  # the block's own mask
                 assert int(vis.sum()) == blk.pairs
                 covered[q_pos[a:b, None], k_pos[None, c:d]] += vis.long()
+            launched = torch.zeros(nq, nk, dtype=torch.int64)  # what runs: the merged launches cover the same pairs
+            for blk in st.launches:
+                (a, b), (c, d) = blk.q_rows, blk.k_rows
+                vis = masks.tile_mask(0, b - a, 0, d - c, b - a, d - c, *blk.window)
+                assert int(vis.sum()) == blk.pairs
+                launched[q_pos[a:b, None], k_pos[None, c:d]] += vis.long()
+            mine = torch.zeros(nq, nk, dtype=torch.int64)
+            for blk in st.blocks:
+                (a, b), (c, d) = blk.q_rows, blk.k_rows
+                mine[q_pos[a:b, None], k_pos[None, c:d]] += masks.tile_mask(0, b - a, 0, d - c, b - a, d - c,
+                                                                             *blk.window).long()
+            assert torch.equal(launched, mine) and len(st.launches) <= max(1, len(st.blocks))
     assert torch.equal(covered, masks.dense_mask(nq, nk, causal, window).long())  # each pair once
 
 
@@ -62,6 +74,118 @@ def test_zigzag_balances_causal_work(world):
     assert zig.critical_path_pairs() < contiguous.critical_path_pairs()
     assert plan_ring(world, 64).layout == "contiguous"  # non-causal is balanced already
     assert plan_ring(world, 63, causal=True).layout == "contiguous"  # odd shards cannot be halved
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_zigzag_causal_runs_one_launch_per_step(world):
+    """Local positions keep the global order within a shard: step 0 is one causal block of the
+    whole shard, every later step one full block (half the rows or half the keys)."""
+    plan = plan_ring(world, 64, causal=True)
+    for per_rank in plan.steps:
+        assert [len(st.launches) for st in per_rank] == [1] * world
+        assert per_rank[0].launches[0].window == (-1, 0) and per_rank[0].launches[0].q_rows == (0, 64)
+        assert all(st.launches[0].window == (-1, -1) for st in per_rank[1:])
+
+
+def test_merge_blocks_keeps_pieces_that_are_not_one_window():
+    from fa2lab.distributed.plan import Block, merge_blocks
+
+    a = Block((0, 4), (0, 4), (-1, -1), 16)
+    gap = Block((4, 8), (6, 8), (-1, -1), 8)  # rows 4..7 see keys 6, 7 only: not the bottom-right window of (0..8)x(0..8)
+    assert merge_blocks((a, gap)) == (a, gap)
+    below = Block((4, 8), (0, 4), (-1, -1), 16)
+    assert merge_blocks((a, below)) == (Block((0, 8), (0, 4), (-1, -1), 32),)
+
+
+def test_merge_into_equals_merge_states():
+    from fa2lab import merge_states
+    from fa2lab.distributed.ring import merge_into
+
+    g = torch.Generator().manual_seed(0)
+    out, out_b = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, 5, 4, generator=g)
+    lse, lse_b = torch.randn(2, 3, 5, generator=g, dtype=torch.float64), torch.randn(2, 3, 5, generator=g)
+    lse[0, 0, :2] = float("-inf")  # rows that saw no key yet
+    lse_b[0, 0, 1:3] = float("-inf")
+    out[0, 0, :2] = 0
+    want_out, want_lse = merge_states(out, lse, out_b.double(), lse_b.double())
+    merge_into(out, lse, out_b, lse_b)
+    assert max_err(out, want_out) < 1e-12 and torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    assert max_err(finite_lse(lse), finite_lse(want_lse)) < 1e-12
+
+
+def test_head_chunks_rule():
+    from fa2lab.distributed.ring import head_chunks
+
+    assert head_chunks(1, 32, 8, 4096, torch.device("cpu")) == [(h, h + 1) for h in range(8)]  # one K/V head each
+    # CUDA: as few heads as keep 65536 query rows per launch (G = 4: 16384 rows per head at N_local = 4096)
+    assert head_chunks(1, 32, 8, 4096, torch.device("cuda")) == [(0, 4), (4, 8)]
+    assert head_chunks(1, 32, 8, 16384, torch.device("cuda")) == [(h, h + 1) for h in range(8)]
+    assert head_chunks(1, 32, 8, 64, torch.device("cuda")) == [(0, 8)]
+
+
+@pytest.mark.parametrize("world,causal,window", [(8, True, (-1, -1)), (8, False, (-1, -1)), (3, True, (-1, -1)),
+                                                 (4, False, (3, 0))])
+def test_simulated_ring_grads_equal_float64_attention(world, causal, window):
+    """The ring's own forward and backward (threads, exact hops) at W up to 8."""
+    from fa2lab.distributed import simulate_ring_grads
+
+    g = torch.Generator().manual_seed(world)
+    n = 4
+    q = torch.randn(1, 4, world * n, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 2, world * n, 16, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 2, world * n, 8, generator=g, dtype=torch.float64)
+    do = torch.randn(1, 4, world * n, 8, generator=g, dtype=torch.float64)
+    plan = plan_ring(world, n, causal=causal, window_size=window)
+    out, lse, dq, dk, dv = simulate_ring_grads(q, k, v, do, plan)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = attention_ref(*leaves, causal=causal, window_size=window)
+    ref.backward(do)
+    assert max_err(out, ref.detach()) < 1e-12
+    assert max(max_err(a, t.grad) for a, t in zip((dq, dk, dv), leaves)) < 1e-11
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_w8_bf16_dkdv_travel_within_the_error_rule(causal):
+    """The check behind ring.grad_dtype on this CPU: a simulated W = 8 ring in bf16, dK/dV
+    travelling in fp32 and in bf16, against float64 next to one process's error (2x / 3x). The
+    GPU figure (real kernels) is in BENCHMARKS.md."""
+    from fa2lab.bench.ring_check import simulate_check
+
+    rows = simulate_check(8, 256, causal, "cpu", torch.bfloat16, hq=4, hkv=2, d=32)
+    assert {r["travel"] for r in rows} == {"float32", "bfloat16"}
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+
+
+def test_ring_rank_memory_per_local_token_within_1_2x_of_one_process():
+    """One rank of a ring of 4 (LoopbackRing: every buffer of a real rank, hops as local copies)
+    against one process on the whole sequence, causal fwd+bwd, peak extra resident memory, slope
+    over two lengths: bytes per local token <= 1.2x one process's bytes per token."""
+    from fa2lab.measure.memory import peak_extra_bytes, supported
+
+    if not supported():
+        pytest.skip("peak host memory needs Linux with glibc")
+    from fa2lab.distributed.ring import _RingAttention
+    from fa2lab.distributed.simulate import LoopbackRing
+
+    def inputs(n):
+        g = torch.Generator().manual_seed(0)
+        return [torch.randn(1, h, n, 64, generator=g).requires_grad_() for h in (8, 2, 2)]
+
+    def single(n):
+        q, k, v = inputs(n)
+        fa2lab.attention(q, k, v, causal=True, backend="tiled").sum().backward()
+
+    def rank(n):
+        q, k, v = inputs(n)
+        out, _ = _RingAttention.apply(q, k, v, plan_ring(4, n, causal=True), LoopbackRing(3, 4), 0.125, True)
+        out.sum().backward()
+
+    slopes = []
+    for fn in (single, rank):
+        fn(256)
+        low, high = peak_extra_bytes(lambda: fn(512)), peak_extra_bytes(lambda: fn(1024))
+        slopes.append((high - low) / 512)
+    assert slopes[1] <= 1.2 * slopes[0], slopes
 
 
 def test_schedule_rows_name_the_shard_held_at_each_step():
@@ -138,17 +262,20 @@ def _loss_grads(fn, q, k, v, do, dlse, dtype, **kw):
 
 
 def _compare(rank, world, *, b=1, hq=2, hkv=2, n=8, nk=None, d=16, dv=None, causal=False, window=(-1, -1),
-             dtype=torch.float64, group=None, seed=0, overlap=True):
+             dtype=torch.float64, group=None, seed=0, overlap=True, layout="contiguous"):
     """Errors of this rank's shards of out, lse, dq, dk, dv against the single-process call; for a
     low-precision dtype also plain PyTorch's error at that dtype (the foundation's error rule)."""
     nk, dv = nk or n, dv or d
     q, k, v, do, dlse = _full_inputs(world, b, hq, hkv, n, nk, d, dv, seed)
     qs, ks = slice(rank * n, (rank + 1) * n), slice(rank * nk, (rank + 1) * nk)
     local = lambda x, s: x[:, :, s].contiguous()  # noqa: E731
+    if layout == "zigzag":  # the caller's shards are zig-zag: rank r holds chunks r and 2W-1-r
+        from fa2lab.distributed import zigzag_shard
+        local = lambda x, s: zigzag_shard(x, rank, world).contiguous()  # noqa: E731
 
     def ring(q_, k_, v_, **kw):
         if overlap:
-            return ring_attention(q_, k_, v_, group=group, **kw)
+            return ring_attention(q_, k_, v_, group=group, layout=layout, **kw)
         from fa2lab.distributed.comm import Ring
         from fa2lab.distributed.ring import _run
         plan = plan_ring(world, n, nk, causal=kw["causal"], window_size=kw["window_size"])
@@ -158,15 +285,15 @@ def _compare(rank, world, *, b=1, hq=2, hkv=2, n=8, nk=None, d=16, dv=None, caus
     out, lse, grads = _loss_grads(ring, local(q, qs), local(k, ks), local(v, ks), local(do, qs), local(dlse, qs),
                                   dtype, **mask)
     out_r, lse_r, grads_r = _loss_grads(fa2lab.attention, q, k, v, do, dlse, torch.float64, **mask)
-    pieces = dict(out=(out, out_r[:, :, qs]), lse=(finite_lse(lse), finite_lse(lse_r)[:, :, qs]),
-                  dq=(grads[0], grads_r[0][:, :, qs]), dk=(grads[1], grads_r[1][:, :, ks]),
-                  dv=(grads[2], grads_r[2][:, :, ks]))
+    pieces = dict(out=(out, local(out_r, qs)), lse=(finite_lse(lse), local(finite_lse(lse_r).unsqueeze(-1), qs)[..., 0]),
+                  dq=(grads[0], local(grads_r[0], qs)), dk=(grads[1], local(grads_r[1], ks)),
+                  dv=(grads[2], local(grads_r[2], ks)))
     errs = {name: max_err(a, t) for name, (a, t) in pieces.items()}
     if dtype != torch.float64:
         naive = lambda *a, **kw: attention_ref(*a, upcast=False, **kw)  # noqa: E731
         out_t, _, grads_t = _loss_grads(naive, q, k, v, do, dlse, dtype, **mask)
-        torch_pieces = dict(out=out_t[:, :, qs], dq=grads_t[0][:, :, qs], dk=grads_t[1][:, :, ks],
-                            dv=grads_t[2][:, :, ks])
+        torch_pieces = dict(out=local(out_t, qs), dq=local(grads_t[0], qs), dk=local(grads_t[1], ks),
+                            dv=local(grads_t[2], ks))
         errs.update({f"torch_{name}": max_err(t, pieces[name][1]) for name, t in torch_pieces.items()})
     return errs
 
@@ -187,6 +314,9 @@ CASES_2 = {
     "window": lambda r, w: _compare(r, w, n=12, window=(5, 3)),
     "nq_ne_nk_causal": lambda r, w: _compare(r, w, n=6, nk=10, causal=True),
     "no_overlap": lambda r, w: _compare(r, w, n=12, causal=True, overlap=False),
+    "zigzag_in_causal": lambda r, w: _compare(r, w, b=2, hq=4, hkv=2, n=12, causal=True, layout="zigzag"),
+    "zigzag_in_full": lambda r, w: _compare(r, w, n=12, layout="zigzag"),
+    "zigzag_in_odd": lambda r, w: _raises(lambda: ring_attention(*[torch.randn(1, 2, 7, 8)] * 3, layout="zigzag")),
     "bf16_gqa_causal": lambda r, w: _compare(r, w, hq=4, hkv=1, n=64, d=32, causal=True, dtype=torch.bfloat16),
     "uneven": lambda r, w: _raises(lambda: ring_attention(*[torch.randn(1, 2, 5 + r, 8)] * 3)),
     "mismatch": lambda r, w: _raises(lambda: ring_attention(  # rank 1 has 4 query heads, rank 0 has 2
@@ -206,6 +336,7 @@ CASES_4 = {
     "causal": lambda r, w: _compare(r, w, n=6, causal=True),
     "gqa_causal": lambda r, w: _compare(r, w, hq=4, hkv=1, n=8, d=24, causal=True),
     "window": lambda r, w: _compare(r, w, n=6, window=(4, 0)),
+    "zigzag_in_gqa_causal": lambda r, w: _compare(r, w, hq=4, hkv=2, n=8, causal=True, layout="zigzag"),
     "subgroup_w3_causal": _subgroup_case,
     "uneven": lambda r, w: _raises(lambda: ring_attention(*[torch.randn(1, 2, 4 + (r == 3), 8)] * 3, causal=True)),
 }
@@ -293,7 +424,7 @@ def ring4(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["noncausal", "causal", "causal_odd", "gqa_causal", "window", "nq_ne_nk_causal",
-                                  "no_overlap"])
+                                  "no_overlap", "zigzag_in_causal", "zigzag_in_full"])
 def test_ring_2_ranks_equals_single_process(ring2, name):
     results, codes = ring2
     assert codes == [0, 0]
@@ -320,10 +451,13 @@ def test_ring_2_ranks_errors_are_clear_and_on_every_rank(ring2):
         assert mismatch["raised"] == "ValueError" and "disagree on q" in mismatch["message"]
         assert "rank 1: ((1, 4, 4, 8)" in mismatch["message"]
     assert "expected q to have 4 dims" in results[0]["bad_rank_input"]["message"]
+    for r in range(2):
+        odd = results[r]["zigzag_in_odd"]
+        assert odd["raised"] == "ValueError" and "N_local=7" in odd["message"] and "layout='contiguous'" in odd["message"]
     assert "rank 0 rejected its inputs" in results[1]["bad_rank_input"]["message"]
 
 
-@pytest.mark.parametrize("name", ["noncausal", "causal", "gqa_causal", "window"])
+@pytest.mark.parametrize("name", ["noncausal", "causal", "gqa_causal", "window", "zigzag_in_gqa_causal"])
 def test_ring_4_ranks_equals_single_process(ring4, name):
     results, codes = ring4
     assert codes == [0, 0, 0, 0]
@@ -357,9 +491,13 @@ def test_silent_rank_times_out_with_a_clear_error(tmp_path):
 def test_overlap_bench_reports_every_variant():
     from fa2lab.bench.ring import COLUMNS, run
 
-    rows = run(lengths=(64,), causal=(True,), heads=2, heads_kv=1, head_dim=16, repeats=1, progress=lambda s: None)
+    from fa2lab.bench.ring import target_lines
+
+    rows = run(lengths=(64,), causal=(True,), heads=2, heads_kv=2, head_dim=16, repeats=1, progress=lambda s: None)
     assert all(list(row) == COLUMNS for row in rows)
     kinds = {(row["mode"], row["kind"]) for row in rows}
-    assert kinds == {(m, k) for m in ("fwd", "fwd+bwd") for k in ("overlap", "serial", "compute", "comm", "single")} | {
-        ("fwd", "reshard")}
+    assert kinds == {(m, k) for m in ("fwd", "fwd+bwd") for k in ("overlap", "zigzag-in", "serial", "compute", "comm",
+                                                                   "ulysses", "single")} | {("fwd", "reshard")}
     assert all(row["ms"] > 0 for row in rows)
+    lines = target_lines(rows)  # causal: the fwd+bwd target only, for each timed implementation
+    assert len(lines) == 4 and all("causal fwd+bwd" in line and "(>= 0.85)" in line for line in lines), lines

@@ -1,26 +1,37 @@
-"""Ring attention on this machine: how much of the K/V traffic the compute hides.
+"""Ring and Ulysses attention on W devices against one device: time, overlap, target ratios.
 
-CPU: gloo, W processes sharing the cores. GPU (--device cuda): NCCL, one process per GPU, one GPU
-for the single-device baseline; not yet run on a GPU.
+CPU: gloo, W processes sharing the cores. GPU (--device cuda): NCCL, one process per GPU; the
+single-device baseline runs on GPU 0 in the same invocation, after the ring processes.
 
-For each (W, N, mask) it spawns W gloo processes and times, per call (slowest rank; median and
+For each (W, N, mask) it spawns W processes and times, per call (slowest rank; median and
 minimum of `repeats`, a barrier before each, the variants taking turns):
 
-    overlap      ring_attention as shipped: the next K/V shard is in flight during the compute
-    serial       the same plan, each hop waited for before the next compute (overlap off)
+    overlap      ring_attention as shipped on contiguous shards: the next K/V shard is in flight
+                 during the compute (causal: re-sharded into zig-zag and back inside the call)
+    zigzag-in    ring_attention(layout="zigzag"): the caller's shards already zig-zag, no re-shard
+    serial       the same plan as overlap, each hop waited for before the next compute
     compute      the same plan with the hops replaced by no-ops (the compute alone)
-    comm         the hops alone: forward W-1 of K/V, backward W-1 more of K/V and W of dK/dV (fp32);
+    comm         the hops alone: forward W-1 of K/V, backward W-1 more of K/V and W of dK/dV;
                  bytes per K/V hop = 2 * B * Hkv * N_local * D * itemsize
     reshard      (causal, zig-zag) moving q, k, v into the zig-zag layout and out, lse back
+    ulysses      ulysses_attention (where Hkv % W == 0): two all-to-alls around one attention call
 
 waited_ms is the time the slowest rank spent blocked in the ring's waits: all of the communication
 when serial, what the compute did not cover (or a slower peer) with overlap. hidden =
 1 - waited(overlap) / waited(serial): the share of the communication that overlap took off the
-critical path (1.0 = all of it). Wall-time differences are also shown, but on a loaded machine
-they drown in noise; the waits are measured inside each call and are far steadier.
-The single-process call on the whole sequence (fa2lab.attention, every core) is the baseline;
+critical path (1.0 = all of it).
+The single-process call on the whole sequence (fa2lab.attention, `tiled` on a CPU, `triton` on
+CUDA: the blocks the ring runs) is the baseline; speedup = single / ring (minima), efficiency =
+speedup / W. Issue 19's targets at N = 128k: causal fwd+bwd efficiency >= 0.85, full >= 0.90.
 flops = 4 * B * Hq * pairs * D (2 matmuls, visible pairs only; fwd+bwd counts 3.5x).
+
+--loopback (one device): one rank of a W ring alone (`simulate.LoopbackRing`: hops are local
+copies into the ring's buffers): its compute time, so W x single / that is the speedup the ring
+could reach with free communication - an upper bound, not a ring measurement.
+
 Run: python -m fa2lab.bench.ring [--world 2 4] [--lengths 1024 4096] [--causal both]
+     python -m fa2lab.bench.ring --device cuda --dtype bfloat16 --world 2 4 8 --lengths 131072 \
+         --heads 32 --heads-kv 8 --head-dim 128 --kinds overlap zigzag-in ulysses --repeats 3
 """
 
 from __future__ import annotations
@@ -36,7 +47,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 COLUMNS = ["W", "N", "causal", "mode", "kind", "B", "Hq", "Hkv", "D", "dtype", "ms", "ms_min", "waited_ms",
-           "hidden", "single_over_ring", "hop_mib", "gflops"]
+           "hidden", "single_over_ring", "efficiency", "hop_mib", "gflops"]
+KINDS = ("overlap", "zigzag-in", "serial", "compute", "comm", "reshard", "ulysses")
+TARGETS = {(True, "fwd+bwd"): 0.85, (False, "fwd+bwd"): 0.90, (False, "fwd"): 0.90}  # efficiency, issue 19
 
 
 def _clocked_ring(group):
@@ -46,8 +59,8 @@ def _clocked_ring(group):
     class ClockedRing(Ring):
         waited = 0.0
 
-        def shift(self, tensors, tag, what):
-            pending, ring = super().shift(tensors, tag, what), self
+        def shift(self, tensors, tag, what, into=None):
+            pending, ring = super().shift(tensors, tag, what, into), self
 
             class Clocked:
                 def wait(self):
@@ -66,7 +79,7 @@ class _NoComm:
     def __init__(self, rank, world):
         self.rank, self.world = rank, world
 
-    def shift(self, tensors, tag, what):
+    def shift(self, tensors, tag, what, into=None):
         from fa2lab.distributed.comm import Ready
 
         return Ready(tensors)
@@ -103,11 +116,14 @@ def _timed(fns: dict, repeats: int, device=torch.device("cpu"), ring=None) -> di
 
 
 def _worker(rank, world, init_file, cfg, out_file):
+    from fa2lab.distributed import ring_attention, ulysses_attention
     from fa2lab.distributed.comm import TAG_DKV, TAG_KV
     from fa2lab.distributed.plan import plan_ring
-    from fa2lab.distributed.ring import _RingAttention, _run
+    from fa2lab.distributed.ring import _RingAttention, _run, grad_dtype
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # W processes share the cores
+    if cfg["device"] != "cuda":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # W processes share the cores
+    kinds = cfg["kinds"]
     device = torch.device(cfg["device"], rank) if cfg["device"] == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -124,8 +140,7 @@ def _worker(rank, world, init_file, cfg, out_file):
     plan = plan_ring(world, n_local, causal=causal)
     res = {}
     qz, kz, vz = (t.detach() for t in (q, k, v))
-    acc_t = torch.float64 if dtype == torch.float64 else torch.float32
-    dkz, dvz = kz.to(acc_t), vz.to(acc_t)
+    dkz, dvz = kz.to(grad_dtype(dtype)), vz.to(grad_dtype(dtype))
 
     def hops(kv, count, tag):
         for _ in range(count):
@@ -136,11 +151,21 @@ def _worker(rank, world, init_file, cfg, out_file):
         reshard(ring, [qz, kz, vz], True)
         reshard(ring, [qz, qz[..., 0]], False)
 
-    if plan.layout == "zigzag":
+    if plan.layout == "zigzag" and "reshard" in kinds:
         res[("fwd", "reshard")] = _timed(dict(r=reshard_both_ways), repeats, device)["r"]
     for mode in ("fwd", "fwd+bwd"):
         def call(overlap, mode=mode):
             out, _ = _run(q, k, v, plan, ring, scale, overlap=overlap)
+            if mode == "fwd+bwd":
+                out.sum().backward()
+
+        def zigzag_in(mode=mode):  # the caller's shards taken as zig-zag: nothing re-sharded
+            out = ring_attention(q, k, v, causal=causal, layout="zigzag" if plan.layout == "zigzag" else "contiguous")
+            if mode == "fwd+bwd":
+                out.sum().backward()
+
+        def ulysses(mode=mode):
+            out = ulysses_attention(q, k, v, causal=causal)
             if mode == "fwd+bwd":
                 out.sum().backward()
 
@@ -155,9 +180,12 @@ def _worker(rank, world, init_file, cfg, out_file):
                 hops([kz, vz], world - 1, TAG_KV)
                 hops([dkz, dvz], world, TAG_DKV)
 
+        fns = dict(overlap=lambda: call(True), serial=lambda: call(False), compute=compute, comm=comm,
+                   ulysses=ulysses)
+        fns["zigzag-in"] = zigzag_in
+        fns = {name: fn for name, fn in fns.items() if name in kinds and (name != "ulysses" or hkv % world == 0)}
         with torch.set_grad_enabled(mode == "fwd+bwd"):
-            medians = _timed(dict(overlap=lambda: call(True), serial=lambda: call(False), compute=compute, comm=comm),
-                             repeats, device, ring)
+            medians = _timed(fns, repeats, device, ring)
         res.update({(mode, kind): t for kind, t in medians.items()})
     res["pairs"] = sum(b_.pairs for st in plan.steps[rank] for b_ in st.blocks)
     res["layout"] = plan.layout
@@ -210,20 +238,72 @@ def _spawn(targets):
         raise RuntimeError(f"a bench process failed: exit codes {[p.exitcode for p in procs]}")
 
 
+def _loopback(cfg, out_file, world):
+    """One rank of a W ring alone on one device (hops are local copies): compute-side time."""
+    from fa2lab import attention
+    from fa2lab.distributed.plan import plan_ring
+    from fa2lab.distributed.ring import _RingAttention
+    from fa2lab.distributed.simulate import LoopbackRing
+
+    device = torch.device(cfg["device"], 0) if cfg["device"] == "cuda" else torch.device("cpu")
+    b, hq, hkv, n, d = cfg["B"], cfg["Hq"], cfg["Hkv"], cfg["N"], cfg["D"]
+    g = torch.Generator().manual_seed(0)
+    n_local = n // world
+    q = torch.randn(b, hq, n_local, d, generator=g).to(device, cfg["dtype"]).requires_grad_()
+    k = torch.randn(b, hkv, n_local, d, generator=g).to(device, cfg["dtype"]).requires_grad_()
+    v = torch.randn(b, hkv, n_local, d, generator=g).to(device, cfg["dtype"]).requires_grad_()
+    plan = plan_ring(world, n_local, causal=cfg["causal"])
+    rank = world - 1
+    res = {}
+    for mode in ("fwd", "fwd+bwd"):
+        def ring_rank(mode=mode):
+            out, _ = _RingAttention.apply(q, k, v, plan, LoopbackRing(rank, world), d ** -0.5, True)
+            if mode == "fwd+bwd":
+                out.sum().backward()
+        fns = dict(loopback=ring_rank)
+        if hkv % world == 0:  # Ulysses' compute: Hq/W heads over the whole sequence (all-to-alls left out)
+            qs, ks, vs = (torch.randn(b, h // world, n, d, generator=g).to(device, cfg["dtype"]).requires_grad_()
+                          for h in (hq, hkv, hkv))
+
+            def uly(mode=mode):
+                o = attention(qs, ks, vs, causal=cfg["causal"])
+                if mode == "fwd+bwd":
+                    o.sum().backward()
+            fns["ulysses-loopback"] = uly
+        with torch.set_grad_enabled(mode == "fwd+bwd"):
+            for name, fn in fns.items():
+                fn()
+                times = []
+                for _ in range(cfg["repeats"]):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    fn()
+                    _sync(device)
+                    times.append(time.perf_counter() - t0)
+                res[(mode, name)] = (statistics.median(times), min(times), 0.0)
+    torch.save(res, out_file)
+
+
 def run(world_sizes=(2,), lengths=(1024, 4096), causal=(False, True), batch=1, heads=8, heads_kv=8, head_dim=64,
-        dtype=torch.float32, repeats=7, device="cpu", progress=print):
+        dtype=torch.float32, repeats=7, device="cpu", progress=print, kinds=KINDS, loopback=False):
     """Rows of COLUMNS; ms is the median, ms_min the minimum (the run least disturbed by other
-    load on the machine), hidden uses the minima."""
+    load on the machine), hidden uses the minima. loopback: one device, one rank of each W alone."""
     rows = []
-    for w in world_sizes:
-        for n in lengths:
-            for c in causal:
+    for n in lengths:
+        for c in causal:
+            single = None
+            for i_w, w in enumerate(world_sizes):
                 cfg = dict(B=batch, Hq=heads, Hkv=heads_kv, N=n, D=head_dim, causal=c, dtype=dtype, repeats=repeats,
-                           device=device)
+                           device=device, kinds=tuple(kinds))
                 with tempfile.TemporaryDirectory() as tmp:
-                    _spawn([(_worker, (r, w, f"{tmp}/init", cfg, f"{tmp}/ring.pt")) for r in range(w)])
-                    _spawn([(_single, (cfg, f"{tmp}/single.pt"))])
-                    res, single = torch.load(f"{tmp}/ring.pt"), torch.load(f"{tmp}/single.pt")
+                    if loopback:
+                        _spawn([(_loopback, (cfg, f"{tmp}/ring.pt", w))])
+                    else:
+                        _spawn([(_worker, (r, w, f"{tmp}/init", cfg, f"{tmp}/ring.pt")) for r in range(w)])
+                    if single is None:  # one baseline per (N, mask), in the same invocation
+                        _spawn([(_single, (cfg, f"{tmp}/single.pt"))])
+                        single = torch.load(f"{tmp}/single.pt")
+                    res = torch.load(f"{tmp}/ring.pt")
                 hop_mib = 2 * batch * heads_kv * (n // w) * head_dim * dtype.itemsize / 2**20  # K and V of one shard
                 pairs = n * (n + 1) // 2 if c else n * n  # visible (query, key) pairs
                 new = []
@@ -232,28 +312,45 @@ def run(world_sizes=(2,), lengths=(1024, 4096), causal=(False, True), batch=1, h
                 for (mode, kind), (med, best, waited) in sorted((k_, t) for k_, t in res.items()
                                                                 if isinstance(k_, tuple)):
                     hidden = ""
-                    if kind == "overlap" and res[(mode, "serial")][2] > 0:
+                    if kind == "overlap" and (mode, "serial") in res and res[(mode, "serial")][2] > 0:
                         hidden = round(1 - waited / res[(mode, "serial")][2], 2)
                     flops = 4 * batch * heads * pairs * head_dim * (3.5 if mode == "fwd+bwd" else 1)  # bwd = 2.5x fwd
-                    timed_whole = kind in ("overlap", "serial")
+                    timed_whole = kind in ("overlap", "serial", "zigzag-in", "ulysses", "loopback", "ulysses-loopback")
+                    speedup = single[mode][1] / best
                     new.append(dict(base, mode=mode, kind=kind, ms=round(med * 1e3, 2), ms_min=round(best * 1e3, 2),
-                                    waited_ms=round(waited * 1e3, 2) if timed_whole else "", hidden=hidden,
-                                    single_over_ring=round(single[mode][1] / best, 2) if timed_whole else "",
+                                    waited_ms=round(waited * 1e3, 2) if kind in ("overlap", "serial") else "",
+                                    hidden=hidden, single_over_ring=round(speedup, 3) if timed_whole else "",
+                                    efficiency=round(speedup / w, 3) if timed_whole else "",
                                     gflops=round(flops / best / 1e9, 2) if timed_whole else ""))
-                for mode, (med, best, _) in single.items():
+                for mode, (med, best, _) in (single.items() if i_w == 0 else ()):
                     flops = 4 * batch * heads * pairs * head_dim * (3.5 if mode == "fwd+bwd" else 1)
                     new.append(dict(base, W=1, mode=mode, kind="single", ms=round(med * 1e3, 2),
                                     ms_min=round(best * 1e3, 2), waited_ms="", hidden="", single_over_ring=1.0,
-                                    hop_mib="",
-                                     gflops=round(flops / best / 1e9, 2)))
+                                    efficiency=1.0, hop_mib="", gflops=round(flops / best / 1e9, 2)))
                 new = [{col: row[col] for col in COLUMNS} for row in new]
                 rows += new
                 for row in new:
-                    progress(f"W={row['W']} N={n:>6} causal={c!s:<5} {row['mode']:<8} {row['kind']:<8} "
+                    progress(f"W={row['W']} N={n:>6} causal={c!s:<5} {row['mode']:<8} {row['kind']:<16} "
                              f"median {row['ms']:9.2f} ms  min {row['ms_min']:9.2f} ms  waited {row['waited_ms']!s:>7} ms"
                              f"  hidden={row['hidden']!s:<6}"
-                             f"single/ring={row['single_over_ring']!s}")
+                             f"single/ring={row['single_over_ring']!s}  efficiency={row['efficiency']!s}")
     return rows
+
+
+def target_lines(rows) -> list[str]:
+    """Issue 19's speed targets: efficiency = (single / ring) / W against 0.85 (causal fwd+bwd)
+    and 0.90 (full), per W, N and implementation, from rows of one run."""
+    lines = []
+    for row in rows:
+        want = TARGETS.get((row["causal"], row["mode"]))
+        if want is None or row["efficiency"] in ("", 1.0) or row["kind"] == "single":
+            continue
+        verdict = "met" if row["efficiency"] >= want else "missed"
+        if "loopback" in row["kind"]:
+            verdict = "upper bound (one rank, no network)"
+        lines.append(f"target W={row['W']} N={row['N']} {'causal' if row['causal'] else 'full'} {row['mode']} "
+                     f"{row['kind']}: efficiency {row['efficiency']:.3f} (>= {want}) {verdict}")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -266,10 +363,26 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: NCCL, one GPU per rank")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--heads-kv", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    ap.add_argument("--loopback", action="store_true", help="one device: one rank of each W alone (no network)")
+    ap.add_argument("--out", default="", help="write the rows as JSON here")
     args = ap.parse_args(argv)
-    run(world_sizes=tuple(args.world), lengths=tuple(args.lengths), repeats=args.repeats, device=args.device,
-        dtype=getattr(torch, args.dtype),
-        causal={"no": (False,), "yes": (True,), "both": (False, True)}[args.causal])
+    if args.device == "cuda" and not args.loopback and torch.cuda.device_count() < max(args.world):
+        raise SystemExit(f"--world {max(args.world)} needs as many CUDA devices; {torch.cuda.device_count()} visible "
+                         f"(--loopback measures one rank on one device)")
+    rows = run(world_sizes=tuple(args.world), lengths=tuple(args.lengths), repeats=args.repeats, device=args.device,
+               dtype=getattr(torch, args.dtype), batch=1, heads=args.heads, heads_kv=args.heads_kv,
+               head_dim=args.head_dim, kinds=args.kinds, loopback=args.loopback,
+               causal={"no": (False,), "yes": (True,), "both": (False, True)}[args.causal])
+    for line in target_lines(rows):
+        print(line)
+    if args.out:
+        import json
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
     return 0
 
 

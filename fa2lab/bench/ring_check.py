@@ -3,6 +3,11 @@ and gradients against single-device fa2lab.attention on the gathered sequence, a
 float64 (the error rule: ring error at most 2x the single-device error, 3x for gradients).
 
     python -m fa2lab.bench.ring_check --device cuda --world 2 --n 8192
+    python -m fa2lab.bench.ring_check --device cuda --simulate 8 --n 8192
+
+--simulate W runs a ring of W ranks in one process (`simulate_ring_grads`: each rank a thread,
+the hops exact copies, so the numbers are those of W devices of this kind) once per dK/dV travel
+dtype (fp32 and the input dtype): the check behind `ring.grad_dtype`.
 """
 
 from __future__ import annotations
@@ -64,12 +69,67 @@ def _worker(rank, world, init_file, n, device_kind, causal):
     dist.destroy_process_group()
 
 
+def _warm_up(q, k, v, plan):
+    """Compile every kernel variant the ranks will launch in this thread first: the ranks'
+    threads then only launch (no concurrent JIT compiles)."""
+    from fa2lab.distributed.ring import _RingAttention
+    from fa2lab.distributed.simulate import LoopbackRing, shard
+
+    for rank in {0, plan.world_size - 1}:
+        local = [shard(t, plan, rank, plan.nq_local).detach().requires_grad_() for t in (q, k, v)]
+        out, _ = _RingAttention.apply(*local, plan, LoopbackRing(rank, plan.world_size), q.shape[-1] ** -0.5, True)
+        out.sum().backward()
+
+
+def simulate_check(world: int, n: int, causal: bool, device="cuda", dtype=torch.bfloat16, hq=8, hkv=2, d=128,
+                   travel_dtypes=(torch.float32, None)) -> list[dict]:
+    """Errors against float64 of a simulated W-rank ring (per dK/dV travel dtype; None = the
+    input dtype) and of one device's fa2lab.attention, with the 2x / 3x verdicts."""
+    from fa2lab import attention
+    from fa2lab.distributed import plan_ring, simulate_ring_grads
+    from fa2lab.reference import attention_ref
+
+    device = torch.device(device)
+    q, k, v, do = _inputs(n, device, dtype, hq=hq, hkv=hkv, d=d)
+    exact = [t.double().requires_grad_() for t in (q, k, v)]
+    t_out = attention_ref(*exact, causal=causal)
+    t_out.backward(do.double())
+    truth = [t_out.detach()] + [t.grad for t in exact]
+    del exact, t_out
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    s_out = attention(*full, causal=causal)
+    s_out.backward(do)
+    single = [s_out.detach()] + [t.grad for t in full]
+    err = lambda a, t: (a.double() - t).abs().max().item()  # noqa: E731
+    e_single = [err(a, t) for a, t in zip(single, truth)]
+    plan = plan_ring(world, n // world, causal=causal)
+    _warm_up(q, k, v, plan)
+    rows = []
+    for travel in travel_dtypes:
+        out, _, dq, dk, dv = simulate_ring_grads(q, k, v, do, plan, travel_dtype=travel or dtype)
+        e_ring = [err(a, t) for a, t in zip((out, dq, dk, dv), truth)]
+        for name, er, es, factor in zip(("out", "dq", "dk", "dv"), e_ring, e_single, (2, 3, 3, 3)):
+            rows.append(dict(world=world, n=n, causal=causal, dtype=str(dtype).removeprefix("torch."),
+                             travel=str(travel or dtype).removeprefix("torch."), tensor=name, ring_err=er,
+                             single_err=es, ratio=er / es if es else float("inf"), ok=er <= factor * es))
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--simulate", type=int, default=0, help="W ranks in one process (threads) instead of --world")
     args = ap.parse_args(argv)
+    if args.simulate:
+        dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+        for causal in (True, False):
+            for r in simulate_check(args.simulate, args.n, causal, args.device, dtype):
+                print(f"W={r['world']} N={r['n']} causal={r['causal']} {r['dtype']} dK/dV travel {r['travel']}: "
+                      f"{r['tensor']} ring {r['ring_err']:.2e} single {r['single_err']:.2e} x{r['ratio']:.2f} "
+                      f"{'ok' if r['ok'] else 'FAIL'}")
+        return
     for causal in (False, True):
         with tempfile.TemporaryDirectory() as tmp:
             mp.spawn(_worker, args=(args.world, os.path.join(tmp, "init"), args.n, args.device, causal),

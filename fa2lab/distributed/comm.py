@@ -91,9 +91,11 @@ class Ring:
     def global_rank(self, r: int) -> int:
         return r if self.group is dist.group.WORLD else dist.get_global_rank(self.group, r)
 
-    def shift(self, tensors, tag: int, what: str) -> Pending:
-        """Send `tensors` to rank + 1 and receive same-shaped ones from rank - 1, asynchronously."""
-        received = [torch.empty_like(t) for t in tensors]
+    def shift(self, tensors, tag: int, what: str, into=None) -> Pending:
+        """Send `tensors` to rank + 1 and receive same-shaped ones from rank - 1, asynchronously,
+        into the buffers `into` when given (contiguous, reused across steps: no allocation)."""
+        received = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors] if into is None \
+            else list(into)
         ops = [dist.P2POp(dist.isend, t.contiguous(), self.global_rank(self.next), self.group, tag + i)
                for i, t in enumerate(tensors)]
         ops += [dist.P2POp(dist.irecv, t, self.global_rank(self.prev), self.group, tag + i)

@@ -18,6 +18,11 @@ keys that a row sees. After the crop the mask is always a bottom-right-aligned w
 cropped block (the last kept row sees the last kept key, and the band's edges stay on the
 block's own diagonals), so `fa2lab.tiled` runs it unchanged. A pair with nothing visible is
 skipped: it is not computed and costs no FLOPs, only the ring hop that brings its K/V.
+
+What runs is a step's *launches*: its blocks merged into one when their union is a single
+rectangle of local rows with a bottom-right window (`merge_blocks`). Local positions keep the
+global order within a shard, so zig-zag's step 0 (two chunks against themselves) is one causal
+block and every later step one full block: one kernel call per step instead of two or three.
 """
 
 from __future__ import annotations
@@ -47,8 +52,9 @@ class RingStep:
     rank: int
     step: int
     kv_rank: int  # whose K/V shard this rank holds at this step: (rank - step) mod W
-    blocks: tuple[Block, ...]  # computed
+    blocks: tuple[Block, ...]  # computed, one per (query segment, key segment): what the figures draw
     skipped: int  # segment pairs left out because the mask hides all of them
+    launches: tuple[Block, ...] = ()  # what runs: `blocks` merged where exact (`merge_blocks`)
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,7 @@ class RingPlan:
     def schedule(self) -> list[dict]:
         """One row per (rank, step): the K/V shard held, blocks computed and skipped, work."""
         return [dict(rank=st.rank, step=st.step, kv_rank=st.kv_rank, computed=len(st.blocks),
-                     skipped=st.skipped, pairs=sum(b.pairs for b in st.blocks),
+                     skipped=st.skipped, launches=len(st.launches), pairs=sum(b.pairs for b in st.blocks),
                      windows=[b.window for b in st.blocks])
                 for per_rank in self.steps for st in per_rank]
 
@@ -104,6 +110,26 @@ class RingPlan:
             row["share_of_busiest"] = round(row["pairs"] / busiest, 3)
         return rows
 
+    def comm_volume(self, batch: int, heads_q: int, heads_kv: int, head_dim: int, head_dim_v: int | None = None,
+                    itemsize: int = 2, grad_itemsize: int = 4, backward: bool = True) -> list[dict]:
+        """Bytes one rank sends at each ring step (every rank sends the same). Forward: W-1 hops
+        of a K/V shard, bytes = B * Hkv * Nk_local * (D + Dv) * itemsize; backward: W-1 K/V hops
+        again and W hops of the dK/dV accumulators (the last one brings them home), at
+        `grad_itemsize` (their travel dtype). heads_q is unused: queries never move."""
+        dv = head_dim if head_dim_v is None else head_dim_v
+        kv = batch * heads_kv * self.nk_local * (head_dim + dv)
+        w = self.world_size
+        rows = [dict(schedule="ring", phase="forward", step=s, what="K/V shard", bytes_sent=kv * itemsize)
+                for s in range(w - 1)]
+        if backward:
+            for s in range(w):
+                sent = (kv * itemsize if s < w - 1 else 0) + kv * grad_itemsize
+                rows.append(dict(schedule="ring", phase="backward", step=s,
+                                 what="K/V shard, dK/dV" if s < w - 1 else "dK/dV home", bytes_sent=sent))
+        for r in rows:
+            r["world_size"] = w
+        return rows
+
     def critical_path_pairs(self) -> int:
         """Sum over steps of the busiest rank's pairs: the ring waits for its slowest member at
         every step, so this (not the total) is what the wall time follows."""
@@ -117,6 +143,24 @@ def _segments(layout: str, rank: int, world: int, n_local: int) -> list[tuple[in
         return [(rank * n_local, 0, n_local)]
     c = n_local // 2  # zig-zag chunk length
     return [(rank * c, 0, c), ((2 * world - 1 - rank) * c, c, c)]
+
+
+def zigzag_shard(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Rank `rank`'s zig-zag shard of a gathered sequence x (B, H, N, ...): chunks rank and
+    2W-1-rank of 2W, concatenated (B, H, N / W, ...). What `ring_attention(..., layout="zigzag")`
+    takes; the ring's own `simulate.shard` does the same for any plan."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 3:
+        raise ValueError(f"expected a gathered sequence (B, H, N, ...), got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"expected world_size to be an int >= 1, got {world_size!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"expected rank in [0, {world_size}), got {rank!r}")
+    if x.shape[2] % (2 * world_size):
+        raise ValueError(f"a zig-zag shard is two of 2W = {2 * world_size} equal chunks; the sequence has "
+                         f"{x.shape[2]} positions: pad it to {-(-x.shape[2] // (2 * world_size)) * 2 * world_size}")
+    c = x.shape[2] // (2 * world_size)
+    return torch.cat([x[:, :, g:g + c] for g, _, _ in _segments("zigzag", rank, world_size, 2 * c)], dim=2)
 
 
 def default_layout(world_size: int, nq_local: int, nk_local: int, causal: bool,
@@ -161,6 +205,60 @@ def crop_block(qa: int, lq: int, ka: int, lk: int, off: int, left: int, right: i
     return i0, i1, j0, j1, (left_s, right_s), pairs
 
 
+def _row_intervals(blk: Block, qa: int, ka: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows (in a box starting at local row qa, key ka) of `blk` and each row's visible keys [lo, hi)."""
+    (a, b), (c, d) = blk.q_rows, blk.k_rows
+    nq_s, nk_s = b - a, d - c
+    i = torch.arange(nq_s, dtype=torch.int64)
+    off = nk_s - nq_s
+    lo = (i + off - blk.window[0]).clamp(min=0) if blk.window[0] >= 0 else torch.zeros_like(i)
+    hi = (i + off + blk.window[1] + 1).clamp(max=nk_s) if blk.window[1] >= 0 else torch.full_like(i, nk_s)
+    hi = torch.maximum(hi, lo)  # an empty row: lo == hi
+    return i + a - qa, lo + c - ka, hi + c - ka
+
+
+def merge_blocks(blocks: tuple[Block, ...]) -> tuple[Block, ...]:
+    """One block equal to the union of `blocks` (disjoint), if that union is exactly a rectangle
+    of local rows whose mask is a bottom-right window of it; else the blocks unchanged.
+
+    The test is exact, row by row: each row of the bounding box must see one interval of keys
+    (the blocks' pieces adjacent), and those intervals must be the ones the inferred window gives.
+    """
+    if len(blocks) < 2:
+        return tuple(blocks)
+    qa, qb = min(b.q_rows[0] for b in blocks), max(b.q_rows[1] for b in blocks)
+    ka, kb = min(b.k_rows[0] for b in blocks), max(b.k_rows[1] for b in blocks)
+    nq, nk = qb - qa, kb - ka
+    lo = torch.full((nq,), nk, dtype=torch.int64)
+    hi = torch.zeros(nq, dtype=torch.int64)
+    count = torch.zeros(nq, dtype=torch.int64)
+    for blk in blocks:
+        rows, b_lo, b_hi = _row_intervals(blk, qa, ka)
+        seen = b_hi > b_lo
+        rows, b_lo, b_hi = rows[seen], b_lo[seen], b_hi[seen]
+        lo.scatter_reduce_(0, rows, b_lo, "amin")
+        hi.scatter_reduce_(0, rows, b_hi, "amax")
+        count.index_add_(0, rows, b_hi - b_lo)
+    seen = count > 0
+    if not torch.equal((hi - lo)[seen], count[seen]):
+        return tuple(blocks)  # some row sees two separate pieces: not one window
+    i = torch.arange(nq, dtype=torch.int64)
+    off = nk - nq
+    cut_right = seen & (hi < nk)
+    cut_left = seen & (lo > 0)
+    right = int((hi - 1 - i - off)[cut_right].max()) if bool(cut_right.any()) else -1
+    left = int((i + off - lo)[cut_left].max()) if bool(cut_left.any()) else -1
+    if (right < 0 and bool(cut_right.any())) or (left < 0 and bool(cut_left.any())):
+        return tuple(blocks)  # the diagonal would sit outside the box
+    merged = Block((qa, qb), (ka, kb), (-1 if left >= nk - 1 else left, -1 if right >= nq - 1 else right),
+                   sum(b.pairs for b in blocks))
+    _, m_lo, m_hi = _row_intervals(merged, qa, ka)
+    m_seen = m_hi > m_lo
+    if not (torch.equal(m_seen, seen) and torch.equal(m_lo[seen], lo[seen]) and torch.equal(m_hi[seen], hi[seen])):
+        return tuple(blocks)
+    return (merged,)
+
+
 def plan_ring(world_size: int, nq_local: int, nk_local: int | None = None, *, causal: bool = False,
               window_size: tuple[int, int] = (-1, -1), layout: str | None = None) -> RingPlan:
     """Plan ring attention over `world_size` ranks holding `nq_local` queries and `nk_local` keys
@@ -202,6 +300,6 @@ def plan_ring(world_size: int, nq_local: int, nk_local: int | None = None, *, ca
                         continue
                     i0, i1, j0, j1, window, pairs = crop
                     blocks.append(Block((q_local + i0, q_local + i1), (k_local + j0, k_local + j1), window, pairs))
-            per_rank.append(RingStep(rank, step, kv_rank, tuple(blocks), skipped))
+            per_rank.append(RingStep(rank, step, kv_rank, tuple(blocks), skipped, merge_blocks(tuple(blocks))))
         steps.append(tuple(per_rank))
     return RingPlan(world_size, nq_local, nk_local, bool(causal), tuple(window_size), layout, tuple(steps))
