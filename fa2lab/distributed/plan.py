@@ -115,13 +115,14 @@ class RingPlan:
         """Bytes one rank sends at each ring step (every rank sends the same). Forward: W-1 hops
         of a K/V shard, bytes = B * Hkv * Nk_local * (D + Dv) * itemsize; backward: W-1 K/V hops
         again and W hops of the dK/dV accumulators (the last one brings them home), at
-        `grad_itemsize` (their travel dtype). heads_q is unused: queries never move."""
+        `grad_itemsize` (their travel dtype). heads_q is unused: queries never move. A ring of one
+        rank sends nothing (`ring_backward` posts no hop when W == 1)."""
         dv = head_dim if head_dim_v is None else head_dim_v
         kv = batch * heads_kv * self.nk_local * (head_dim + dv)
         w = self.world_size
         rows = [dict(schedule="ring", phase="forward", step=s, what="K/V shard", bytes_sent=kv * itemsize)
                 for s in range(w - 1)]
-        if backward:
+        if backward and w > 1:
             for s in range(w):
                 sent = (kv * itemsize if s < w - 1 else 0) + kv * grad_itemsize
                 rows.append(dict(schedule="ring", phase="backward", step=s,
