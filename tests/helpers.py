@@ -85,3 +85,13 @@ def to_paged(k, v, seqlens, page_size, seed=0):
             kp[phys, :, :m] = k[bi, :, pos:pos + m]
             vp[phys, :, :m] = v[bi, :, pos:pos + m]
     return kp, vp, table
+
+
+def raised(fn):
+    """What calling fn raised, as a picklable dict (a gloo worker sends it to the parent, which asserts
+    on the type and message): {"raised": None} when it returned."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the parent asserts on type and message
+        return {"raised": type(e).__name__, "message": str(e)}
+    return {"raised": None}

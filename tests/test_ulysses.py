@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import finite_lse, max_err
+from helpers import finite_lse, max_err, raised
 
 import fa2lab
 from fa2lab.distributed import plan_ring, plan_ulysses, ulysses_attention, zigzag_shard
@@ -82,14 +82,6 @@ def _compare(rank, world, *, b=1, hq=4, hkv=2, n=8, nk=None, d=16, dv=None, caus
     return errs
 
 
-def _raises(fn):
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 - the parent asserts on type and message
-        return {"raised": type(e).__name__, "message": str(e)}
-    return {"raised": None}
-
-
 CASES = {
     2: {
         "full": lambda r, w: _compare(r, w, n=12),
@@ -98,7 +90,7 @@ CASES = {
         "window_nq_ne_nk": lambda r, w: _compare(r, w, n=6, nk=10, window=(5, 3)),
         "zigzag_causal": lambda r, w: _compare(r, w, n=12, causal=True, layout="zigzag"),
         "bf16_gqa_causal": lambda r, w: _compare(r, w, hq=8, hkv=2, n=64, d=32, causal=True, dtype=torch.bfloat16),
-        "too_few_heads": lambda r, w: _raises(lambda: ulysses_attention(
+        "too_few_heads": lambda r, w: raised(lambda: ulysses_attention(
             torch.randn(1, 4, 8, 8), torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8))),
     },
     4: {

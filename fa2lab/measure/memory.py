@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import gc
 import os
 import re
 
@@ -74,6 +75,9 @@ def peak_extra_bytes(fn) -> int | None:
     if _libc() is None:
         fn()
         return None
+    # Unreachable cycles (autograd graphs of earlier calls) are freed first: freed by the collector
+    # during fn, their pages would be reused without a page fault and the peak undercounted.
+    gc.collect()
     with _exact_accounting():
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
