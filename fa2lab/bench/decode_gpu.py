@@ -247,22 +247,22 @@ def _seq_opts(opts, i):
     return seq
 
 
-OPTION_CASES = [(CASES[2], None, ("default", "rounded up")), (CASES[4], None, ("default", "rounded up")), (CASES[3], 16, ("default", "prefetch pages", "BLOCK_N 128")),
-                (CASES[4], 16, ("default", "prefetch pages"))]
+OPTION_CASES = [(CASES[2], None, ("default", "rounded up")), (CASES[4], None, ("default", "rounded up")), (CASES[3], 16, ("default", "no prefetch", "BLOCK_N 128")),
+                (CASES[4], 16, ("default", "no prefetch"))]
 
 
 def run_options(log=print, cases=OPTION_CASES):
     """The planned call under kernel options, one case at a time, same run: the split rule (the
     default fills one wave; "rounded up" launches at least 2 programs per SM, past one wave),
-    page-table reads one tile ahead, 128-key tiles."""
+    page-table reads one tile ahead (the default) or not, 128-key tiles."""
     from fa2lab.decode.splits import KERNEL_PROGRAMS_PER_SM
     from fa2lab.kernels import decode as dk
 
     rows = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     slots = KERNEL_PROGRAMS_PER_SM * sms
-    options = {"default": {}, "rounded up": dict(rounded_up=True), "prefetch pages": dict(prefetch_pages=True),
-               "BLOCK_N 128": dict(BLOCK_N=128), "BLOCK_N 128 prefetch": dict(BLOCK_N=128, prefetch_pages=True)}
+    options = {"default": {}, "rounded up": dict(rounded_up=True), "no prefetch": dict(prefetch_pages=False),
+               "BLOCK_N 128": dict(BLOCK_N=128)}
     for (b, hq, hkv, n), page, names in cases:
         q, k, v, seqlens = _inputs(b, hq, hkv, n)
         nbytes = 2 * b * hkv * n * D * 2
@@ -276,7 +276,7 @@ def run_options(log=print, cases=OPTION_CASES):
             opt = options[name]
             saved = dict(dk.DECODE_TILES), dict(dk.DECODE_OPTIONS)
             dk.DECODE_TILES["BLOCK_N"] = opt.get("BLOCK_N", saved[0]["BLOCK_N"])
-            dk.DECODE_OPTIONS["prefetch_pages"] = opt.get("prefetch_pages", False)
+            dk.DECODE_OPTIONS["prefetch_pages"] = opt.get("prefetch_pages", saved[1]["prefetch_pages"])
             try:
                 splits = -(-slots // (b * hkv)) if opt.get("rounded_up") else None  # the rule before 2026-12-02
                 plan = fa2lab.decode_plan(q, kc, vc, cache_seqlens=seqlens, block_table=table, num_splits=splits)

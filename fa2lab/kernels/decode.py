@@ -46,10 +46,14 @@ def _sink(lse2, sink2):
 def _pages(bt_base, start, j1, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
     """The physical page of each key of the tile at `start`: one table entry when the tile lies in
     one page, else BLOCK_N // PAGE_SIZE entries (neighbours in one cache line), one per key."""
+    # One return after a compile-time if/else: the compiler (not the interpreter) refuses a
+    # function whose returns differ in shape, even when a branch is pruned.
     if PAGE_SIZE % BLOCK_N == 0:
-        return tl.load(bt_base + start // PAGE_SIZE, mask=start < j1, other=0)
-    cols = start + tl.arange(0, BLOCK_N)
-    return tl.load(bt_base + cols // PAGE_SIZE, mask=cols < j1, other=0)
+        pages = tl.load(bt_base + start // PAGE_SIZE, mask=start < j1, other=0)
+    else:
+        cols = start + tl.arange(0, BLOCK_N)
+        pages = tl.load(bt_base + cols // PAGE_SIZE, mask=cols < j1, other=0)
+    return pages
 
 
 @triton.jit
@@ -268,9 +272,10 @@ MAX_SPLITS = 128  # the fused merge holds (splits x Dv) fp32 values of one row i
 # `python -m fa2lab.bench.decode_gpu --tune` on the H200 (2026-12-02, BENCHMARKS.md; kernel-only),
 # with 2 programs per SM (fa2lab.decode.splits.KERNEL_PROGRAMS_PER_SM).
 DECODE_TILES = dict(BLOCK_N=DECODE_BLOCK_N, num_warps=8, num_stages=3)
-# Kernel options under measurement (bench.decode_gpu flips them in one process): page-table reads
-# one tile ahead.
-DECODE_OPTIONS = dict(prefetch_pages=False)
+# Kernel options (bench.decode_gpu flips them in one process): page-table reads one tile ahead,
+# on since the H200 run of 2026-12-02 09:27 UTC measured every paged row (paged 16 / dense 0.94-0.97
+# with it, 0.78-0.92 without; BENCHMARKS.md).
+DECODE_OPTIONS = dict(prefetch_pages=True)
 
 
 def decode_config(group_rows: int, head_dim: int, dtype: torch.dtype) -> dict:

@@ -34,11 +34,12 @@ FWD = {
 }
 # With an additive bias the bias tile is a third pipelined copy: BLOCK_N = 64 keeps three stages of
 # K, V and bias tiles in shared memory at D <= 128 (128 x 128 would need 288 KB for three); D = 256
-# halves BLOCK_M instead. Not yet measured against the alternatives.
+# halves BLOCK_M instead, without D = 256's warp specialisation (Triton 3.6's warp-specialisation
+# pass fails on the 64-row bias tile: H200, 2026-12-02). Not yet measured against the alternatives.
 FWD_BIAS = {
     64: dict(BLOCK_N=64, num_stages=3),
     128: dict(BLOCK_N=64, num_stages=3),
-    256: dict(BLOCK_M=64, BLOCK_N=64, num_stages=2, num_warps=4),
+    256: dict(BLOCK_M=64, BLOCK_N=64, num_stages=2, num_warps=4, WARP_SPECIALIZE=False),
 }
 # Backward: per kernel (BLOCK_M, BLOCK_N, num_warps, num_stages[, SWAP_AB]); the key-block kernel
 # holds BLOCK_N keys and walks queries, the dQ kernel holds BLOCK_M queries and walks keys. Keys
