@@ -121,6 +121,20 @@ def test_head_chunks_rule():
     assert head_chunks(1, 32, 8, 4096, torch.device("cuda")) == [(0, 4), (4, 8)]
     assert head_chunks(1, 32, 8, 16384, torch.device("cuda")) == [(h, h + 1) for h in range(8)]
     assert head_chunks(1, 32, 8, 64, torch.device("cuda")) == [(0, 8)]
+    # ... and 16384 keys of the smallest launch: a causal zig-zag rank of 8 at 16384 local tokens
+    # launches half-blocks of 8192 keys, so two K/V heads per chunk; full attention keeps one
+    assert head_chunks(1, 32, 8, 16384, torch.device("cuda"), min_keys=8192) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    assert head_chunks(2, 32, 8, 16384, torch.device("cuda"), min_keys=8192) == [(h, h + 1) for h in range(8)]
+    assert head_chunks(1, 32, 8, 4096, torch.device("cpu"), min_keys=1) == [(h, h + 1) for h in range(8)]
+
+
+@pytest.mark.parametrize("world,causal,want", [(8, True, 8192), (8, False, 16384), (1, True, 16384)])
+def test_min_launch_keys_is_the_smallest_launch_of_any_rank(world, causal, want):
+    """Rank 0 of a causal zig-zag ring launches full 16384-key blocks, the others half-blocks of
+    8192: every rank gets 8192, so all ranks split heads into the same chunks."""
+    from fa2lab.distributed.ring import min_launch_keys
+
+    assert min_launch_keys(plan_ring(world, 16384, causal=causal)) == want
 
 
 @pytest.mark.parametrize("world,causal,window", [(8, True, (-1, -1)), (8, False, (-1, -1)), (3, True, (-1, -1)),

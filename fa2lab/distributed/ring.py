@@ -56,19 +56,35 @@ NEG_INF = float("-inf")
 # chunked launch still fills the device. On a CPU the tiled blocks loop over tiles anyway: chunk
 # down to one K/V head.
 CHUNK_MIN_ROWS_CUDA = 65536
+# Keys (B * kv heads * keys of the smallest launch) a launch keeps on a GPU: the backward's dK/dV
+# kernel runs one program per key tile and K/V head, so 16384 keys = 128 tiles of 128, one wave on
+# 132 SMs. Without it a W = 8 causal zig-zag rank at 128k tokens (half-blocks of 8k keys, one K/V
+# head per chunk: 64 programs) took 304 ms against 194 ms with two heads (H200, 2026-12-02, BENCHMARKS.md).
+CHUNK_MIN_KEYS_CUDA = 16384
 
 
-def head_chunks(b: int, hq: int, hkv: int, n_local: int, device: torch.device) -> list[tuple[int, int]]:
+def head_chunks(b: int, hq: int, hkv: int, n_local: int, device: torch.device,
+                min_keys: int | None = None) -> list[tuple[int, int]]:
     """K/V head ranges [h0, h1) the ring runs one after the other (their query heads are
     [h0 * G, h1 * G)). One K/V head per chunk on a CPU; on CUDA as few heads as keep
-    CHUNK_MIN_ROWS_CUDA query rows in each launch."""
+    CHUNK_MIN_ROWS_CUDA query rows and CHUNK_MIN_KEYS_CUDA keys of the smallest launch
+    (`min_keys`, default n_local) in each launch."""
     group = hq // hkv if hkv else 1
     per = 1
     if device.type == "cuda":
         rows_per_head = max(1, b * group * n_local)
-        per = min(hkv, -(-CHUNK_MIN_ROWS_CUDA // rows_per_head))
+        keys_per_head = max(1, b * (n_local if min_keys is None else min_keys))
+        per = min(hkv, max(-(-CHUNK_MIN_ROWS_CUDA // rows_per_head), -(-CHUNK_MIN_KEYS_CUDA // keys_per_head)))
     per = max(1, per)
     return [(h0, min(h0 + per, hkv)) for h0 in range(0, hkv, per)]
+
+
+def min_launch_keys(plan: RingPlan) -> int | None:
+    """Keys of the smallest launch of any rank (None: nothing launches). Over all ranks, not this
+    one's: every rank must split heads into the same chunks, since each chunk is a ring of its own."""
+    keys = [blk.k_rows[1] - blk.k_rows[0] for steps in plan.steps for step in steps
+            for blk in (step.launches or step.blocks)]
+    return min(keys) if keys else None
 
 
 def grad_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -170,7 +186,7 @@ def ring_forward(q, k, v, plan: RingPlan, ring: Ring, scale: float, overlap: boo
     kernels = _use_kernels(q, k, v)
     out = torch.empty(b, hq, nq, v.shape[-1], dtype=q.dtype, device=q.device)  # (B, Hq, Nq_local, Dv)
     lse = torch.empty(b, hq, nq, dtype=acc_t, device=q.device)  # (B, Hq, Nq_local)
-    for h0, h1 in head_chunks(b, hq, hkv, nq, q.device):
+    for h0, h1 in head_chunks(b, hq, hkv, nq, q.device, min_launch_keys(plan)):
         qh = (h0 * group, h1 * group)
         q_in = _heads(q, *qh) if kernels else _heads(q, *qh).to(acc_t)
         o_acc = torch.zeros(b, qh[1] - qh[0], nq, v.shape[-1], dtype=acc_t, device=q.device)  # (B, cG, Nq_l, Dv)
@@ -200,7 +216,7 @@ def ring_backward(do, dlse, q, k, v, out, lse, plan: RingPlan, ring: Ring, scale
     b, hq, nq, _ = q.shape
     hkv, nk, group = k.shape[1], k.shape[2], hq // k.shape[1]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    for h0, h1 in head_chunks(b, hq, hkv, nq, q.device):
+    for h0, h1 in head_chunks(b, hq, hkv, nq, q.device, min_launch_keys(plan)):
         qh = (h0 * group, h1 * group)
         q_c, do_c, out_c, lse_c = (_heads(t, *qh) for t in (q, do, out, lse))
         if not kernels:
