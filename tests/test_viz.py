@@ -223,6 +223,28 @@ GPU_RESULTS = dict(
           dict(kind="decode", impl="sdpa cudnn", B=1, Hq=32, Hkv=8, L=8192, D=128, us=15.0, tbps=2.0)])
 
 
+def test_latest_by_kind_takes_each_kind_from_its_newest_file(tmp_path):
+    """Per kind the newest file (by the name's timestamp) with rows of that kind; decode-*.json's
+    planned public call becomes fa2lab's decode bar, and its other rows keep their own names."""
+    import json
+
+    fwd_only = dict(GPU_RESULTS, rows=[r for r in GPU_RESULTS["rows"] if r["kind"] == "fwd"], tag="fwd only")
+    (tmp_path / "gpu-20260101-000000.json").write_text(json.dumps(dict(GPU_RESULTS, tag="old full")))
+    (tmp_path / "gpu-20260301-000000.json").write_text(json.dumps(fwd_only))
+    public = dict(environment={"device": "D"}, peaks={"copy_tbps": 4.0}, rows=[
+        dict(kind="decode_public", impl=impl, B=1, Hq=32, Hkv=8, L=8192, D=128, us=10.0, tbps=t)
+        for impl, t in (("plan dense", 3.0), ("paged 16", 2.9), ("plan dense (again)", 3.1), ("sdpa cudnn", 3.2))])
+    (tmp_path / "decode-20260201-000000.json").write_text(json.dumps(public))
+    latest = viz.gpu.latest_by_kind(tmp_path)
+    assert {k: p.name for k, (p, _) in latest.items()} == {"fwd": "gpu-20260301-000000.json", "decode":
+                                                          "decode-20260201-000000.json"}
+    dec = latest["decode"][1]
+    assert [r["impl"] for r in dec["rows"]] == ["fa2lab triton", "fa2lab paged 16", "sdpa cudnn"]  # "again" left out
+    assert viz.gpu.ratio_table(dec, "decode", "sdpa cudnn")[0]["ratio"] == pytest.approx(3.0 / 3.2)
+    assert viz.gpu.throughput_figure(dec, "decode").layout.shapes[0].y0 == 4.0
+    assert viz.gpu.latest_by_kind(tmp_path / "none") == {}
+
+
 def test_gpu_results_figures_and_ratios(tmp_path):
     import json
 

@@ -3,12 +3,14 @@ cuDNN, efficient, math) and FlexAttention, as TFLOP/s and TB/s next to the measu
 
 Results files are what `python -m fa2lab.bench.gpu` writes: experiments/results/gpu-*.json,
 {"environment": {...}, "peaks": {"matmul_tflops", "copy_tbps"}, "rows": [...]} with rows of kind
-fwd / bwd (tflops) and decode (tbps).
+fwd / bwd (tflops) and decode (tbps). `latest_by_kind` also reads the planned public decode call's
+rows from experiments/results/decode-*.json (`python -m fa2lab.bench.decode_gpu`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -38,6 +40,42 @@ def latest_gpu_results(folder=None) -> tuple[Path | None, dict | None]:
     loaded = [(path, json.loads(path.read_text())) for path in sorted(folder.glob("gpu-*.json"), reverse=True)]
     full = [(path, res) for path, res in loaded if all(has_kind(res, kind) for kind in KINDS)]
     return (full or loaded or [(None, None)])[0]
+
+
+# The planned public decode call's rows (`python -m fa2lab.bench.decode_gpu`, decode-*.json, kind
+# "decode_public") as decode rows: the dense planned call is fa2lab's bar, paged layouts its variants.
+DECODE_PUBLIC_IMPLS = {"plan dense": "fa2lab triton", "paged 16": "fa2lab paged 16", "paged 1": "fa2lab paged 1",
+                       "no plan": "fa2lab no plan", "sdpa flash": "sdpa flash", "sdpa cudnn": "sdpa cudnn"}
+
+
+def _stamp(path: Path) -> str:
+    """'gpu-20261202-090632.json' -> '20261202-090632' (both bench families name files so)."""
+    match = re.search(r"(\d{8}-\d{6})", path.name)
+    return match.group(1) if match else ""
+
+
+def decode_public_as_gpu(results: dict) -> dict:
+    """A decode-*.json (bench.decode_gpu) with its public-call rows renamed to decode rows."""
+    rows = [dict(r, kind="decode", impl=DECODE_PUBLIC_IMPLS[r["impl"]]) for r in results.get("rows", [])
+            if r.get("kind") == "decode_public" and r.get("impl") in DECODE_PUBLIC_IMPLS]
+    return dict(results, rows=rows)
+
+
+def latest_by_kind(folder=None) -> dict[str, tuple[Path, dict]]:
+    """Per kind (fwd, bwd, decode), the newest results file holding rows of that kind, by the
+    timestamp in its name: gpu-*.json (bench.gpu) for all three, decode-*.json (bench.decode_gpu,
+    the planned public call) for decode as well. Kinds no file holds are absent. A benchmark run
+    often measures one kind only; this keeps each figure on the newest measurement of its kind."""
+    folder = Path(folder) if folder is not None else RESULTS
+    files = [(path, json.loads(path.read_text())) for path in folder.glob("gpu-*.json")]
+    files += [(path, decode_public_as_gpu(json.loads(path.read_text()))) for path in folder.glob("decode-*.json")]
+    files.sort(key=lambda item: _stamp(item[0]), reverse=True)
+    latest = {}
+    for kind in KINDS:
+        found = next(((path, res) for path, res in files if has_kind(res, kind)), None)
+        if found:
+            latest[kind] = found
+    return latest
 
 
 def impl_name(impl: str) -> str:
