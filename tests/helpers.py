@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fa2lab.measure.exactness import GRAD_FACTOR, FWD_FACTOR, exact_floor, max_err, within_torch_error
 from fa2lab.reference import attention_ref
 
-__all__ = ["LargestTensor", "assert_within_torch_error", "finite_lse", "loss_and_grads", "make_qkv", "max_err",
-           "to_paged"]
+__all__ = ["LargestTensor", "assert_within_torch_error", "finite_lse", "fresh_routes", "loss_and_grads", "make_qkv",
+           "max_err", "to_paged"]
 
 
 def make_qkv(b, hq, hkv, nq, nk, d, dv=None, dtype=torch.float64, seed=0, requires_grad=False):
@@ -95,3 +96,15 @@ def raised(fn):
     except Exception as e:  # noqa: BLE001 - the parent asserts on type and message
         return {"raised": type(e).__name__, "message": str(e)}
     return {"raised": None}
+
+
+@pytest.fixture(autouse=True)
+def fresh_routes():
+    """Autouse in the modules that import it: decided calls are kept per shape
+    (fa2lab.models.functional); a test that patches the dispatch must not leave its decisions to
+    the next test, nor find an earlier test's."""
+    from fa2lab.models import functional
+
+    functional.clear_routes()
+    yield
+    functional.clear_routes()

@@ -9,7 +9,7 @@ import logging
 
 import pytest
 import torch
-from helpers import max_err
+from helpers import fresh_routes, max_err  # noqa: F401 (fresh_routes: an autouse fixture)
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,15 +27,6 @@ SLIDING = dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)  
 def _registered():
     fa2lab.hf.register()
     fa2lab.hf.register("fa2lab_tiled", backend="tiled")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_routes():
-    """Decided calls are kept per shape (fa2lab.models.functional); a test that patches the dispatch
-    must not leave its decisions to the next test, nor find an earlier test's."""
-    functional.clear_routes()
-    yield
-    functional.clear_routes()
 
 
 def _qwen3(**overrides):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import LargestTensor, max_err
+from helpers import LargestTensor, fresh_routes, max_err  # noqa: F401 (fresh_routes: an autouse fixture)
 
 from fa2lab.backends import Case, Choice
 from fa2lab.kvcache.static import StaticKVCache
@@ -17,15 +17,6 @@ from fa2lab.models import (DynamicKVCache, FlashAttention2, FlashAttention2Trans
 from fa2lab.models.rotary import RotaryEmbedding, apply_rotary
 from fa2lab.models.sizing import AttentionShape, kv_cache_bytes, memory_table
 from fa2lab.reference import attention_ref
-
-
-@pytest.fixture(autouse=True)
-def _fresh_routes():
-    """Decided calls are kept per shape (fa2lab.models.functional); a test that patches the dispatch
-    must not leave its decisions to the next test, nor find an earlier test's."""
-    functional.clear_routes()
-    yield
-    functional.clear_routes()
 
 
 TINY = LayerConfig()  # hidden 64, Hq 4, Hkv 2, D 16
