@@ -11,7 +11,8 @@ on import (`use_notebook_renderer()` does, when a notebook calls it).
     kvcache    05 paged allocator, sliding-window ring, memory against error of compressed caches
     hardware   06 derived tiles, rooflines, predicted against measured
     gpu        07 GPU benchmark results against SDPA, cuDNN, FlexAttention and the peaks
-    ring       08 ring attention: the schedule of a plan, the LSE merge step by step
+    ring       08 ring attention: the schedule of a plan, the LSE merge step by step, ring and Ulysses
+               communication per step
     variants   09 attention variants: a row's probabilities, soft-capping, ALiBi, mask tiles, dropout
     backward   10 Algorithm 2: what the forward saves, the order of the backward's tiles, saved memory
     numerics   11 error against float64 per backend and dtype, the 2x rule, where the error comes from
