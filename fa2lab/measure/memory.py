@@ -12,6 +12,9 @@ outside the measurement, with `configure_for_timing()`.
 libc is loaded on the first call, not on import (importing fa2lab.cost or fa2lab.hardware loads
 nothing). Process-wide malloc settings change only in the calls that say so: `peak_extra_bytes`
 (for the measurement, restoring the timing thresholds after it) and `configure_for_timing`.
+
+`peak_tensor_bytes` reads the tensors' own peak instead, from the allocator's reports through
+torch.profiler: exact and repeatable (what a test of a memory design asserts on), tensors only.
 """
 
 from __future__ import annotations
@@ -84,3 +87,24 @@ def peak_extra_bytes(fn) -> int | None:
         before = _status_bytes("VmRSS")
         fn()
         return max(0, _status_bytes("VmHWM") - before)
+
+
+def peak_tensor_bytes(fn) -> int | None:
+    """Run fn() and return the most tensor memory it held at once on top of what existed before,
+    from the allocator's own reports of every tensor allocation and free (torch.profiler with
+    profile_memory): exact and the same from run to run, on any OS, where the resident-set reading
+    of `peak_extra_bytes` moves by megabytes with the heap's layout. It counts tensors only (not
+    Python objects or library workspaces). None where this torch's profiler has no event list."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    results = getattr(getattr(prof, "profiler", None), "kineto_results", None)
+    if results is None:
+        return None
+    events = sorted((e for e in results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    held = peak = 0
+    for event in events:  # allocations positive, frees negative
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak
