@@ -22,11 +22,15 @@ def kernel_num_splits(work_items: int, cache_len: int, num_sms: int, block_n: in
     """Decode is memory-bound: a GPU reaches its bandwidth only with several programs per SM in
     flight, so split until work_items (B*Hkv*row tiles) * splits fills `programs_per_sm` per SM,
     but never past one wave (rounded down: 5 splits of B*Hkv = 64 would launch 320 programs for 264
-    places, a second wave of 56 whole chunks), keeping >= 2 tiles a split. cache_len: the capacity
-    (a plan never reads the lengths)."""
+    places, a second wave of 56 whole chunks), keeping >= 2 tiles a split and none empty. cache_len:
+    the capacity (a plan never reads the lengths)."""
     per_sm = KERNEL_PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
     want = max(1, per_sm * num_sms // max(1, work_items))
-    return max(1, min(want, cache_len // (2 * block_n), MAX_SPLITS))
+    splits = max(1, min(want, cache_len // (2 * block_n), MAX_SPLITS))
+    # The kernel gives each split ceil(tiles / splits) tiles: drop the splits that would be left
+    # with none at full capacity (33 splits of 512 tiles use 32; the 33rd only costs the merge).
+    tiles = max(1, -(-cache_len // block_n))
+    return -(-tiles // -(-tiles // splits))
 
 
 def num_splits(backend: str, work_items: int, cache_len: int, num_units: int) -> int:

@@ -115,20 +115,22 @@ def _use_kernels(q, k=None, v=None) -> bool:
 
 def _block_forward(q_b, k_b, v_b, blk, scale, kernels):
     if kernels:
-        from fa2lab.kernels.fwd import flash_fwd_triton
+        # The same choice as fa2lab.attention: the Hopper kernels on sm_90 where TMA can address
+        # the block's views, the portable ones elsewhere.
+        from fa2lab.kernels.attention import kernel_forward
 
-        return flash_fwd_triton(q_b, k_b, v_b, scale=scale, left=blk.window[0], right=blk.window[1])
+        return kernel_forward(q_b, k_b, v_b, scale=scale, left=blk.window[0], right=blk.window[1])
     acc_t = accum_dtype(q_b.dtype)
     return flash_forward(q_b.to(acc_t), k_b.to(acc_t), v_b.to(acc_t), **_block_kw(blk, scale))
 
 
 def _block_backward(do_b, dlse_b, q_b, k_b, v_b, out_b, lse_b, blk, scale, kernels):
     if kernels:
-        from fa2lab.kernels.bwd import flash_bwd_triton
+        from fa2lab.kernels.attention import kernel_backward
 
         # Row and head slices of (B, H, N, D) stay views: the kernels take strides (no copies).
-        return flash_bwd_triton(do_b, dlse_b, q_b, k_b, v_b, out_b, lse_b.float(), scale=scale,
-                                left=blk.window[0], right=blk.window[1])
+        return kernel_backward(do_b, dlse_b, q_b, k_b, v_b, out_b, lse_b.float(), scale=scale,
+                               left=blk.window[0], right=blk.window[1])
     acc_t = accum_dtype(q_b.dtype)
     dq, dk, dv, _, _ = flash_backward(do_b.to(acc_t), dlse_b, q_b.to(acc_t), k_b.to(acc_t), v_b.to(acc_t),
                                       out_b.to(acc_t), lse_b, **_block_kw(blk, scale))  # no variants: no dbias, dsinks

@@ -57,6 +57,21 @@ def _bwd_impl(hopper: bool, dout, token_dim: int, head_dim: int, cfg: dict):
     return flash_bwd_triton
 
 
+def kernel_forward(q, k, v, *, scale, left, right):
+    """Dense (B, H, N, D) forward with the kernels `fa2lab.attention` would pick (Hopper or
+    portable), no autograd: -> (out, lse fp32). For callers that run their own backward (ring
+    blocks) or none (inference layers)."""
+    fwd, _ = _fwd_impl(q, k, v, False)
+    return fwd(q, k, v, scale=scale, left=left, right=right)
+
+
+def kernel_backward(dout, dlse, q, k, v, out, lse, *, scale, left, right):
+    """The backward matching `kernel_forward` (same choice as the autograd path): -> (dq, dk, dv)."""
+    cfg = dict(scale=scale, left=left, right=right)
+    bwd = _bwd_impl(hopper_eligible(q, k, v), dout, 2, max(q.shape[-1], v.shape[-1]), cfg)
+    return bwd(dout, dlse, q, k, v, out, lse, **cfg)
+
+
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, left, right):

@@ -70,11 +70,10 @@ def _route_key(q, k, v, causal, window_size, scale, backend):
 def _triton_inference(q, k, v, *, causal, window_size, scale, return_lse, variants):
     """The Triton forward kernel that `fa2lab.kernels.attention` picks for these tensors (Hopper or
     portable), called without the autograd.Function that training needs (~20-40 us a call)."""
-    from fa2lab.kernels.attention import _fwd_impl
+    from fa2lab.kernels.attention import kernel_forward
 
     left, right = masks.effective_window(causal, window_size)
-    fwd, _ = _fwd_impl(q, k, v, False)
-    return fwd(q, k, v, scale=scale, left=left, right=right)[0]
+    return kernel_forward(q, k, v, scale=scale, left=left, right=right)[0]
 
 
 def clear_routes() -> None:
