@@ -117,7 +117,9 @@ def test_tile_config_rejects_bad_input():
 def test_decode_splits_hand_computed():
     h100 = get_profile("h100")
     # The Triton kernel on a GPU: 2 programs per SM in flight, >= 2 tiles of 64 keys per split.
-    assert decode_splits(h100, 1, 8, 32768) == 33  # ceil(2 * 132 / 8)
+    # 2 * 132 // 8 = 33 would give 512 tiles 16 a split: 32 splits take them all, the 33rd none.
+    assert decode_splits(h100, 1, 8, 32768) == 32
+    assert decode_splits(h100, 1, 8, 131072) == 33  # 2048 tiles, 63 a split: the 33rd gets 32
     assert decode_splits(h100, 64, 8, 4096) == 1  # ceil(264 / 512)
     assert decode_splits(h100, 1, 8, 256) == 2  # only 256 // 128 = 2 splits of 2 tiles
     # The PyTorch split-K on a CPU: FA2's rule, 8 work items already fill 4 cores.
