@@ -247,8 +247,7 @@ def _seq_opts(opts, i):
     return seq
 
 
-OPTION_CASES = [(CASES[0], None, ("default", "one row per merge step", "33 splits")),
-                ((1, 16, 8, 1056), None, ("default", "one row per merge step")),  # Qwen3-0.6B's step at 1k
+OPTION_CASES = [(CASES[0], None, ("default", "33 splits")),
                 (CASES[2], None, ("default", "rounded up")), (CASES[4], None, ("default", "rounded up")), (CASES[3], 16, ("default", "no prefetch", "BLOCK_N 128")),
                 (CASES[4], 16, ("default", "no prefetch"))]
 
@@ -257,7 +256,7 @@ def run_options(log=print, cases=OPTION_CASES):
     """The planned call under kernel options, one case at a time, same run: the split rule (the
     default fills one wave; "rounded up" launches at least 2 programs per SM, past one wave; "33
     splits" the rule before 2026-12-03, which kept a split without keys), page-table reads one tile
-    ahead (the default) or not, 128-key tiles, the fused merge one row per step (before 2026-12-03)."""
+    ahead (the default) or not, 128-key tiles."""
     from fa2lab.decode.splits import KERNEL_PROGRAMS_PER_SM
     from fa2lab.kernels import decode as dk
 
@@ -265,8 +264,7 @@ def run_options(log=print, cases=OPTION_CASES):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     slots = KERNEL_PROGRAMS_PER_SM * sms
     options = {"default": {}, "rounded up": dict(rounded_up=True), "no prefetch": dict(prefetch_pages=False),
-               "BLOCK_N 128": dict(BLOCK_N=128), "one row per merge step": dict(merge_rows=False),
-               "33 splits": dict(splits=33)}
+               "BLOCK_N 128": dict(BLOCK_N=128), "33 splits": dict(splits=33)}
     for (b, hq, hkv, n), page, names in cases:
         q, k, v, seqlens = _inputs(b, hq, hkv, n)
         nbytes = 2 * b * hkv * n * D * 2
@@ -281,7 +279,6 @@ def run_options(log=print, cases=OPTION_CASES):
             saved = dict(dk.DECODE_TILES), dict(dk.DECODE_OPTIONS)
             dk.DECODE_TILES["BLOCK_N"] = opt.get("BLOCK_N", saved[0]["BLOCK_N"])
             dk.DECODE_OPTIONS["prefetch_pages"] = opt.get("prefetch_pages", saved[1]["prefetch_pages"])
-            dk.DECODE_OPTIONS["merge_rows"] = opt.get("merge_rows", saved[1]["merge_rows"])
             try:
                 splits = -(-slots // (b * hkv)) if opt.get("rounded_up") else opt.get("splits")  # rules of the past
                 plan = fa2lab.decode_plan(q, kc, vc, cache_seqlens=seqlens, block_table=table, num_splits=splits)

@@ -10,8 +10,8 @@ read back to the host.
 
 Fused merge: with more than one split, every program writes its partial (out, lse) to a workspace
 and increments its tile's counter (an atomic with acquire-release order); the program that sees
-the counter reach S - 1 is the last one of its tile, merges the S partials by their LSEs (several
-rows per load, `merge_rows`), writes the output and resets the counter to 0 for the next call (so a captured CUDA graph can replay).
+the counter reach S - 1 is the last one of its tile, merges the S partials by their LSEs, writes
+the output and resets the counter to 0 for the next call (so a captured CUDA graph can replay).
 
 Memory safety for any cache_seqlens: lengths are clamped to [0, capacity] and page numbers to
 [0, num_pages) on the device. `append_kv_triton` writes new K/V at each sequence's length, dropping
@@ -125,7 +125,6 @@ def _decode_kernel(
     PAGED: tl.constexpr, SPLIT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     IEEE_DOT: tl.constexpr, STORE_LSE: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SINKS: tl.constexpr, PREFETCH_PAGES: tl.constexpr,
-    MERGE_ROWS: tl.constexpr,
 ):
     tile = tl.program_id(0)  # (b, hk, row tile)
     split = tl.program_id(1)
@@ -209,33 +208,29 @@ def _decode_kernel(
         # Release our partial, acquire everyone else's: the last of the S programs merges.
         done = tl.atomic_add(LOCKS + tile, 1, sem="acq_rel")
         if done == S - 1:
-            # MERGE_ROWS rows at a time, each a (splits, rows, Dv) load: one round trip to L2 per
-            # group of rows, not per row (a decode tile holds G rows: 4 for Qwen3's 32:8).
             offs_s = tl.arange(0, BLOCK_S)
+            s_ok = offs_s < S
             rows = tl.minimum(G * Nq - mt * BLOCK_M, BLOCK_M)
-            for r0 in range(0, rows, MERGE_ROWS):
-                ri = r0 + tl.arange(0, MERGE_ROWS)  # (R,) rows of this tile
-                r_ok = ri < rows
-                ws = (offs_s[:, None] * n_tiles + tile).to(tl.int64) * BLOCK_M + ri[None, :]  # (BLOCK_S, R)
-                ok = (offs_s[:, None] < S) & r_ok[None, :]
-                lse_s = tl.load(LP + ws, mask=ok, other=float("-inf"), cache_modifier=".cg")
-                parts = tl.load(OP + ws[:, :, None] * HEAD_DIM_V + offs_dv[None, None, :], mask=ok[:, :, None],
-                                other=0.0, cache_modifier=".cg")  # (BLOCK_S, R, HEAD_DIM_V)
+            for i in range(0, rows):
+                ws = (offs_s * n_tiles + tile).to(tl.int64) * BLOCK_M + i  # (BLOCK_S,) this row in each split
+                lse_s = tl.load(LP + ws, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
                 m = tl.max(lse_s, 0)
                 m_ref = tl.where(m == float("-inf"), 0.0, m)
-                w = tl.math.exp2(lse_s - m_ref[None, :])  # 0 for splits that saw no key (their partial is 0)
-                total = tl.sum(w, 0)  # (R,)
-                o_rows = tl.sum(parts * w[:, :, None], 0) / tl.where(total == 0.0, 1.0, total)[:, None]
-                rg = mt * BLOCK_M + ri
-                qr, hr = rg // G, hk * G + rg % G
-                lse_rows = tl.where(total == 0.0, float("-inf"), m_ref + tl.math.log2(tl.where(total == 0.0, 1.0, total)))
+                w = tl.math.exp2(lse_s - m_ref)  # 0 for splits that saw no key (their partial is 0)
+                total = tl.sum(w, 0)
+                parts = tl.load(OP + ws[:, None] * HEAD_DIM_V + offs_dv[None, :], mask=s_ok[:, None], other=0.0,
+                                cache_modifier=".cg")  # (BLOCK_S, HEAD_DIM_V)
+                o_row = tl.sum(parts * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+                ri = mt * BLOCK_M + i
+                qr, hr = ri // G, hk * G + ri % G
+                lse_row = tl.where(total == 0.0, float("-inf"), m_ref + tl.math.log2(tl.where(total == 0.0, 1.0, total)))
                 if HAS_SINKS:
-                    factor, lse_rows = _sink(lse_rows, tl.load(SINKS + hr, mask=r_ok, other=0.0) * LOG2E_K)
-                    o_rows = o_rows * factor[:, None]
-                tl.store(O + b.to(tl.int64) * sob + hr[:, None] * soh + qr[:, None] * som + offs_dv[None, :] * sod,
-                         o_rows.to(O.dtype.element_ty), mask=r_ok[:, None] & (offs_dv[None, :] < D_V))
+                    factor, lse_row = _sink(lse_row, tl.load(SINKS + hr) * LOG2E_K)
+                    o_row = o_row * factor
+                tl.store(O + b.to(tl.int64) * sob + hr * soh + qr * som + offs_dv * sod,
+                         o_row.to(O.dtype.element_ty), mask=offs_dv < D_V)
                 if STORE_LSE:
-                    tl.store(LSE + b * slb + hr * slh + qr * slm, lse_rows / LOG2E_K, mask=r_ok)
+                    tl.store(LSE + b * slb + hr * slh + qr * slm, lse_row / LOG2E_K)
             tl.atomic_xchg(LOCKS + tile, 0)
 
 
@@ -280,21 +275,7 @@ DECODE_TILES = dict(BLOCK_N=DECODE_BLOCK_N, num_warps=8, num_stages=3)
 # Kernel options (bench.decode_gpu flips them in one process): page-table reads one tile ahead,
 # on since the H200 run of 2026-12-02 09:27 UTC measured every paged row (paged 16 / dense 0.94-0.97
 # with it, 0.78-0.92 without; BENCHMARKS.md).
-# merge_rows: the fused merge combines several rows per load (`merge_rows`); False: one row per step,
-# the kernel before 2026-12-03 (bench.decode_gpu --options measures both in one process).
-DECODE_OPTIONS = dict(prefetch_pages=True, merge_rows=True)
-
-
-MERGE_ELEMENTS = 8192  # values one merge step holds: as many as one row of 64 splits at Dv = 128
-
-
-def merge_rows(block_s: int, block_m: int, rows: int, head_dim_v: int) -> int:
-    """Rows the fused merge combines per step: a power of two, at most the tile's real rows, with
-    (block_s x rows x head_dim_v) <= MERGE_ELEMENTS, so its registers never exceed one 64-split row's."""
-    r = 1
-    while 2 * r <= min(block_m, 1 << (max(rows, 1) - 1).bit_length()) and block_s * 2 * r * head_dim_v <= MERGE_ELEMENTS:
-        r *= 2
-    return r
+DECODE_OPTIONS = dict(prefetch_pages=True)
 
 
 def decode_config(group_rows: int, head_dim: int, dtype: torch.dtype) -> dict:
@@ -361,10 +342,9 @@ class DecodeLaunch:
                      max(left, 0), max(right, 0), m_tiles, splits, cap_in, cap_out)
         self.alibi, self.sinks = alibi, sinks
         self.options = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-        block_s = max(2, 1 << (splits - 1).bit_length())
         self.constexprs = dict(
             D=d, D_V=dv, HEAD_DIM=pow2(d), HEAD_DIM_V=pow2(dv), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_S=block_s, MERGE_ROWS=merge_rows(block_s, cfg["BLOCK_M"], group * nq, pow2(dv)) if DECODE_OPTIONS["merge_rows"] else 1, PAGE_SIZE=k_shape[2] if paged else 1, PAGED=paged,
+            BLOCK_S=max(2, 1 << (splits - 1).bit_length()), PAGE_SIZE=k_shape[2] if paged else 1, PAGED=paged,
             SPLIT=splits > 1, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, IEEE_DOT=ieee_dot(dtype),
             SOFTCAP=softcap > 0, HAS_ALIBI=alibi, HAS_SINKS=sinks,
             PREFETCH_PAGES=bool(paged and DECODE_OPTIONS["prefetch_pages"]))
