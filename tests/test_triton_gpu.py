@@ -167,6 +167,42 @@ def test_planned_decode_bound_launch_equals_tritons_launch(page_size):
     assert torch.equal(captured, first)
 
 
+def _decode_launches(fn) -> int:
+    """How many times fn runs the decode kernel on the GPU (torch.profiler's kernel records)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if "_decode_kernel" in e.key)
+
+
+def test_every_decode_path_runs_the_kernel_once():
+    """Binding a plan's launch relaunches the kernel once (kernels/decode.py: _bind). Unkept launches
+    (decode_triton, the path torch.compile traces) never bind, and a launch first called while a
+    CUDA graph is captured does not bind, so each call and each replay runs the kernel exactly once."""
+    from fa2lab.kernels.decode import decode_triton
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 16, 1, 128, generator=g).bfloat16().cuda()
+    k, v = (torch.randn(1, 8, 1056, 128, generator=g).bfloat16().cuda() for _ in range(2))
+    seqlens = torch.tensor([1025], dtype=torch.int32, device="cuda")
+    raw = lambda: decode_triton(q, k, v, seqlens, scale=128 ** -0.5, left=-1, right=0, num_splits=6)  # noqa: E731
+    raw()  # compiled by now
+    assert _decode_launches(raw) == 1
+    assert _decode_launches(raw) == 1
+    plan = fa2lab.decode_plan(q, k, v, cache_seqlens=seqlens)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fa2lab.decode_attention(q, k, v, cache_seqlens=seqlens, plan=plan)  # the plan's first call
+    assert _decode_launches(graph.replay) == 1
+    torch.testing.assert_close(captured, fa2lab.decode_attention(q, k, v, cache_seqlens=seqlens), rtol=0, atol=0)
+    step = torch.compile(lambda q: fa2lab.decode_attention(q, k, v, cache_seqlens=seqlens, plan=plan), fullgraph=True)
+    step(q)
+    assert _decode_launches(lambda: step(q)) == 1
+
+
 @pytest.mark.parametrize("page_size", [None, 1, 16])
 @pytest.mark.parametrize("which", [("softcap",), ("alibi",), ("sinks",), ("softcap", "alibi", "sinks")])
 def test_triton_decode_variants_full_size_within_torch_rule(page_size, which):

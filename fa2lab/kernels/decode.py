@@ -314,13 +314,16 @@ class DecodeLaunch:
     (~10-20 us of host time). After the first launch compiles the kernel, later launches whose
     tensors have the same strides and 16-byte alignment (the only things Triton specialises on
     that a plan does not fix) call the compiled kernel directly (`CompiledKernel[grid]`); any other
-    call goes through Triton's binder again. BIND = False turns the direct call off."""
+    call goes through Triton's binder again. BIND = False turns the direct call off. Binding runs
+    the kernel once more (`_bind`), so a launch used once (keep=False, `decode_triton`) never
+    binds, and nothing binds while a CUDA graph is captured (the graph would replay both runs:
+    found on 2026-12-03 in the compiled model step, two decode kernels per layer)."""
 
     BIND = True
 
     def __init__(self, q_shape, k_shape, v_shape, dtype, device, *, paged: bool, table_cols: int, scale: float,
                  left: int, right: int, num_splits: int, n_new: int, config: dict | None = None, workspace=None,
-                 softcap: float = 0.0, alibi: bool = False, sinks: bool = False):
+                 softcap: float = 0.0, alibi: bool = False, sinks: bool = False, keep: bool = True):
         b, hq, nq, d = q_shape
         hkv, dv = k_shape[1], v_shape[-1]
         group = hq // hkv
@@ -348,7 +351,10 @@ class DecodeLaunch:
             SPLIT=splits > 1, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, IEEE_DOT=ieee_dot(dtype),
             SOFTCAP=softcap > 0, HAS_ALIBI=alibi, HAS_SINKS=sinks,
             PREFETCH_PAGES=bool(paged and DECODE_OPTIONS["prefetch_pages"]))
-        self._bound = {}  # (input strides, STORE_LSE) -> (CompiledKernel[grid], constants)
+        # (input strides, STORE_LSE) -> (CompiledKernel[grid], constants); keep=False: a launch used
+        # once (decode_triton) never binds, since binding costs one extra run of the kernel.
+        self.keep = keep
+        self._bound = {}
 
     def __call__(self, q, k_cache, v_cache, seqlens, block_table=None, return_lse=True, alibi_slopes=None,
                  sinks=None):
@@ -368,7 +374,7 @@ class DecodeLaunch:
                 *strides, *self.tail)
         key = None
         # Triton specialises pointers on 16-byte alignment: bind only the common, all-aligned case.
-        if self.BIND and not ((q.data_ptr() | k_cache.data_ptr() | v_cache.data_ptr() | seqlens.data_ptr()
+        if self.BIND and self.keep and not ((q.data_ptr() | k_cache.data_ptr() | v_cache.data_ptr() | seqlens.data_ptr()
                                | bt.data_ptr() | slopes.data_ptr() | sink.data_ptr()) & 15):
             key = (strides, return_lse)  # the input strides; everything else the shapes fix
             bound = self._bound.get(key)
@@ -377,9 +383,15 @@ class DecodeLaunch:
                 runner(*args, *constants)
                 return out, lse
         compiled = _decode_kernel[self.grid](*args, STORE_LSE=return_lse, **self.constexprs, **self.options)
-        if key is not None and key not in self._bound:
+        # Binding relaunches the kernel once (see _bind): never while a CUDA graph is being captured,
+        # or the graph would run it twice on every replay.
+        if key is not None and key not in self._bound and not _capturing(self.device):
             self._bound[key] = _bind(compiled, self.grid, args, dict(self.constexprs, STORE_LSE=return_lse))
         return out, lse
+
+
+def _capturing(device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _bind(compiled, grid, args, constexprs):
@@ -400,13 +412,13 @@ def _bind(compiled, grid, args, constexprs):
 
 
 def decode_launch(q, k_cache, v_cache, *, scale, left, right, num_splits, block_table=None, n_new=0,
-                  workspace=None, config=None, softcap=0.0, alibi=False, sinks=False) -> DecodeLaunch:
+                  workspace=None, config=None, softcap=0.0, alibi=False, sinks=False, keep=True) -> DecodeLaunch:
     """The `DecodeLaunch` of these tensors' shapes."""
     return DecodeLaunch(tuple(q.shape), tuple(k_cache.shape), tuple(v_cache.shape), q.dtype, q.device,
                         paged=block_table is not None,
                         table_cols=block_table.shape[1] if block_table is not None else 0, scale=scale, left=left,
                         right=right, num_splits=num_splits, n_new=n_new, config=config, workspace=workspace,
-                        softcap=softcap, alibi=alibi, sinks=sinks)
+                        softcap=softcap, alibi=alibi, sinks=sinks, keep=keep)
 
 
 def decode_triton(q, k_cache, v_cache, seqlens, *, scale, left, right, num_splits, block_table=None,
@@ -423,7 +435,7 @@ def decode_triton(q, k_cache, v_cache, seqlens, *, scale, left, right, num_split
     A plan keeps the `decode_launch(...)` object instead and calls it."""
     launch = decode_launch(q, k_cache, v_cache, scale=scale, left=left, right=right, num_splits=num_splits,
                            block_table=block_table, n_new=n_new, workspace=workspace, config=config, softcap=softcap,
-                           alibi=alibi_slopes is not None, sinks=sinks is not None)
+                           alibi=alibi_slopes is not None, sinks=sinks is not None, keep=False)
     return launch(q, k_cache, v_cache, seqlens, block_table, return_lse, alibi_slopes, sinks)
 
 
