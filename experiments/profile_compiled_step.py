@@ -6,18 +6,22 @@ fullgraph=True)): torch.profiler's kernel records per step, largest first.
 
 This is how the double decode launch per layer was found on 2026-12-03 (BENCHMARKS.md, model
 integration on the GPU)."""
+from dataclasses import replace
+
 import torch
 import transformers
-from dataclasses import replace
-from torch.profiler import profile, ProfilerActivity
+from torch.profiler import ProfilerActivity, profile
+
 import fa2lab.hf
 from fa2lab.bench.models import GPU_BENCH, build_model
+
 fa2lab.hf.register()
 layers, prompt, steps = 4, 1024, 10
 for impl in ("sdpa", "fa2lab"):
     torch._dynamo.reset()
     cfg = replace(GPU_BENCH, num_hidden_layers=layers, lengths=(prompt,), decode_steps=steps + 5)
-    model = build_model(cfg); model.set_attn_implementation(impl)
+    model = build_model(cfg)
+    model.set_attn_implementation(impl)
     ids = torch.randint(0, cfg.vocab_size, (1, prompt)).cuda()
     cache = transformers.StaticCache(config=model.config, max_cache_len=prompt + 40)
     step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
@@ -31,7 +35,7 @@ for impl in ("sdpa", "fa2lab"):
             for _ in range(steps):
                 tok = step(input_ids=tok, past_key_values=cache).logits[:, -1:].argmax(-1).clone()
             torch.cuda.synchronize()
-    ev = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0]
+    ev = [e for e in prof.key_averages() if e.self_device_time_total > 0]  # GPU kernels and copies
     ev.sort(key=lambda e: -e.self_device_time_total)
     total = sum(e.self_device_time_total for e in ev)
     print(f"== {impl}: GPU time per step {total / steps:.1f} us ({layers} layers)")

@@ -134,8 +134,7 @@ class _TritonVarlenAttention(torch.autograd.Function):
 # The same choice as torch custom operators, for torch.compile (see the module docstring).
 @torch.library.custom_op("fa2lab::attn_fwd", mutates_args=())
 def attn_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, left: int, right: int) -> tuple[Tensor, Tensor]:
-    fwd, _ = _fwd_impl(q, k, v, False)
-    return fwd(q, k, v, scale=scale, left=left, right=right)
+    return kernel_forward(q, k, v, scale=scale, left=left, right=right)
 
 
 @attn_fwd.register_fake
@@ -147,9 +146,7 @@ def _(q, k, v, scale, left, right):
 @torch.library.custom_op("fa2lab::attn_bwd", mutates_args=())
 def attn_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
              scale: float, left: int, right: int) -> tuple[Tensor, Tensor, Tensor]:
-    cfg, dout = dict(scale=scale, left=left, right=right), dout.contiguous()
-    bwd = _bwd_impl(hopper_eligible(q, k, v), dout, 2, max(q.shape[-1], v.shape[-1]), cfg)  # as the eager backward
-    return bwd(dout, dlse, q, k, v, out, lse, **cfg)
+    return kernel_backward(dout.contiguous(), dlse, q, k, v, out, lse, scale=scale, left=left, right=right)
 
 
 @attn_bwd.register_fake

@@ -316,8 +316,7 @@ class DecodeLaunch:
     that a plan does not fix) call the compiled kernel directly (`CompiledKernel[grid]`); any other
     call goes through Triton's binder again. BIND = False turns the direct call off. Binding runs
     the kernel once more (`_bind`), so a launch used once (keep=False, `decode_triton`) never
-    binds, and nothing binds while a CUDA graph is captured (the graph would replay both runs:
-    found on 2026-12-03 in the compiled model step, two decode kernels per layer)."""
+    binds, and nothing binds while a CUDA graph is captured (the graph would replay both runs)."""
 
     BIND = True
 
@@ -351,10 +350,8 @@ class DecodeLaunch:
             SPLIT=splits > 1, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, IEEE_DOT=ieee_dot(dtype),
             SOFTCAP=softcap > 0, HAS_ALIBI=alibi, HAS_SINKS=sinks,
             PREFETCH_PAGES=bool(paged and DECODE_OPTIONS["prefetch_pages"]))
-        # (input strides, STORE_LSE) -> (CompiledKernel[grid], constants); keep=False: a launch used
-        # once (decode_triton) never binds, since binding costs one extra run of the kernel.
-        self.keep = keep
-        self._bound = {}
+        self.keep = keep  # False: used once (decode_triton), never bound
+        self._bound = {}  # (input strides, STORE_LSE) -> (CompiledKernel[grid], constants)
 
     def __call__(self, q, k_cache, v_cache, seqlens, block_table=None, return_lse=True, alibi_slopes=None,
                  sinks=None):
@@ -383,8 +380,6 @@ class DecodeLaunch:
                 runner(*args, *constants)
                 return out, lse
         compiled = _decode_kernel[self.grid](*args, STORE_LSE=return_lse, **self.constexprs, **self.options)
-        # Binding relaunches the kernel once (see _bind): never while a CUDA graph is being captured,
-        # or the graph would run it twice on every replay.
         if key is not None and key not in self._bound and not _capturing(self.device):
             self._bound[key] = _bind(compiled, self.grid, args, dict(self.constexprs, STORE_LSE=return_lse))
         return out, lse
