@@ -19,7 +19,7 @@ from torch import Tensor
 
 from fa2lab.kernels.bwd import flash_bwd_triton
 from fa2lab.kernels.fwd import flash_fwd_triton, flash_fwd_varlen_triton
-from fa2lab.kernels.hopper_config import hopper_bwd_wanted, hopper_eligible, tma_ok
+from fa2lab.kernels.hopper_config import gluon_fwd_wanted, hopper_bwd_wanted, hopper_eligible, tma_ok
 
 
 _log = logging.getLogger("fa2lab")
@@ -40,6 +40,11 @@ def _fwd_impl(q, k, v, varlen: bool, variants=None):
     if hopper_eligible(q, k, v):
         from fa2lab.kernels.hopper_fwd import hopper_fwd, hopper_fwd_varlen
 
+        if not varlen and variants is None and gluon_fwd_wanted(q, k, v):
+            from fa2lab.kernels.gluon_fwd import gluon_fwd
+
+            _note("Hopper (sm_90, Gluon: overlapped wgmma)", q)
+            return gluon_fwd, True
         _note("Hopper (sm_90, TMA)", q)
         return (hopper_fwd_varlen if varlen else hopper_fwd), True
     _note("portable", q)

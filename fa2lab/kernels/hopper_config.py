@@ -125,6 +125,22 @@ def tma_ok(t: torch.Tensor, token_dim: int) -> bool:
             and all((t.stride(i) * elem) % 16 == 0 for i in range(t.dim() - 1)))
 
 
+# The Gluon forward (kernels/gluon_fwd.py: the next Q K^T overlapped with this tile's softmax) serves
+# plain dense calls whose head-dim bound is in this set; FA2LAB_HOPPER_FWD=gluon / triton forces
+# one forward for every call it can take (to compare the two in one process).
+FWD_GLUON: set = set()
+
+
+def gluon_fwd_wanted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether a plain dense Hopper forward goes to the Gluon kernel (the caller checked hopper_eligible)."""
+    from fa2lab.kernels.gluon_fwd import gluon_supported
+
+    choice = os.environ.get("FA2LAB_HOPPER_FWD", "auto")
+    if choice == "triton" or not gluon_supported(q, k, v):
+        return False
+    return choice == "gluon" or _bound(q.shape[-1]) in FWD_GLUON
+
+
 def hopper_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """The Hopper kernels run here: an sm_90 device (the capability the h100/h200 profiles
     record), fp16/bf16, head dims 8..256 and strides TMA can address. Otherwise the portable
@@ -143,4 +159,4 @@ def hopper_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return all(tma_ok(t, token_dim) for t in (q, k, v))
 
 
-__all__ = ["BWD", "BWD_PORTABLE", "BWD_TWO_PASS", "FWD", "hopper_bwd_config", "hopper_bwd_wanted", "hopper_eligible", "hopper_fwd_config", "tma_ok"]
+__all__ = ["BWD", "BWD_PORTABLE", "BWD_TWO_PASS", "FWD", "FWD_GLUON", "gluon_fwd_wanted", "hopper_bwd_config", "hopper_bwd_wanted", "hopper_eligible", "hopper_fwd_config", "tma_ok"]

@@ -1,0 +1,261 @@
+"""FA2 forward for Hopper written in Gluon: the next tile's Q K^T runs on the tensor cores while this
+tile's softmax runs on the other units (FA3's intra-warpgroup overlap, Algorithm 2 of the paper).
+
+Why a second Hopper forward: hopper_fwd.py (Triton's tile language) reaches ~500 TFLOP/s at
+D = 128 on the H200 and no config, warp specialisation, lazy rescaling or reordering of its source
+moved it (BENCHMARKS.md, issue 15): the compiler waits for each wgmma before the next step, so the
+matmuls and the exponentials of a step run one after the other. Gluon, Triton's lower-level
+language, states what the tile language leaves to the compiler: the shared-memory buffers, the TMA
+copies and their mbarriers, the register layouts, and when to wait for an asynchronous wgmma.
+
+One program computes BLOCK_M query rows of one (batch, head), key blocks j = 0 .. n-1:
+
+    S_0 = Q K_0^T; softmax(S_0) -> P_0
+    for j in 1 .. n-1:
+        issue S_j = Q K_j^T                         (async)
+        issue O += P_{j-1} V_{j-1}                  (async; O already rescaled for block j-1)
+        wait until S_j is done (PV may still run)   -> softmax(S_j) -> P_j, alpha_j   (overlaps PV)
+        wait for PV; refill the freed K and V buffers (TMA, STAGES deep); O *= alpha_j
+    O += P_{n-1} V_{n-1}; O / l; O by TMA store, LSE
+
+The softmax is the log2-domain one of fwd.py (scale * log2(e) folded into one multiply-add per
+score), masks only on the blocks that need them (bottom-right causal diagonal, windows, the last
+partial block), fully masked rows give zeros and LSE -inf. GQA by index arithmetic; any length
+(descriptors per (batch, head) slice: the copy engine zero-fills rows past N and clips stores).
+Plain dense calls only (no varlen, no variants, Dv == D <= 128): the dispatcher sends everything
+else to hopper_fwd.py. Gluon does not run in the interpreter: tests/test_gluon_gpu.py checks this
+kernel on an sm_90 GPU; on the CPU only its host-side choices are tested.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from fa2lab.kernels.common import LOG2E, pow2
+
+try:  # Gluon ships with Triton >= 3.5; without it this kernel is simply not offered
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - old Triton
+    HAVE_GLUON = False
+
+if HAVE_GLUON:
+    LN2: gl.constexpr = gl.constexpr(1.0 / LOG2E)
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # the name since Triton 3.7
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # renamed in Triton 3.7
+
+    @gluon.jit
+    def _softmax_step(s, m_i, l_i, start_n, masked, offs_m, offs_n, nk, off, LEFT, RIGHT, qk_scale,
+                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+        """Lines 8-10 of Algorithm 1 on one S tile: -> P (fp32), alpha, new row max, new row sum."""
+        if masked:  # an edge block: out-of-range keys, the causal diagonal, a window's edge
+            cols = start_n + offs_n
+            valid = gl.expand_dims(cols, 0) < nk
+            if HAS_LEFT:
+                valid = valid & (gl.expand_dims(cols, 0) >= gl.expand_dims(offs_m + off - LEFT, 1))
+            if HAS_RIGHT:
+                valid = valid & (gl.expand_dims(cols, 0) <= gl.expand_dims(offs_m + off + RIGHT, 1))
+            s = gl.where(valid, s * qk_scale, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, 1))
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # a row that sees no key yet: P = 0
+            p = gl.exp2(s - gl.expand_dims(m_use, 1))
+            alpha = gl.exp2(m_i - m_use)
+        else:  # every score visible: the max before scaling, then one FMA per score
+            m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+            p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+            alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        return p, alpha, m_new, l_i
+
+    @gluon.jit
+    def _gluon_fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+                          slb, slh, slm, H, Nq, Nk, G, D, NUM_M, qk_scale, LEFT, RIGHT,
+                          HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                          STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                          LONGEST_FIRST: gl.constexpr, num_warps: gl.constexpr):
+        tile = gl.program_id(0)
+        bh = tile // NUM_M
+        pid_m = tile % NUM_M
+        if LONGEST_FIRST:  # causal: the last query block of a head has the most keys to visit
+            pid_m = NUM_M - 1 - pid_m
+        b = (bh // H).to(gl.int64)
+        h = (bh % H).to(gl.int64)
+        hk = h // G  # GQA: the K/V head this query head shares
+        i0 = pid_m * BLOCK_M
+        dtype: gl.constexpr = Q.dtype.element_ty
+
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+        desc_q = tma.make_tensor_descriptor(Q + b * sqb + h * sqh, shape=[Nq, D], strides=[sqm, 1],
+                                            block_shape=[BLOCK_M, HEAD_DIM], layout=q_layout)
+        desc_k = tma.make_tensor_descriptor(K + b * skb + hk * skh, shape=[Nk, D], strides=[skn, 1],
+                                            block_shape=[BLOCK_N, HEAD_DIM], layout=kv_layout)
+        desc_v = tma.make_tensor_descriptor(V + b * svb + hk * svh, shape=[Nk, D], strides=[svn, 1],
+                                            block_shape=[BLOCK_N, HEAD_DIM], layout=kv_layout)
+        desc_o = tma.make_tensor_descriptor(O + b * sob + h * soh, shape=[Nq, D], strides=[som, 1],
+                                            block_shape=[BLOCK_M, HEAD_DIM], layout=q_layout)
+
+        # Register layouts: S and O are wgmma accumulators (one warp per 16 rows); P feeds the PV
+        # wgmma from registers; row statistics live in S's row slice.
+        mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, BLOCK_N, 16])
+        mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, mma_s)
+        col_s: gl.constexpr = gl.SliceLayout(0, mma_s)
+        row_o: gl.constexpr = gl.SliceLayout(1, mma_o)
+
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_layout)  # later the output tile
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_bars.index(i), count=1)
+            mbarrier.init(v_bars.index(i), count=1)
+
+        # Key blocks [lo, hi) this query block visits; [lo_full, hi_full) every row sees in full.
+        off = Nk - Nq  # bottom-right alignment of the diagonal
+        lo = 0
+        hi = Nk
+        if HAS_LEFT:
+            lo = (gl.maximum(0, i0 + off - LEFT) // BLOCK_N) * BLOCK_N
+        if HAS_RIGHT:
+            hi = gl.maximum(0, gl.minimum(Nk, gl.minimum(i0 + BLOCK_M, Nq) - 1 + off + RIGHT + 1))
+        last = gl.minimum(i0 + BLOCK_M, Nq) - 1
+        lo_full = lo
+        if HAS_LEFT:
+            lo_full = gl.minimum(gl.maximum(lo, gl.cdiv(gl.maximum(0, last + off - LEFT), BLOCK_N) * BLOCK_N), hi)
+        hi_full = (Nk // BLOCK_N) * BLOCK_N
+        if HAS_RIGHT:
+            hi_full = gl.minimum(hi_full, (gl.maximum(0, i0 + off + RIGHT + 1) // BLOCK_N) * BLOCK_N)
+        n_blocks = gl.cdiv(gl.maximum(hi - lo, 0), BLOCK_N)
+
+        q_bytes: gl.constexpr = BLOCK_M * HEAD_DIM * 2
+        kv_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * 2
+        mbarrier.expect(q_bar, q_bytes)
+        _tma_load(desc_q, [i0, 0], q_bar, q_smem)
+        for i in gl.static_range(STAGES):  # the first STAGES key and value blocks
+            mbarrier.expect(k_bars.index(i), kv_bytes, pred=i < n_blocks)
+            _tma_load(desc_k, [lo + i * BLOCK_N, 0], k_bars.index(i), k_smem.index(i), pred=i < n_blocks)
+            mbarrier.expect(v_bars.index(i), kv_bytes, pred=i < n_blocks)
+            _tma_load(desc_v, [lo + i * BLOCK_N, 0], v_bars.index(i), v_smem.index(i), pred=i < n_blocks)
+
+        offs_m = i0 + gl.arange(0, BLOCK_M, layout=row_s)
+        offs_n = gl.arange(0, BLOCK_N, layout=col_s)
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=mma_o)
+        zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma_s)
+        mbarrier.wait(q_bar, 0)
+
+        if n_blocks > 0:
+            # Block 0: S, softmax, then its K buffer is refilled with block STAGES.
+            mbarrier.wait(k_bars.index(0), 0)
+            s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
+            masked = (lo < lo_full) | (lo + BLOCK_N > hi_full)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, lo, masked, offs_m, offs_n, Nk, off, LEFT, RIGHT,
+                                               qk_scale, HAS_LEFT, HAS_RIGHT)
+            p_prev = gl.convert_layout(p.to(dtype), p_layout)
+            _cta_barrier()  # both warpgroups are done with K_0
+            mbarrier.expect(k_bars.index(0), kv_bytes, pred=STAGES < n_blocks)
+            _tma_load(desc_k, [lo + STAGES * BLOCK_N, 0], k_bars.index(0), k_smem.index(0), pred=STAGES < n_blocks)
+
+            for j in range(1, n_blocks):
+                st = j % STAGES
+                prev = (j - 1) % STAGES
+                start_n = lo + j * BLOCK_N
+                mbarrier.wait(k_bars.index(st), (j // STAGES) & 1)
+                s_tok = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False,
+                                      is_async=True)
+                mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
+                o_tok = warpgroup_mma(p_prev, v_smem.index(prev), acc, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))  # S_j done; P V may still run
+                masked = (start_n < lo_full) | (start_n + BLOCK_N > hi_full)
+                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, start_n, masked, offs_m, offs_n, Nk, off, LEFT,
+                                                   RIGHT, qk_scale, HAS_LEFT, HAS_RIGHT)
+                p_next = gl.convert_layout(p.to(dtype), p_layout)
+                acc, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_prev))
+                _cta_barrier()  # both warpgroups are done with K_j and V_{j-1}: refill them
+                refill_k = j + STAGES < n_blocks
+                mbarrier.expect(k_bars.index(st), kv_bytes, pred=refill_k)
+                _tma_load(desc_k, [start_n + STAGES * BLOCK_N, 0], k_bars.index(st), k_smem.index(st),
+                          pred=refill_k)
+                refill_v = j - 1 + STAGES < n_blocks
+                mbarrier.expect(v_bars.index(prev), kv_bytes, pred=refill_v)
+                _tma_load(desc_v, [start_n + (STAGES - 1) * BLOCK_N, 0], v_bars.index(prev), v_smem.index(prev),
+                          pred=refill_v)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+                p_prev = p_next
+            last_st = (n_blocks - 1) % STAGES
+            mbarrier.wait(v_bars.index(last_st), ((n_blocks - 1) // STAGES) & 1)
+            o_tok = warpgroup_mma(p_prev, v_smem.index(last_st), acc, is_async=True)
+            acc, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_prev))
+
+        mbarrier.invalidate(q_bar)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(k_bars.index(i))
+            mbarrier.invalidate(v_bars.index(i))
+
+        empty = l_i == 0.0
+        l_o = gl.convert_layout(gl.where(empty, 1.0, l_i), row_o)
+        out = acc / gl.expand_dims(l_o, 1)
+        lse = gl.where(empty, float("-inf"), m_i + gl.log2(gl.where(empty, 1.0, l_i))) * LN2  # log2 -> natural
+        _cta_barrier()  # every warpgroup is done reading Q: its buffer takes the output tile
+        q_smem.store(out.to(dtype))
+        fence_async_shared()
+        _cta_barrier()
+        _tma_store(desc_o, [i0, 0], q_smem)  # rows past Nq are clipped by the copy engine
+        gl.store(LSE + b * slb + h * slh + offs_m.to(gl.int64) * slm, lse, mask=offs_m < Nq)
+        tma.store_wait(0)
+
+
+
+# D (power of two) -> (BLOCK_M, BLOCK_N, STAGES, num_warps). Shared memory: Q + 2 x STAGES x (BLOCK_N x D).
+GLUON_FWD = {
+    64: dict(BLOCK_M=128, BLOCK_N=128, STAGES=3, num_warps=8),
+    128: dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=8),
+}
+
+
+def gluon_supported(q, k, v) -> bool:
+    """Shapes this kernel takes (the caller has checked sm_90 and TMA strides): Dv == D, D <= 128, 16-bit."""
+    return (HAVE_GLUON and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] == v.shape[-1]
+            and pow2(q.shape[-1]) in GLUON_FWD and q.shape[-1] >= 16)
+
+
+def gluon_fwd(q, k, v, *, scale, left, right, config=None):
+    """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, D) -> out (B, Hq, Nq, D), lse (B, Hq, Nq) fp32."""
+    from fa2lab.kernels.hopper_fwd import ensure_allocator
+
+    ensure_allocator()
+    b, h, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    if q.stride(1) < q.stride(2):  # q is a (B, Nq, Hq, D) tensor seen as (B, Hq, Nq, D): write out the same way
+        out = torch.empty(b, nq, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
+    else:
+        out = torch.empty(b, h, nq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or nq == 0:
+        return out, lse.fill_(float("-inf"))
+    cfg = dict(config or GLUON_FWD[pow2(d)])
+    num_m = triton.cdiv(nq, cfg["BLOCK_M"])
+    st = lambda t: t.stride()[:3]  # noqa: E731 (batch, head, token)
+    _gluon_fwd_kernel[(num_m * b * h,)](
+        q, k, v, out, lse, *st(q), *st(k), *st(v), *st(out), *lse.stride(), h, nq, nk, h // hkv, d, num_m,
+        scale * LOG2E, max(left, 0), max(right, 0), HEAD_DIM=pow2(d), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
+        LONGEST_FIRST=right >= 0 and left < 0, **cfg)
+    return out, lse
+
+
+__all__ = ["GLUON_FWD", "HAVE_GLUON", "gluon_fwd", "gluon_supported"]

@@ -1,0 +1,65 @@
+"""The Gluon Hopper forward (kernels/gluon_fwd.py) on an sm_90 GPU (`pytest -m gpu`): the error rule
+against float64 on awkward shapes, through the kernel and through the public call."""
+
+
+import pytest
+import torch
+from helpers import assert_within_torch_error, make_qkv, max_err
+
+import fa2lab
+from fa2lab.kernels.gluon_fwd import HAVE_GLUON, gluon_fwd, gluon_supported
+from fa2lab.reference import attention_ref
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or not HAVE_GLUON or
+                                                  torch.cuda.get_device_capability()[0] != 9,
+                                                  reason="needs an sm_90 (Hopper) GPU and Triton's Gluon")]
+
+CASES = [  # b, hq, hkv, nq, nk, d, causal, window
+    (1, 2, 2, 1, 1, 128, False, (-1, -1)),
+    (2, 4, 2, 97, 97, 128, True, (-1, -1)),
+    (1, 4, 1, 232, 1025, 64, True, (-1, -1)),
+    (1, 4, 4, 1025, 232, 128, True, (-1, -1)),  # rows 0 .. 792 see no key (bottom-right): zeros
+    (2, 8, 2, 1025, 1025, 80, False, (-1, -1)),
+    (1, 4, 2, 1000, 3000, 40, False, (-1, -1)),
+    (2, 16, 4, 4096, 4096, 128, True, (-1, -1)),
+    (1, 8, 8, 2048, 2048, 128, False, (256, 0)),
+    (1, 8, 2, 1500, 1500, 64, False, (100, 300)),
+]
+
+
+def _kernel(q, k, v, causal=False, window_size=(-1, -1), softmax_scale=None):
+    from fa2lab.masks import effective_window
+
+    left, right = effective_window(causal, window_size)
+    scale = softmax_scale or q.shape[-1] ** -0.5
+    return gluon_fwd(q, k, v, scale=scale, left=left, right=right)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,window", CASES)
+def test_gluon_forward_within_torch_rule(dtype, b, hq, hkv, nq, nk, d, causal, window):
+    q, k, v = (t.cuda() for t in make_qkv(b, hq, hkv, nq, nk, d, seed=5))
+    assert gluon_supported(q.to(dtype), k.to(dtype), v.to(dtype))
+    truth = attention_ref(q, k, v, causal=causal, window_size=window)
+    ours = _kernel(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, window_size=window)
+    naive = attention_ref(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, window_size=window, upcast=False)
+    e_ours, e_torch = max_err(ours, truth), max_err(naive, truth)
+    assert e_ours <= 2 * e_torch + 1e-3, f"forward error {e_ours:.3g} vs torch's {e_torch:.3g}"
+
+
+def test_gluon_lse_and_strided_inputs_match_the_tma_kernel():
+    from fa2lab.kernels.hopper_fwd import hopper_fwd
+
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 1500, 3, 8, 128, generator=g).bfloat16().cuda()  # (B, N, 3, H, D): token stride 3*H*D
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    out, lse = gluon_fwd(q, k, v, scale=0.088, left=-1, right=0)
+    ref, ref_lse = hopper_fwd(q, k, v, scale=0.088, left=-1, right=0)
+    assert max_err(out, ref) < 2e-2 and max_err(lse, ref_lse) < 1e-3
+
+
+def test_gluon_through_the_public_call_with_gradients(monkeypatch):
+    monkeypatch.setenv("FA2LAB_HOPPER_FWD", "gluon")
+    q, k, v = (t.cuda() for t in make_qkv(2, 8, 2, 1025, 1025, 128, seed=7))
+    assert_within_torch_error(lambda *a, **kw: fa2lab.attention(*a, backend="triton", **kw), q, k, v,
+                              torch.bfloat16, causal=True)
