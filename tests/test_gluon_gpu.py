@@ -27,21 +27,25 @@ CASES = [  # b, hq, hkv, nq, nk, d, causal, window
 ]
 
 
-def _kernel(q, k, v, causal=False, window_size=(-1, -1), softmax_scale=None):
+def _kernel(q, k, v, causal=False, window_size=(-1, -1), softmax_scale=None, ws=False):
+    from fa2lab.kernels.common import pow2
+    from fa2lab.kernels.gluon_fwd import GLUON_FWD
     from fa2lab.masks import effective_window
 
     left, right = effective_window(causal, window_size)
     scale = softmax_scale or q.shape[-1] ** -0.5
-    return gluon_fwd(q, k, v, scale=scale, left=left, right=right)[0]
+    cfg = dict(GLUON_FWD[pow2(q.shape[-1])], WS=ws)
+    return gluon_fwd(q, k, v, scale=scale, left=left, right=right, config=cfg)[0]
 
 
+@pytest.mark.parametrize("ws", [False, True], ids=["one-partition", "warp-specialised"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,window", CASES)
-def test_gluon_forward_within_torch_rule(dtype, b, hq, hkv, nq, nk, d, causal, window):
+def test_gluon_forward_within_torch_rule(dtype, b, hq, hkv, nq, nk, d, causal, window, ws):
     q, k, v = (t.cuda() for t in make_qkv(b, hq, hkv, nq, nk, d, seed=5))
     assert gluon_supported(q.to(dtype), k.to(dtype), v.to(dtype))
     truth = attention_ref(q, k, v, causal=causal, window_size=window)
-    ours = _kernel(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, window_size=window)
+    ours = _kernel(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, window_size=window, ws=ws)
     naive = attention_ref(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, window_size=window, upcast=False)
     e_ours, e_torch = max_err(ours, truth), max_err(naive, truth)
     assert e_ours <= 2 * e_torch + 1e-3, f"forward error {e_ours:.3g} vs torch's {e_torch:.3g}"

@@ -220,6 +220,187 @@ if HAVE_GLUON:
         tma.store_wait(0)
 
 
+    @gluon.jit
+    def _ws_producer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                     i0, lo, n_blocks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     STAGES: gl.constexpr, WG: gl.constexpr):
+        """One warp: Q once, then K_j and V_j into the ring as the consumers free its buffers."""
+        mbarrier.expect(q_bar, BLOCK_M * HEAD_DIM * 2)
+        _tma_load(desc_q, [i0, 0], q_bar, q_smem)
+        for j in range(n_blocks):
+            st = j % STAGES
+            ph = (j // STAGES) & 1
+            mbarrier.wait(k_empty.index(st), ph ^ 1)  # a fresh barrier counts as phase 1 complete
+            mbarrier.expect(k_ready.index(st), BLOCK_N * HEAD_DIM * 2)
+            _tma_load(desc_k, [lo + j * BLOCK_N, 0], k_ready.index(st), k_smem.index(st))
+            mbarrier.wait(v_empty.index(st), ph ^ 1)
+            mbarrier.expect(v_ready.index(st), BLOCK_N * HEAD_DIM * 2)
+            _tma_load(desc_v, [lo + j * BLOCK_N, 0], v_ready.index(st), v_smem.index(st))
+
+    @gluon.jit
+    def _ws_consumer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                     i0, lo, n_blocks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     STAGES: gl.constexpr, WG: gl.constexpr, desc_o, LSE_ROW, slm, Nq, Nk, lo_full, hi_full, LEFT,
+                     RIGHT, qk_scale, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+        """One warpgroup: rows [i0 + WG * BLOCK_M / 2, + BLOCK_M / 2) of the tile, Algorithm 2 of FA3.
+        The two consumers share K and V but never wait for each other (each frees a buffer on its own
+        mbarrier arrival), so one's softmax runs under the other's matmuls as the scheduler finds them."""
+        ROWS: gl.constexpr = BLOCK_M // 2
+        dtype: gl.constexpr = q_smem.dtype
+        mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK_N, 16])
+        mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, mma_s)
+        col_s: gl.constexpr = gl.SliceLayout(0, mma_s)
+        row_o: gl.constexpr = gl.SliceLayout(1, mma_o)
+        q_half = q_smem.slice(WG * ROWS, ROWS)
+        r0 = i0 + WG * ROWS
+        off = Nk - Nq
+        offs_m = r0 + gl.arange(0, ROWS, layout=row_s)
+        offs_n = gl.arange(0, BLOCK_N, layout=col_s)
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_s)
+        l_i = gl.zeros([ROWS], gl.float32, layout=row_s)
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=mma_o)
+        zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=mma_s)
+        mbarrier.wait(q_bar, 0)
+        if n_blocks > 0:
+            mbarrier.wait(k_ready.index(0), 0)
+            s_tok = warpgroup_mma(q_half, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
+            mbarrier.arrive(k_empty.index(0), count=1)
+            masked = (lo < lo_full) | (lo + BLOCK_N > hi_full)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, lo, masked, offs_m, offs_n, Nk, off, LEFT, RIGHT,
+                                               qk_scale, HAS_LEFT, HAS_RIGHT)
+            p_prev = gl.convert_layout(p.to(dtype), p_layout)
+            for j in range(1, n_blocks):
+                st = j % STAGES
+                prev = (j - 1) % STAGES
+                start_n = lo + j * BLOCK_N
+                mbarrier.wait(k_ready.index(st), (j // STAGES) & 1)
+                s_tok = warpgroup_mma(q_half, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False,
+                                      is_async=True)
+                mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+                o_tok = warpgroup_mma(p_prev, v_smem.index(prev), acc, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))  # S_j done; P V may still run
+                mbarrier.arrive(k_empty.index(st), count=1)
+                masked = (start_n < lo_full) | (start_n + BLOCK_N > hi_full)
+                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, start_n, masked, offs_m, offs_n, Nk, off, LEFT,
+                                                   RIGHT, qk_scale, HAS_LEFT, HAS_RIGHT)
+                p_next = gl.convert_layout(p.to(dtype), p_layout)
+                acc, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_prev))
+                mbarrier.arrive(v_empty.index(prev), count=1)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+                p_prev = p_next
+            last_st = (n_blocks - 1) % STAGES
+            mbarrier.wait(v_ready.index(last_st), ((n_blocks - 1) // STAGES) & 1)
+            o_tok = warpgroup_mma(p_prev, v_smem.index(last_st), acc, is_async=True)
+            acc, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_prev))
+            mbarrier.arrive(v_empty.index(last_st), count=1)
+        empty = l_i == 0.0
+        out = acc / gl.expand_dims(gl.convert_layout(gl.where(empty, 1.0, l_i), row_o), 1)
+        lse = gl.where(empty, float("-inf"), m_i + gl.log2(gl.where(empty, 1.0, l_i))) * LN2
+        q_half.store(out.to(dtype))  # this warpgroup's rows of Q are no longer read: the output tile
+        fence_async_shared()
+        _tma_store(desc_o, [r0, 0], q_half)  # rows past Nq are clipped by the copy engine
+        gl.store(LSE_ROW + offs_m.to(gl.int64) * slm, lse, mask=offs_m < Nq)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _ws_consumer0(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                      i0, lo, n_blocks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                      STAGES: gl.constexpr, WG: gl.constexpr, desc_o, LSE_ROW, slm, Nq, Nk, lo_full, hi_full, LEFT,
+                      RIGHT, qk_scale, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+        _ws_consumer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                     i0, lo, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, 0, desc_o, LSE_ROW, slm, Nq, Nk, lo_full,
+                     hi_full, LEFT, RIGHT, qk_scale, HAS_LEFT, HAS_RIGHT)
+
+    @gluon.jit
+    def _ws_worker(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                   i0, lo, n_blocks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                   STAGES: gl.constexpr, WG: gl.constexpr, desc_o, LSE_ROW, slm, Nq, Nk, lo_full, hi_full, LEFT,
+                   RIGHT, qk_scale, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+        """The worker partitions share one signature: WG 1 is the second consumer, WG 2 the producer."""
+        if WG == 1:
+            _ws_consumer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                         i0, lo, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, 1, desc_o, LSE_ROW, slm, Nq, Nk,
+                         lo_full, hi_full, LEFT, RIGHT, qk_scale, HAS_LEFT, HAS_RIGHT)
+        else:
+            _ws_producer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                         i0, lo, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, 2)
+
+    @gluon.jit
+    def _gluon_fwd_ws_kernel(Q, K, V, O, LSE, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+                             slb, slh, slm, H, Nq, Nk, G, D, NUM_M, qk_scale, LEFT, RIGHT,
+                             HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                             STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                             LONGEST_FIRST: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        """Warp-specialised: a producer warp for the copies, two consumer warpgroups of BLOCK_M / 2 rows."""
+        tile = gl.program_id(0)
+        bh = tile // NUM_M
+        pid_m = tile % NUM_M
+        if LONGEST_FIRST:
+            pid_m = NUM_M - 1 - pid_m
+        b = (bh // H).to(gl.int64)
+        h = (bh % H).to(gl.int64)
+        hk = h // G
+        i0 = pid_m * BLOCK_M
+        dtype: gl.constexpr = Q.dtype.element_ty
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+        o_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, HEAD_DIM], dtype)
+        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+        desc_q = tma.make_tensor_descriptor(Q + b * sqb + h * sqh, shape=[Nq, D], strides=[sqm, 1],
+                                            block_shape=[BLOCK_M, HEAD_DIM], layout=q_layout)
+        desc_k = tma.make_tensor_descriptor(K + b * skb + hk * skh, shape=[Nk, D], strides=[skn, 1],
+                                            block_shape=[BLOCK_N, HEAD_DIM], layout=kv_layout)
+        desc_v = tma.make_tensor_descriptor(V + b * svb + hk * svh, shape=[Nk, D], strides=[svn, 1],
+                                            block_shape=[BLOCK_N, HEAD_DIM], layout=kv_layout)
+        desc_o = tma.make_tensor_descriptor(O + b * sob + h * soh, shape=[Nq, D], strides=[som, 1],
+                                            block_shape=[BLOCK_M // 2, HEAD_DIM], layout=o_layout)
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
+            mbarrier.init(v_empty.index(i), count=2)
+
+        off = Nk - Nq
+        lo = 0
+        hi = Nk
+        if HAS_LEFT:
+            lo = (gl.maximum(0, i0 + off - LEFT) // BLOCK_N) * BLOCK_N
+        if HAS_RIGHT:
+            hi = gl.maximum(0, gl.minimum(Nk, gl.minimum(i0 + BLOCK_M, Nq) - 1 + off + RIGHT + 1))
+        last = gl.minimum(i0 + BLOCK_M, Nq) - 1
+        lo_full = lo
+        if HAS_LEFT:
+            lo_full = gl.minimum(gl.maximum(lo, gl.cdiv(gl.maximum(0, last + off - LEFT), BLOCK_N) * BLOCK_N), hi)
+        hi_full = (Nk // BLOCK_N) * BLOCK_N
+        if HAS_RIGHT:
+            hi_full = gl.minimum(hi_full, (gl.maximum(0, i0 + off + RIGHT + 1) // BLOCK_N) * BLOCK_N)
+        n_blocks = gl.cdiv(gl.maximum(hi - lo, 0), BLOCK_N)
+        lse_row = LSE + b * slb + h * slh
+        gl.warp_specialize([
+            (_ws_consumer0, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                             i0, lo, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, 0, desc_o, lse_row, slm, Nq, Nk,
+                             lo_full, hi_full, LEFT, RIGHT, qk_scale, HAS_LEFT, HAS_RIGHT)),
+            (_ws_worker, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                          i0, lo, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, 1, desc_o, lse_row, slm, Nq, Nk,
+                          lo_full, hi_full, LEFT, RIGHT, qk_scale, HAS_LEFT, HAS_RIGHT)),
+            (_ws_worker, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                          i0, lo, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, 2, desc_o, lse_row, slm, Nq, Nk,
+                          lo_full, hi_full, LEFT, RIGHT, qk_scale, HAS_LEFT, HAS_RIGHT)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+
 
 # D (power of two) -> (BLOCK_M, BLOCK_N, STAGES, num_warps). Shared memory: Q + 2 x STAGES x (BLOCK_N x D).
 GLUON_FWD = {
@@ -251,7 +432,12 @@ def gluon_fwd(q, k, v, *, scale, left, right, config=None):
     cfg = dict(config or GLUON_FWD[pow2(d)])
     num_m = triton.cdiv(nq, cfg["BLOCK_M"])
     st = lambda t: t.stride()[:3]  # noqa: E731 (batch, head, token)
-    _gluon_fwd_kernel[(num_m * b * h,)](
+    ws = cfg.pop("WS", False)
+    kernel = _gluon_fwd_ws_kernel if ws else _gluon_fwd_kernel
+    if ws:
+        cfg.setdefault("CONSUMER_REGS", 240)
+        cfg.setdefault("maxnreg", 168)
+    kernel[(num_m * b * h,)](
         q, k, v, out, lse, *st(q), *st(k), *st(v), *st(out), *lse.stride(), h, nq, nk, h // hkv, d, num_m,
         scale * LOG2E, max(left, 0), max(right, 0), HEAD_DIM=pow2(d), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
         LONGEST_FIRST=right >= 0 and left < 0, **cfg)
