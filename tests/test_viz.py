@@ -245,6 +245,26 @@ def test_latest_by_kind_takes_each_kind_from_its_newest_file(tmp_path):
     assert viz.gpu.latest_by_kind(tmp_path / "none") == {}
 
 
+def test_latest_merged_joins_each_kinds_newest_file_of_one_device(tmp_path):
+    import json
+
+    fwd = [r for r in GPU_RESULTS["rows"] if r["kind"] == "fwd"]
+    dec = [r for r in GPU_RESULTS["rows"] if r["kind"] == "decode"]
+    h200 = dict(device="NVIDIA H200", date="2026-02-01")
+    (tmp_path / "gpu-20260101-000000.json").write_text(json.dumps(dict(GPU_RESULTS, tag="old full")))
+    (tmp_path / "gpu-20260201-000000.json").write_text(json.dumps(dict(GPU_RESULTS, environment=h200, rows=fwd,
+                                                                       tag="h200 fwd")))
+    label, res = viz.gpu.latest_merged(tmp_path)
+    # the H100 file's decode rows are newer than nothing, but from another device: left out
+    assert res["tag"] == "h200 fwd" and {r["kind"] for r in res["rows"]} == {"fwd"}
+    assert label == "fwd: gpu-20260201-000000.json"
+    (tmp_path / "gpu-20260301-000000.json").write_text(json.dumps(dict(GPU_RESULTS, environment=h200, rows=dec)))
+    label, res = viz.gpu.latest_merged(tmp_path)
+    assert [r["kind"] for r in res["rows"]] == ["fwd"] * 3 + ["decode"] * 2 and res["tag"] == "h200 fwd"
+    assert label == "fwd: gpu-20260201-000000.json, decode: gpu-20260301-000000.json"
+    assert viz.gpu.latest_merged(tmp_path / "none") == (None, None)
+
+
 def test_gpu_results_figures_and_ratios(tmp_path):
     import json
 

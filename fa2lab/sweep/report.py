@@ -140,17 +140,17 @@ def sweep_sections(results_root: Path) -> list[tuple[str, list]]:
 def gpu_section(folder=None) -> tuple[str, list] | None:
     from fa2lab.viz import gpu
 
-    path, results = gpu.latest_gpu_results(folder)
+    label, results = gpu.latest_merged(folder)
     if results is None:
         return None
     env = results.get("environment", {})
-    parts = [f"<p class=meta>{html.escape(str(path))}: " + ", ".join(f"{k} {html.escape(str(v))}"
+    parts = [f"<p class=meta>{html.escape(label)}: " + ", ".join(f"{k} {html.escape(str(v))}"
                                                                    for k, v in env.items()) + "</p>"]
     for kind in ("fwd", "bwd", "decode"):
         if any(r.get("kind") == kind for r in results.get("rows", [])):
             parts.append(gpu.throughput_figure(results, kind))
     parts.insert(1, _soundness_html(gpu_soundness(results)))
-    return ("GPU benchmark (newest results file)", parts)
+    return ("GPU benchmark (newest results file of each kind)", parts)
 
 
 def gpu_soundness(results: dict) -> dict:
@@ -189,9 +189,9 @@ def build_report(results_root=None, out=None, *, gpu_results=None, include_gpu: 
         gpu = gpu_section(gpu_results)
         if gpu:
             sections.append(gpu)
-            from fa2lab.viz.gpu import latest_gpu_results
+            from fa2lab.viz.gpu import latest_merged
 
-            counts.append((gpu[0], gpu_soundness(latest_gpu_results(gpu_results)[1])))
+            counts.append((gpu[0], gpu_soundness(latest_merged(gpu_results)[1])))
     body, plotly_included = [], False
     nav = " ".join(f"<a href='#s{i}'>{html.escape(name)}</a>" for i, (name, _) in enumerate(sections))
     for i, (name, parts) in enumerate(sections):

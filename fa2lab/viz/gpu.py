@@ -78,6 +78,26 @@ def latest_by_kind(folder=None) -> dict[str, tuple[Path, dict]]:
     return latest
 
 
+def latest_merged(folder=None) -> tuple[str | None, dict | None]:
+    """One results dict holding each kind's rows from its newest file (`latest_by_kind`), for views
+    that read several kinds at once (notebook 06's rooflines, the sweep report). Only files from the
+    device of the newest forward file (or, without one, the newest of any kind) join, so a figure
+    never mixes GPUs; environment and peaks come from that file. -> (label naming the files, results),
+    or (None, None) if there is no results file."""
+    latest = latest_by_kind(folder)
+    if not latest:
+        return None, None
+    lead_path, lead = latest.get("fwd") or max(latest.values(), key=lambda item: _stamp(item[0]))
+    device = lead.get("environment", {}).get("device")
+    rows, names = [], []
+    for kind in KINDS:
+        if kind in latest and latest[kind][1].get("environment", {}).get("device") == device:
+            path, res = latest[kind]
+            rows += [r for r in res.get("rows", []) if r.get("kind") == kind]
+            names.append(f"{kind}: {path.name}")
+    return ", ".join(names), dict(lead, rows=rows)
+
+
 def impl_name(impl: str) -> str:
     """'fa2lab triton (splits=66)' -> 'fa2lab triton': one series per implementation."""
     return impl.split(" (splits")[0]
