@@ -410,9 +410,10 @@ GLUON_FWD = {
 
 
 def gluon_supported(q, k, v) -> bool:
-    """Shapes this kernel takes (the caller has checked sm_90 and TMA strides): Dv == D, D <= 128, 16-bit."""
-    return (HAVE_GLUON and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] == v.shape[-1]
-            and pow2(q.shape[-1]) in GLUON_FWD and q.shape[-1] >= 16)
+    """Shapes this kernel takes (the caller has checked sm_90 and TMA strides): Dv == D, 32 < D <= 128, 16-bit."""
+    from fa2lab.kernels.hopper_config import gluon_shapes_ok
+
+    return HAVE_GLUON and gluon_shapes_ok(q, k, v) and pow2(q.shape[-1]) in GLUON_FWD
 
 
 def gluon_fwd(q, k, v, *, scale, left, right, config=None):

@@ -131,12 +131,19 @@ def tma_ok(t: torch.Tensor, token_dim: int) -> bool:
 FWD_GLUON: set = set()
 
 
+def gluon_shapes_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """What the Gluon forward takes (sm_90 and TMA strides checked by hopper_eligible): Triton's Gluon
+    present, fp16/bf16, Dv == D, 32 < D <= 128 (its tiles: kernels/gluon_fwd.py GLUON_FWD)."""
+    import importlib.util
+
+    return (q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] == v.shape[-1] and 32 < q.shape[-1] <= 128
+            and importlib.util.find_spec("triton.experimental.gluon") is not None)
+
+
 def gluon_fwd_wanted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether a plain dense Hopper forward goes to the Gluon kernel (the caller checked hopper_eligible)."""
-    from fa2lab.kernels.gluon_fwd import gluon_supported
-
     choice = os.environ.get("FA2LAB_HOPPER_FWD", "auto")
-    if choice == "triton" or not gluon_supported(q, k, v):
+    if choice == "triton" or not gluon_shapes_ok(q, k, v):
         return False
     return choice == "gluon" or _bound(q.shape[-1]) in FWD_GLUON
 
@@ -159,4 +166,4 @@ def hopper_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return all(tma_ok(t, token_dim) for t in (q, k, v))
 
 
-__all__ = ["BWD", "BWD_PORTABLE", "BWD_TWO_PASS", "FWD", "FWD_GLUON", "gluon_fwd_wanted", "hopper_bwd_config", "hopper_bwd_wanted", "hopper_eligible", "hopper_fwd_config", "tma_ok"]
+__all__ = ["BWD", "BWD_PORTABLE", "BWD_TWO_PASS", "FWD", "FWD_GLUON", "gluon_fwd_wanted", "gluon_shapes_ok", "hopper_bwd_config", "hopper_bwd_wanted", "hopper_eligible", "hopper_fwd_config", "tma_ok"]
