@@ -1,10 +1,12 @@
 """Host time per prefill attention call on a GPU (B=1, Hq=16, Hkv=8, N=1024, D=128, causal, bf16, no grad),
 transformers' (B, N, H, D) layout: wall time of 300 back-to-back calls / 300 (the kernel is ~12 us, so the loop
-is host-bound), best of 5. Run: PYTHONPATH=. python experiments/host_cost_prefill_gpu.py"""
-import os, time, torch
+is host-bound), best of 5; then where the time goes (cProfile, top functions by own time) for the Triton
+forward and the public call. Run: PYTHONPATH=. python experiments/host_cost_prefill_gpu.py"""
+import cProfile, io, os, pstats, time, torch
 import torch.nn.functional as F
 import fa2lab
 from fa2lab.kernels.attention import kernel_forward
+from fa2lab.kernels.hopper_config import FWD
 from fa2lab.kernels.hopper_fwd import hopper_fwd
 from fa2lab.kernels.gluon_fwd import gluon_fwd
 from fa2lab.models.functional import padded_attention
@@ -19,6 +21,8 @@ cases = {
     "fa2lab.attention triton": lambda: fa2lab.attention(qt, kt, vt, causal=True, backend="triton"),
     "kernel_forward": lambda: kernel_forward(qt, kt, vt, scale=s, left=-1, right=0),
     "hopper_fwd": lambda: hopper_fwd(qt, kt, vt, scale=s, left=-1, right=0),
+    "hopper_fwd, device descriptors": lambda: hopper_fwd(qt, kt, vt, scale=s, left=-1, right=0,
+                                                         config=dict(FWD[128][1], HOST_DESC=False)),
     "gluon_fwd": lambda: gluon_fwd(qt, kt, vt, scale=s, left=-1, right=0),
     "fa2lab.attention triton, Gluon forward": "gluon",
 }
@@ -40,3 +44,17 @@ with torch.no_grad():
             print(f"{name:<42} {best * 1e6:7.1f} us per call (host)")
         except Exception as e:
             print(f"{name:<42} {type(e).__name__}: {str(e)[:200]}")
+
+os.environ.pop("FA2LAB_HOPPER_FWD", None)
+with torch.no_grad():
+    for name in ("hopper_fwd", "fa2lab.attention triton"):
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(200): cases[name]()
+        prof.disable()
+        torch.cuda.synchronize()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(14)
+        print(f"--- {name}: 200 calls, by own time")
+        text = buf.getvalue()
+        print("\n".join(l for l in text[text.index("ncalls"):].splitlines() if l.strip()))

@@ -29,12 +29,12 @@ CASES = [  # b, hq, hkv, nq, nk, d, causal, window
 
 def _kernel(q, k, v, causal=False, window_size=(-1, -1), softmax_scale=None, ws=False):
     from fa2lab.kernels.common import pow2
-    from fa2lab.kernels.gluon_fwd import GLUON_FWD
+    from fa2lab.kernels.gluon_fwd import GLUON_FWD, GLUON_FWD_ONE_PARTITION
     from fa2lab.masks import effective_window
 
     left, right = effective_window(causal, window_size)
     scale = softmax_scale or q.shape[-1] ** -0.5
-    cfg = dict(GLUON_FWD[pow2(q.shape[-1])], WS=ws)
+    cfg = (GLUON_FWD if ws else GLUON_FWD_ONE_PARTITION)[pow2(q.shape[-1])]
     return gluon_fwd(q, k, v, scale=scale, left=left, right=right, config=cfg)[0]
 
 

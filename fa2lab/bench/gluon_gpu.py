@@ -102,7 +102,7 @@ def table(rows) -> str:
         lines.append(f"| {case} | {f(r['triton'])} | {f(r['gluon'])} | {f(r['cudnn'])} | {f(r['flash'])} | "
                      f"{ratio('gluon', 'cudnn')} | {ratio('gluon', 'triton')} | {ok} |")
         for c in r.get("configs", []):
-            ws = " WS" if c.get("WS") else ""
+            ws = (" WS" if c.get("WS") else "") + (f" regs {c['CONSUMER_REGS']}" if "CONSUMER_REGS" in c else "")
             lines.append(f"|   kernel {c['BLOCK_M']}x{c['BLOCK_N']} s{c['STAGES']} w{c['num_warps']}{ws} | | "
                          f"{f(c['tflops'])} | | | | | |")
     return "\n".join(lines)

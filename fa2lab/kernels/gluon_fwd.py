@@ -74,11 +74,8 @@ if HAVE_GLUON:
         return p, alpha, m_new, l_i
 
     @gluon.jit
-    def _gluon_fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-                          slb, slh, slm, H, Nq, Nk, G, D, NUM_M, qk_scale, LEFT, RIGHT,
-                          HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                          STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-                          LONGEST_FIRST: gl.constexpr, num_warps: gl.constexpr):
+    def _tile_coords(NUM_M, H, G, BLOCK_M: gl.constexpr, LONGEST_FIRST: gl.constexpr):
+        """This program's batch, query head, K/V head (GQA: G query heads share one) and first query row."""
         tile = gl.program_id(0)
         bh = tile // NUM_M
         pid_m = tile % NUM_M
@@ -86,12 +83,38 @@ if HAVE_GLUON:
             pid_m = NUM_M - 1 - pid_m
         b = (bh // H).to(gl.int64)
         h = (bh % H).to(gl.int64)
-        hk = h // G  # GQA: the K/V head this query head shares
-        i0 = pid_m * BLOCK_M
-        dtype: gl.constexpr = Q.dtype.element_ty
+        return b, h, h // G, pid_m * BLOCK_M
 
+    @gluon.jit
+    def _key_blocks(i0, Nq, Nk, LEFT, RIGHT, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+        """Key blocks [lo, lo + n_blocks * BLOCK_N) the query rows [i0, i0 + BLOCK_M) visit, and the
+        range [lo_full, hi_full) every one of those rows sees in full (no mask needed there)."""
+        off = Nk - Nq  # bottom-right alignment of the diagonal
+        lo = 0
+        hi = Nk
+        if HAS_LEFT:
+            lo = (gl.maximum(0, i0 + off - LEFT) // BLOCK_N) * BLOCK_N
+        if HAS_RIGHT:
+            hi = gl.maximum(0, gl.minimum(Nk, gl.minimum(i0 + BLOCK_M, Nq) - 1 + off + RIGHT + 1))
+        last = gl.minimum(i0 + BLOCK_M, Nq) - 1
+        lo_full = lo
+        if HAS_LEFT:
+            lo_full = gl.minimum(gl.maximum(lo, gl.cdiv(gl.maximum(0, last + off - LEFT), BLOCK_N) * BLOCK_N), hi)
+        hi_full = (Nk // BLOCK_N) * BLOCK_N
+        if HAS_RIGHT:
+            hi_full = gl.minimum(hi_full, (gl.maximum(0, i0 + off + RIGHT + 1) // BLOCK_N) * BLOCK_N)
+        return lo, gl.cdiv(gl.maximum(hi - lo, 0), BLOCK_N), lo_full, hi_full
+
+    @gluon.jit
+    def _descriptors(Q, K, V, O, b, h, hk, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, Nq, Nk, D,
+                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, O_ROWS: gl.constexpr):
+        """TMA descriptors over this (batch, head)'s (tokens, D) slices: rows past the end read as zeros
+        and are clipped on store. O_ROWS: the rows one output store writes."""
+        dtype: gl.constexpr = Q.dtype.element_ty
         q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
         kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+        o_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([O_ROWS, HEAD_DIM], dtype)
         desc_q = tma.make_tensor_descriptor(Q + b * sqb + h * sqh, shape=[Nq, D], strides=[sqm, 1],
                                             block_shape=[BLOCK_M, HEAD_DIM], layout=q_layout)
         desc_k = tma.make_tensor_descriptor(K + b * skb + hk * skh, shape=[Nk, D], strides=[skn, 1],
@@ -99,7 +122,22 @@ if HAVE_GLUON:
         desc_v = tma.make_tensor_descriptor(V + b * svb + hk * svh, shape=[Nk, D], strides=[svn, 1],
                                             block_shape=[BLOCK_N, HEAD_DIM], layout=kv_layout)
         desc_o = tma.make_tensor_descriptor(O + b * sob + h * soh, shape=[Nq, D], strides=[som, 1],
-                                            block_shape=[BLOCK_M, HEAD_DIM], layout=q_layout)
+                                            block_shape=[O_ROWS, HEAD_DIM], layout=o_layout)
+        return desc_q, desc_k, desc_v, desc_o
+
+    @gluon.jit
+    def _gluon_fwd_kernel(Q, K, V, O, LSE, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+                          slb, slh, slm, H, Nq, Nk, G, D, NUM_M, qk_scale, LEFT, RIGHT,
+                          HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                          STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                          LONGEST_FIRST: gl.constexpr, num_warps: gl.constexpr):
+        b, h, hk, i0 = _tile_coords(NUM_M, H, G, BLOCK_M, LONGEST_FIRST)
+        dtype: gl.constexpr = Q.dtype.element_ty
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+        desc_q, desc_k, desc_v, desc_o = _descriptors(Q, K, V, O, b, h, hk, sqb, sqh, sqm, skb, skh, skn, svb, svh,
+                                                      svn, sob, soh, som, Nq, Nk, D, HEAD_DIM, BLOCK_M, BLOCK_N,
+                                                      BLOCK_M)
 
         # Register layouts: S and O are wgmma accumulators (one warp per 16 rows); P feeds the PV
         # wgmma from registers; row statistics live in S's row slice.
@@ -123,22 +161,8 @@ if HAVE_GLUON:
             mbarrier.init(k_bars.index(i), count=1)
             mbarrier.init(v_bars.index(i), count=1)
 
-        # Key blocks [lo, hi) this query block visits; [lo_full, hi_full) every row sees in full.
-        off = Nk - Nq  # bottom-right alignment of the diagonal
-        lo = 0
-        hi = Nk
-        if HAS_LEFT:
-            lo = (gl.maximum(0, i0 + off - LEFT) // BLOCK_N) * BLOCK_N
-        if HAS_RIGHT:
-            hi = gl.maximum(0, gl.minimum(Nk, gl.minimum(i0 + BLOCK_M, Nq) - 1 + off + RIGHT + 1))
-        last = gl.minimum(i0 + BLOCK_M, Nq) - 1
-        lo_full = lo
-        if HAS_LEFT:
-            lo_full = gl.minimum(gl.maximum(lo, gl.cdiv(gl.maximum(0, last + off - LEFT), BLOCK_N) * BLOCK_N), hi)
-        hi_full = (Nk // BLOCK_N) * BLOCK_N
-        if HAS_RIGHT:
-            hi_full = gl.minimum(hi_full, (gl.maximum(0, i0 + off + RIGHT + 1) // BLOCK_N) * BLOCK_N)
-        n_blocks = gl.cdiv(gl.maximum(hi - lo, 0), BLOCK_N)
+        lo, n_blocks, lo_full, hi_full = _key_blocks(i0, Nq, Nk, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        off = Nk - Nq
 
         q_bytes: gl.constexpr = BLOCK_M * HEAD_DIM * 2
         kv_bytes: gl.constexpr = BLOCK_N * HEAD_DIM * 2
@@ -337,27 +361,13 @@ if HAVE_GLUON:
                              STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
                              LONGEST_FIRST: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
         """Warp-specialised: a producer warp for the copies, two consumer warpgroups of BLOCK_M / 2 rows."""
-        tile = gl.program_id(0)
-        bh = tile // NUM_M
-        pid_m = tile % NUM_M
-        if LONGEST_FIRST:
-            pid_m = NUM_M - 1 - pid_m
-        b = (bh // H).to(gl.int64)
-        h = (bh % H).to(gl.int64)
-        hk = h // G
-        i0 = pid_m * BLOCK_M
+        b, h, hk, i0 = _tile_coords(NUM_M, H, G, BLOCK_M, LONGEST_FIRST)
         dtype: gl.constexpr = Q.dtype.element_ty
         q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
-        o_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, HEAD_DIM], dtype)
         kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-        desc_q = tma.make_tensor_descriptor(Q + b * sqb + h * sqh, shape=[Nq, D], strides=[sqm, 1],
-                                            block_shape=[BLOCK_M, HEAD_DIM], layout=q_layout)
-        desc_k = tma.make_tensor_descriptor(K + b * skb + hk * skh, shape=[Nk, D], strides=[skn, 1],
-                                            block_shape=[BLOCK_N, HEAD_DIM], layout=kv_layout)
-        desc_v = tma.make_tensor_descriptor(V + b * svb + hk * svh, shape=[Nk, D], strides=[svn, 1],
-                                            block_shape=[BLOCK_N, HEAD_DIM], layout=kv_layout)
-        desc_o = tma.make_tensor_descriptor(O + b * sob + h * soh, shape=[Nq, D], strides=[som, 1],
-                                            block_shape=[BLOCK_M // 2, HEAD_DIM], layout=o_layout)
+        desc_q, desc_k, desc_v, desc_o = _descriptors(Q, K, V, O, b, h, hk, sqb, sqh, sqm, skb, skh, skn, svb, svh,
+                                                      svn, sob, soh, som, Nq, Nk, D, HEAD_DIM, BLOCK_M, BLOCK_N,
+                                                      BLOCK_M // 2)
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
@@ -373,21 +383,7 @@ if HAVE_GLUON:
             mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
             mbarrier.init(v_empty.index(i), count=2)
 
-        off = Nk - Nq
-        lo = 0
-        hi = Nk
-        if HAS_LEFT:
-            lo = (gl.maximum(0, i0 + off - LEFT) // BLOCK_N) * BLOCK_N
-        if HAS_RIGHT:
-            hi = gl.maximum(0, gl.minimum(Nk, gl.minimum(i0 + BLOCK_M, Nq) - 1 + off + RIGHT + 1))
-        last = gl.minimum(i0 + BLOCK_M, Nq) - 1
-        lo_full = lo
-        if HAS_LEFT:
-            lo_full = gl.minimum(gl.maximum(lo, gl.cdiv(gl.maximum(0, last + off - LEFT), BLOCK_N) * BLOCK_N), hi)
-        hi_full = (Nk // BLOCK_N) * BLOCK_N
-        if HAS_RIGHT:
-            hi_full = gl.minimum(hi_full, (gl.maximum(0, i0 + off + RIGHT + 1) // BLOCK_N) * BLOCK_N)
-        n_blocks = gl.cdiv(gl.maximum(hi - lo, 0), BLOCK_N)
+        lo, n_blocks, lo_full, hi_full = _key_blocks(i0, Nq, Nk, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
         lse_row = LSE + b * slb + h * slh
         gl.warp_specialize([
             (_ws_consumer0, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
@@ -402,9 +398,21 @@ if HAVE_GLUON:
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
-# D (power of two) -> (BLOCK_M, BLOCK_N, STAGES, num_warps). Shared memory: Q + 2 x STAGES x (BLOCK_N x D).
+# D (power of two) -> tile, ring depth, warps. Shared memory: Q + 2 x STAGES x (BLOCK_N x D).
+# WS=True: the warp-specialised kernel (num_warps = 4: the default partition is one consumer
+# warpgroup; the second consumer and the producer warp are added to it). Chosen on the H200,
+# 2026-12-03 (`python -m fa2lab.bench.gluon_gpu --configs`, gluon-20261203-125524.json, kernel
+# TFLOP/s, bf16): D=128 WS 128x128 2 stages 551-557 full / 483-492 causal at N=4096, 580-585 causal at
+# N=16384 (one partition 128x128 8 warps: 470 / 415 / 484; WS 128x64 3-4 stages 517-527); D=64 WS
+# 128x128 2 stages 407-409 (one partition 128x64 3 stages 395; WS 128x64 4 stages 347).
 GLUON_FWD = {
-    64: dict(BLOCK_M=128, BLOCK_N=128, STAGES=3, num_warps=8),
+    64: dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=4, WS=True),
+    128: dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=4, WS=True),
+}
+# The one-partition kernel (two warpgroups of one program, CTA barriers around each refill): the
+# first version, kept to compare against (tests run both).
+GLUON_FWD_ONE_PARTITION = {
+    64: dict(BLOCK_M=128, BLOCK_N=64, STAGES=3, num_warps=8),
     128: dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=8),
 }
 
@@ -436,6 +444,10 @@ def gluon_fwd(q, k, v, *, scale, left, right, config=None):
     ws = cfg.pop("WS", False)
     kernel = _gluon_fwd_ws_kernel if ws else _gluon_fwd_kernel
     if ws:
+        if cfg.get("num_warps", 4) != 4:
+            raise ValueError(f"the warp-specialised Gluon kernel runs num_warps=4 (one consumer warpgroup per "
+                             f"partition), got num_warps={cfg['num_warps']}: drop num_warps or WS from the config")
+        cfg["num_warps"] = 4
         cfg.setdefault("CONSUMER_REGS", 240)
         cfg.setdefault("maxnreg", 168)
     kernel[(num_m * b * h,)](
@@ -445,4 +457,4 @@ def gluon_fwd(q, k, v, *, scale, left, right, config=None):
     return out, lse
 
 
-__all__ = ["GLUON_FWD", "HAVE_GLUON", "gluon_fwd", "gluon_supported"]
+__all__ = ["GLUON_FWD", "GLUON_FWD_ONE_PARTITION", "HAVE_GLUON", "gluon_fwd", "gluon_supported"]

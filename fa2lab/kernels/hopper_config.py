@@ -127,8 +127,12 @@ def tma_ok(t: torch.Tensor, token_dim: int) -> bool:
 
 # The Gluon forward (kernels/gluon_fwd.py: the next Q K^T overlapped with this tile's softmax) serves
 # plain dense calls whose head-dim bound is in this set; FA2LAB_HOPPER_FWD=gluon / triton forces
-# one forward for every call it can take (to compare the two in one process).
-FWD_GLUON: set = set()
+# one forward for every call it can take (to compare the two in one process). D in (64, 128]: its
+# warp-specialised kernel against the Triton one, kernel TFLOP/s, H200, 2026-12-03 (`python -m
+# fa2lab.bench.gluon_gpu --configs`, gluon-20261203-125524.json): N=4096 full 551-557 against 512,
+# causal 483-492 against 443, N=16384 causal 580-585 against 492, N=1024 causal 294 against 304. D <= 64
+# stays on Triton (407-409 against 429).
+FWD_GLUON: set = {128}
 
 
 def gluon_shapes_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
