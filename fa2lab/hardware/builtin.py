@@ -134,7 +134,7 @@ def _rtx4090() -> HardwareProfile:
 
 
 def _hopper(name: str, mem_bw: float, bw_source: str, ds: str) -> HardwareProfile:
-    from fa2lab.kernels.hopper_config import BWD, FWD
+    from fa2lab.kernels.hopper_config import BWD, FWD, FWD_GLUON, GLUON_FWD
 
     return HardwareProfile(
         name=name, kind="gpu", arch=f"Hopper GH100 ({name.upper()} SXM), 4th-gen tensor cores, TMA, wgmma",
@@ -144,7 +144,8 @@ def _hopper(name: str, mem_bw: float, bw_source: str, ds: str) -> HardwareProfil
         peak_flops={"float16": 989.4e12, "bfloat16": 989.4e12, "float64": 66.9e12},
         peak_flops_simd={"float32": 66.9e12, "float16": 133.8e12, "bfloat16": 133.8e12, "float64": 33.5e12},
         exp_per_s=3.9e12, step_overhead_s=5e-6,
-        kernel_configs=dict(fwd={d: dict(full=f, causal=c) for d, (f, c) in FWD.items()}, bwd=dict(BWD)),
+        kernel_configs=dict(fwd={d: dict(full=f, causal=c) for d, (f, c) in FWD.items()}, bwd=dict(BWD),
+                            fwd_gluon={d: dict(GLUON_FWD[d]) for d in sorted(FWD_GLUON)}),
         sources=dict(_GPU_COMMON_SOURCES,
                      kernel_configs="measured on the lent H200, 2026-12-02, python -m fa2lab.bench.hopper_sweep "
                                     "(bf16, N=4096, B*N=32k, H*D=2048; experiments/results/hopper-sweep-*.json): "
@@ -152,7 +153,11 @@ def _hopper(name: str, mem_bw: float, bw_source: str, ds: str) -> HardwareProfil
                                     "D=64 351, D=128 366 / 300, D=256 237 (old tiles 99); every row exact by the "
                                     "2x / 3x rule. fa2lab/kernels/hopper_config.py lists the rivals of each row. Forward D=128 "
                                     "re-swept 2026-12-02 07:42 UTC (hopper-sweep-20261202-074333.json): kept at "
-                                    "501 full / 443 causal, no rival faster beyond 1.4%",
+                                    "501 full / 443 causal, no rival faster beyond 1.4%. fwd_gluon (plain dense "
+                                    "calls, D in (64, 128]: the Gluon warp-specialised forward): H200, 2026-12-03, "
+                                    "python -m fa2lab.bench.gluon_gpu --configs (gluon-20261203-125524.json): "
+                                    "557 full / 492 causal at N=4096, 585 causal at N=16384 against the Triton "
+                                    "forward's 512 / 443 / 492 in the same run",
                      compute_capability="CUDA-guide: GH100 is sm_90", units=f"{ds}: 132 SMs (SXM5)",
                      clock_hz="implied by the datasheet peaks: 989.4 TFLOP/s / (132 SMs x 4096 FLOP/clock) "
                               "= 1.83 GHz (max boost 1.98 GHz)",

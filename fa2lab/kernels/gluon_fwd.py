@@ -33,6 +33,7 @@ import torch
 import triton
 
 from fa2lab.kernels.common import LOG2E, pow2
+from fa2lab.kernels.hopper_config import GLUON_FWD, GLUON_FWD_ONE_PARTITION, gluon_shapes_ok
 
 try:  # Gluon ships with Triton >= 3.5; without it this kernel is simply not offered
     from triton.experimental import gluon
@@ -398,29 +399,8 @@ if HAVE_GLUON:
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
-# D (power of two) -> tile, ring depth, warps. Shared memory: Q + 2 x STAGES x (BLOCK_N x D).
-# WS=True: the warp-specialised kernel (num_warps = 4: the default partition is one consumer
-# warpgroup; the second consumer and the producer warp are added to it). Chosen on the H200,
-# 2026-12-03 (`python -m fa2lab.bench.gluon_gpu --configs`, gluon-20261203-125524.json, kernel
-# TFLOP/s, bf16): D=128 WS 128x128 2 stages 551-557 full / 483-492 causal at N=4096, 580-585 causal at
-# N=16384 (one partition 128x128 8 warps: 470 / 415 / 484; WS 128x64 3-4 stages 517-527); D=64 WS
-# 128x128 2 stages 407-409 (one partition 128x64 3 stages 395; WS 128x64 4 stages 347).
-GLUON_FWD = {
-    64: dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=4, WS=True),
-    128: dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=4, WS=True),
-}
-# The one-partition kernel (two warpgroups of one program, CTA barriers around each refill): the
-# first version, kept to compare against (tests run both).
-GLUON_FWD_ONE_PARTITION = {
-    64: dict(BLOCK_M=128, BLOCK_N=64, STAGES=3, num_warps=8),
-    128: dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=8),
-}
-
-
 def gluon_supported(q, k, v) -> bool:
     """Shapes this kernel takes (the caller has checked sm_90 and TMA strides): Dv == D, 32 < D <= 128, 16-bit."""
-    from fa2lab.kernels.hopper_config import gluon_shapes_ok
-
     return HAVE_GLUON and gluon_shapes_ok(q, k, v) and pow2(q.shape[-1]) in GLUON_FWD
 
 

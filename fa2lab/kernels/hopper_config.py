@@ -7,6 +7,7 @@ kernels need no profile lookup per call. `python -m fa2lab.bench.hopper_sweep` r
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -125,6 +126,25 @@ def tma_ok(t: torch.Tensor, token_dim: int) -> bool:
             and all((t.stride(i) * elem) % 16 == 0 for i in range(t.dim() - 1)))
 
 
+# The Gluon forward's tiles: D (power of two) -> tile, ring depth, warps. Shared memory: Q + 2 x STAGES x (BLOCK_N x D).
+# WS=True: the warp-specialised kernel (num_warps = 4: the default partition is one consumer
+# warpgroup; the second consumer and the producer warp are added to it). Chosen on the H200,
+# 2026-12-03 (`python -m fa2lab.bench.gluon_gpu --configs`, gluon-20261203-125524.json, kernel
+# TFLOP/s, bf16): D=128 WS 128x128 2 stages 551-557 full / 483-492 causal at N=4096, 580-585 causal at
+# N=16384 (one partition 128x128 8 warps: 470 / 415 / 484; WS 128x64 3-4 stages 517-527); D=64 WS
+# 128x128 2 stages 407-409 (one partition 128x64 3 stages 395; WS 128x64 4 stages 347).
+GLUON_FWD = {
+    64: dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=4, WS=True),
+    128: dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=4, WS=True),
+}
+# The one-partition kernel (two warpgroups of one program, CTA barriers around each refill): the
+# first version, kept to compare against (tests run both).
+GLUON_FWD_ONE_PARTITION = {
+    64: dict(BLOCK_M=128, BLOCK_N=64, STAGES=3, num_warps=8),
+    128: dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=8),
+}
+
+
 # The Gluon forward (kernels/gluon_fwd.py: the next Q K^T overlapped with this tile's softmax) serves
 # plain dense calls whose head-dim bound is in this set; FA2LAB_HOPPER_FWD=gluon / triton forces
 # one forward for every call it can take (to compare the two in one process). D in (64, 128]: its
@@ -135,13 +155,21 @@ def tma_ok(t: torch.Tensor, token_dim: int) -> bool:
 FWD_GLUON: set = {128}
 
 
-def gluon_shapes_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """What the Gluon forward takes (sm_90 and TMA strides checked by hopper_eligible): Triton's Gluon
-    present, fp16/bf16, Dv == D, 32 < D <= 128 (its tiles: kernels/gluon_fwd.py GLUON_FWD)."""
+@functools.cache
+def _have_gluon() -> bool:
     import importlib.util
 
+    try:
+        return importlib.util.find_spec("triton.experimental.gluon") is not None
+    except ModuleNotFoundError:  # no triton.experimental at all
+        return False
+
+
+def gluon_shapes_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """What the Gluon forward takes (sm_90 and TMA strides checked by hopper_eligible): Triton's Gluon
+    present, fp16/bf16, Dv == D, 32 < D <= 128 (its tiles: GLUON_FWD above)."""
     return (q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] == v.shape[-1] and 32 < q.shape[-1] <= 128
-            and importlib.util.find_spec("triton.experimental.gluon") is not None)
+            and _have_gluon())
 
 
 def gluon_fwd_wanted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -170,4 +198,4 @@ def hopper_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return all(tma_ok(t, token_dim) for t in (q, k, v))
 
 
-__all__ = ["BWD", "BWD_PORTABLE", "BWD_TWO_PASS", "FWD", "FWD_GLUON", "gluon_fwd_wanted", "gluon_shapes_ok", "hopper_bwd_config", "hopper_bwd_wanted", "hopper_eligible", "hopper_fwd_config", "tma_ok"]
+__all__ = ["BWD", "BWD_PORTABLE", "BWD_TWO_PASS", "FWD", "FWD_GLUON", "GLUON_FWD", "GLUON_FWD_ONE_PARTITION", "gluon_fwd_wanted", "gluon_shapes_ok", "hopper_bwd_config", "hopper_bwd_wanted", "hopper_eligible", "hopper_fwd_config", "tma_ok"]

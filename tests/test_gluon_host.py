@@ -1,0 +1,66 @@
+"""The Gluon forward's host-side choices, on the CPU (its kernels need an sm_90 GPU: test_gluon_gpu.py):
+which calls the dispatcher sends to it, and the errors of its launch configuration."""
+
+import pytest
+import torch
+
+from fa2lab.kernels import hopper_config
+from fa2lab.kernels.hopper_config import FWD_GLUON, GLUON_FWD, GLUON_FWD_ONE_PARTITION, gluon_fwd_wanted
+
+
+def _qkv(d=128, dv=None, dtype=torch.bfloat16):
+    q = torch.zeros(1, 2, 16, d, dtype=dtype)
+    k = torch.zeros(1, 2, 16, d, dtype=dtype)
+    v = torch.zeros(1, 2, 16, dv or d, dtype=dtype)
+    return q, k, v
+
+
+@pytest.fixture
+def gluon_present(monkeypatch):
+    monkeypatch.setattr(hopper_config, "_have_gluon", lambda: True)
+    monkeypatch.delenv("FA2LAB_HOPPER_FWD", raising=False)
+
+
+@pytest.mark.parametrize("d,dv,dtype,expected", [
+    (128, None, torch.bfloat16, True), (80, None, torch.float16, True),  # bound 128: measured faster
+    (64, None, torch.bfloat16, 64 in FWD_GLUON), (40, None, torch.bfloat16, 64 in FWD_GLUON),
+    (32, None, torch.bfloat16, False), (256, None, torch.bfloat16, False),  # outside its tiles
+    (128, 64, torch.bfloat16, False), (128, None, torch.float32, False),  # Dv != D, fp32
+])
+def test_auto_sends_measured_head_dims_to_gluon(gluon_present, d, dv, dtype, expected):
+    assert 128 in FWD_GLUON
+    assert gluon_fwd_wanted(*_qkv(d, dv, dtype)) is expected
+
+
+def test_environment_forces_either_forward(gluon_present, monkeypatch):
+    monkeypatch.setenv("FA2LAB_HOPPER_FWD", "triton")
+    assert not gluon_fwd_wanted(*_qkv(128))
+    monkeypatch.setenv("FA2LAB_HOPPER_FWD", "gluon")
+    assert gluon_fwd_wanted(*_qkv(64))
+    assert not gluon_fwd_wanted(*_qkv(256))  # forcing never sends a shape the kernel cannot take
+
+
+def test_without_gluon_nothing_goes_there(monkeypatch):
+    monkeypatch.setattr(hopper_config, "_have_gluon", lambda: False)
+    monkeypatch.setenv("FA2LAB_HOPPER_FWD", "gluon")
+    assert not gluon_fwd_wanted(*_qkv(128))
+
+
+def test_tables_are_launchable():
+    for table in (GLUON_FWD, GLUON_FWD_ONE_PARTITION):
+        for d, cfg in table.items():
+            assert d in (64, 128) and cfg["BLOCK_M"] == 128 and cfg["BLOCK_N"] in (64, 128)
+            stages_bytes = 2 * cfg["STAGES"] * cfg["BLOCK_N"] * d * 2 + cfg["BLOCK_M"] * d * 2
+            assert stages_bytes <= 227 * 1024, (d, cfg)  # fits Hopper's shared memory
+            assert not cfg.get("WS") or cfg["num_warps"] == 4
+    assert set(FWD_GLUON) <= set(GLUON_FWD)
+
+
+def test_warp_specialised_config_with_other_warps_is_refused():
+    from fa2lab.kernels.gluon_fwd import HAVE_GLUON, gluon_fwd
+
+    if not HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    q, k, v = _qkv(128)
+    with pytest.raises(ValueError, match="num_warps=4.*num_warps=8"):
+        gluon_fwd(q, k, v, scale=0.1, left=-1, right=0, config=dict(GLUON_FWD[128], num_warps=8))
