@@ -23,6 +23,7 @@ Adding a backend means a class here (`name`, `summary`, `unsupported`, `__call__
 from __future__ import annotations
 
 import collections
+import functools
 import importlib.util
 import logging
 import os
@@ -235,11 +236,20 @@ def auto_order(op: str, case: Case) -> tuple[str, ...]:
     return AUTO_ORDER[op].get(device_class(case), fallback)
 
 
+def _reason(backend, op: str, cases: list[Case]) -> str | None:
+    """Why `backend` cannot run one of `cases` (the first such reason), or None."""
+    for c in cases:
+        why = backend.unsupported(c, op)
+        if why:
+            return why
+    return None
+
+
 def support_table(op: str, cases: Case | list[Case]) -> dict[str, str | None]:
     """{backend: None if it runs every case, else the reason it cannot}: the support table."""
     _check_op(op)
     cases = [cases] if isinstance(cases, Case) else list(cases)
-    return {name: next((r for r in (b.unsupported(c, op) for c in cases) if r), None) for name, b in BACKENDS.items()}
+    return {name: _reason(b, op, cases) for name, b in BACKENDS.items()}
 
 
 def _check_op(op: str) -> None:
@@ -270,9 +280,9 @@ def choose(op: str, cases: Case | list[Case], backend: str = "auto", *, crossove
     cases = [cases] if isinstance(cases, Case) else list(cases)
     if not cases:
         return Choice("tiled", "empty batch", op)
-    table = support_table(op, cases)
-    if backend != "auto":
-        if table[backend]:
+    if backend != "auto":  # only the requested backend's reason; the whole table for the error message
+        if _reason(BACKENDS[backend], op, cases):
+            table = support_table(op, cases)
             raise ValueError(f"backend {backend!r} cannot run this {op} case: {table[backend]}; "
                              f"use backend='auto' or one of {[n for n, r in table.items() if r is None]}")
         return _logged_choice(op, Choice(backend, "requested", op), log_choice)
@@ -283,6 +293,7 @@ def choose(op: str, cases: Case | list[Case], backend: str = "auto", *, crossove
         return _logged_choice(op, Choice(name, f"generation step (Nq <= {DECODE_MAX_NQ} < Nk on CUDA, no "
                                                f"gradients): split-K decode", "decode"), log_choice)
     order = auto_order(op, case)
+    table = {n: _reason(BACKENDS[n], op, cases) for n in order}  # the backends auto may pick, no others
     supported = [n for n in order if table[n] is None]
     skipped = [f"not {n}: {table[n]}" for n in order if table[n] is not None]
     if not supported:
@@ -299,12 +310,17 @@ def choose(op: str, cases: Case | list[Case], backend: str = "auto", *, crossove
     return _logged_choice(op, Choice(supported[0], "; ".join([why, *skipped]), op), log_choice)
 
 
+@functools.lru_cache(maxsize=_LOG_MEMORY)
+def _reason_key(reason: str) -> str:
+    return re.sub(r"\d+", "#", reason)
+
+
 def _logged_choice(op: str, choice: Choice, enabled: bool = True) -> Choice:
     """Log each distinct (op, backend, reason) once, the numbers in a reason left out of the key, so
     a generation loop (Nk grows each step) logs once. The memory is bounded all the same."""
     if not enabled or torch.compiler.is_compiling():  # torch.compile cannot trace a logger call
         return choice
-    key = (op, choice.name, re.sub(r"\d+", "#", choice.reason))  # Nq=1 != Nk=47 and Nk=48: one reason
+    key = (op, choice.name, _reason_key(choice.reason))  # Nq=1 != Nk=47 and Nk=48: one reason
     if key in _logged:
         return choice
     _logged[key] = None
