@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fa2lab.kernels import hopper_config
-from fa2lab.kernels.hopper_config import FWD_GLUON, GLUON_FWD, GLUON_FWD_ONE_PARTITION, gluon_fwd_wanted
+from fa2lab.kernels.hopper_config import (FWD_GLUON, GLUON_FWD, GLUON_FWD_ONE_PARTITION, GLUON_TESTED,
+                                          gluon_fwd_wanted, gluon_kernel_takes)
 
 
 def _qkv(d=128, dv=None, dtype=torch.bfloat16):
@@ -37,7 +38,14 @@ def test_environment_forces_either_forward(gluon_present, monkeypatch):
     assert not gluon_fwd_wanted(*_qkv(128))
     monkeypatch.setenv("FA2LAB_HOPPER_FWD", "gluon")
     assert gluon_fwd_wanted(*_qkv(64))
-    assert not gluon_fwd_wanted(*_qkv(256))  # forcing never sends a shape the kernel cannot take
+    assert not gluon_fwd_wanted(*_qkv(256))  # forcing never sends a head dim not tested on a GPU
+    assert not gluon_fwd_wanted(*_qkv(128, 64))  # nor a shape the kernel cannot take
+
+
+def test_kernel_takes_more_than_the_dispatcher_sends(gluon_present):
+    assert gluon_kernel_takes(*_qkv(256)) and gluon_kernel_takes(*_qkv(200))  # the bench and GPU tests run it
+    assert not gluon_kernel_takes(*_qkv(512)) and not gluon_kernel_takes(*_qkv(32))
+    assert 256 not in GLUON_TESTED and FWD_GLUON <= GLUON_TESTED <= set(GLUON_FWD)
 
 
 def test_without_gluon_nothing_goes_there(monkeypatch):
@@ -49,11 +57,10 @@ def test_without_gluon_nothing_goes_there(monkeypatch):
 def test_tables_are_launchable():
     for table in (GLUON_FWD, GLUON_FWD_ONE_PARTITION):
         for d, cfg in table.items():
-            assert d in (64, 128) and cfg["BLOCK_M"] == 128 and cfg["BLOCK_N"] in (64, 128)
+            assert d in (64, 128, 256) and cfg["BLOCK_M"] == 128 and cfg["BLOCK_N"] in (32, 64, 128)
             stages_bytes = 2 * cfg["STAGES"] * cfg["BLOCK_N"] * d * 2 + cfg["BLOCK_M"] * d * 2
             assert stages_bytes <= 227 * 1024, (d, cfg)  # fits Hopper's shared memory
             assert not cfg.get("WS") or cfg["num_warps"] == 4
-    assert set(FWD_GLUON) <= set(GLUON_FWD)
 
 
 def test_warp_specialised_config_with_other_warps_is_refused():

@@ -7,7 +7,9 @@ FA2-paper protocol (bf16, B*N = 32k tokens, H*D = 2048; GQA rows Hq = 32), forwa
 in turn (the dispatcher reads it per call), next to SDPA's cuDNN and flash backends, all in one
 process; flops = 4*B*H*N*N*D (/2 causal). Every Gluon row is first checked with fa2lab's rule
 (error <= 2x PyTorch's same-dtype error against float64, B=1 Hq=4 Hkv=2 N=1000). --configs adds
-kernel-level rows (gluon_fwd called directly) for each candidate tile. Writes gluon-*.json.
+kernel-level rows (gluon_fwd called directly) for each candidate tile. At head dims the dispatcher
+does not send to Gluon (hopper_config.GLUON_TESTED: D=256 until its GPU tests pass) the Gluon column
+is the kernel called directly, marked "(Gluon: kernel)". Writes gluon-*.json.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import fa2lab
 from fa2lab.bench.gpu import _bench, environment
 from fa2lab.bench.hopper_sweep import _rule, _sdpa, _try
 from fa2lab.kernels.gluon_fwd import GLUON_FWD, gluon_fwd
+from fa2lab.kernels.hopper_config import gluon_shapes_ok
 
-CASES = "1024:128:0,4096:128:0,16384:128:0,4096:64:0,1024:128:1,4096:128:1,16384:128:1,4096:64:1,4096:128:1:32:8,8192:128:0:32:4"
+CASES = ("1024:128:0,4096:128:0,16384:128:0,4096:64:0,1024:128:1,4096:128:1,16384:128:1,4096:64:1,4096:128:1:32:8,"
+         "8192:128:0:32:4,4096:256:0,4096:256:1")
 _W = dict(WS=True, num_warps=4)  # warp-specialised: two consumer warpgroups of BLOCK_M / 2 rows, a producer warp
 CONFIGS = {
     128: [dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=8), dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, **_W),
@@ -33,6 +37,8 @@ CONFIGS = {
           dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, CONSUMER_REGS=232, **_W)],
     64: [dict(BLOCK_M=128, BLOCK_N=64, STAGES=3, num_warps=8), dict(BLOCK_M=128, BLOCK_N=128, STAGES=3, **_W),
          dict(BLOCK_M=128, BLOCK_N=64, STAGES=4, **_W), dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, **_W)],
+    256: [dict(BLOCK_M=128, BLOCK_N=64, STAGES=2, **_W), dict(BLOCK_M=128, BLOCK_N=32, STAGES=4, **_W),
+          dict(BLOCK_M=128, BLOCK_N=32, STAGES=3, **_W)],
 }
 
 
@@ -66,13 +72,19 @@ def run(cases, configs=False, log=print):
                                                                 right=0 if causal else -1),
                                    lambda *a: None, d, causal), log)
         row["gluon_check"] = check
+        # The public call reaches the Gluon kernel only at head dims tested on a GPU (GLUON_TESTED);
+        # elsewhere the "gluon" column is the kernel called directly (row["gluon_direct"]).
+        routed = gluon_shapes_ok(q, k, v)
+        row["gluon_direct"] = not routed
+        gluon = (lambda: _public(q, k, v, causal, "gluon")) if routed else (
+            lambda: gluon_fwd(q, k, v, scale=d ** -0.5, left=-1, right=0 if causal else -1))
         for name, fn in (("triton", lambda: _public(q, k, v, causal, "triton")),
-                         ("gluon", lambda: _public(q, k, v, causal, "gluon")),
+                         ("gluon", gluon),
                          ("cudnn", lambda: _sdpa(torch.nn.attention.SDPBackend.CUDNN_ATTENTION, q, k, v, causal)),
                          ("flash", lambda: _sdpa(torch.nn.attention.SDPBackend.FLASH_ATTENTION, q, k, v, causal))):
             r = _try(lambda: flops / _bench(fn).median_s / 1e12, log)
             row[name] = r if isinstance(r, float) else None
-        a, c = _public(q, k, v, causal, "gluon"), _public(q, k, v, causal, "triton")
+        a, c = gluon()[0] if not routed else gluon(), _public(q, k, v, causal, "triton")
         row["max_diff_vs_triton"] = (a.float() - c.float()).abs().max().item()
         if configs:
             for cfg in CONFIGS.get(d, []):
@@ -96,7 +108,7 @@ def table(rows) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         case = f"N={r['N']} D={r['D']} {'causal' if r['causal'] else 'full'}" + (
-            f" GQA {r['Hq']}:{r['Hkv']}" if r["Hq"] != r["Hkv"] else "")
+            f" GQA {r['Hq']}:{r['Hkv']}" if r["Hq"] != r["Hkv"] else "") + (" (Gluon: kernel)" if r.get("gluon_direct") else "")
         ratio = lambda a, b: "-" if not (r.get(a) and r.get(b)) else f"{r[a] / r[b]:.2f}"  # noqa: E731
         ok = r["gluon_check"].get("exact") if isinstance(r["gluon_check"], dict) else None
         lines.append(f"| {case} | {f(r['triton'])} | {f(r['gluon'])} | {f(r['cudnn'])} | {f(r['flash'])} | "

@@ -22,9 +22,20 @@ The softmax is the log2-domain one of fwd.py (scale * log2(e) folded into one mu
 score), masks only on the blocks that need them (bottom-right causal diagonal, windows, the last
 partial block), fully masked rows give zeros and LSE -inf. GQA by index arithmetic; any length
 (descriptors per (batch, head) slice: the copy engine zero-fills rows past N and clips stores).
-Plain dense calls only (no varlen, no variants, Dv == D <= 128): the dispatcher sends everything
-else to hopper_fwd.py. Gluon does not run in the interpreter: tests/test_gluon_gpu.py checks this
-kernel on an sm_90 GPU; on the CPU only its host-side choices are tested.
+
+Two kernels run that loop. `_gluon_fwd_kernel`: one partition of two warpgroups (8 warps) that
+share each K/V buffer and meet at a CTA barrier before it is refilled (the first version: the
+barriers keep the warpgroups in lockstep, 0.70-0.99x the Triton kernel). `_gluon_fwd_ws_kernel`
+(config WS=True, the default table): warp-specialised, a producer warp issues the TMA copies and
+two consumer warpgroups of BLOCK_M / 2 rows each run the loop above, freeing a buffer by their own
+mbarrier arrival, so neither waits for the other (1.12-1.19x the Triton kernel at D = 128, N >= 4096
+on the H200: BENCHMARKS.md).
+
+Plain dense calls only (no varlen, no variants), Dv == D, 32 < D <= 256 (tiles in
+hopper_config.GLUON_FWD); the dispatcher sends a call here only at head-dim bounds in
+hopper_config.FWD_GLUON (measured faster) and GLUON_TESTED (tested on a GPU), everything else to
+hopper_fwd.py. Gluon does not run in the interpreter: tests/test_gluon_gpu.py checks these kernels
+on an sm_90 GPU; on the CPU tests/test_gluon_host.py checks the host-side choices.
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ import torch
 import triton
 
 from fa2lab.kernels.common import LOG2E, pow2
-from fa2lab.kernels.hopper_config import GLUON_FWD, GLUON_FWD_ONE_PARTITION, gluon_shapes_ok
+from fa2lab.kernels.hopper_config import GLUON_FWD, GLUON_FWD_ONE_PARTITION, gluon_kernel_takes
 
 try:  # Gluon ships with Triton >= 3.5; without it this kernel is simply not offered
     from triton.experimental import gluon
@@ -400,8 +411,8 @@ if HAVE_GLUON:
 
 
 def gluon_supported(q, k, v) -> bool:
-    """Shapes this kernel takes (the caller has checked sm_90 and TMA strides): Dv == D, 32 < D <= 128, 16-bit."""
-    return HAVE_GLUON and gluon_shapes_ok(q, k, v) and pow2(q.shape[-1]) in GLUON_FWD
+    """Shapes this kernel takes (the caller has checked sm_90 and TMA strides): Dv == D, 32 < D <= 256, 16-bit."""
+    return HAVE_GLUON and gluon_kernel_takes(q, k, v) and pow2(q.shape[-1]) in GLUON_FWD
 
 
 def gluon_fwd(q, k, v, *, scale, left, right, config=None):

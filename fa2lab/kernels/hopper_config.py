@@ -133,10 +133,17 @@ def tma_ok(t: torch.Tensor, token_dim: int) -> bool:
 # TFLOP/s, bf16): D=128 WS 128x128 2 stages 551-557 full / 483-492 causal at N=4096, 580-585 causal at
 # N=16384 (one partition 128x128 8 warps: 470 / 415 / 484; WS 128x64 3-4 stages 517-527); D=64 WS
 # 128x128 2 stages 407-409 (one partition 128x64 3 stages 395; WS 128x64 4 stages 347).
+# D=256: BLOCK_N=64 keeps Q (64 KB) and two stages of K and V (128 KB) in shared memory; compiled for
+# sm_90a (Triton 3.6: 197 KB shared, no spills; 128x32 with 4 stages also fits) but not yet run on a
+# GPU, so the dispatcher never sends D > 128 here (GLUON_TESTED below).
 GLUON_FWD = {
     64: dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=4, WS=True),
     128: dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=4, WS=True),
+    256: dict(BLOCK_M=128, BLOCK_N=64, STAGES=2, num_warps=4, WS=True),
 }
+# Head-dim bounds whose Gluon tiles passed tests/test_gluon_gpu.py on an sm_90 GPU (H200, 2026-12-03:
+# 38 passed): the only ones the dispatcher may send there, by FWD_GLUON or by FA2LAB_HOPPER_FWD=gluon.
+GLUON_TESTED = {64, 128}
 # The one-partition kernel (two warpgroups of one program, CTA barriers around each refill): the
 # first version, kept to compare against (tests run both).
 GLUON_FWD_ONE_PARTITION = {
@@ -165,11 +172,18 @@ def _have_gluon() -> bool:
         return False
 
 
-def gluon_shapes_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """What the Gluon forward takes (sm_90 and TMA strides checked by hopper_eligible): Triton's Gluon
-    present, fp16/bf16, Dv == D, 32 < D <= 128 (its tiles: GLUON_FWD above)."""
-    return (q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] == v.shape[-1] and 32 < q.shape[-1] <= 128
+def gluon_kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """What the Gluon kernels can run (sm_90 and TMA strides checked by hopper_eligible): Triton's Gluon
+    present, fp16/bf16, Dv == D, 32 < D <= 256 (its tiles: GLUON_FWD above)."""
+    d = q.shape[-1]
+    return (q.dtype in (torch.float16, torch.bfloat16) and d == v.shape[-1] and 32 < d <= 256
             and _have_gluon())
+
+
+def gluon_shapes_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """What the dispatcher may send to the Gluon forward: what it can run, at a head-dim bound tested
+    on a GPU (GLUON_TESTED)."""
+    return gluon_kernel_takes(q, k, v) and _bound(q.shape[-1]) in GLUON_TESTED
 
 
 def gluon_fwd_wanted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -198,4 +212,4 @@ def hopper_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return all(tma_ok(t, token_dim) for t in (q, k, v))
 
 
-__all__ = ["BWD", "BWD_PORTABLE", "BWD_TWO_PASS", "FWD", "FWD_GLUON", "GLUON_FWD", "GLUON_FWD_ONE_PARTITION", "gluon_fwd_wanted", "gluon_shapes_ok", "hopper_bwd_config", "hopper_bwd_wanted", "hopper_eligible", "hopper_fwd_config", "tma_ok"]
+__all__ = ["BWD", "BWD_PORTABLE", "BWD_TWO_PASS", "FWD", "FWD_GLUON", "GLUON_FWD", "GLUON_FWD_ONE_PARTITION", "GLUON_TESTED", "gluon_kernel_takes", "gluon_fwd_wanted", "gluon_shapes_ok", "hopper_bwd_config", "hopper_bwd_wanted", "hopper_eligible", "hopper_fwd_config", "tma_ok"]
