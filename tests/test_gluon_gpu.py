@@ -30,28 +30,33 @@ CASES = [  # b, hq, hkv, nq, nk, d, causal, window
 ]
 
 
-def _kernel(q, k, v, causal=False, window_size=(-1, -1), softmax_scale=None, ws=False):
+# The kernels under test: the one-partition kernel, the warp-specialised one with two consumer
+# warpgroups (the table's), and with three (FA3's 192-row tile for D <= 64; a bench candidate).
+VARIANTS = {"one-partition": None, "warp-specialised": None,
+            "three-consumers": {64: dict(BLOCK_M=192, BLOCK_N=128, STAGES=2, num_warps=4, WS=True, CONSUMERS=3)}}
+
+
+def _kernel(q, k, v, causal=False, window_size=(-1, -1), softmax_scale=None, variant="warp-specialised"):
     from fa2lab.kernels.common import pow2
     from fa2lab.kernels.gluon_fwd import GLUON_FWD, GLUON_FWD_ONE_PARTITION
     from fa2lab.masks import effective_window
 
     left, right = effective_window(causal, window_size)
     scale = softmax_scale or q.shape[-1] ** -0.5
-    table = GLUON_FWD if ws else GLUON_FWD_ONE_PARTITION
+    table = {"one-partition": GLUON_FWD_ONE_PARTITION, "warp-specialised": GLUON_FWD}.get(variant) or VARIANTS[variant]
     if pow2(q.shape[-1]) not in table:
-        pytest.skip(f"no {'warp-specialised' if ws else 'one-partition'} tiles for D={q.shape[-1]}")
-    cfg = table[pow2(q.shape[-1])]
-    return gluon_fwd(q, k, v, scale=scale, left=left, right=right, config=cfg)[0]
+        pytest.skip(f"no {variant} tiles for D={q.shape[-1]}")
+    return gluon_fwd(q, k, v, scale=scale, left=left, right=right, config=table[pow2(q.shape[-1])])[0]
 
 
-@pytest.mark.parametrize("ws", [False, True], ids=["one-partition", "warp-specialised"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,window", CASES)
-def test_gluon_forward_within_torch_rule(dtype, b, hq, hkv, nq, nk, d, causal, window, ws):
+def test_gluon_forward_within_torch_rule(dtype, b, hq, hkv, nq, nk, d, causal, window, variant):
     q, k, v = (t.cuda() for t in make_qkv(b, hq, hkv, nq, nk, d, seed=5))
     assert gluon_supported(q.to(dtype), k.to(dtype), v.to(dtype))
     truth = attention_ref(q, k, v, causal=causal, window_size=window)
-    ours = _kernel(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, window_size=window, ws=ws)
+    ours = _kernel(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, window_size=window, variant=variant)
     naive = attention_ref(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal, window_size=window, upcast=False)
     e_ours, e_torch = max_err(ours, truth), max_err(naive, truth)
     assert e_ours <= 2 * e_torch + 1e-3, f"forward error {e_ours:.3g} vs torch's {e_torch:.3g}"

@@ -71,3 +71,14 @@ def test_warp_specialised_config_with_other_warps_is_refused():
     q, k, v = _qkv(128)
     with pytest.raises(ValueError, match="num_warps=4.*num_warps=8"):
         gluon_fwd(q, k, v, scale=0.1, left=-1, right=0, config=dict(GLUON_FWD[128], num_warps=8))
+
+
+@pytest.mark.parametrize("change", [dict(CONSUMERS=4), dict(CONSUMERS=3), dict(BLOCK_M=64)])
+def test_consumer_count_must_match_the_tile(change):
+    from fa2lab.kernels.gluon_fwd import HAVE_GLUON, gluon_fwd
+
+    if not HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    q, k, v = _qkv(64)  # the table's BLOCK_M=128 is two consumers of 64 rows; three need BLOCK_M=192
+    with pytest.raises(ValueError, match="64 query rows.*BLOCK_M="):
+        gluon_fwd(q, k, v, scale=0.1, left=-1, right=0, config=dict(GLUON_FWD[64], **change))

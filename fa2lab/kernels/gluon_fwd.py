@@ -27,7 +27,8 @@ Two kernels run that loop. `_gluon_fwd_kernel`: one partition of two warpgroups 
 share each K/V buffer and meet at a CTA barrier before it is refilled (the first version: the
 barriers keep the warpgroups in lockstep, 0.70-0.99x the Triton kernel). `_gluon_fwd_ws_kernel`
 (config WS=True, the default table): warp-specialised, a producer warp issues the TMA copies and
-two consumer warpgroups of BLOCK_M / 2 rows each run the loop above, freeing a buffer by their own
+two (or, CONSUMERS=3 with BLOCK_M=192, three: FA3's D=64 tile) consumer warpgroups of 64 rows each
+run the loop above, freeing a buffer by their own
 mbarrier arrival, so neither waits for the other (1.12-1.19x the Triton kernel at D = 128, N >= 4096
 on the H200: BENCHMARKS.md).
 
@@ -120,15 +121,15 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _descriptors(Q, K, V, O, b, h, hk, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, Nq, Nk, D,
-                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, O_ROWS: gl.constexpr):
+                     HEAD_DIM: gl.constexpr, Q_ROWS: gl.constexpr, BLOCK_N: gl.constexpr, O_ROWS: gl.constexpr):
         """TMA descriptors over this (batch, head)'s (tokens, D) slices: rows past the end read as zeros
-        and are clipped on store. O_ROWS: the rows one output store writes."""
+        and are clipped on store. Q_ROWS / O_ROWS: the rows one Q load / one output store moves."""
         dtype: gl.constexpr = Q.dtype.element_ty
-        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([Q_ROWS, HEAD_DIM], dtype)
         kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
         o_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([O_ROWS, HEAD_DIM], dtype)
         desc_q = tma.make_tensor_descriptor(Q + b * sqb + h * sqh, shape=[Nq, D], strides=[sqm, 1],
-                                            block_shape=[BLOCK_M, HEAD_DIM], layout=q_layout)
+                                            block_shape=[Q_ROWS, HEAD_DIM], layout=q_layout)
         desc_k = tma.make_tensor_descriptor(K + b * skb + hk * skh, shape=[Nk, D], strides=[skn, 1],
                                             block_shape=[BLOCK_N, HEAD_DIM], layout=kv_layout)
         desc_v = tma.make_tensor_descriptor(V + b * svb + hk * svh, shape=[Nk, D], strides=[svn, 1],
@@ -259,10 +260,13 @@ if HAVE_GLUON:
     @gluon.jit
     def _ws_producer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                      i0, lo, n_blocks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     STAGES: gl.constexpr, WG: gl.constexpr):
-        """One warp: Q once, then K_j and V_j into the ring as the consumers free its buffers."""
+                     STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+        """One warp: Q once (one load per consumer's rows: TMA blocks are powers of two, BLOCK_M may be
+        192), then K_j and V_j into the ring as the consumers free its buffers."""
+        ROWS: gl.constexpr = BLOCK_M // CONSUMERS
         mbarrier.expect(q_bar, BLOCK_M * HEAD_DIM * 2)
-        _tma_load(desc_q, [i0, 0], q_bar, q_smem)
+        for c in gl.static_range(CONSUMERS):
+            _tma_load(desc_q, [i0 + c * ROWS, 0], q_bar, q_smem.index(c))
         for j in range(n_blocks):
             st = j % STAGES
             ph = (j // STAGES) & 1
@@ -276,12 +280,13 @@ if HAVE_GLUON:
     @gluon.jit
     def _ws_consumer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                      i0, lo, n_blocks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     STAGES: gl.constexpr, WG: gl.constexpr, desc_o, LSE_ROW, slm, Nq, Nk, lo_full, hi_full, LEFT,
-                     RIGHT, qk_scale, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
-        """One warpgroup: rows [i0 + WG * BLOCK_M / 2, + BLOCK_M / 2) of the tile, Algorithm 2 of FA3.
-        The two consumers share K and V but never wait for each other (each frees a buffer on its own
-        mbarrier arrival), so one's softmax runs under the other's matmuls as the scheduler finds them."""
-        ROWS: gl.constexpr = BLOCK_M // 2
+                     STAGES: gl.constexpr, WG: gl.constexpr, CONSUMERS: gl.constexpr, desc_o, LSE_ROW, slm, Nq, Nk,
+                     lo_full, hi_full, LEFT, RIGHT, qk_scale, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+        """One warpgroup: rows [i0 + WG * ROWS, + ROWS) of the tile (ROWS = BLOCK_M / CONSUMERS = 64),
+        Algorithm 2 of FA3. The consumers share K and V but never wait for each other (each frees a
+        buffer on its own mbarrier arrival), so one's softmax runs under another's matmuls as the
+        scheduler finds them."""
+        ROWS: gl.constexpr = BLOCK_M // CONSUMERS
         dtype: gl.constexpr = q_smem.dtype
         mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_N, 16])
@@ -291,7 +296,7 @@ if HAVE_GLUON:
         row_s: gl.constexpr = gl.SliceLayout(1, mma_s)
         col_s: gl.constexpr = gl.SliceLayout(0, mma_s)
         row_o: gl.constexpr = gl.SliceLayout(1, mma_o)
-        q_half = q_smem.slice(WG * ROWS, ROWS)
+        q_rows = q_smem.index(WG)
         r0 = i0 + WG * ROWS
         off = Nk - Nq
         offs_m = r0 + gl.arange(0, ROWS, layout=row_s)
@@ -303,7 +308,7 @@ if HAVE_GLUON:
         mbarrier.wait(q_bar, 0)
         if n_blocks > 0:
             mbarrier.wait(k_ready.index(0), 0)
-            s_tok = warpgroup_mma(q_half, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            s_tok = warpgroup_mma(q_rows, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(0), count=1)
             masked = (lo < lo_full) | (lo + BLOCK_N > hi_full)
@@ -315,7 +320,7 @@ if HAVE_GLUON:
                 prev = (j - 1) % STAGES
                 start_n = lo + j * BLOCK_N
                 mbarrier.wait(k_ready.index(st), (j // STAGES) & 1)
-                s_tok = warpgroup_mma(q_half, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False,
+                s_tok = warpgroup_mma(q_rows, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False,
                                       is_async=True)
                 mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
                 o_tok = warpgroup_mma(p_prev, v_smem.index(prev), acc, is_async=True)
@@ -337,50 +342,64 @@ if HAVE_GLUON:
         empty = l_i == 0.0
         out = acc / gl.expand_dims(gl.convert_layout(gl.where(empty, 1.0, l_i), row_o), 1)
         lse = gl.where(empty, float("-inf"), m_i + gl.log2(gl.where(empty, 1.0, l_i))) * LN2
-        q_half.store(out.to(dtype))  # this warpgroup's rows of Q are no longer read: the output tile
+        q_rows.store(out.to(dtype))  # this warpgroup's rows of Q are no longer read: the output tile
         fence_async_shared()
-        _tma_store(desc_o, [r0, 0], q_half)  # rows past Nq are clipped by the copy engine
+        _tma_store(desc_o, [r0, 0], q_rows)  # rows past Nq are clipped by the copy engine
         gl.store(LSE_ROW + offs_m.to(gl.int64) * slm, lse, mask=offs_m < Nq)
         tma.store_wait(0)
 
     @gluon.jit
-    def _ws_consumer0(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                      i0, lo, n_blocks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                      STAGES: gl.constexpr, WG: gl.constexpr, desc_o, LSE_ROW, slm, Nq, Nk, lo_full, hi_full, LEFT,
-                      RIGHT, qk_scale, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+    def _ws_consumer_0(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+            i0, lo, n_blocks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+            STAGES: gl.constexpr, CONSUMERS: gl.constexpr, desc_o, LSE_ROW, slm, Nq, Nk, lo_full, hi_full, LEFT,
+            RIGHT, qk_scale, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+        """The partitions share one signature (the kernel passes each the same arguments): consumer 0."""
         _ws_consumer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                     i0, lo, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, 0, desc_o, LSE_ROW, slm, Nq, Nk, lo_full,
-                     hi_full, LEFT, RIGHT, qk_scale, HAS_LEFT, HAS_RIGHT)
+                     i0, lo, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, 0, CONSUMERS, desc_o, LSE_ROW, slm, Nq,
+                     Nk, lo_full, hi_full, LEFT, RIGHT, qk_scale, HAS_LEFT, HAS_RIGHT)
 
     @gluon.jit
-    def _ws_worker(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                   i0, lo, n_blocks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                   STAGES: gl.constexpr, WG: gl.constexpr, desc_o, LSE_ROW, slm, Nq, Nk, lo_full, hi_full, LEFT,
-                   RIGHT, qk_scale, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
-        """The worker partitions share one signature: WG 1 is the second consumer, WG 2 the producer."""
-        if WG == 1:
-            _ws_consumer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                         i0, lo, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, 1, desc_o, LSE_ROW, slm, Nq, Nk,
-                         lo_full, hi_full, LEFT, RIGHT, qk_scale, HAS_LEFT, HAS_RIGHT)
-        else:
-            _ws_producer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                         i0, lo, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, 2)
+    def _ws_consumer_1(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+            i0, lo, n_blocks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+            STAGES: gl.constexpr, CONSUMERS: gl.constexpr, desc_o, LSE_ROW, slm, Nq, Nk, lo_full, hi_full, LEFT,
+            RIGHT, qk_scale, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+        _ws_consumer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                     i0, lo, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, 1, CONSUMERS, desc_o, LSE_ROW, slm, Nq,
+                     Nk, lo_full, hi_full, LEFT, RIGHT, qk_scale, HAS_LEFT, HAS_RIGHT)
+
+    @gluon.jit
+    def _ws_consumer_2(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+            i0, lo, n_blocks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+            STAGES: gl.constexpr, CONSUMERS: gl.constexpr, desc_o, LSE_ROW, slm, Nq, Nk, lo_full, hi_full, LEFT,
+            RIGHT, qk_scale, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+        _ws_consumer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                     i0, lo, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, 2, CONSUMERS, desc_o, LSE_ROW, slm, Nq,
+                     Nk, lo_full, hi_full, LEFT, RIGHT, qk_scale, HAS_LEFT, HAS_RIGHT)
+
+    @gluon.jit
+    def _ws_loader(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+            i0, lo, n_blocks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+            STAGES: gl.constexpr, CONSUMERS: gl.constexpr, desc_o, LSE_ROW, slm, Nq, Nk, lo_full, hi_full, LEFT,
+            RIGHT, qk_scale, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+        _ws_producer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                     i0, lo, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CONSUMERS)
 
     @gluon.jit
     def _gluon_fwd_ws_kernel(Q, K, V, O, LSE, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                              slb, slh, slm, H, Nq, Nk, G, D, NUM_M, qk_scale, LEFT, RIGHT,
                              HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                              STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
-                             LONGEST_FIRST: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
-        """Warp-specialised: a producer warp for the copies, two consumer warpgroups of BLOCK_M / 2 rows."""
+                             LONGEST_FIRST: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                             num_warps: gl.constexpr):
+        """Warp-specialised: a producer warp for the copies, CONSUMERS (2 or 3) consumer warpgroups of 64 rows."""
         b, h, hk, i0 = _tile_coords(NUM_M, H, G, BLOCK_M, LONGEST_FIRST)
         dtype: gl.constexpr = Q.dtype.element_ty
-        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+        ROWS: gl.constexpr = BLOCK_M // CONSUMERS  # query rows per consumer warpgroup (64)
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
         kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
         desc_q, desc_k, desc_v, desc_o = _descriptors(Q, K, V, O, b, h, hk, sqb, sqh, sqm, skb, skh, skn, svb, svh,
-                                                      svn, sob, soh, som, Nq, Nk, D, HEAD_DIM, BLOCK_M, BLOCK_N,
-                                                      BLOCK_M // 2)
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_layout)
+                                                      svn, sob, soh, som, Nq, Nk, D, HEAD_DIM, ROWS, BLOCK_N, ROWS)
+        q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, ROWS, HEAD_DIM], q_layout)  # later the output rows
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -392,22 +411,47 @@ if HAVE_GLUON:
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
-            mbarrier.init(v_empty.index(i), count=2)
+            mbarrier.init(k_empty.index(i), count=CONSUMERS)  # one arrival per consumer warpgroup
+            mbarrier.init(v_empty.index(i), count=CONSUMERS)
 
         lo, n_blocks, lo_full, hi_full = _key_blocks(i0, Nq, Nk, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
         lse_row = LSE + b * slb + h * slh
-        gl.warp_specialize([
-            (_ws_consumer0, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                             i0, lo, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, 0, desc_o, lse_row, slm, Nq, Nk,
-                             lo_full, hi_full, LEFT, RIGHT, qk_scale, HAS_LEFT, HAS_RIGHT)),
-            (_ws_worker, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                          i0, lo, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, 1, desc_o, lse_row, slm, Nq, Nk,
-                          lo_full, hi_full, LEFT, RIGHT, qk_scale, HAS_LEFT, HAS_RIGHT)),
-            (_ws_worker, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                          i0, lo, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, 2, desc_o, lse_row, slm, Nq, Nk,
-                          lo_full, hi_full, LEFT, RIGHT, qk_scale, HAS_LEFT, HAS_RIGHT)),
-        ], [4, 1], [CONSUMER_REGS, 24])
+        # The same arguments for every partition, written out each time: a tuple held in a variable
+        # would turn its constexprs (BLOCK_M, CONSUMERS, ...) into runtime values.
+        if CONSUMERS == 3:
+            gl.warp_specialize([
+                (_ws_consumer_0, (
+                    desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                    i0, lo, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CONSUMERS, desc_o, lse_row, slm, Nq,
+                    Nk, lo_full, hi_full, LEFT, RIGHT, qk_scale, HAS_LEFT, HAS_RIGHT)),
+                (_ws_consumer_1, (
+                    desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                    i0, lo, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CONSUMERS, desc_o, lse_row, slm, Nq,
+                    Nk, lo_full, hi_full, LEFT, RIGHT, qk_scale, HAS_LEFT, HAS_RIGHT)),
+                (_ws_consumer_2, (
+                    desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                    i0, lo, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CONSUMERS, desc_o, lse_row, slm, Nq,
+                    Nk, lo_full, hi_full, LEFT, RIGHT, qk_scale, HAS_LEFT, HAS_RIGHT)),
+                (_ws_loader, (
+                    desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                    i0, lo, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CONSUMERS, desc_o, lse_row, slm, Nq,
+                    Nk, lo_full, hi_full, LEFT, RIGHT, qk_scale, HAS_LEFT, HAS_RIGHT)),
+            ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
+        else:
+            gl.warp_specialize([
+                (_ws_consumer_0, (
+                    desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                    i0, lo, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CONSUMERS, desc_o, lse_row, slm, Nq,
+                    Nk, lo_full, hi_full, LEFT, RIGHT, qk_scale, HAS_LEFT, HAS_RIGHT)),
+                (_ws_consumer_1, (
+                    desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                    i0, lo, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CONSUMERS, desc_o, lse_row, slm, Nq,
+                    Nk, lo_full, hi_full, LEFT, RIGHT, qk_scale, HAS_LEFT, HAS_RIGHT)),
+                (_ws_loader, (
+                    desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                    i0, lo, n_blocks, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CONSUMERS, desc_o, lse_row, slm, Nq,
+                    Nk, lo_full, hi_full, LEFT, RIGHT, qk_scale, HAS_LEFT, HAS_RIGHT)),
+            ], [4, 1], [CONSUMER_REGS, 24])
 
 
 def gluon_supported(q, k, v) -> bool:
@@ -439,8 +483,16 @@ def gluon_fwd(q, k, v, *, scale, left, right, config=None):
             raise ValueError(f"the warp-specialised Gluon kernel runs num_warps=4 (one consumer warpgroup per "
                              f"partition), got num_warps={cfg['num_warps']}: drop num_warps or WS from the config")
         cfg["num_warps"] = 4
-        cfg.setdefault("CONSUMER_REGS", 240)
-        cfg.setdefault("maxnreg", 168)
+        consumers = cfg.setdefault("CONSUMERS", 2)
+        if consumers not in (2, 3) or cfg["BLOCK_M"] != 64 * consumers:
+            raise ValueError(f"the warp-specialised Gluon kernel gives each of CONSUMERS (2 or 3) warpgroups 64 query "
+                             f"rows, got CONSUMERS={consumers}, BLOCK_M={cfg['BLOCK_M']}: use BLOCK_M={64 * consumers}")
+        # Registers per thread: at launch each of the 128 * (CONSUMERS + 1) threads (the producer warp's
+        # group is padded to a warpgroup) gets maxnreg, 65536 in all per SM; then the worker consumers
+        # grow to CONSUMER_REGS, the producer shrinks to 24 and the default consumer takes what is left
+        # (240 for two consumers; 168 for three). FA3's split: 240 / 24 for two, 160 / 24 for three.
+        cfg.setdefault("CONSUMER_REGS", 240 if consumers == 2 else 160)
+        cfg.setdefault("maxnreg", 168 if consumers == 2 else 128)
     kernel[(num_m * b * h,)](
         q, k, v, out, lse, *st(q), *st(k), *st(v), *st(out), *lse.stride(), h, nq, nk, h // hkv, d, num_m,
         scale * LOG2E, max(left, 0), max(right, 0), HEAD_DIM=pow2(d), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
