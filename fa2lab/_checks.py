@@ -26,6 +26,10 @@ def check_tensor(name: str, t, ndim: int, layout: str) -> None:
 
 
 def check_same_dtype_device(**tensors: torch.Tensor) -> None:
+    ts = list(tensors.values())
+    first = ts[0]
+    if first.dtype in FLOAT_DTYPES and all(t.dtype == first.dtype and t.device == first.device for t in ts[1:]):
+        return  # the common case, without building the messages below
     names = list(tensors)
     first = tensors[names[0]]
     for name, t in tensors.items():

@@ -41,6 +41,8 @@ class Variants:
     @property
     def active(self) -> tuple[str, ...]:
         """Names of the options in use, e.g. ("softcap", "sinks"): what decides the backend."""
+        if self is NONE:  # a plain call
+            return ()
         names = []
         for name, on in (("softcap", self.softcap > 0), ("alibi", self.alibi_slopes is not None),
                          ("bias", self.attn_bias is not None), ("sinks", self.sinks is not None),
@@ -88,6 +90,10 @@ def check_variants(q, k, *, softcap=0.0, alibi_slopes=None, attn_bias=None, sink
                    nk=None) -> Variants:
     """Validate the options against q (B, Hq, Nq, D) and k (B, Hkv, Nk, D); returns `Variants`.
     batch/nq/nk override the shapes (varlen: the number of sequences and the longest lengths)."""
+    if (alibi_slopes is None and attn_bias is None and sinks is None and generator is None and score_mod is None
+            and mask_mod is None and block_mask is None and type(softcap) in (int, float) and softcap == 0
+            and type(dropout_p) in (int, float) and dropout_p == 0):
+        return NONE  # a plain call (the common one): nothing to check
     b = q.shape[0] if batch is None else batch
     hq = q.shape[1]
     nq = q.shape[-2] if nq is None else nq
