@@ -109,7 +109,8 @@ def table(rows) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         case = f"N={r['N']} D={r['D']} {'causal' if r['causal'] else 'full'}" + (
-            f" GQA {r['Hq']}:{r['Hkv']}" if r["Hq"] != r["Hkv"] else "") + (" (Gluon: kernel)" if r.get("gluon_direct") else "")
+            f" GQA {r['Hq']}:{r['Hkv']}" if r["Hq"] != r["Hkv"] else "") + (
+            " (Gluon: kernel)" if r.get("gluon_direct") else "")
         ratio = lambda a, b: "-" if not (r.get(a) and r.get(b)) else f"{r[a] / r[b]:.2f}"  # noqa: E731
         ok = r["gluon_check"].get("exact") if isinstance(r["gluon_check"], dict) else None
         lines.append(f"| {case} | {f(r['triton'])} | {f(r['gluon'])} | {f(r['cudnn'])} | {f(r['flash'])} | "

@@ -27,10 +27,9 @@ Two kernels run that loop. `_gluon_fwd_kernel`: one partition of two warpgroups 
 share each K/V buffer and meet at a CTA barrier before it is refilled (the first version: the
 barriers keep the warpgroups in lockstep, 0.70-0.99x the Triton kernel). `_gluon_fwd_ws_kernel`
 (config WS=True, the default table): warp-specialised, a producer warp issues the TMA copies and
-two (or, CONSUMERS=3 with BLOCK_M=192, three: FA3's D=64 tile) consumer warpgroups of 64 rows each
-run the loop above, freeing a buffer by their own
-mbarrier arrival, so neither waits for the other (1.12-1.19x the Triton kernel at D = 128, N >= 4096
-on the H200: BENCHMARKS.md).
+two consumer warpgroups of 64 rows each (three with CONSUMERS=3, BLOCK_M=192: FA3's D=64 tile) run
+the loop above, each freeing a buffer by its own mbarrier arrival, so none waits for another
+(1.12-1.19x the Triton kernel at D = 128, N >= 4096 on the H200: BENCHMARKS.md).
 
 Plain dense calls only (no varlen, no variants), Dv == D, 32 < D <= 256 (tiles in
 hopper_config.GLUON_FWD); the dispatcher sends a call here only at head-dim bounds in

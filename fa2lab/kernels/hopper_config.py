@@ -126,7 +126,8 @@ def tma_ok(t: torch.Tensor, token_dim: int) -> bool:
             and all((t.stride(i) * elem) % 16 == 0 for i in range(t.dim() - 1)))
 
 
-# The Gluon forward's tiles: D (power of two) -> tile, ring depth, warps. Shared memory: Q + 2 x STAGES x (BLOCK_N x D).
+# The Gluon forward's tiles: D (power of two) -> tile, ring depth, warps. Shared memory:
+# Q + 2 x STAGES x (BLOCK_N x D).
 # WS=True: the warp-specialised kernel (num_warps = 4: the default partition is one consumer
 # warpgroup; the second consumer and the producer warp are added to it). Chosen on the H200,
 # 2026-12-03 (`python -m fa2lab.bench.gluon_gpu --configs`, gluon-20261203-125524.json, kernel
