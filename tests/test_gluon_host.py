@@ -82,3 +82,18 @@ def test_consumer_count_must_match_the_tile(change):
     q, k, v = _qkv(64)  # the table's BLOCK_M=128 is two consumers of 64 rows; three need BLOCK_M=192
     with pytest.raises(ValueError, match="64 query rows.*BLOCK_M="):
         gluon_fwd(q, k, v, scale=0.1, left=-1, right=0, config=dict(GLUON_FWD[64], **change))
+
+
+def test_benchmark_table_labels_kernel_level_rows():
+    from fa2lab.bench.gluon_gpu import _parse, table
+
+    assert _parse("4096:256:1,8192:128:0:32:4") == [(4096, 256, True, 8, 8), (8192, 128, False, 32, 4)]
+    rows = [dict(N=4096, D=256, causal=True, Hq=8, Hkv=8, gluon_check=dict(exact=True), gluon_direct=True,
+                 triton=485.0, gluon=500.0, cudnn=579.0, flash=298.0,
+                 configs=[dict(BLOCK_M=192, BLOCK_N=128, STAGES=2, num_warps=4, WS=True, CONSUMERS=3, tflops=None)]),
+            dict(N=4096, D=128, causal=False, Hq=16, Hkv=16, gluon_check=dict(exact=True), gluon_direct=False,
+                 triton=501.0, gluon=598.0, cudnn=616.0, flash=344.0)]
+    text = table(rows)
+    assert "| N=4096 D=256 causal (Gluon: kernel) | 485 | 500 | 579 | 298 | 0.86 | 1.03 | True |" in text
+    assert "kernel 192x128 s2 w4 WS 3 consumers | | - |" in text
+    assert "| N=4096 D=128 full | 501 | 598 | 616 | 344 | 0.97 | 1.19 | True |" in text
