@@ -78,3 +78,34 @@ def test_gluon_through_the_public_call_with_gradients(monkeypatch):
     q, k, v = (t.cuda() for t in make_qkv(2, 8, 2, 1025, 1025, 128, seed=7))
     assert_within_torch_error(lambda *a, **kw: fa2lab.attention(*a, backend="triton", **kw), q, k, v,
                               torch.bfloat16, causal=True)
+
+
+# The Gluon dK/dV kernel (kernels/gluon_bwd.py) through the public call: the backward row of its head
+# dim replaced by the two passes with "gluon_dkdv" (as `fa2lab.bench.hopper_bwd_gpu --plan gluon`).
+BWD_CASES = [  # b, hq, hkv, nq, nk, d, causal, window
+    (1, 2, 2, 1, 1, 128, False, (-1, -1)),
+    (2, 4, 2, 97, 97, 128, True, (-1, -1)),
+    (1, 4, 1, 232, 1025, 64, True, (-1, -1)),
+    (1, 4, 4, 1025, 232, 128, True, (-1, -1)),
+    (2, 8, 2, 1025, 1025, 80, False, (-1, -1)),
+    (1, 4, 2, 1000, 3000, 40, False, (-1, -1)),
+    (1, 8, 8, 2048, 2048, 128, False, (256, 0)),
+    (1, 8, 2, 1500, 1500, 64, False, (100, 300)),
+]
+
+
+@pytest.mark.parametrize("tiles", [(64, 128, 2), (32, 128, 3)], ids=["64x128s2", "32x128s3"])
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,window", BWD_CASES)
+def test_gluon_dkdv_gradients_within_torch_rule(monkeypatch, tiles, b, hq, hkv, nq, nk, d, causal, window):
+    from fa2lab.kernels import gluon_bwd, hopper_config
+
+    bound = hopper_config._bound(d)
+    monkeypatch.setitem(hopper_config.BWD, bound, dict(hopper_config.BWD_TWO_PASS[bound], gluon_dkdv=tiles))
+    monkeypatch.setattr(hopper_config, "BWD_PORTABLE", set())
+    calls = []
+    real = gluon_bwd.gluon_dkdv
+    monkeypatch.setattr(gluon_bwd, "gluon_dkdv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = (t.cuda() for t in make_qkv(b, hq, hkv, nq, nk, d, seed=9))
+    assert_within_torch_error(lambda *a, **kw: fa2lab.attention(*a, backend="triton", **kw), q, k, v,
+                              torch.bfloat16, causal=causal, window_size=window)
+    assert calls, "the backward did not reach the Gluon dK/dV kernel"

@@ -97,3 +97,18 @@ def test_benchmark_table_labels_kernel_level_rows():
     assert "| N=4096 D=256 causal (Gluon: kernel) | 485 | 500 | 579 | 298 | 0.86 | 1.03 | True |" in text
     assert "kernel 192x128 s2 w4 WS 3 consumers | | - |" in text
     assert "| N=4096 D=128 full | 501 | 598 | 616 | 344 | 0.97 | 1.19 | True |" in text
+
+
+def test_gluon_dkdv_refuses_what_it_cannot_run():
+    from fa2lab.kernels.gluon_bwd import gluon_dkdv, gluon_dkdv_takes
+    from fa2lab.kernels.gluon_fwd import HAVE_GLUON
+
+    q, k, v = _qkv(128)
+    assert gluon_dkdv_takes(q, k, v) is HAVE_GLUON
+    assert not gluon_dkdv_takes(*_qkv(256)) and not gluon_dkdv_takes(*_qkv(128, 64))
+    assert not gluon_dkdv_takes(*_qkv(128, dtype=torch.float32))
+    lse = torch.zeros(1, 2, 16)
+    with pytest.raises(ValueError, match="block_n=128"):
+        gluon_dkdv(q, q, k, v, lse, torch.zeros(1, 2, 16), scale=0.1, left=-1, right=0, block_n=64)
+    with pytest.raises(ValueError, match="share strides"):
+        gluon_dkdv(q, q, k, v, lse, torch.zeros(1, 16, 2).transpose(1, 2), scale=0.1, left=-1, right=0)

@@ -1,6 +1,6 @@
 """The Hopper backward on the H200 through the public call: configurations swept, SDPA flash and cuDNN beside.
 
-    python -m fa2lab.bench.hopper_bwd_gpu [--plan sweep|final|variants] [--out DIR] [--workers 8]
+    python -m fa2lab.bench.hopper_bwd_gpu [--plan sweep|gluon|final|variants] [--out DIR] [--workers 8]
 
 Every figure goes through `fa2lab.attention(q, k, v, causal=..., backend="triton")`, as
 fa2lab.bench.gpu does: the backward is timed as `torch.autograd.grad(out, leaves, dO,
@@ -59,6 +59,20 @@ SWEEP = {
                          "one 64x64 w8": dict(dkdvq=(64, 64, 8, 2))},
     (1024, 128, False): {"two-pass": TWO[128], "one 64x128 w8 s2": dict(dkdvq=(64, 128, 8, 2)),
                          "one 64x64 w4 s2": dict(dkdvq=(64, 64, 4, 2))},
+}
+# The Gluon dK/dV kernel (kernels/gluon_bwd.py, "gluon_dkdv": BLOCK_M, BLOCK_N, STAGES) with the two-pass
+# dQ kernel, against the two passes as committed.
+_G = lambda d, tiles: dict(TWO[d], gluon_dkdv=tiles)  # noqa: E731
+GLUON = {
+    (4096, 128, False): {"two-pass": TWO[128], "gluon 64x128 s2": _G(128, (64, 128, 2)),
+                         "gluon 32x128 s3": _G(128, (32, 128, 3)), "gluon 64x128 s3": _G(128, (64, 128, 3))},
+    (4096, 128, True): {"two-pass": TWO[128], "portable": None, "gluon 64x128 s2": _G(128, (64, 128, 2)),
+                        "gluon 32x128 s3": _G(128, (32, 128, 3))},
+    (16384, 128, False): {"two-pass": TWO[128], "gluon 64x128 s2": _G(128, (64, 128, 2)),
+                          "gluon 32x128 s3": _G(128, (32, 128, 3))},
+    (4096, 64, False): {"two-pass": TWO[64], "gluon 64x128 s2": _G(64, (64, 128, 2)),
+                        "gluon 64x128 s3": _G(64, (64, 128, 3))},
+    (4096, 128, True, 32, 8): {"two-pass": TWO[128], "gluon 64x128 s2": _G(128, (64, 128, 2))},
 }
 # Issue 15's backward rows with the dispatcher's own choice (BWD as committed).
 FINAL = [(1024, 128, False), (4096, 128, False), (16384, 128, False), (4096, 64, False), (4096, 256, False),
@@ -196,15 +210,16 @@ def _variant_kw(label, case):
 
 
 def plan_items(plan: str):
-    if plan == "sweep":
-        return [(case, label, cfg) for case, cfgs in SWEEP.items() for label, cfg in cfgs.items()]
+    if plan in ("sweep", "gluon"):
+        return [(case, label, cfg) for case, cfgs in (SWEEP if plan == "sweep" else GLUON).items()
+                for label, cfg in cfgs.items()]
     if plan == "final":
         return [(case, "dispatch", "dispatch") for case in FINAL]
     if plan == "variants":
         return [((4096, 128, False), name, "dispatch") for name in VARIANTS]
     if plan == "final+variants":
         return plan_items("final") + plan_items("variants")
-    raise ValueError(f"unknown plan {plan!r}: expected 'sweep' or 'final'")
+    raise ValueError(f"unknown plan {plan!r}: expected 'sweep', 'gluon', 'final', 'variants' or 'final+variants'")
 
 
 def warm(items, index: int, count: int):

@@ -384,6 +384,12 @@ def _dq_cast_kernel(ACC, DQ, CU_Q, sab, sah, sam, sdqb, sdqh, sdqm, H, Nq, sm_sc
 _KEY_BLOCK_KERNELS = (("dkdv", 3), ("dv", 1), ("dk", 2), ("dkdvq", 7), ("dkq", 6))
 
 
+def _gluon_takes(q, k, v) -> bool:
+    from fa2lab.kernels.gluon_bwd import gluon_dkdv_takes
+
+    return gluon_dkdv_takes(q, k, v)
+
+
 def hopper_bwd(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu_k=None, max_q=0, max_k=0,
                config=None, variants=None):
     """Dense: q (B, Hq, Nq, D) etc., lse (B, Hq, Nq). Varlen (cu_q given): q (total_q, Hq, D),
@@ -430,7 +436,22 @@ def hopper_bwd(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu
     common = dict(D=d, DV=dvd, HEAD_DIM=pow2(d), HEAD_DIM_V=pow2(dvd), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
                   IS_VARLEN=varlen, LONGEST_FIRST=causal, **flags)
     group = h // hkv
-    atomic = any(key in cfg for key in ("dkdvq", "dkq"))
+    # "gluon_dkdv": (BLOCK_M, BLOCK_N, STAGES) of kernels/gluon_bwd.py for dK / dV (plain dense calls it
+    # takes; the row's Triton kernels run everything else), dQ from the two-pass "dq" kernel.
+    gluon_tiles = cfg.pop("gluon_dkdv", None)
+    use_gluon = gluon_tiles is not None and not varlen and variants is None and _gluon_takes(q, k, v)
+    if use_gluon:
+        from fa2lab.kernels.gluon_bwd import gluon_dkdv
+
+        if "dq" not in cfg:
+            raise ValueError(f"config {cfg}: the Gluon dK/dV kernel needs the two-pass 'dq' kernel beside it")
+        bm, bn, stages = gluon_tiles
+        dk, dv = gluon_dkdv(do, q, k, v, lse, delta, scale=scale, left=left, right=right, block_m=bm, block_n=bn,
+                            stages=stages)
+    if not use_gluon and not any(key in cfg for key, _ in _KEY_BLOCK_KERNELS):
+        raise ValueError(f"config {cfg} has no dK/dV kernel for this call (the Gluon one takes plain dense calls, "
+                         f"Dv == D <= 128, only): add a 'dkdv' row beside 'gluon_dkdv'")
+    atomic = any(key in cfg for key in ("dkdvq", "dkq")) and not use_gluon
     acc = q  # placeholder pointer when no kernel adds into dQ
     if atomic:
         # fp32 dQ sums, q's layout with HEAD_DIM columns; rows padded so that a block's adds past
@@ -442,7 +463,7 @@ def hopper_bwd(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu
         else:
             acc = torch.zeros(batch, h, triton.cdiv(nq, pad) * pad, hd, dtype=torch.float32, device=q.device)
     for key, which in _KEY_BLOCK_KERNELS:
-        if key not in cfg:
+        if key not in cfg or use_gluon:
             continue
         bm, bn, warps, stages, *swap = cfg[key]  # optional 5th entry: SWAP_AB
         num_n = triton.cdiv(grid_k, bn)
