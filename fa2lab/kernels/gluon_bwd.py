@@ -37,7 +37,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-    from fa2lab.kernels.gluon_fwd import _tma_load
+    from fa2lab.kernels.gluon_fwd import _stream_pairs, _tma_load
 
     LOG2E_G: gl.constexpr = gl.constexpr(LOG2E)
 
@@ -73,15 +73,8 @@ if HAVE_GLUON:
         mbarrier.expect(kv_bar, 2 * BLOCK_N * HEAD_DIM * 2)
         _tma_load(desc_k, [j0, 0], kv_bar, k_smem)
         _tma_load(desc_v, [j0, 0], kv_bar, v_smem)
-        for i in range(n_blocks):
-            st = i % STAGES
-            ph = (i // STAGES) & 1
-            mbarrier.wait(q_empty.index(st), ph ^ 1)  # a fresh barrier counts as phase 1 complete
-            mbarrier.expect(q_ready.index(st), BLOCK_M * HEAD_DIM * 2)
-            _tma_load(desc_q, [lo + i * BLOCK_M, 0], q_ready.index(st), q_smem.index(st))
-            mbarrier.wait(do_empty.index(st), ph ^ 1)
-            mbarrier.expect(do_ready.index(st), BLOCK_M * HEAD_DIM * 2)
-            _tma_load(desc_do, [lo + i * BLOCK_M, 0], do_ready.index(st), do_smem.index(st))
+        _stream_pairs(desc_q, desc_do, q_smem, do_smem, q_ready, q_empty, do_ready, do_empty, lo, n_blocks, BLOCK_M,
+                      HEAD_DIM, STAGES)
 
     @gluon.jit
     def _bwd_consumer(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,

@@ -257,6 +257,22 @@ if HAVE_GLUON:
 
 
     @gluon.jit
+    def _stream_pairs(desc_a, desc_b, a_smem, b_smem, a_ready, a_empty, b_ready, b_empty, lo, n_blocks,
+                      ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+        """A producer's loop: blocks j = 0 .. n_blocks - 1 (rows lo + j * ROWS) of two tensors into rings of
+        STAGES buffers, each refilled once its consumers have arrived on its `empty` barrier (the
+        forward's K and V, the backward's Q and dO)."""
+        for j in range(n_blocks):
+            st = j % STAGES
+            ph = (j // STAGES) & 1
+            mbarrier.wait(a_empty.index(st), ph ^ 1)  # a fresh barrier counts as phase 1 complete
+            mbarrier.expect(a_ready.index(st), ROWS * HEAD_DIM * 2)
+            _tma_load(desc_a, [lo + j * ROWS, 0], a_ready.index(st), a_smem.index(st))
+            mbarrier.wait(b_empty.index(st), ph ^ 1)
+            mbarrier.expect(b_ready.index(st), ROWS * HEAD_DIM * 2)
+            _tma_load(desc_b, [lo + j * ROWS, 0], b_ready.index(st), b_smem.index(st))
+
+    @gluon.jit
     def _ws_producer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                      i0, lo, n_blocks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                      STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
@@ -266,15 +282,8 @@ if HAVE_GLUON:
         mbarrier.expect(q_bar, BLOCK_M * HEAD_DIM * 2)
         for c in gl.static_range(CONSUMERS):
             _tma_load(desc_q, [i0 + c * ROWS, 0], q_bar, q_smem.index(c))
-        for j in range(n_blocks):
-            st = j % STAGES
-            ph = (j // STAGES) & 1
-            mbarrier.wait(k_empty.index(st), ph ^ 1)  # a fresh barrier counts as phase 1 complete
-            mbarrier.expect(k_ready.index(st), BLOCK_N * HEAD_DIM * 2)
-            _tma_load(desc_k, [lo + j * BLOCK_N, 0], k_ready.index(st), k_smem.index(st))
-            mbarrier.wait(v_empty.index(st), ph ^ 1)
-            mbarrier.expect(v_ready.index(st), BLOCK_N * HEAD_DIM * 2)
-            _tma_load(desc_v, [lo + j * BLOCK_N, 0], v_ready.index(st), v_smem.index(st))
+        _stream_pairs(desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, lo, n_blocks, BLOCK_N,
+                      HEAD_DIM, STAGES)
 
     @gluon.jit
     def _ws_consumer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
