@@ -35,9 +35,9 @@ from fa2lab.kernels.gluon_fwd import HAVE_GLUON
 if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
-    from fa2lab.kernels.gluon_fwd import _stream_pairs, _tma_load
+    from fa2lab.kernels.gluon_fwd import _descriptors, _stream_pairs, _tma_load
 
     LOG2E_G: gl.constexpr = gl.constexpr(LOG2E)
 
@@ -180,14 +180,10 @@ if HAVE_GLUON:
         dtype: gl.constexpr = Q.dtype.element_ty
         q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
         kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-        desc_q = tma.make_tensor_descriptor(Q + b * sqb + h * sqh, shape=[Nq, D], strides=[sqm, 1],
-                                            block_shape=[BLOCK_M, HEAD_DIM], layout=q_layout)
-        desc_do = tma.make_tensor_descriptor(DO + b * sdob + h * sdoh, shape=[Nq, D], strides=[sdom, 1],
-                                             block_shape=[BLOCK_M, HEAD_DIM], layout=q_layout)
-        desc_k = tma.make_tensor_descriptor(K + b * skb + hk * skh, shape=[Nk, D], strides=[skn, 1],
-                                            block_shape=[BLOCK_N, HEAD_DIM], layout=kv_layout)
-        desc_v = tma.make_tensor_descriptor(V + b * svb + hk * svh, shape=[Nk, D], strides=[svn, 1],
-                                            block_shape=[BLOCK_N, HEAD_DIM], layout=kv_layout)
+        # The forward's descriptors, dO in the output's place: (BLOCK_M, D) blocks of Q and dO, (BLOCK_N, D) of K, V.
+        desc_q, desc_k, desc_v, desc_do = _descriptors(Q, K, V, DO, b, h, hk, sqb, sqh, sqm, skb, skh, skn, svb, svh,
+                                                       svn, sdob, sdoh, sdom, Nq, Nk, D, HEAD_DIM, BLOCK_M, BLOCK_N,
+                                                       BLOCK_M)
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, HEAD_DIM], q_layout)
         k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], kv_layout)
