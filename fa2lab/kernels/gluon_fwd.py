@@ -276,12 +276,14 @@ if HAVE_GLUON:
     def _ws_producer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                      i0, lo, n_blocks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                      STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
-        """One warp: Q once (one load per consumer's rows: TMA blocks are powers of two, BLOCK_M may be
-        192), then K_j and V_j into the ring as the consumers free its buffers."""
+        """One warp: Q once, then K_j and V_j into the ring as the consumers free its buffers."""
         ROWS: gl.constexpr = BLOCK_M // CONSUMERS
         mbarrier.expect(q_bar, BLOCK_M * HEAD_DIM * 2)
-        for c in gl.static_range(CONSUMERS):
-            _tma_load(desc_q, [i0 + c * ROWS, 0], q_bar, q_smem.index(c))
+        if CONSUMERS == 2:  # one (128, D) block
+            _tma_load(desc_q, [i0, 0], q_bar, q_smem)
+        else:  # TMA blocks are powers of two: three (64, D) blocks of the 192 rows
+            for c in gl.static_range(CONSUMERS):
+                _tma_load(desc_q, [i0 + c * ROWS, 0], q_bar, q_smem.index(c))
         _stream_pairs(desc_k, desc_v, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, lo, n_blocks, BLOCK_N,
                       HEAD_DIM, STAGES)
 
@@ -304,7 +306,10 @@ if HAVE_GLUON:
         row_s: gl.constexpr = gl.SliceLayout(1, mma_s)
         col_s: gl.constexpr = gl.SliceLayout(0, mma_s)
         row_o: gl.constexpr = gl.SliceLayout(1, mma_o)
-        q_rows = q_smem.index(WG)
+        if CONSUMERS == 2:
+            q_rows = q_smem.slice(WG * ROWS, ROWS)
+        else:
+            q_rows = q_smem.index(WG)
         r0 = i0 + WG * ROWS
         off = Nk - Nq
         offs_m = r0 + gl.arange(0, ROWS, layout=row_s)
@@ -403,11 +408,15 @@ if HAVE_GLUON:
         b, h, hk, i0 = _tile_coords(NUM_M, H, G, BLOCK_M, LONGEST_FIRST)
         dtype: gl.constexpr = Q.dtype.element_ty
         ROWS: gl.constexpr = BLOCK_M // CONSUMERS  # query rows per consumer warpgroup (64)
-        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
+        Q_ROWS: gl.constexpr = BLOCK_M if CONSUMERS == 2 else ROWS  # one Q load: a power of two
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([Q_ROWS, HEAD_DIM], dtype)
         kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
         desc_q, desc_k, desc_v, desc_o = _descriptors(Q, K, V, O, b, h, hk, sqb, sqh, sqm, skb, skh, skn, svb, svh,
-                                                      svn, sob, soh, som, Nq, Nk, D, HEAD_DIM, ROWS, BLOCK_N, ROWS)
-        q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, ROWS, HEAD_DIM], q_layout)  # later the output rows
+                                                      svn, sob, soh, som, Nq, Nk, D, HEAD_DIM, Q_ROWS, BLOCK_N, ROWS)
+        if CONSUMERS == 2:  # later the output rows
+            q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_layout)
+        else:
+            q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS, ROWS, HEAD_DIM], q_layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
