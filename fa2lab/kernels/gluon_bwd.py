@@ -37,7 +37,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
-    from fa2lab.kernels.gluon_fwd import _descriptors, _stream_pairs, _tma_load
+    from fa2lab.kernels.gluon_fwd import _descriptors, _ring_barriers, _stream_pairs, _tma_load
 
     LOG2E_G: gl.constexpr = gl.constexpr(LOG2E)
 
@@ -189,16 +189,8 @@ if HAVE_GLUON:
         k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], kv_layout)
         v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], kv_layout)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        do_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(kv_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(q_ready.index(i), count=1)
-            mbarrier.init(do_ready.index(i), count=1)
-            mbarrier.init(q_empty.index(i), count=2)  # one arrival per consumer warpgroup
-            mbarrier.init(do_empty.index(i), count=2)
+        q_ready, q_empty, do_ready, do_empty = _ring_barriers(STAGES, 2)
         lo, n_blocks, lo_full, hi_full = _query_blocks(j0, Nq, Nk, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT,
                                                        HAS_RIGHT)
         lse_h = LSE + b * slb + h * slh

@@ -257,6 +257,22 @@ if HAVE_GLUON:
 
 
     @gluon.jit
+    def _ring_barriers(STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+        """The mbarriers of two rings of STAGES buffers (read by _stream_pairs): ready_a, empty_a, ready_b,
+        empty_b. A `ready` barrier completes when the copy has landed; an `empty` one when each of the
+        CONSUMERS warpgroups has arrived, done with the buffer."""
+        ready_a = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty_a = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        ready_b = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty_b = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready_a.index(i), count=1)
+            mbarrier.init(ready_b.index(i), count=1)
+            mbarrier.init(empty_a.index(i), count=CONSUMERS)
+            mbarrier.init(empty_b.index(i), count=CONSUMERS)
+        return ready_a, empty_a, ready_b, empty_b
+
+    @gluon.jit
     def _stream_pairs(desc_a, desc_b, a_smem, b_smem, a_ready, a_empty, b_ready, b_empty, lo, n_blocks,
                       ROWS: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
         """A producer's loop: blocks j = 0 .. n_blocks - 1 (rows lo + j * ROWS) of two tensors into rings of
@@ -420,16 +436,8 @@ if HAVE_GLUON:
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=CONSUMERS)  # one arrival per consumer warpgroup
-            mbarrier.init(v_empty.index(i), count=CONSUMERS)
+        k_ready, k_empty, v_ready, v_empty = _ring_barriers(STAGES, CONSUMERS)
 
         lo, n_blocks, lo_full, hi_full = _key_blocks(i0, Nq, Nk, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
         lse_row = LSE + b * slb + h * slh
