@@ -109,3 +109,22 @@ def test_gluon_dkdv_gradients_within_torch_rule(monkeypatch, tiles, b, hq, hkv, 
     assert_within_torch_error(lambda *a, **kw: fa2lab.attention(*a, backend="triton", **kw), q, k, v,
                               torch.bfloat16, causal=causal, window_size=window)
     assert calls, "the backward did not reach the Gluon dK/dV kernel"
+
+
+def test_direct_launch_equals_tritons_launch(monkeypatch):
+    """The second call of a signature launches the compiled kernel directly (kernels/launch.py): the same
+    bits as Triton's own launch, for both layouts."""
+    from fa2lab.kernels import gluon_fwd as G
+    from fa2lab.kernels.launch import KernelLaunch
+
+    q, k, v = (t.cuda().to(torch.bfloat16) for t in make_qkv(1, 8, 2, 1000, 1000, 128, seed=3))
+    for qq, kk, vv in ((q, k, v), tuple(t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))):
+        kw = dict(scale=0.1, left=-1, right=0)
+        first, lse_first = gluon_fwd(qq, kk, vv, **kw)
+        direct, lse_direct = gluon_fwd(qq, kk, vv, **kw)
+        assert any(G._LAUNCH[True]._bound.values())  # bound after the first launch
+        monkeypatch.setattr(KernelLaunch, "ENABLED", False)
+        plain, lse_plain = gluon_fwd(qq, kk, vv, **kw)
+        monkeypatch.setattr(KernelLaunch, "ENABLED", True)
+        assert torch.equal(first, direct) and torch.equal(direct, plain)
+        assert torch.equal(lse_first, lse_direct) and torch.equal(lse_direct, lse_plain)

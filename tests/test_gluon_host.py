@@ -25,11 +25,12 @@ def gluon_present(monkeypatch):
 @pytest.mark.parametrize("d,dv,dtype,expected", [
     (128, None, torch.bfloat16, True), (80, None, torch.float16, True),  # bound 128: measured faster
     (64, None, torch.bfloat16, 64 in FWD_GLUON), (40, None, torch.bfloat16, 64 in FWD_GLUON),
-    (32, None, torch.bfloat16, False), (256, None, torch.bfloat16, False),  # outside its tiles
+    (256, None, torch.bfloat16, True), (200, None, torch.bfloat16, True),  # bound 256: measured faster
+    (32, None, torch.bfloat16, False), (512, None, torch.bfloat16, False),  # outside its tiles
     (128, 64, torch.bfloat16, False), (128, None, torch.float32, False),  # Dv != D, fp32
 ])
 def test_auto_sends_measured_head_dims_to_gluon(gluon_present, d, dv, dtype, expected):
-    assert 128 in FWD_GLUON
+    assert {128, 256} <= FWD_GLUON
     assert gluon_fwd_wanted(*_qkv(d, dv, dtype)) is expected
 
 
@@ -38,6 +39,7 @@ def test_environment_forces_either_forward(gluon_present, monkeypatch):
     assert not gluon_fwd_wanted(*_qkv(128))
     monkeypatch.setenv("FA2LAB_HOPPER_FWD", "gluon")
     assert gluon_fwd_wanted(*_qkv(64))
+    monkeypatch.setattr(hopper_config, "GLUON_TESTED", {64, 128})
     assert not gluon_fwd_wanted(*_qkv(256))  # forcing never sends a head dim not tested on a GPU
     assert not gluon_fwd_wanted(*_qkv(128, 64))  # nor a shape the kernel cannot take
 
@@ -45,7 +47,7 @@ def test_environment_forces_either_forward(gluon_present, monkeypatch):
 def test_kernel_takes_more_than_the_dispatcher_sends(gluon_present):
     assert gluon_kernel_takes(*_qkv(256)) and gluon_kernel_takes(*_qkv(200))  # the bench and GPU tests run it
     assert not gluon_kernel_takes(*_qkv(512)) and not gluon_kernel_takes(*_qkv(32))
-    assert 256 not in GLUON_TESTED and FWD_GLUON <= GLUON_TESTED <= set(GLUON_FWD)
+    assert FWD_GLUON <= GLUON_TESTED <= set(GLUON_FWD)
 
 
 def test_without_gluon_nothing_goes_there(monkeypatch):

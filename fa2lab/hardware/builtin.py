@@ -154,10 +154,15 @@ def _hopper(name: str, mem_bw: float, bw_source: str, ds: str) -> HardwareProfil
                                     "2x / 3x rule. fa2lab/kernels/hopper_config.py lists the rivals of each row. Forward D=128 "
                                     "re-swept 2026-12-02 07:42 UTC (hopper-sweep-20261202-074333.json): kept at "
                                     "501 full / 443 causal, no rival faster beyond 1.4%. fwd_gluon (plain dense "
-                                    "calls, D in (64, 128]: the Gluon warp-specialised forward): H200, 2026-12-03, "
+                                    "calls, D in (64, 256]: the Gluon warp-specialised forward): H200, 2026-12-03, "
                                     "python -m fa2lab.bench.gluon_gpu --configs (gluon-20261203-125524.json): "
                                     "557 full / 492 causal at N=4096, 585 causal at N=16384 against the Triton "
-                                    "forward's 512 / 443 / 492 in the same run",
+                                    "forward's 512 / 443 / 492 in the same run; D in (128, 256]: 681 full / 549 "
+                                    "causal at N=4096, 652 causal at N=16384 against 539 / 476 / 531 "
+                                    "(gluon-20261203-172844.json). bwd D=128 gluon_dkdv (Gluon dK/dV + two-pass "
+                                    "dQ, python -m fa2lab.bench.hopper_bwd_gpu --plan gluon, 2026-12-03): 391 "
+                                    "full / 341 causal at N=4096, 413 full at N=16384 against two passes' "
+                                    "365 / 300 / 377",
                      compute_capability="CUDA-guide: GH100 is sm_90", units=f"{ds}: 132 SMs (SXM5)",
                      clock_hz="implied by the datasheet peaks: 989.4 TFLOP/s / (132 SMs x 4096 FLOP/clock) "
                               "= 1.83 GHz (max boost 1.98 GHz)",

@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fa2lab.kernels.common import LOG2E, LOG2E_K, dot, ieee_dot, interpreting, online_softmax_step, pow2
+from fa2lab.kernels.common import LOG2E, LOG2E_K, dot, ieee_dot, online_softmax_step, pow2
+from fa2lab.kernels.launch import bind_compiled, capturing
 from fa2lab.kernels.variants import _variant_logits
 
 
@@ -313,10 +314,10 @@ class DecodeLaunch:
     Launch cost: Triton's `kernel[grid](...)` binds and specialises all 57 arguments on every call
     (~10-20 us of host time). After the first launch compiles the kernel, later launches whose
     tensors have the same strides and 16-byte alignment (the only things Triton specialises on
-    that a plan does not fix) call the compiled kernel directly (`CompiledKernel[grid]`); any other
-    call goes through Triton's binder again. BIND = False turns the direct call off. Binding runs
-    the kernel once more (`_bind`), so a launch used once (keep=False, `decode_triton`) never
-    binds, and nothing binds while a CUDA graph is captured (the graph would replay both runs)."""
+    that a plan does not fix) call the compiled kernel directly (`CompiledKernel[grid]`, bound by
+    `fa2lab.kernels.launch.bind_compiled`); any other call goes through Triton's binder again.
+    BIND = False turns the direct call off; a launch used once (keep=False, `decode_triton`) never
+    binds, and nothing binds while a CUDA graph is captured."""
 
     BIND = True
 
@@ -377,33 +378,16 @@ class DecodeLaunch:
             bound = self._bound.get(key)
             if bound:
                 runner, constants = bound
-                runner(*args, *constants)
-                return out, lse
+                try:
+                    runner(*args, *constants)
+                    return out, lse
+                except TypeError:  # refused before launching: a calling convention of another Triton
+                    self._bound[key] = None
         compiled = _decode_kernel[self.grid](*args, STORE_LSE=return_lse, **self.constexprs, **self.options)
-        if key is not None and key not in self._bound and not _capturing(self.device):
-            self._bound[key] = _bind(compiled, self.grid, args, dict(self.constexprs, STORE_LSE=return_lse))
+        if key is not None and key not in self._bound and not capturing(self.device):
+            self._bound[key] = bind_compiled(_decode_kernel, compiled, self.grid, len(args),
+                                             dict(self.constexprs, STORE_LSE=return_lse))
         return out, lse
-
-
-def _capturing(device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def _bind(compiled, grid, args, constexprs):
-    """(CompiledKernel[grid], trailing constants), or None (keep Triton's own launch). A compiled
-    kernel takes every parameter positionally, as `JITFunction.run` passes them (Triton >= 3.2):
-    the compile-time constants last. The launcher rejects a wrong argument count before it
-    launches, so the binding is tried once here, relaunching this call's kernel on this call's
-    arguments (the same results, written twice)."""
-    if interpreting() or not hasattr(compiled, "function"):
-        return None
-    runner = compiled[grid]
-    constants = [constexprs[name] for name in _decode_kernel.arg_names[len(args):]]
-    try:
-        runner(*args, *constants)
-    except Exception:  # noqa: BLE001 - a launcher of another form: keep Triton's launch, which just ran
-        return None
-    return runner, constants
 
 
 def decode_launch(q, k_cache, v_cache, *, scale, left, right, num_splits, block_table=None, n_new=0,

@@ -45,6 +45,7 @@ import triton
 
 from fa2lab.kernels.common import LOG2E, pow2
 from fa2lab.kernels.hopper_config import GLUON_FWD, GLUON_FWD_ONE_PARTITION, gluon_kernel_takes
+from fa2lab.kernels.launch import KernelLaunch
 
 try:  # Gluon ships with Triton >= 3.5; without it this kernel is simply not offered
     from triton.experimental import gluon
@@ -484,25 +485,10 @@ def gluon_supported(q, k, v) -> bool:
     return HAVE_GLUON and gluon_kernel_takes(q, k, v) and pow2(q.shape[-1]) in GLUON_FWD
 
 
-def gluon_fwd(q, k, v, *, scale, left, right, config=None):
-    """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, D) -> out (B, Hq, Nq, D), lse (B, Hq, Nq) fp32."""
-    from fa2lab.kernels.hopper_fwd import ensure_allocator
-
-    ensure_allocator()
-    b, h, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    if q.stride(1) < q.stride(2):  # q is a (B, Nq, Hq, D) tensor seen as (B, Hq, Nq, D): write out the same way
-        out = torch.empty(b, nq, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
-    else:
-        out = torch.empty(b, h, nq, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or nq == 0:
-        return out, lse.fill_(float("-inf"))
-    cfg = dict(config or GLUON_FWD[pow2(d)])
-    num_m = triton.cdiv(nq, cfg["BLOCK_M"])
-    st = lambda t: t.stride()[:3]  # noqa: E731 (batch, head, token)
+def _launch_config(config: dict) -> tuple[bool, dict]:
+    """A GLUON_FWD-style tile -> (warp-specialised?, the kernel's constants and options), checked."""
+    cfg = dict(config)
     ws = cfg.pop("WS", False)
-    kernel = _gluon_fwd_ws_kernel if ws else _gluon_fwd_kernel
     if ws:
         if cfg.get("num_warps", 4) != 4:
             raise ValueError(f"the warp-specialised Gluon kernel runs num_warps=4 (one consumer warpgroup per "
@@ -518,10 +504,42 @@ def gluon_fwd(q, k, v, *, scale, left, right, config=None):
         # (240 for two consumers; 168 for three). FA3's split: 240 / 24 for two, 160 / 24 for three.
         cfg.setdefault("CONSUMER_REGS", 240 if consumers == 2 else 160)
         cfg.setdefault("maxnreg", 168 if consumers == 2 else 128)
-    kernel[(num_m * b * h,)](
-        q, k, v, out, lse, *st(q), *st(k), *st(v), *st(out), *lse.stride(), h, nq, nk, h // hkv, d, num_m,
-        scale * LOG2E, max(left, 0), max(right, 0), HEAD_DIM=pow2(d), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
-        LONGEST_FIRST=right >= 0 and left < 0, **cfg)
+    return ws, cfg
+
+
+_CONFIGS: dict = {}  # a tile's items -> _launch_config(tile), checked once
+if HAVE_GLUON:  # direct launches after the first of each signature (kernels/launch.py: ~30 us a call less)
+    _LAUNCH = {True: KernelLaunch(_gluon_fwd_ws_kernel), False: KernelLaunch(_gluon_fwd_kernel)}
+
+
+def gluon_fwd(q, k, v, *, scale, left, right, config=None):
+    """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, D) -> out (B, Hq, Nq, D), lse (B, Hq, Nq) fp32."""
+    from fa2lab.kernels.hopper_fwd import ensure_allocator
+
+    ensure_allocator()
+    b, h, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    if q.stride(1) < q.stride(2):  # q is a (B, Nq, Hq, D) tensor seen as (B, Hq, Nq, D): write out the same way
+        out = torch.empty(b, nq, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
+    else:
+        out = torch.empty(b, h, nq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or nq == 0:
+        return out, lse.fill_(float("-inf"))
+    width = pow2(d)
+    tile = GLUON_FWD[width] if config is None else config
+    key = tuple(tile.items())
+    if key not in _CONFIGS:
+        if len(_CONFIGS) > 64:
+            _CONFIGS.clear()
+        _CONFIGS[key] = _launch_config(tile)
+    ws, cfg = _CONFIGS[key]
+    num_m = triton.cdiv(nq, cfg["BLOCK_M"])
+    sq, sk, sv, so = q.stride(), k.stride(), v.stride(), out.stride()
+    scalars = (sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], so[0], so[1], so[2], *lse.stride(),
+               h, nq, nk, h // hkv, d, num_m, scale * LOG2E, max(left, 0), max(right, 0))
+    _LAUNCH[ws]((num_m * b * h,), (q, k, v, out, lse), scalars, HEAD_DIM=width, HAS_LEFT=left >= 0,
+                HAS_RIGHT=right >= 0, LONGEST_FIRST=right >= 0 and left < 0, **cfg)
     return out, lse
 
 

@@ -63,10 +63,17 @@ BWD_TWO_PASS = {
 # against 263; D=256 dv + dkq 64x64 does not fit shared memory (263 KB). ptxas: the D=128 one-pass
 # kernel sits at 255 registers with 56-82 B of spills (two-pass dK/dV: 2 B), D=64 spills nothing
 # and still loses: the fp32 atomics cost more than the two matmuls they save. So two passes stay.
-BWD = dict(BWD_TWO_PASS)
-# Where the portable backward measured faster in the same run (H200, 2026-12-02, `python -m fa2lab
-# bench --hopper`, gpu-20261202-045930.json): D=128 causal 314 against the Hopper kernels' 298.
-BWD_PORTABLE = {(128, True)}
+# D=128: dK / dV from the Gluon kernel (kernels/gluon_bwd.py, "gluon_dkdv": BLOCK_M, BLOCK_N, STAGES)
+# beside the two-pass dQ, for the plain dense calls it takes (the "dkdv" row runs the rest). H200,
+# 2026-12-03, `python -m fa2lab.bench.hopper_bwd_gpu --plan gluon` (hopper-bwd-20261203.jsonl), public
+# call, bwd TFLOP/s: N=4096 full 391 (3 stages 395, 32x128 3 stages 362) against two passes 365,
+# causal 341 against 300 (portable 307), N=16384 full 413 against 377, GQA 32:8 causal 339 against 307;
+# D=64 stays on two passes (Gluon 338-343 against 344). cuDNN in the same run: 511 / 454 / 541 / 452.
+BWD = {**BWD_TWO_PASS, 128: dict(BWD_TWO_PASS[128], gluon_dkdv=(64, 128, 2))}
+# Where the portable backward measured faster in the same run: none since the Gluon dK/dV kernel
+# (D=128 causal was portable: 314 against the Hopper kernels' 298 on 2026-12-02, 307 against 341
+# for Gluon dK/dV on 2026-12-03).
+BWD_PORTABLE: set = set()
 # Above 227 KB of shared memory a config does not launch; every row above fits (ptxas, sm_90a).
 PERSISTENT_BELOW = 0  # persistent launches measured no faster at N = 1024 (349 against 353)
 
@@ -117,13 +124,27 @@ def tma_ok(t: torch.Tensor, token_dim: int) -> bool:
     """TMA addresses a (tokens, head dim) slice by a 16-byte-aligned base, a 16-byte-aligned
     non-zero token stride and unit stride in the head dim; batch and head strides become base
     offsets, so they too must keep the base aligned."""
-    elem = t.element_size()
     try:
         ptr = t.data_ptr()
     except RuntimeError:  # a tensor without storage (traced, fake): the portable kernels' rules apply
         return False
-    return (t.stride(-1) == 1 and t.stride(token_dim) > 0 and ptr % 16 == 0
-            and all((t.stride(i) * elem) % 16 == 0 for i in range(t.dim() - 1)))
+    strides, elem = t.stride(), t.element_size()
+    if strides[-1] != 1 or strides[token_dim] <= 0 or ptr % 16:
+        return False
+    for stride in strides[:-1]:
+        if (stride * elem) % 16:
+            return False
+    return True
+
+
+_SM_MAJOR: dict = {}  # CUDA device index -> compute capability major (asked once per device)
+
+
+def _sm_major(t: torch.Tensor) -> int:
+    index = t.get_device()
+    if index not in _SM_MAJOR:
+        _SM_MAJOR[index] = torch.cuda.get_device_capability(index)[0]
+    return _SM_MAJOR[index]
 
 
 # The Gluon forward's tiles: D (power of two) -> tile, ring depth, warps. Shared memory:
@@ -134,17 +155,20 @@ def tma_ok(t: torch.Tensor, token_dim: int) -> bool:
 # TFLOP/s, bf16): D=128 WS 128x128 2 stages 551-557 full / 483-492 causal at N=4096, 580-585 causal at
 # N=16384 (one partition 128x128 8 warps: 470 / 415 / 484; WS 128x64 3-4 stages 517-527); D=64 WS
 # 128x128 2 stages 407-409 (one partition 128x64 3 stages 395; WS 128x64 4 stages 347).
-# D=256: BLOCK_N=64 keeps Q (64 KB) and two stages of K and V (128 KB) in shared memory; compiled for
-# sm_90a (Triton 3.6: 197 KB shared, no spills; 128x32 with 4 stages also fits) but not yet run on a
-# GPU, so the dispatcher never sends D > 128 here (GLUON_TESTED below).
+# D=256: BLOCK_N=64 keeps Q (64 KB) and two stages of K and V (128 KB) in shared memory (197 KB, no
+# spills): 628-681 full at N=4096, 549-608 causal, 652 causal at N=16384 (128x32 3-4 stages 455-521;
+# gluon-20261203-172844.json). The 3-consumer D=64 tile (192x128, FA3's) measured 447 full / 346 causal at
+# N=4096, 448 causal at 16384, 143 causal at 1024, against the Triton forward's 418 / 381 / 416 / 285:
+# not kept (causal loses at 4096 and below).
 GLUON_FWD = {
     64: dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=4, WS=True),
     128: dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=4, WS=True),
     256: dict(BLOCK_M=128, BLOCK_N=64, STAGES=2, num_warps=4, WS=True),
 }
 # Head-dim bounds whose Gluon tiles passed tests/test_gluon_gpu.py on an sm_90 GPU (H200, 2026-12-03:
-# 38 passed): the only ones the dispatcher may send there, by FWD_GLUON or by FA2LAB_HOPPER_FWD=gluon.
-GLUON_TESTED = {64, 128}
+# 38 passed; later with D=200 and 256: 50 passed, gluon-candidates-20261203/tests-fwd.log): the only ones the dispatcher may
+# send there, by FWD_GLUON or by FA2LAB_HOPPER_FWD=gluon.
+GLUON_TESTED = {64, 128, 256}
 # The one-partition kernel (two warpgroups of one program, CTA barriers around each refill): the
 # first version, kept to compare against (tests run both).
 GLUON_FWD_ONE_PARTITION = {
@@ -158,9 +182,11 @@ GLUON_FWD_ONE_PARTITION = {
 # one forward for every call it can take (to compare the two in one process). D in (64, 128]: its
 # warp-specialised kernel against the Triton one, kernel TFLOP/s, H200, 2026-12-03 (`python -m
 # fa2lab.bench.gluon_gpu --configs`, gluon-20261203-125524.json): N=4096 full 551-557 against 512,
-# causal 483-492 against 443, N=16384 causal 580-585 against 492, N=1024 causal 294 against 304. D <= 64
-# stays on Triton (407-409 against 429).
-FWD_GLUON: set = {128}
+# causal 483-492 against 443, N=16384 causal 580-585 against 492, N=1024 causal 294 against 304. D in
+# (128, 256] (gluon-20261203-172844.json): N=4096 full 681 against 539 (cuDNN 638), causal 549 against
+# 476 (cuDNN 574), N=16384 causal 652 against 531 (cuDNN 618). D <= 64 stays on Triton (407-412
+# against 418-429; 3 consumers above).
+FWD_GLUON: set = {128, 256}
 
 
 @functools.cache
@@ -205,7 +231,7 @@ def hopper_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         return False
     if interpreting() or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if torch.cuda.get_device_capability(q.device)[0] != 9:
+    if _sm_major(q) != 9:
         return False
     if not (8 <= q.shape[-1] <= 256 and 8 <= v.shape[-1] <= 256):
         return False
