@@ -114,3 +114,22 @@ def test_gluon_dkdv_refuses_what_it_cannot_run():
         gluon_dkdv(q, q, k, v, lse, torch.zeros(1, 2, 16), scale=0.1, left=-1, right=0, block_n=64)
     with pytest.raises(ValueError, match="share strides"):
         gluon_dkdv(q, q, k, v, lse, torch.zeros(1, 16, 2).transpose(1, 2), scale=0.1, left=-1, right=0)
+
+
+@pytest.mark.parametrize("bias", [None, "bias"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_backward_config_with_variants_has_triton_kernels_only(d, bias):
+    """Variant calls never take the Gluon dK/dV kernel (plain calls only), and a bias keeps two stages."""
+    from types import SimpleNamespace
+
+    from fa2lab.kernels.hopper_config import hopper_bwd_config
+
+    kv = SimpleNamespace(var=SimpleNamespace(attn_bias=bias, dropout_p=0.0))
+    for causal in (False, True):
+        cfg = hopper_bwd_config(d, causal=causal, seq_len=2048, variants=kv)
+        assert "gluon_dkdv" not in cfg and "dq" in cfg
+        assert all(len(t) >= 4 for t in cfg.values())
+        if bias:
+            assert all(t[3] <= 2 for t in cfg.values())
+    plain = hopper_bwd_config(d, causal=False, seq_len=2048)
+    assert ("gluon_dkdv" in plain) == (d == 128)

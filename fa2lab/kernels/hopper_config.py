@@ -111,6 +111,8 @@ def hopper_bwd_config(head_dim: int, *, causal: bool, seq_len: int, deterministi
     bound = _bound(head_dim)
     exact_order = deterministic or (variants is not None and variants.var.dropout_p > 0)
     cfg = dict((BWD_TWO_PASS if exact_order else BWD)[bound])
+    if variants is not None:  # the Gluon dK/dV kernel runs plain calls only: the row's Triton kernels then
+        cfg.pop("gluon_dkdv", None)
     if variants is not None and variants.var.attn_bias is not None:
         cfg = {k: (*t[:3], min(t[3], 2), *t[4:]) if isinstance(t, tuple) else t for k, t in cfg.items()}
     return cfg

@@ -86,8 +86,8 @@ class KernelLaunch:
         if aligned & 15:
             return None
         first = tensors[0]
-        return (grid, first.get_device(), tuple(t.dtype for t in tensors), scalars,
-                tuple(type(s) for s in scalars), tuple(constexprs.items()))
+        return (grid, first.get_device(), tuple(t.dtype for t in tensors), scalars, tuple(map(type, scalars)),
+                tuple(constexprs.items()))
 
 
 __all__ = ["KernelLaunch", "bind_compiled", "capturing"]
