@@ -27,13 +27,23 @@ CASES = [  # b, hq, hkv, nq, nk, d, causal, window
     (2, 4, 2, 1025, 1025, 256, True, (-1, -1)),  # D=256: the warp-specialised tiles only
     (1, 4, 4, 97, 300, 200, False, (-1, -1)),
     (1, 8, 8, 2048, 2048, 256, False, (256, 0)),
+    (4, 32, 8, 300, 700, 128, True, (-1, -1)),  # 384 tiles: a persistent program walks three, GQA 4:1
+    (3, 40, 40, 513, 513, 64, False, (-1, -1)),  # 600 tiles of two lengths' last block
 ]
 
 
 # The kernels under test: the one-partition kernel, the warp-specialised one with two consumer
-# warpgroups (the table's), and with three (FA3's 192-row tile for D <= 64; a bench candidate).
+# warpgroups (the table's), and with three (FA3's 192-row tile for D <= 64; a bench candidate); the
+# persistent warp-specialised kernel with the table's tiles (two query buffers at D <= 128, one at
+# 256), one query buffer forced, and three consumers.
+_PERSISTENT = dict(WS=True, PERSISTENT=True, num_warps=4)
 VARIANTS = {"one-partition": None, "warp-specialised": None,
-            "three-consumers": {64: dict(BLOCK_M=192, BLOCK_N=128, STAGES=2, num_warps=4, WS=True, CONSUMERS=3)}}
+            "three-consumers": {64: dict(BLOCK_M=192, BLOCK_N=128, STAGES=2, num_warps=4, WS=True, CONSUMERS=3)},
+            "persistent": {64: dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, **_PERSISTENT),
+                           128: dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, **_PERSISTENT),
+                           256: dict(BLOCK_M=128, BLOCK_N=64, STAGES=2, **_PERSISTENT)},
+            "persistent-one-q": {128: dict(BLOCK_M=128, BLOCK_N=64, STAGES=3, Q_STAGES=1, **_PERSISTENT)},
+            "persistent-three-consumers": {64: dict(BLOCK_M=192, BLOCK_N=128, STAGES=2, CONSUMERS=3, **_PERSISTENT)}}
 
 
 def _kernel(q, k, v, causal=False, window_size=(-1, -1), softmax_scale=None, variant="warp-specialised"):
@@ -62,15 +72,29 @@ def test_gluon_forward_within_torch_rule(dtype, b, hq, hkv, nq, nk, d, causal, w
     assert e_ours <= 2 * e_torch + 1e-3, f"forward error {e_ours:.3g} vs torch's {e_torch:.3g}"
 
 
-def test_gluon_lse_and_strided_inputs_match_the_tma_kernel():
+@pytest.mark.parametrize("variant", ["warp-specialised", "persistent"])
+def test_gluon_lse_and_strided_inputs_match_the_tma_kernel(variant):
     from fa2lab.kernels.hopper_fwd import hopper_fwd
 
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(2, 1500, 3, 8, 128, generator=g).bfloat16().cuda()  # (B, N, 3, H, D): token stride 3*H*D
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-    out, lse = gluon_fwd(q, k, v, scale=0.088, left=-1, right=0)
+    config = VARIANTS[variant][128] if VARIANTS[variant] else None
+    out, lse = gluon_fwd(q, k, v, scale=0.088, left=-1, right=0, config=config)
     ref, ref_lse = hopper_fwd(q, k, v, scale=0.088, left=-1, right=0)
     assert max_err(out, ref) < 2e-2 and max_err(lse, ref_lse) < 1e-3
+
+
+def test_persistent_kernel_with_broadcast_heads_and_batch_of_one():
+    """A K/V head dimension broadcast by expand (stride 0) goes to the per-head kernel; size-1 batch and
+    head dimensions (any stride) run persistent. Both equal the non-persistent kernel."""
+    q, k, v = (t.cuda().bfloat16() for t in make_qkv(1, 8, 1, 700, 900, 128, seed=4))
+    k8, v8 = k.expand(1, 8, 900, 128), v.expand(1, 8, 900, 128)
+    kw = dict(scale=0.09, left=-1, right=0)
+    for kk, vv in ((k, v), (k8, v8)):
+        ours, lse = gluon_fwd(q, kk, vv, config=VARIANTS["persistent"][128], **kw)
+        ref, ref_lse = gluon_fwd(q, kk, vv, config=dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, WS=True), **kw)
+        assert max_err(ours, ref) < 1e-2 and max_err(lse, ref_lse) < 1e-3
 
 
 def test_gluon_through_the_public_call_with_gradients(monkeypatch):
@@ -122,7 +146,7 @@ def test_direct_launch_equals_tritons_launch(monkeypatch):
         kw = dict(scale=0.1, left=-1, right=0)
         first, lse_first = gluon_fwd(qq, kk, vv, **kw)
         direct, lse_direct = gluon_fwd(qq, kk, vv, **kw)
-        assert any(G._LAUNCH[True]._bound.values())  # bound after the first launch
+        assert any(any(launch._bound.values()) for launch in G._LAUNCH.values())  # bound after the first launch
         monkeypatch.setattr(KernelLaunch, "ENABLED", False)
         plain, lse_plain = gluon_fwd(qq, kk, vv, **kw)
         monkeypatch.setattr(KernelLaunch, "ENABLED", True)

@@ -57,10 +57,14 @@ def test_without_gluon_nothing_goes_there(monkeypatch):
 
 
 def test_tables_are_launchable():
+    from fa2lab.kernels.gluon_fwd import _q_stages
+
     for table in (GLUON_FWD, GLUON_FWD_ONE_PARTITION):
         for d, cfg in table.items():
-            assert d in (64, 128, 256) and cfg["BLOCK_M"] == 128 and cfg["BLOCK_N"] in (32, 64, 128)
-            stages_bytes = 2 * cfg["STAGES"] * cfg["BLOCK_N"] * d * 2 + cfg["BLOCK_M"] * d * 2
+            assert d in (64, 128, 256) and cfg["BLOCK_N"] in (32, 64, 128)
+            assert cfg["BLOCK_M"] == (64 * cfg.get("CONSUMERS", 2) if cfg.get("WS") else 128)
+            q_buffers = _q_stages(cfg, d)["Q_STAGES"] if cfg.get("PERSISTENT") else 1
+            stages_bytes = 2 * cfg["STAGES"] * cfg["BLOCK_N"] * d * 2 + q_buffers * cfg["BLOCK_M"] * d * 2
             assert stages_bytes <= 227 * 1024, (d, cfg)  # fits Hopper's shared memory
             assert not cfg.get("WS") or cfg["num_warps"] == 4
 
@@ -81,9 +85,10 @@ def test_consumer_count_must_match_the_tile(change):
 
     if not HAVE_GLUON:
         pytest.skip("this Triton has no Gluon")
-    q, k, v = _qkv(64)  # the table's BLOCK_M=128 is two consumers of 64 rows; three need BLOCK_M=192
+    q, k, v = _qkv(64)  # BLOCK_M=128 is two consumers of 64 rows; three need BLOCK_M=192
+    tile = dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=4, WS=True)
     with pytest.raises(ValueError, match="64 query rows.*BLOCK_M="):
-        gluon_fwd(q, k, v, scale=0.1, left=-1, right=0, config=dict(GLUON_FWD[64], **change))
+        gluon_fwd(q, k, v, scale=0.1, left=-1, right=0, config=dict(tile, **change))
 
 
 def test_benchmark_table_labels_kernel_level_rows():
@@ -133,3 +138,40 @@ def test_backward_config_with_variants_has_triton_kernels_only(d, bias):
             assert all(t[3] <= 2 for t in cfg.values())
     plain = hopper_bwd_config(d, causal=False, seq_len=2048)
     assert ("gluon_dkdv" in plain) == (d == 128)
+
+
+def test_persistent_launch_choices():
+    from fa2lab.kernels import gluon_fwd as G
+
+    if not G.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    tile = dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, WS=True, PERSISTENT=True)
+    kind, cfg = G._launch_config(tile)
+    assert kind == "persistent" and cfg["CONSUMERS"] == 2 and "PERSISTENT" not in cfg
+    # two query buffers where they fit beside the K / V ring, one at D=256's 128x64 tile
+    assert G._q_stages(cfg, 128)["Q_STAGES"] == 2 and G._q_stages(cfg, 64)["Q_STAGES"] == 2
+    assert G._q_stages(dict(cfg, BLOCK_N=64), 256)["Q_STAGES"] == 1
+    assert G._q_stages(dict(cfg, Q_STAGES=1), 128)["Q_STAGES"] == 1  # an explicit choice stays
+    with pytest.raises(ValueError, match="WS=True"):
+        G._launch_config(dict(tile, WS=False))
+    with pytest.raises(ValueError, match="PERSISTENT=True"):
+        G._launch_config(dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, WS=True, Q_STAGES=2))
+    with pytest.raises(ValueError, match="Q_STAGES must be 1 or 2, got 3"):
+        G._launch_config(dict(tile, Q_STAGES=3))
+
+
+def test_persistent_sections_and_box_strides():
+    from fa2lab.kernels import gluon_fwd as G
+
+    # causal order: heads grouped so that a section's K and V take about L2_SECTION_BYTES
+    per_head = 2 * 1024 * 128 * 2  # K and V of one head, N=1024, D=128, bf16
+    assert G._section(16, 16, 1024, 128, 2) == G.L2_SECTION_BYTES // per_head
+    assert G._section(32, 8, 1024, 128, 2) == 4 * G._section(16, 16, 1024, 128, 2)  # GQA 4:1 shares K and V
+    assert G._section(1, 1, 1 << 24, 256, 2) == 1  # one head larger than the section: one at a time
+    # size-1 dimensions get a valid stride; a broadcast dimension of size > 1 is refused
+    t = torch.zeros(1, 1, 10, 64)[:, :, :, :]
+    assert G._box_strides(t) == (640, 640, 64)
+    wide = torch.zeros(2, 3, 10, 64)
+    assert G._box_strides(wide) == wide.stride()[:3] and G._box_strides_ok(wide)
+    assert not G._box_strides_ok(torch.zeros(2, 1, 10, 64).expand(2, 3, 10, 64))
+    assert G._box_strides_ok(torch.zeros(1, 10, 64).expand(1, 1, 10, 64)[None][0])

@@ -31,15 +31,16 @@ from fa2lab.kernels.hopper_config import gluon_shapes_ok
 CASES = ("1024:128:0,4096:128:0,16384:128:0,4096:64:0,1024:128:1,4096:128:1,16384:128:1,4096:64:1,4096:128:1:32:8,"
          "8192:128:0:32:4,4096:256:0,4096:256:1")
 _W = dict(WS=True, num_warps=4)  # warp-specialised: consumer warpgroups of 64 rows (2 by default), a producer warp
+_P = dict(_W, PERSISTENT=True)  # persistent: one program per SM walks the tiles, loads run ahead across tiles
+# Candidate tiles for --configs: the table's tile next to the persistent kernel (2026-12-03 evening).
+# Earlier rounds' candidates (one partition, 128x64 3-4 stages, regs 232, 3 consumers non-persistent,
+# 128x32 at D=256) and their figures: BENCHMARKS.md and experiments/results/gluon-*.json.
 CONFIGS = {
-    128: [dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=8), dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, **_W),
-          dict(BLOCK_M=128, BLOCK_N=64, STAGES=4, **_W), dict(BLOCK_M=128, BLOCK_N=64, STAGES=3, **_W),
-          dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, CONSUMER_REGS=232, **_W)],
-    64: [dict(BLOCK_M=128, BLOCK_N=64, STAGES=3, num_warps=8), dict(BLOCK_M=128, BLOCK_N=128, STAGES=3, **_W),
-         dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, **_W), dict(BLOCK_M=192, BLOCK_N=128, STAGES=2, CONSUMERS=3, **_W),
-         dict(BLOCK_M=192, BLOCK_N=128, STAGES=3, CONSUMERS=3, **_W)],
-    256: [dict(BLOCK_M=128, BLOCK_N=64, STAGES=2, **_W), dict(BLOCK_M=128, BLOCK_N=32, STAGES=4, **_W),
-          dict(BLOCK_M=128, BLOCK_N=32, STAGES=3, **_W)],
+    128: [dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, **_W), dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, **_P),
+          dict(BLOCK_M=128, BLOCK_N=64, STAGES=3, **_P)],
+    64: [dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, **_W), dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, **_P),
+         dict(BLOCK_M=128, BLOCK_N=128, STAGES=3, **_P), dict(BLOCK_M=192, BLOCK_N=128, STAGES=2, CONSUMERS=3, **_P)],
+    256: [dict(BLOCK_M=128, BLOCK_N=64, STAGES=2, **_W), dict(BLOCK_M=128, BLOCK_N=64, STAGES=2, **_P)],
 }
 
 
@@ -116,7 +117,7 @@ def table(rows) -> str:
         lines.append(f"| {case} | {f(r['triton'])} | {f(r['gluon'])} | {f(r['cudnn'])} | {f(r['flash'])} | "
                      f"{ratio('gluon', 'cudnn')} | {ratio('gluon', 'triton')} | {ok} |")
         for c in r.get("configs", []):
-            ws = (" WS" if c.get("WS") else "") + (f" regs {c['CONSUMER_REGS']}" if "CONSUMER_REGS" in c else "") + (
+            ws = (" WS" if c.get("WS") else "") + (" persistent" if c.get("PERSISTENT") else "") + (f" regs {c['CONSUMER_REGS']}" if "CONSUMER_REGS" in c else "") + (
                 f" {c['CONSUMERS']} consumers" if "CONSUMERS" in c else "")
             lines.append(f"|   kernel {c['BLOCK_M']}x{c['BLOCK_N']} s{c['STAGES']} w{c['num_warps']}{ws} | | "
                          f"{f(c['tflops'])} | | | | | |")

@@ -159,7 +159,12 @@ def _hopper(name: str, mem_bw: float, bw_source: str, ds: str) -> HardwareProfil
                                     "557 full / 492 causal at N=4096, 585 causal at N=16384 against the Triton "
                                     "forward's 512 / 443 / 492 in the same run; D in (128, 256]: 681 full / 549 "
                                     "causal at N=4096, 652 causal at N=16384 against 539 / 476 / 531 "
-                                    "(gluon-20261203-172844.json). bwd D=128 gluon_dkdv (Gluon dK/dV + two-pass "
+                                    "(gluon-20261203-172844.json). Since 2026-12-03 19:06 UTC the persistent kernel for D=64 (3 "
+                                    "consumers), 128 and 256 (bash experiments/persistent_gpu.sh, "
+                                    "persistent-20261203/): D=128 N=1024 557 full / 401 causal against 442 / 295 "
+                                    "non-persistent (cuDNN 552 / 435), N=4096 598 / 533 against 564 / 508; D=64 "
+                                    "470 / 387 against the Triton forward's 415 / 379; D=256 causal 572 against 552. "
+                                    "bwd D=128 gluon_dkdv (Gluon dK/dV + two-pass "
                                     "dQ, python -m fa2lab.bench.hopper_bwd_gpu --plan gluon, 2026-12-03): 391 "
                                     "full / 341 causal at N=4096, 413 full at N=16384 against two passes' "
                                     "365 / 300 / 377",

@@ -23,13 +23,18 @@ score), masks only on the blocks that need them (bottom-right causal diagonal, w
 partial block), fully masked rows give zeros and LSE -inf. GQA by index arithmetic; any length
 (descriptors per (batch, head) slice: the copy engine zero-fills rows past N and clips stores).
 
-Two kernels run that loop. `_gluon_fwd_kernel`: one partition of two warpgroups (8 warps) that
+Three kernels run that loop. `_gluon_fwd_kernel`: one partition of two warpgroups (8 warps) that
 share each K/V buffer and meet at a CTA barrier before it is refilled (the first version: the
 barriers keep the warpgroups in lockstep, 0.70-0.99x the Triton kernel). `_gluon_fwd_ws_kernel`
-(config WS=True, the default table): warp-specialised, a producer warp issues the TMA copies and
-two consumer warpgroups of 64 rows each (three with CONSUMERS=3, BLOCK_M=192: FA3's D=64 tile) run
-the loop above, each freeing a buffer by its own mbarrier arrival, so none waits for another
-(1.12-1.19x the Triton kernel at D = 128, N >= 4096 on the H200: BENCHMARKS.md).
+(config WS=True): warp-specialised, a producer warp issues the TMA copies and two consumer
+warpgroups of 64 rows each (three with CONSUMERS=3, BLOCK_M=192: FA3's D=64 tile) run the loop above
+(`_consume_tile`), each freeing a buffer by its own mbarrier arrival, so none waits for another
+(1.12-1.19x the Triton kernel at D = 128, N >= 4096 on the H200: BENCHMARKS.md), one program per
+tile. `_gluon_fwd_persistent_kernel` (WS=True, PERSISTENT=True, the default table): the same
+partitions, one program per SM walking tiles in a snake order (causal: longest first within
+L2-sized groups of heads); the producer loads the next tile's Q and K / V while the consumers finish
+this one, so a tile's start (launch, descriptors, first loads) is paid once per SM (N = 1024, D = 128:
+557 against 442 TFLOP/s non-persistent, cuDNN 552).
 
 Plain dense calls only (no varlen, no variants), Dv == D, 32 < D <= 256 (tiles in
 hopper_config.GLUON_FWD); the dispatcher sends a call here only at head-dim bounds in
@@ -305,16 +310,14 @@ if HAVE_GLUON:
                       HEAD_DIM, STAGES)
 
     @gluon.jit
-    def _ws_consumer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                     i0, lo, n_blocks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     STAGES: gl.constexpr, WG: gl.constexpr, CONSUMERS: gl.constexpr, desc_o, LSE_ROW, slm, Nq, Nk,
-                     lo_full, hi_full, LEFT, RIGHT, qk_scale, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
-        """One warpgroup: rows [i0 + WG * ROWS, + ROWS) of the tile (ROWS = BLOCK_M / CONSUMERS = 64),
-        Algorithm 2 of FA3. The consumers share K and V but never wait for each other (each frees a
-        buffer on its own mbarrier arrival), so one's softmax runs under another's matmuls as the
-        scheduler finds them."""
-        ROWS: gl.constexpr = BLOCK_M // CONSUMERS
-        dtype: gl.constexpr = q_smem.dtype
+    def _consume_tile(q_rows, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, it0, r0, lo, n_blocks, lo_full,
+                      hi_full, Nk, off, LEFT, RIGHT, qk_scale, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+                      HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+        """One consumer warpgroup's loop over one tile (Algorithm 2 of FA3): query rows [r0, r0 + ROWS)
+        against key blocks lo + j * BLOCK_N, j < n_blocks, which the producer puts in ring slot
+        (it0 + j) % STAGES (it0: the blocks this program consumed before this tile). -> the unnormalised
+        output (fp32), row max and row sum in the log2 domain."""
+        dtype: gl.constexpr = q_rows.dtype
         mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_N, 16])
         mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -323,36 +326,31 @@ if HAVE_GLUON:
         row_s: gl.constexpr = gl.SliceLayout(1, mma_s)
         col_s: gl.constexpr = gl.SliceLayout(0, mma_s)
         row_o: gl.constexpr = gl.SliceLayout(1, mma_o)
-        if CONSUMERS == 2:
-            q_rows = q_smem.slice(WG * ROWS, ROWS)
-        else:
-            q_rows = q_smem.index(WG)
-        r0 = i0 + WG * ROWS
-        off = Nk - Nq
         offs_m = r0 + gl.arange(0, ROWS, layout=row_s)
         offs_n = gl.arange(0, BLOCK_N, layout=col_s)
         m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_s)
         l_i = gl.zeros([ROWS], gl.float32, layout=row_s)
         acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=mma_o)
         zero_s = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=mma_s)
-        mbarrier.wait(q_bar, 0)
         if n_blocks > 0:
-            mbarrier.wait(k_ready.index(0), 0)
-            s_tok = warpgroup_mma(q_rows, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            st = it0 % STAGES
+            mbarrier.wait(k_ready.index(st), (it0 // STAGES) & 1)
+            s_tok = warpgroup_mma(q_rows, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
-            mbarrier.arrive(k_empty.index(0), count=1)
+            mbarrier.arrive(k_empty.index(st), count=1)
             masked = (lo < lo_full) | (lo + BLOCK_N > hi_full)
             p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, lo, masked, offs_m, offs_n, Nk, off, LEFT, RIGHT,
                                                qk_scale, HAS_LEFT, HAS_RIGHT)
             p_prev = gl.convert_layout(p.to(dtype), p_layout)
             for j in range(1, n_blocks):
-                st = j % STAGES
-                prev = (j - 1) % STAGES
+                it = it0 + j
+                st = it % STAGES
+                prev = (it - 1) % STAGES
                 start_n = lo + j * BLOCK_N
-                mbarrier.wait(k_ready.index(st), (j // STAGES) & 1)
+                mbarrier.wait(k_ready.index(st), (it // STAGES) & 1)
                 s_tok = warpgroup_mma(q_rows, k_smem.index(st).permute((1, 0)), zero_s, use_acc=False,
                                       is_async=True)
-                mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+                mbarrier.wait(v_ready.index(prev), ((it - 1) // STAGES) & 1)
                 o_tok = warpgroup_mma(p_prev, v_smem.index(prev), acc, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))  # S_j done; P V may still run
                 mbarrier.arrive(k_empty.index(st), count=1)
@@ -364,14 +362,48 @@ if HAVE_GLUON:
                 mbarrier.arrive(v_empty.index(prev), count=1)
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
                 p_prev = p_next
-            last_st = (n_blocks - 1) % STAGES
-            mbarrier.wait(v_ready.index(last_st), ((n_blocks - 1) // STAGES) & 1)
-            o_tok = warpgroup_mma(p_prev, v_smem.index(last_st), acc, is_async=True)
+            last = it0 + n_blocks - 1
+            mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+            o_tok = warpgroup_mma(p_prev, v_smem.index(last % STAGES), acc, is_async=True)
             acc, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_prev))
-            mbarrier.arrive(v_empty.index(last_st), count=1)
+            mbarrier.arrive(v_empty.index(last % STAGES), count=1)
+        return acc, m_i, l_i
+
+    @gluon.jit
+    def _finish(acc, m_i, l_i, r0, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """O / l and the natural-log LSE of a consumer's rows (rows that saw no key: zeros and -inf), and
+        the rows' indices in LSE's layout."""
+        mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK_N, 16])
+        mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, HEAD_DIM, 16])
+        row_o: gl.constexpr = gl.SliceLayout(1, mma_o)
         empty = l_i == 0.0
         out = acc / gl.expand_dims(gl.convert_layout(gl.where(empty, 1.0, l_i), row_o), 1)
         lse = gl.where(empty, float("-inf"), m_i + gl.log2(gl.where(empty, 1.0, l_i))) * LN2
+        return out, lse, r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma_s))
+
+    @gluon.jit
+    def _ws_consumer(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                     i0, lo, n_blocks, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     STAGES: gl.constexpr, WG: gl.constexpr, CONSUMERS: gl.constexpr, desc_o, LSE_ROW, slm, Nq, Nk,
+                     lo_full, hi_full, LEFT, RIGHT, qk_scale, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+        """One warpgroup: rows [i0 + WG * ROWS, + ROWS) of the tile (ROWS = BLOCK_M / CONSUMERS = 64),
+        Algorithm 2 of FA3. The consumers share K and V but never wait for each other (each frees a
+        buffer on its own mbarrier arrival), so one's softmax runs under another's matmuls as the
+        scheduler finds them."""
+        ROWS: gl.constexpr = BLOCK_M // CONSUMERS
+        dtype: gl.constexpr = q_smem.dtype
+        if CONSUMERS == 2:
+            q_rows = q_smem.slice(WG * ROWS, ROWS)
+        else:
+            q_rows = q_smem.index(WG)
+        r0 = i0 + WG * ROWS
+        mbarrier.wait(q_bar, 0)
+        acc, m_i, l_i = _consume_tile(q_rows, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 0, r0, lo, n_blocks,
+                                      lo_full, hi_full, Nk, Nk - Nq, LEFT, RIGHT, qk_scale, ROWS, BLOCK_N, HEAD_DIM,
+                                      STAGES, HAS_LEFT, HAS_RIGHT)
+        out, lse, offs_m = _finish(acc, m_i, l_i, r0, ROWS, BLOCK_N, HEAD_DIM)
         q_rows.store(out.to(dtype))  # this warpgroup's rows of Q are no longer read: the output tile
         fence_async_shared()
         _tma_store(desc_o, [r0, 0], q_rows)  # rows past Nq are clipped by the copy engine
@@ -480,15 +512,241 @@ if HAVE_GLUON:
             ], [4, 1], [CONSUMER_REGS, 24])
 
 
+    # ---- The persistent warp-specialised kernel (config PERSISTENT=True) -----------------------------
+    # One program per SM walks tiles t = pid, then the next in a snake order (below). The producer
+    # runs ahead across tiles: it loads the next tile's Q (Q_STAGES = 2 buffers) and its first K and V
+    # blocks while the consumers finish this one, so a tile's prologue (Q and K_0 latency) and the
+    # launch of a program are paid once per SM, not once per tile: the cost that puts N = 1024 at
+    # 0.67-0.79x cuDNN (a tile there has 8 key blocks). The descriptors cover the whole (B, H, N, D)
+    # tensors (4-d boxes of (1, 1, rows, D)), built once per program: rows past N still read as zeros
+    # and are clipped on store, per head.
+
+    @gluon.jit
+    def _persistent_tile(k, pid, nprog, NUM_M, BH, H, G, SECTION, BLOCK_M: gl.constexpr,
+                         LONGEST_FIRST: gl.constexpr):
+        """This program's k-th tile -> (tile index, batch, query head, K/V head, first query row).
+
+        Snake order: wave k gives tile k * nprog + pid, odd waves in reverse, so that the program
+        that drew the heaviest tile of one wave draws the lightest of the next. Causal (LONGEST_FIRST):
+        heads in sections of SECTION whose K and V fit in L2; in a section, the query blocks with the
+        most keys first (a longest-first order over the section's tiles). Otherwise head-major: the
+        programs running at once share a few heads' K and V."""
+        t = k * nprog + gl.where(k % 2 == 0, pid, nprog - 1 - pid)
+        if LONGEST_FIRST:
+            per = SECTION * NUM_M
+            sec = t // per
+            width = gl.maximum(gl.minimum(SECTION, BH - sec * SECTION), 1)  # >= 1 past the last tile too
+            r = t % per
+            pid_m = NUM_M - 1 - r // width
+            bh = sec * SECTION + r % width
+        else:
+            bh = t // NUM_M
+            pid_m = t % NUM_M
+        h = bh % H
+        return t, bh // H, h, h // G, pid_m * BLOCK_M
+
+    @gluon.jit
+    def _pws_producer(desc_q, desc_k, desc_v, desc_o, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
+                      v_ready, v_empty, LSE, slb, slh, slm, num_tiles, NUM_M, BH, H, G, SECTION, Nq, Nk, LEFT, RIGHT,
+                      qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                      STAGES: gl.constexpr, Q_STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
+                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, LONGEST_FIRST: gl.constexpr):
+        """One warp: per tile, Q into buffer `done % Q_STAGES` once the consumers have stored the output
+        that buffer last held, then K_j and V_j into the ring (slot = blocks so far % STAGES)."""
+        ROWS: gl.constexpr = BLOCK_M // CONSUMERS
+        dtype: gl.constexpr = q_smem.dtype
+        q4: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, ROWS, HEAD_DIM], dtype)
+        kv4: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_N, HEAD_DIM], dtype)
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        it = 0
+        done = 0
+        for k in range(gl.cdiv(num_tiles, nprog)):
+            t, b, h, hk, i0 = _persistent_tile(k, pid, nprog, NUM_M, BH, H, G, SECTION, BLOCK_M, LONGEST_FIRST)
+            if t < num_tiles:
+                lo, n_blocks, lo_full, hi_full = _key_blocks(i0, Nq, Nk, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT,
+                                                             HAS_RIGHT)
+                qs = done % Q_STAGES
+                mbarrier.wait(q_empty.index(qs), ((done // Q_STAGES) & 1) ^ 1)  # fresh: phase 1 complete
+                mbarrier.expect(q_ready.index(qs), BLOCK_M * HEAD_DIM * 2)
+                for c in gl.static_range(CONSUMERS):
+                    _tma_load(desc_q, [b, h, i0 + c * ROWS, 0], q_ready.index(qs),
+                              q_smem.index(qs * CONSUMERS + c)._reinterpret(dtype, [1, 1, ROWS, HEAD_DIM], q4))
+                for j in range(n_blocks):
+                    st = it % STAGES
+                    ph = (it // STAGES) & 1
+                    mbarrier.wait(k_empty.index(st), ph ^ 1)
+                    mbarrier.expect(k_ready.index(st), BLOCK_N * HEAD_DIM * 2)
+                    _tma_load(desc_k, [b, hk, lo + j * BLOCK_N, 0], k_ready.index(st),
+                              k_smem.index(st)._reinterpret(dtype, [1, 1, BLOCK_N, HEAD_DIM], kv4))
+                    mbarrier.wait(v_empty.index(st), ph ^ 1)
+                    mbarrier.expect(v_ready.index(st), BLOCK_N * HEAD_DIM * 2)
+                    _tma_load(desc_v, [b, hk, lo + j * BLOCK_N, 0], v_ready.index(st),
+                              v_smem.index(st)._reinterpret(dtype, [1, 1, BLOCK_N, HEAD_DIM], kv4))
+                    it += 1
+                done += 1
+
+    @gluon.jit
+    def _pws_consumer(desc_q, desc_k, desc_v, desc_o, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
+                      v_ready, v_empty, LSE, slb, slh, slm, num_tiles, NUM_M, BH, H, G, SECTION, Nq, Nk, LEFT, RIGHT,
+                      qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                      STAGES: gl.constexpr, Q_STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
+                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, LONGEST_FIRST: gl.constexpr,
+                      WG: gl.constexpr):
+        """One consumer warpgroup over this program's tiles: the loop of _consume_tile, then the output
+        through its Q buffer (no longer read) by TMA; the buffer is released once the copy has read it."""
+        ROWS: gl.constexpr = BLOCK_M // CONSUMERS
+        dtype: gl.constexpr = q_smem.dtype
+        q4: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, ROWS, HEAD_DIM], dtype)
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        it = 0
+        done = 0
+        for k in range(gl.cdiv(num_tiles, nprog)):
+            t, b, h, hk, i0 = _persistent_tile(k, pid, nprog, NUM_M, BH, H, G, SECTION, BLOCK_M, LONGEST_FIRST)
+            if t < num_tiles:
+                lo, n_blocks, lo_full, hi_full = _key_blocks(i0, Nq, Nk, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT,
+                                                             HAS_RIGHT)
+                qs = done % Q_STAGES
+                q_rows = q_smem.index(qs * CONSUMERS + WG)
+                r0 = i0 + WG * ROWS
+                mbarrier.wait(q_ready.index(qs), (done // Q_STAGES) & 1)
+                acc, m_i, l_i = _consume_tile(q_rows, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, it, r0, lo,
+                                              n_blocks, lo_full, hi_full, Nk, Nk - Nq, LEFT, RIGHT, qk_scale, ROWS,
+                                              BLOCK_N, HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT)
+                it += n_blocks
+                out, lse, offs_m = _finish(acc, m_i, l_i, r0, ROWS, BLOCK_N, HEAD_DIM)
+                q_rows.store(out.to(dtype))
+                fence_async_shared()
+                _tma_store(desc_o, [b, h, r0, 0], q_rows._reinterpret(dtype, [1, 1, ROWS, HEAD_DIM], q4))
+                lse_row = LSE + b.to(gl.int64) * slb + h.to(gl.int64) * slh
+                gl.store(lse_row + offs_m.to(gl.int64) * slm, lse, mask=offs_m < Nq)
+                tma.store_wait(0)  # the copy has read the buffer: the producer may refill it
+                mbarrier.arrive(q_empty.index(qs), count=1)
+                done += 1
+
+    @gluon.jit
+    def _pws_consumer_0(desc_q, desc_k, desc_v, desc_o, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
+                        v_ready, v_empty, LSE, slb, slh, slm, num_tiles, NUM_M, BH, H, G, SECTION, Nq, Nk, LEFT,
+                        RIGHT, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                        STAGES: gl.constexpr, Q_STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
+                        HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, LONGEST_FIRST: gl.constexpr):
+        _pws_consumer(desc_q, desc_k, desc_v, desc_o, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
+                      v_ready, v_empty, LSE, slb, slh, slm, num_tiles, NUM_M, BH, H, G, SECTION, Nq, Nk, LEFT, RIGHT,
+                      qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, Q_STAGES, CONSUMERS, HAS_LEFT, HAS_RIGHT,
+                      LONGEST_FIRST, 0)
+
+    @gluon.jit
+    def _pws_consumer_1(desc_q, desc_k, desc_v, desc_o, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
+                        v_ready, v_empty, LSE, slb, slh, slm, num_tiles, NUM_M, BH, H, G, SECTION, Nq, Nk, LEFT,
+                        RIGHT, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                        STAGES: gl.constexpr, Q_STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
+                        HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, LONGEST_FIRST: gl.constexpr):
+        _pws_consumer(desc_q, desc_k, desc_v, desc_o, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
+                      v_ready, v_empty, LSE, slb, slh, slm, num_tiles, NUM_M, BH, H, G, SECTION, Nq, Nk, LEFT, RIGHT,
+                      qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, Q_STAGES, CONSUMERS, HAS_LEFT, HAS_RIGHT,
+                      LONGEST_FIRST, 1)
+
+    @gluon.jit
+    def _pws_consumer_2(desc_q, desc_k, desc_v, desc_o, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
+                        v_ready, v_empty, LSE, slb, slh, slm, num_tiles, NUM_M, BH, H, G, SECTION, Nq, Nk, LEFT,
+                        RIGHT, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                        STAGES: gl.constexpr, Q_STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
+                        HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, LONGEST_FIRST: gl.constexpr):
+        _pws_consumer(desc_q, desc_k, desc_v, desc_o, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
+                      v_ready, v_empty, LSE, slb, slh, slm, num_tiles, NUM_M, BH, H, G, SECTION, Nq, Nk, LEFT, RIGHT,
+                      qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, Q_STAGES, CONSUMERS, HAS_LEFT, HAS_RIGHT,
+                      LONGEST_FIRST, 2)
+
+    @gluon.jit
+    def _gluon_fwd_persistent_kernel(Q, K, V, O, LSE, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+                                     slb, slh, slm, B, H, Hkv, Nq, Nk, G, D, NUM_M, SECTION, qk_scale, LEFT, RIGHT,
+                                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                     STAGES: gl.constexpr, Q_STAGES: gl.constexpr, HAS_LEFT: gl.constexpr,
+                                     HAS_RIGHT: gl.constexpr, LONGEST_FIRST: gl.constexpr,
+                                     CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        """Persistent and warp-specialised: grid = min(tiles, SMs); a producer warp, CONSUMERS (2 or 3)
+        consumer warpgroups of 64 rows; Q_STAGES query buffers (each also the output tile)."""
+        dtype: gl.constexpr = Q.dtype.element_ty
+        ROWS: gl.constexpr = BLOCK_M // CONSUMERS
+        q4: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, ROWS, HEAD_DIM], dtype)
+        kv4: gl.constexpr = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK_N, HEAD_DIM], dtype)
+        desc_q = tma.make_tensor_descriptor(Q, shape=[B, H, Nq, D], strides=[sqb, sqh, sqm, 1],
+                                            block_shape=[1, 1, ROWS, HEAD_DIM], layout=q4)
+        desc_k = tma.make_tensor_descriptor(K, shape=[B, Hkv, Nk, D], strides=[skb, skh, skn, 1],
+                                            block_shape=[1, 1, BLOCK_N, HEAD_DIM], layout=kv4)
+        desc_v = tma.make_tensor_descriptor(V, shape=[B, Hkv, Nk, D], strides=[svb, svh, svn, 1],
+                                            block_shape=[1, 1, BLOCK_N, HEAD_DIM], layout=kv4)
+        desc_o = tma.make_tensor_descriptor(O, shape=[B, H, Nq, D], strides=[sob, soh, som, 1],
+                                            block_shape=[1, 1, ROWS, HEAD_DIM], layout=q4)
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
+        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+        q_smem = gl.allocate_shared_memory(dtype, [Q_STAGES * CONSUMERS, ROWS, HEAD_DIM], q_layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+        q_ready = gl.allocate_shared_memory(gl.int64, [Q_STAGES, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [Q_STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(Q_STAGES):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=CONSUMERS)
+        k_ready, k_empty, v_ready, v_empty = _ring_barriers(STAGES, CONSUMERS)
+        num_tiles = B * H * NUM_M
+        BH = B * H
+        if CONSUMERS == 3:
+            gl.warp_specialize([
+                (_pws_consumer_0, (
+                    desc_q, desc_k, desc_v, desc_o, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
+                    v_ready, v_empty, LSE, slb, slh, slm, num_tiles, NUM_M, BH, H, G, SECTION, Nq, Nk, LEFT, RIGHT,
+                    qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, Q_STAGES, CONSUMERS, HAS_LEFT, HAS_RIGHT,
+                    LONGEST_FIRST)),
+                (_pws_consumer_1, (
+                    desc_q, desc_k, desc_v, desc_o, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
+                    v_ready, v_empty, LSE, slb, slh, slm, num_tiles, NUM_M, BH, H, G, SECTION, Nq, Nk, LEFT, RIGHT,
+                    qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, Q_STAGES, CONSUMERS, HAS_LEFT, HAS_RIGHT,
+                    LONGEST_FIRST)),
+                (_pws_consumer_2, (
+                    desc_q, desc_k, desc_v, desc_o, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
+                    v_ready, v_empty, LSE, slb, slh, slm, num_tiles, NUM_M, BH, H, G, SECTION, Nq, Nk, LEFT, RIGHT,
+                    qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, Q_STAGES, CONSUMERS, HAS_LEFT, HAS_RIGHT,
+                    LONGEST_FIRST)),
+                (_pws_producer, (
+                    desc_q, desc_k, desc_v, desc_o, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
+                    v_ready, v_empty, LSE, slb, slh, slm, num_tiles, NUM_M, BH, H, G, SECTION, Nq, Nk, LEFT, RIGHT,
+                    qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, Q_STAGES, CONSUMERS, HAS_LEFT, HAS_RIGHT,
+                    LONGEST_FIRST)),
+            ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
+        else:
+            gl.warp_specialize([
+                (_pws_consumer_0, (
+                    desc_q, desc_k, desc_v, desc_o, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
+                    v_ready, v_empty, LSE, slb, slh, slm, num_tiles, NUM_M, BH, H, G, SECTION, Nq, Nk, LEFT, RIGHT,
+                    qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, Q_STAGES, CONSUMERS, HAS_LEFT, HAS_RIGHT,
+                    LONGEST_FIRST)),
+                (_pws_consumer_1, (
+                    desc_q, desc_k, desc_v, desc_o, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
+                    v_ready, v_empty, LSE, slb, slh, slm, num_tiles, NUM_M, BH, H, G, SECTION, Nq, Nk, LEFT, RIGHT,
+                    qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, Q_STAGES, CONSUMERS, HAS_LEFT, HAS_RIGHT,
+                    LONGEST_FIRST)),
+                (_pws_producer, (
+                    desc_q, desc_k, desc_v, desc_o, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty,
+                    v_ready, v_empty, LSE, slb, slh, slm, num_tiles, NUM_M, BH, H, G, SECTION, Nq, Nk, LEFT, RIGHT,
+                    qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, Q_STAGES, CONSUMERS, HAS_LEFT, HAS_RIGHT,
+                    LONGEST_FIRST)),
+            ], [4, 1], [CONSUMER_REGS, 24])
+
+
 def gluon_supported(q, k, v) -> bool:
     """Shapes this kernel takes (the caller has checked sm_90 and TMA strides): Dv == D, 32 < D <= 256, 16-bit."""
     return HAVE_GLUON and gluon_kernel_takes(q, k, v) and pow2(q.shape[-1]) in GLUON_FWD
 
 
-def _launch_config(config: dict) -> tuple[bool, dict]:
-    """A GLUON_FWD-style tile -> (warp-specialised?, the kernel's constants and options), checked."""
+def _launch_config(config: dict) -> tuple[str, dict]:
+    """A GLUON_FWD-style tile -> (kernel: "one", "ws" or "persistent", its constants and options), checked."""
     cfg = dict(config)
     ws = cfg.pop("WS", False)
+    persistent = cfg.pop("PERSISTENT", False)
+    if persistent and not ws:
+        raise ValueError("PERSISTENT=True is a warp-specialised kernel: add WS=True to the config")
     if ws:
         if cfg.get("num_warps", 4) != 4:
             raise ValueError(f"the warp-specialised Gluon kernel runs num_warps=4 (one consumer warpgroup per "
@@ -504,12 +762,69 @@ def _launch_config(config: dict) -> tuple[bool, dict]:
         # (240 for two consumers; 168 for three). FA3's split: 240 / 24 for two, 160 / 24 for three.
         cfg.setdefault("CONSUMER_REGS", 240 if consumers == 2 else 160)
         cfg.setdefault("maxnreg", 168 if consumers == 2 else 128)
-    return ws, cfg
+    if persistent:  # Q_STAGES (1 or 2 query buffers) is set per head dim by _q_stages unless given
+        if cfg.get("Q_STAGES", 1) not in (1, 2):
+            raise ValueError(f"Q_STAGES must be 1 or 2, got {cfg['Q_STAGES']}")
+    elif "Q_STAGES" in cfg:
+        raise ValueError("Q_STAGES is an option of the persistent kernel: add PERSISTENT=True and WS=True")
+    return ("persistent" if persistent else "ws") if ws else "one", cfg
+
+
+# The persistent kernel's shared memory: Q_STAGES x BLOCK_M x D + 2 x STAGES x BLOCK_N x D (16-bit),
+# below the 227 KB an sm_90 block may take (a few KB stay for barriers and layout conversions).
+_SMEM_LIMIT = 220 * 1024
+
+
+def _q_stages(cfg: dict, width: int) -> dict:
+    """Q_STAGES for the persistent kernel at head-dim bound `width`: two query buffers (the next tile's Q
+    loads under this tile's loop) where they fit beside the K / V ring; D = 256's 128 x 64 tile has room
+    for one (the producer then loads the next Q once this tile's output has left the buffer)."""
+    if "Q_STAGES" in cfg:
+        return cfg
+    ring = 2 * cfg["STAGES"] * cfg["BLOCK_N"] * width * 2
+    two = 2 * cfg["BLOCK_M"] * width * 2 + ring <= _SMEM_LIMIT
+    return dict(cfg, Q_STAGES=2 if two else 1)
+
+
+_SMS: dict = {}  # CUDA device index -> SM count (asked once per device)
+
+
+def _sm_count(t: torch.Tensor) -> int:
+    index = t.get_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
+# Causal persistent order: heads in sections whose K and V together take about this much of the L2
+# (50 MB on the H100 / H200), so that a section's query blocks find their keys there.
+L2_SECTION_BYTES = 24 * 1024 * 1024
+
+
+def _section(hq: int, hkv: int, nk: int, d: int, elem: int) -> int:
+    per_head = 2 * nk * d * elem * hkv / hq  # K and V bytes per query head (GQA: G heads share them)
+    return max(1, int(L2_SECTION_BYTES // max(per_head, 1)))
+
+
+def _box_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """Batch, head and token strides of a (B, H, N, D) tensor for the persistent kernel's 4-d
+    descriptors: a dimension of size 1 is never stepped, so its stride (which torch may report as
+    anything) becomes the token stride times N, a valid TMA stride."""
+    sb, sh, sn = t.stride()[:3]
+    safe = sn * max(t.shape[2], 1)
+    return (sb if t.shape[0] > 1 else safe), (sh if t.shape[1] > 1 else safe), sn
+
+
+def _box_strides_ok(t: torch.Tensor) -> bool:
+    """A broadcast (stride 0) batch or head dimension of size > 1 is left to the per-head descriptors
+    of the non-persistent kernel."""
+    return all(stride > 0 or size == 1 for stride, size in zip(t.stride()[:2], t.shape[:2]))
 
 
 _CONFIGS: dict = {}  # a tile's items -> _launch_config(tile), checked once
 if HAVE_GLUON:  # direct launches after the first of each signature (kernels/launch.py: ~30 us a call less)
-    _LAUNCH = {True: KernelLaunch(_gluon_fwd_ws_kernel), False: KernelLaunch(_gluon_fwd_kernel)}
+    _LAUNCH = {"ws": KernelLaunch(_gluon_fwd_ws_kernel), "one": KernelLaunch(_gluon_fwd_kernel),
+               "persistent": KernelLaunch(_gluon_fwd_persistent_kernel)}
 
 
 def gluon_fwd(q, k, v, *, scale, left, right, config=None):
@@ -528,18 +843,31 @@ def gluon_fwd(q, k, v, *, scale, left, right, config=None):
         return out, lse.fill_(float("-inf"))
     width = pow2(d)
     tile = GLUON_FWD[width] if config is None else config
-    key = tuple(tile.items())
+    key = (width, tuple(tile.items()))
     if key not in _CONFIGS:
         if len(_CONFIGS) > 64:
             _CONFIGS.clear()
-        _CONFIGS[key] = _launch_config(tile)
-    ws, cfg = _CONFIGS[key]
+        kind, cfg = _launch_config(tile)
+        _CONFIGS[key] = kind, (_q_stages(cfg, width) if kind == "persistent" else cfg)
+    kind, cfg = _CONFIGS[key]
+    if kind == "persistent" and not all(_box_strides_ok(t) for t in (q, k, v)):
+        kind, cfg = _CONFIGS.setdefault(("ws",) + key, _launch_config(
+            {name: x for name, x in tile.items() if name not in ("PERSISTENT", "Q_STAGES")}))
     num_m = triton.cdiv(nq, cfg["BLOCK_M"])
-    sq, sk, sv, so = q.stride(), k.stride(), v.stride(), out.stride()
-    scalars = (sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], so[0], so[1], so[2], *lse.stride(),
-               h, nq, nk, h // hkv, d, num_m, scale * LOG2E, max(left, 0), max(right, 0))
-    _LAUNCH[ws]((num_m * b * h,), (q, k, v, out, lse), scalars, HEAD_DIM=width, HAS_LEFT=left >= 0,
-                HAS_RIGHT=right >= 0, LONGEST_FIRST=right >= 0 and left < 0, **cfg)
+    causal_order = right >= 0 and left < 0
+    flags = dict(HEAD_DIM=width, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, LONGEST_FIRST=causal_order)
+    tail = (scale * LOG2E, max(left, 0), max(right, 0))
+    if kind == "persistent":
+        tiles = num_m * b * h
+        section = _section(h, hkv, nk, d, q.element_size()) if causal_order else 1
+        strides = (*_box_strides(q), *_box_strides(k), *_box_strides(v), *_box_strides(out), *lse.stride())
+        scalars = (*strides, b, h, hkv, nq, nk, h // hkv, d, num_m, section, *tail)
+        _LAUNCH[kind]((min(tiles, _sm_count(q)),), (q, k, v, out, lse), scalars, **flags, **cfg)
+    else:
+        sq, sk, sv, so = q.stride(), k.stride(), v.stride(), out.stride()
+        strides = (sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], so[0], so[1], so[2], *lse.stride())
+        scalars = (*strides, h, nq, nk, h // hkv, d, num_m, *tail)
+        _LAUNCH[kind]((num_m * b * h,), (q, k, v, out, lse), scalars, **flags, **cfg)
     return out, lse
 
 

@@ -162,10 +162,18 @@ def _sm_major(t: torch.Tensor) -> int:
 # gluon-20261203-172844.json). The 3-consumer D=64 tile (192x128, FA3's) measured 447 full / 346 causal at
 # N=4096, 448 causal at 16384, 143 causal at 1024, against the Triton forward's 418 / 381 / 416 / 285:
 # not kept (causal loses at 4096 and below).
+# PERSISTENT=True (kernels/gluon_fwd.py: one program per SM walks the tiles, the producer loading
+# the next tile's Q and first K / V under this tile's loop). H200, 2026-12-03 19:06 UTC (`bash
+# experiments/persistent_gpu.sh`, experiments/results/persistent-20261203/, kernel TFLOP/s): D=128
+# 128x128 2 stages N=1024 557 full / 401 causal against the non-persistent kernel's 442 / 295 (cuDNN
+# 552 / 435), N=4096 598 / 533 against 564 / 508 (cuDNN 675 / 522), N=16384 causal 586 against 584,
+# GQA 32:8 causal 557 against 501 (128x64 3 stages persistent: 384-539, slower everywhere); D=64
+# 3 consumers 192x128 2 stages 470 full / 387 causal at N=4096 against the Triton forward's 415 / 379
+# (cuDNN 456 / 424; 2 consumers persistent 443 / 387-389); D=256 128x64 causal 572 against 552.
 GLUON_FWD = {
-    64: dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=4, WS=True),
-    128: dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=4, WS=True),
-    256: dict(BLOCK_M=128, BLOCK_N=64, STAGES=2, num_warps=4, WS=True),
+    64: dict(BLOCK_M=192, BLOCK_N=128, STAGES=2, num_warps=4, WS=True, CONSUMERS=3, PERSISTENT=True),
+    128: dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=4, WS=True, PERSISTENT=True),
+    256: dict(BLOCK_M=128, BLOCK_N=64, STAGES=2, num_warps=4, WS=True, PERSISTENT=True),
 }
 # Head-dim bounds whose Gluon tiles passed tests/test_gluon_gpu.py on an sm_90 GPU (H200, 2026-12-03:
 # 38 passed; later with D=200 and 256: 50 passed, gluon-candidates-20261203/tests-fwd.log): the only ones the dispatcher may
@@ -187,8 +195,9 @@ GLUON_FWD_ONE_PARTITION = {
 # causal 483-492 against 443, N=16384 causal 580-585 against 492, N=1024 causal 294 against 304. D in
 # (128, 256] (gluon-20261203-172844.json): N=4096 full 681 against 539 (cuDNN 638), causal 549 against
 # 476 (cuDNN 574), N=16384 causal 652 against 531 (cuDNN 618). D <= 64 stays on Triton (407-412
-# against 418-429; 3 consumers above).
-FWD_GLUON: set = {128, 256}
+# against 418-429; 3 consumers above). D <= 64 since the persistent kernel (2026-12-03 evening, above):
+# 470 full / 387 causal at N=4096 against the Triton forward's 415 / 379.
+FWD_GLUON: set = {64, 128, 256}
 
 
 @functools.cache
