@@ -118,21 +118,29 @@ BWD_CASES = [  # b, hq, hkv, nq, nk, d, causal, window
 ]
 
 
-@pytest.mark.parametrize("tiles", [(64, 128, 2), (32, 128, 3)], ids=["64x128s2", "32x128s3"])
+# "gluon_dkdvq": the same kernel adding dQ too (one pass, fp32 atomics), for 64 < D <= 128; other head
+# dims run the row's two passes.
+@pytest.mark.parametrize("key,tiles", [("gluon_dkdv", (64, 128, 2)), ("gluon_dkdv", (32, 128, 3)),
+                                       ("gluon_dkdvq", (64, 128, 2)), ("gluon_dkdvq", (64, 128, 3))],
+                         ids=["64x128s2", "32x128s3", "one-pass-64x128s2", "one-pass-64x128s3"])
 @pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,window", BWD_CASES)
-def test_gluon_dkdv_gradients_within_torch_rule(monkeypatch, tiles, b, hq, hkv, nq, nk, d, causal, window):
+def test_gluon_dkdv_gradients_within_torch_rule(monkeypatch, key, tiles, b, hq, hkv, nq, nk, d, causal, window):
     from fa2lab.kernels import gluon_bwd, hopper_config
 
     bound = hopper_config._bound(d)
-    monkeypatch.setitem(hopper_config.BWD, bound, dict(hopper_config.BWD_TWO_PASS[bound], gluon_dkdv=tiles))
+    monkeypatch.setitem(hopper_config.BWD, bound, dict(hopper_config.BWD_TWO_PASS[bound], **{key: tiles}))
     monkeypatch.setattr(hopper_config, "BWD_PORTABLE", set())
     calls = []
     real = gluon_bwd.gluon_dkdv
-    monkeypatch.setattr(gluon_bwd, "gluon_dkdv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(gluon_bwd, "gluon_dkdv", lambda *a, **kw: calls.append(kw.get("dq_sums") is not None)
+                        or real(*a, **kw))
     q, k, v = (t.cuda() for t in make_qkv(b, hq, hkv, nq, nk, d, seed=9))
     assert_within_torch_error(lambda *a, **kw: fa2lab.attention(*a, backend="triton", **kw), q, k, v,
                               torch.bfloat16, causal=causal, window_size=window)
-    assert calls, "the backward did not reach the Gluon dK/dV kernel"
+    if key == "gluon_dkdv" or 64 < d <= 128:
+        assert calls == [key == "gluon_dkdvq"], f"the backward did not reach the Gluon kernel as {key}: {calls}"
+    else:
+        assert not calls
 
 
 def test_direct_launch_equals_tritons_launch(monkeypatch):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fa2lab.kernels import hopper_config
-from fa2lab.kernels.hopper_config import (FWD_GLUON, GLUON_FWD, GLUON_FWD_ONE_PARTITION, GLUON_TESTED,
-                                          gluon_fwd_wanted, gluon_kernel_takes)
+from fa2lab.kernels.hopper_config import (FWD_GLUON, GLUON_FWD, GLUON_FWD_MASKED, GLUON_FWD_ONE_PARTITION,
+                                          GLUON_TESTED, gluon_fwd_wanted, gluon_kernel_takes)
 
 
 def _qkv(d=128, dv=None, dtype=torch.bfloat16):
@@ -59,7 +59,8 @@ def test_without_gluon_nothing_goes_there(monkeypatch):
 def test_tables_are_launchable():
     from fa2lab.kernels.gluon_fwd import _q_stages
 
-    for table in (GLUON_FWD, GLUON_FWD_ONE_PARTITION):
+    assert set(GLUON_FWD_MASKED) <= GLUON_TESTED
+    for table in (GLUON_FWD, GLUON_FWD_MASKED, GLUON_FWD_ONE_PARTITION):
         for d, cfg in table.items():
             assert d in (64, 128, 256) and cfg["BLOCK_N"] in (32, 64, 128)
             assert cfg["BLOCK_M"] == (64 * cfg.get("CONSUMERS", 2) if cfg.get("WS") else 128)
@@ -119,20 +120,31 @@ def test_gluon_dkdv_refuses_what_it_cannot_run():
         gluon_dkdv(q, q, k, v, lse, torch.zeros(1, 2, 16), scale=0.1, left=-1, right=0, block_n=64)
     with pytest.raises(ValueError, match="share strides"):
         gluon_dkdv(q, q, k, v, lse, torch.zeros(1, 16, 2).transpose(1, 2), scale=0.1, left=-1, right=0)
+    # the one pass's dQ sums: fp32, whole query blocks of rows, pow2(D) columns, and D in (64, 128]
+    for bad in (torch.zeros(1, 2, 64, 128, dtype=torch.bfloat16), torch.zeros(1, 2, 16, 128),
+                torch.zeros(1, 2, 64, 96), torch.zeros(1, 2, 128, 64).transpose(2, 3)):
+        with pytest.raises(ValueError, match=r"dq_sums must be a zeroed float32 \(1, 2, >= 64, 128\)"):
+            gluon_dkdv(q, q, k, v, lse, lse, scale=0.1, left=-1, right=0, dq_sums=bad)
+    q64, k64, v64 = _qkv(64)
+    with pytest.raises(ValueError, match="64 < D <= 128, got D=64"):
+        gluon_dkdv(q64, q64, k64, v64, lse, lse, scale=0.1, left=-1, right=0, dq_sums=torch.zeros(1, 2, 64, 64))
 
 
 @pytest.mark.parametrize("bias", [None, "bias"])
 @pytest.mark.parametrize("d", [64, 128, 256])
-def test_backward_config_with_variants_has_triton_kernels_only(d, bias):
-    """Variant calls never take the Gluon dK/dV kernel (plain calls only), and a bias keeps two stages."""
+def test_backward_config_with_variants_has_triton_kernels_only(monkeypatch, d, bias):
+    """Variant calls never take the Gluon kernels (plain calls only), and a bias keeps two stages."""
     from types import SimpleNamespace
 
     from fa2lab.kernels.hopper_config import hopper_bwd_config
 
+    monkeypatch.setitem(hopper_config.BWD, 128, dict(hopper_config.BWD[128], gluon_dkdvq=(64, 128, 2)))
     kv = SimpleNamespace(var=SimpleNamespace(attn_bias=bias, dropout_p=0.0))
     for causal in (False, True):
         cfg = hopper_bwd_config(d, causal=causal, seq_len=2048, variants=kv)
-        assert "gluon_dkdv" not in cfg and "dq" in cfg
+        assert "gluon_dkdv" not in cfg and "gluon_dkdvq" not in cfg and "dq" in cfg
+        # deterministic: the two passes (the one pass adds dQ in a run-dependent order)
+        assert "gluon_dkdvq" not in hopper_bwd_config(d, causal=causal, seq_len=2048, deterministic=True)
         assert all(len(t) >= 4 for t in cfg.values())
         if bias:
             assert all(t[3] <= 2 for t in cfg.values())
@@ -158,6 +170,29 @@ def test_persistent_launch_choices():
         G._launch_config(dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, WS=True, Q_STAGES=2))
     with pytest.raises(ValueError, match="Q_STAGES must be 1 or 2, got 3"):
         G._launch_config(dict(tile, Q_STAGES=3))
+
+
+def test_masked_calls_take_their_own_tile(monkeypatch):
+    """Causal and window calls at a head dim with a GLUON_FWD_MASKED tile launch that tile; full calls
+    and head dims without one launch GLUON_FWD's (the launch itself is recorded, not run)."""
+    from fa2lab.kernels import gluon_fwd as G
+
+    if not G.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    launched = []
+    monkeypatch.setattr(G, "_LAUNCH", {kind: (lambda grid, tensors, scalars, kind=kind, **kw: launched.append(
+        (kind, kw["BLOCK_M"], kw.get("CONSUMERS")))) for kind in ("ws", "one", "persistent")})
+    monkeypatch.setattr(G, "_sm_count", lambda t: 132)
+    monkeypatch.setattr("fa2lab.kernels.hopper_fwd.ensure_allocator", lambda: None)
+    for d, left, right in [(64, -1, -1), (64, -1, 0), (64, 100, 0), (128, -1, 0), (128, -1, -1)]:
+        q, k, v = _qkv(d)
+        launched.clear()
+        G.gluon_fwd(q, k, v, scale=0.1, left=left, right=right)
+        masked = left >= 0 or right >= 0
+        tile = (GLUON_FWD_MASKED.get(d) if masked else None) or GLUON_FWD[d]
+        assert launched == [("persistent" if tile.get("PERSISTENT") else "ws", tile["BLOCK_M"],
+                             tile.get("CONSUMERS", 2))], (d, left, right)
+    assert GLUON_FWD_MASKED[64]["BLOCK_M"] != GLUON_FWD[64]["BLOCK_M"]  # the case above tells them apart
 
 
 def test_persistent_sections_and_box_strides():

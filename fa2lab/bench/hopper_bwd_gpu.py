@@ -1,6 +1,6 @@
 """The Hopper backward on the H200 through the public call: configurations swept, SDPA flash and cuDNN beside.
 
-    python -m fa2lab.bench.hopper_bwd_gpu [--plan sweep|gluon|final|variants] [--out DIR] [--workers 8]
+    python -m fa2lab.bench.hopper_bwd_gpu [--plan sweep|gluon|fused|final|variants] [--out DIR] [--workers 8]
 
 Every figure goes through `fa2lab.attention(q, k, v, causal=..., backend="triton")`, as
 fa2lab.bench.gpu does: the backward is timed as `torch.autograd.grad(out, leaves, dO,
@@ -74,6 +74,13 @@ GLUON = {
                         "gluon 64x128 s3": _G(64, (64, 128, 3))},
     (4096, 128, True, 32, 8): {"two-pass": TWO[128], "gluon 64x128 s2": _G(128, (64, 128, 2))},
 }
+# The one-pass Gluon backward ("gluon_dkdvq": the dK/dV kernel adding dQ in fp32 as it goes) against
+# the Gluon dK/dV kernel with the two-pass dQ (BWD[128] as committed).
+_F = lambda tiles: dict(hopper_config.BWD[128], gluon_dkdvq=tiles)  # noqa: E731
+FUSED = {case: {"gluon dkdv + dq": dict(hopper_config.BWD[128]), "one-pass 64x128 s2": _F((64, 128, 2)),
+                "one-pass 64x128 s3": _F((64, 128, 3))}
+         for case in [(1024, 128, False), (4096, 128, False), (4096, 128, True), (16384, 128, False),
+                      (16384, 128, True), (4096, 128, True, 32, 8), (8192, 128, False, 32, 4)]}
 # Issue 15's backward rows with the dispatcher's own choice (BWD as committed).
 FINAL = [(1024, 128, False), (4096, 128, False), (16384, 128, False), (4096, 64, False), (4096, 256, False),
          (1024, 128, True), (4096, 128, True), (16384, 128, True), (4096, 64, True), (4096, 256, True),
@@ -210,16 +217,17 @@ def _variant_kw(label, case):
 
 
 def plan_items(plan: str):
-    if plan in ("sweep", "gluon"):
-        return [(case, label, cfg) for case, cfgs in (SWEEP if plan == "sweep" else GLUON).items()
-                for label, cfg in cfgs.items()]
+    if plan in ("sweep", "gluon", "fused"):
+        table = {"sweep": SWEEP, "gluon": GLUON, "fused": FUSED}[plan]
+        return [(case, label, cfg) for case, cfgs in table.items() for label, cfg in cfgs.items()]
     if plan == "final":
         return [(case, "dispatch", "dispatch") for case in FINAL]
     if plan == "variants":
         return [((4096, 128, False), name, "dispatch") for name in VARIANTS]
     if plan == "final+variants":
         return plan_items("final") + plan_items("variants")
-    raise ValueError(f"unknown plan {plan!r}: expected 'sweep', 'gluon', 'final', 'variants' or 'final+variants'")
+    raise ValueError(f"unknown plan {plan!r}: expected 'sweep', 'gluon', 'fused', 'final', 'variants' or "
+                     f"'final+variants'")
 
 
 def warm(items, index: int, count: int):

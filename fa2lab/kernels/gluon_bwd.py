@@ -1,5 +1,6 @@
-"""dK and dV for Hopper written in Gluon, warp-specialised (FA3's backward structure); dQ stays with
-hopper_bwd.py's dQ kernel (the two-pass backward, so no atomics).
+"""dK and dV for Hopper written in Gluon, warp-specialised (FA3's backward structure), and optionally dQ
+in the same pass (fp32 atomics); without that, dQ comes from hopper_bwd.py's dQ kernel (the two-pass
+backward, no atomics).
 
 One program holds BLOCK_N = 128 keys of one (batch, query head): a producer warp streams the query
 blocks Q_i and dO_i (BLOCK_M rows) through a ring of mbarrier-tracked buffers, and two consumer
@@ -11,17 +12,24 @@ warpgroups, 64 keys each, run per query block (transposed, as the portable backw
     dS^T = P^T * (dP^T - Delta_i)                   (under the dV wgmma)
     dK += dS^T Q_i                                  (async); wait; free Q_i and dO_i
 
+With DQ (the one-pass backward, 5 matmuls per block instead of the two passes' 7), each warpgroup
+also writes its dS^T rows to one of two shared buffers (BLOCK_N, BLOCK_M); once both have (an
+mbarrier of count 2), warpgroup w computes dQ_i[:, w*D/2 : (w+1)*D/2] = dS_i K[:, same columns]
+over all BLOCK_N keys and adds it to fp32 sums in global memory (relaxed atomics; the caller
+scales and casts them). Key blocks add in a run-dependent order, so dQ's last bits vary between
+runs: the deterministic mode keeps the two passes (hopper_config.hopper_bwd_config).
+
 Rows past the sequence ends read as zeros (TMA): a zero query row has dO = 0 and, its LSE read as
 +inf, P = 0, so only causal / window edges need an element-wise mask; keys past Nk give rows of
-dK / dV that the clipped stores drop. Programs run per query head: with GQA (G query heads per
-K/V head) each writes its fp32 dK / dV partials and the G partials are summed after the kernel
-(hopper_bwd.py), instead of the G-loop in registers of the Triton kernel.
+dK / dV that the clipped stores drop (and zero rows of K, so nothing in dQ). Programs run per query
+head: with GQA (G query heads per K/V head) each writes its fp32 dK / dV partials and the G partials
+are summed after the kernel (hopper_bwd.py), instead of the G-loop in registers of the Triton kernel.
 
-Plain dense calls (no varlen, no variants), fp16/bf16, Dv == D, 32 < D <= 128. Not yet run on a
-GPU: compiled for sm_90a (Triton 3.6) only, so the dispatcher never routes a call here
-(no row of hopper_config.BWD names it); tests/test_gluon_gpu.py and `python -m
-fa2lab.bench.hopper_bwd_gpu --plan gluon` check and time it through hopper_bwd's config key
-"gluon_dkdv": (BLOCK_M, BLOCK_N, STAGES), with the two-pass "dq" kernel beside.
+Plain dense calls (no varlen, no variants), fp16/bf16, Dv == D, 32 < D <= 128 (DQ: 64 < D <= 128).
+Gluon does not run in the interpreter: tests/test_gluon_gpu.py checks both modes on an sm_90 GPU
+through hopper_config.BWD's keys "gluon_dkdv" (dK / dV here, the two-pass "dq" kernel beside) and
+"gluon_dkdvq" (everything here): (BLOCK_M, BLOCK_N, STAGES); `python -m fa2lab.bench.hopper_bwd_gpu
+--plan gluon` / `--plan fused` time them through the public call.
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ from fa2lab.kernels.gluon_fwd import HAVE_GLUON
 if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
 
     from fa2lab.kernels.gluon_fwd import _descriptors, _ring_barriers, _stream_pairs, _tma_load
 
@@ -65,10 +74,10 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _bwd_loader(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                    do_ready, do_empty, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D,
-                    lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M: gl.constexpr,
+                    do_ready, do_empty, ds_smem, ds_bar, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
+                    DQA, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M: gl.constexpr,
                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+                    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DQ: gl.constexpr):
         """One warp: this program's K and V once, then Q_i and dO_i into the ring as the consumers free it."""
         mbarrier.expect(kv_bar, 2 * BLOCK_N * HEAD_DIM * 2)
         _tma_load(desc_k, [j0, 0], kv_bar, k_smem)
@@ -78,10 +87,10 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _bwd_consumer(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                      do_ready, do_empty, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D,
-                      lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M: gl.constexpr,
+                      do_ready, do_empty, ds_smem, ds_bar, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
+                      DQA, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M: gl.constexpr,
                       BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DQ: gl.constexpr, WG: gl.constexpr):
         """One warpgroup: keys [j0 + WG * 64, + 64) of the program's block, every query block."""
         ROWS: gl.constexpr = BLOCK_N // 2
         dtype: gl.constexpr = q_smem.dtype
@@ -99,6 +108,11 @@ if HAVE_GLUON:
         dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=mma_d)
         dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=mma_d)
         zero_s = gl.zeros([ROWS, BLOCK_M], gl.float32, layout=mma_s)
+        DQ_COLS: gl.constexpr = HEAD_DIM // 2
+        mma_q: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, DQ_COLS, 16])  # dQ (BLOCK_M, DQ_COLS)
+        zero_q = gl.zeros([BLOCK_M, DQ_COLS], gl.float32, layout=mma_q)
+        dq_cols = gl.expand_dims(WG * DQ_COLS + gl.arange(0, DQ_COLS, layout=gl.SliceLayout(0, mma_q)), 0)
         mbarrier.wait(kv_bar, 0)
         for i in range(n_blocks):
             st = i % STAGES
@@ -131,9 +145,23 @@ if HAVE_GLUON:
             ds = p * (dp - gl.expand_dims(delta, 0))
             ds_op = gl.convert_layout(ds.to(dtype), op_layout)
             dk_tok = warpgroup_mma(ds_op, q_smem.index(st), dk, is_async=True)
+            if DQ:  # this warpgroup's 64 rows of dS^T into the block's (BLOCK_N, BLOCK_M) buffer, for dQ below
+                ds_smem.index(i % 2).slice(WG * ROWS, ROWS).store(ds.to(dtype))
+                fence_async_shared()
+                gl.thread_barrier()  # every thread's rows are written before the one arrival
+                mbarrier.arrive(ds_bar.index(i % 2), count=1)
             dv, dk, p_op, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, p_op, ds_op))
             mbarrier.arrive(q_empty.index(st), count=1)
             mbarrier.arrive(do_empty.index(st), count=1)
+            if DQ:
+                # dQ_i[:, cols] += dS_i K[:, cols] over all BLOCK_N keys (both warpgroups' dS^T rows), this
+                # warpgroup's half of the columns; added in fp32 to the (padded) dQ sums. The buffer is
+                # rewritten two blocks later, after both warpgroups have passed this block's wait.
+                mbarrier.wait(ds_bar.index(i % 2), (i // 2) & 1)
+                dq = warpgroup_mma(ds_smem.index(i % 2).permute((1, 0)), k_smem.slice(WG * DQ_COLS, DQ_COLS, dim=1),
+                                   zero_q, use_acc=False)
+                q_rows = gl.expand_dims(start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_q)), 1)
+                gl.atomic_add(DQA + q_rows * sam + dq_cols, dq, sem="relaxed")
         rows_d: gl.constexpr = gl.SliceLayout(1, mma_d)
         cols_d: gl.constexpr = gl.SliceLayout(0, mma_d)
         r = gl.expand_dims(j0 + WG * ROWS + gl.arange(0, ROWS, layout=rows_d), 1).to(gl.int64)
@@ -144,33 +172,34 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _bwd_consumer_0(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                        do_ready, do_empty, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D,
-                        lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M: gl.constexpr,
+                        do_ready, do_empty, ds_smem, ds_bar, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
+                        DQA, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M: gl.constexpr,
                         BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                        HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+                        HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DQ: gl.constexpr):
         """The partitions share one signature (the kernel passes each the same arguments): consumer 0."""
         _bwd_consumer(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                      do_ready, do_empty, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D,
-                      lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                      HAS_LEFT, HAS_RIGHT, 0)
+                      do_ready, do_empty, ds_smem, ds_bar, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
+                      DQA, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M, BLOCK_N,
+                      HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, DQ, 0)
 
     @gluon.jit
     def _bwd_consumer_1(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                        do_ready, do_empty, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D,
-                        lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M: gl.constexpr,
+                        do_ready, do_empty, ds_smem, ds_bar, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
+                        DQA, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M: gl.constexpr,
                         BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                        HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+                        HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DQ: gl.constexpr):
         _bwd_consumer(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                      do_ready, do_empty, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D,
-                      lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                      HAS_LEFT, HAS_RIGHT, 1)
+                      do_ready, do_empty, ds_smem, ds_bar, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
+                      DQA, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M, BLOCK_N,
+                      HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, DQ, 1)
 
     @gluon.jit
-    def _gluon_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-                           sdob, sdoh, sdom, slb, slh, slm, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, H, Nq, Nk, G, D,
-                           NUM_N, qk_scale, sm_scale, LEFT, RIGHT, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                           BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HAS_LEFT: gl.constexpr,
-                           HAS_RIGHT: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    def _gluon_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+                           sdob, sdoh, sdom, slb, slh, slm, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, sab, sah, sam, H, Nq,
+                           Nk, G, D, NUM_N, qk_scale, sm_scale, LEFT, RIGHT, HEAD_DIM: gl.constexpr,
+                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                           HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DQ: gl.constexpr,
+                           CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
         pid_n = gl.program_id(0)  # causal: key block 0 is seen by the most queries, so this order is longest-first
         bh = gl.program_id(1)
         b = (bh // H).to(gl.int64)
@@ -191,28 +220,38 @@ if HAVE_GLUON:
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(kv_bar, count=1)
         q_ready, q_empty, do_ready, do_empty = _ring_barriers(STAGES, 2)
+        # DQ: two buffers of dS^T (BLOCK_N, BLOCK_M), each complete when both consumers have written theirs
+        if DQ:
+            ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
+            ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
+        else:  # not read: any buffer stands in
+            ds_smem = q_smem
+        ds_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(ds_bar.index(i), count=2)
         lo, n_blocks, lo_full, hi_full = _query_blocks(j0, Nq, Nk, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT,
                                                        HAS_RIGHT)
         lse_h = LSE + b * slb + h * slh
         delta_h = DELTA + b * slb + h * slh
         dk_h = DK + b * sdkb + h * sdkh  # per query head: the caller sums GQA's partials
         dv_h = DV + b * sdvb + h * sdvh
+        dqa_h = DQA + b * sab + h * sah
         gl.warp_specialize([
             (_bwd_consumer_0, (
                 desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                do_ready, do_empty, j0, lo, n_blocks, lse_h, delta_h, slm, dk_h, dv_h, sdkn, sdvn, Nq, Nk, D,
-                lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                HAS_LEFT, HAS_RIGHT)),
+                do_ready, do_empty, ds_smem, ds_bar, j0, lo, n_blocks, lse_h, delta_h, slm, dk_h, dv_h, sdkn, sdvn,
+                dqa_h, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M, BLOCK_N,
+                HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, DQ)),
             (_bwd_consumer_1, (
                 desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                do_ready, do_empty, j0, lo, n_blocks, lse_h, delta_h, slm, dk_h, dv_h, sdkn, sdvn, Nq, Nk, D,
-                lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                HAS_LEFT, HAS_RIGHT)),
+                do_ready, do_empty, ds_smem, ds_bar, j0, lo, n_blocks, lse_h, delta_h, slm, dk_h, dv_h, sdkn, sdvn,
+                dqa_h, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M, BLOCK_N,
+                HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, DQ)),
             (_bwd_loader, (
                 desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                do_ready, do_empty, j0, lo, n_blocks, lse_h, delta_h, slm, dk_h, dv_h, sdkn, sdvn, Nq, Nk, D,
-                lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                HAS_LEFT, HAS_RIGHT)),
+                do_ready, do_empty, ds_smem, ds_bar, j0, lo, n_blocks, lse_h, delta_h, slm, dk_h, dv_h, sdkn, sdvn,
+                dqa_h, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M, BLOCK_N,
+                HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, DQ)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -222,9 +261,11 @@ def gluon_dkdv_takes(q, k, v) -> bool:
             and 32 < q.shape[-1] <= 128)
 
 
-def gluon_dkdv(do, q, k, v, lse, delta, *, scale, left, right, block_m=64, block_n=128, stages=2):
+def gluon_dkdv(do, q, k, v, lse, delta, *, scale, left, right, block_m=64, block_n=128, stages=2, dq_sums=None):
     """Dense (B, H, N, D) inputs, lse and delta (B, Hq, Nq) fp32 (delta = rowsum(dO * O) - dLSE)
-    -> dk, dv in k's and v's dtypes and shapes (GQA's G query heads summed)."""
+    -> dk, dv in k's and v's dtypes and shapes (GQA's G query heads summed). dq_sums: a zeroed fp32
+    (B, Hq, >= cdiv(Nq, block_m) * block_m, pow2(D)) tensor, unit column stride, into which the kernel
+    also adds dS K (dQ / scale: the one-pass backward, `_dq_cast_kernel` finishes it); None: dK / dV only."""
     from fa2lab.kernels.hopper_fwd import ensure_allocator
 
     if delta.stride() != lse.stride():
@@ -241,13 +282,24 @@ def gluon_dkdv(do, q, k, v, lse, delta, *, scale, left, right, block_m=64, block
     else:  # fp32 partials per query head, summed below
         dk = torch.empty(b, h, nk, d, dtype=torch.float32, device=q.device)
         dv = torch.empty(b, h, nk, d, dtype=torch.float32, device=q.device)
+    if dq_sums is not None:
+        rows = triton.cdiv(nq, block_m) * block_m
+        if (dq_sums.dtype != torch.float32 or dq_sums.shape[:2] != (b, h) or dq_sums.shape[2] < rows
+                or dq_sums.shape[3] != pow2(d) or dq_sums.stride(3) != 1):
+            raise ValueError(f"dq_sums must be a zeroed float32 ({b}, {h}, >= {rows}, {pow2(d)}) tensor with unit "
+                             f"column stride, got {tuple(dq_sums.shape)} {dq_sums.dtype} strides {dq_sums.stride()}")
+        if pow2(d) != 128:
+            raise ValueError(f"the one-pass Gluon backward (dq_sums) splits dQ's 128 columns between its two "
+                             f"consumers: 64 < D <= 128, got D={d}")
     num_n = triton.cdiv(nk, block_n)
     st = lambda t: t.stride()[:3]  # noqa: E731 (batch, head, token)
+    sums = q if dq_sums is None else dq_sums  # q: a placeholder pointer, never written without DQ
     _gluon_dkdv_kernel[(num_n, b * h)](
-        q, k, v, do, lse, delta, dk, dv, *st(q), *st(k), *st(v), *st(do), *lse.stride(), *st(dk), *st(dv),
-        h, nq, nk, group, d, num_n, scale * LOG2E, scale, max(left, 0), max(right, 0), HEAD_DIM=pow2(d),
-        BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
-        CONSUMER_REGS=240, num_warps=4, maxnreg=168)
+        q, k, v, do, lse, delta, dk, dv, sums, *st(q), *st(k), *st(v), *st(do), *lse.stride(), *st(dk), *st(dv),
+        *(st(dq_sums) if dq_sums is not None else (0, 0, 0)), h, nq, nk, group, d, num_n, scale * LOG2E, scale,
+        max(left, 0), max(right, 0), HEAD_DIM=pow2(d), BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+        HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, DQ=dq_sums is not None, CONSUMER_REGS=240, num_warps=4,
+        maxnreg=168)
     if group > 1:  # into k's and v's layouts, as the Triton backward returns them
         dk = torch.empty_like(k).copy_(dk.view(b, hkv, group, nk, d).sum(2))
         dv = torch.empty_like(v).copy_(dv.view(b, hkv, group, nk, d).sum(2))

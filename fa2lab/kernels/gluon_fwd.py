@@ -37,9 +37,9 @@ this one, so a tile's start (launch, descriptors, first loads) is paid once per 
 557 against 442 TFLOP/s non-persistent, cuDNN 552).
 
 Plain dense calls only (no varlen, no variants), Dv == D, 32 < D <= 256 (tiles in
-hopper_config.GLUON_FWD); the dispatcher sends a call here only at head-dim bounds in
-hopper_config.FWD_GLUON (measured faster) and GLUON_TESTED (tested on a GPU), everything else to
-hopper_fwd.py. Gluon does not run in the interpreter: tests/test_gluon_gpu.py checks these kernels
+hopper_config.GLUON_FWD; causal and window calls where GLUON_FWD_MASKED has a tile, that one); the
+dispatcher sends a call here only at head-dim bounds in hopper_config.FWD_GLUON (measured faster)
+and GLUON_TESTED (tested on a GPU), everything else to hopper_fwd.py. Gluon does not run in the interpreter: tests/test_gluon_gpu.py checks these kernels
 on an sm_90 GPU; on the CPU tests/test_gluon_host.py checks the host-side choices.
 """
 
@@ -49,7 +49,7 @@ import torch
 import triton
 
 from fa2lab.kernels.common import LOG2E, pow2
-from fa2lab.kernels.hopper_config import GLUON_FWD, GLUON_FWD_ONE_PARTITION, gluon_kernel_takes
+from fa2lab.kernels.hopper_config import GLUON_FWD, GLUON_FWD_MASKED, GLUON_FWD_ONE_PARTITION, gluon_kernel_takes
 from fa2lab.kernels.launch import KernelLaunch
 
 try:  # Gluon ships with Triton >= 3.5; without it this kernel is simply not offered
@@ -842,7 +842,11 @@ def gluon_fwd(q, k, v, *, scale, left, right, config=None):
     if out.numel() == 0 or nq == 0:
         return out, lse.fill_(float("-inf"))
     width = pow2(d)
-    tile = GLUON_FWD[width] if config is None else config
+    if config is None:  # causal / window calls may have their own tile (hopper_config.GLUON_FWD_MASKED)
+        tile = GLUON_FWD_MASKED.get(width) if left >= 0 or right >= 0 else None
+        tile = tile or GLUON_FWD[width]
+    else:
+        tile = config
     key = (width, tuple(tile.items()))
     if key not in _CONFIGS:
         if len(_CONFIGS) > 64:

@@ -438,22 +438,30 @@ def hopper_bwd(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu
     group = h // hkv
     # "gluon_dkdv": (BLOCK_M, BLOCK_N, STAGES) of kernels/gluon_bwd.py for dK / dV (plain dense calls it
     # takes; the row's Triton kernels run everything else), dQ from the two-pass "dq" kernel.
+    # "gluon_dkdvq": the same kernel adding dQ's fp32 sums as it goes (one pass; D in (64, 128]), cast
+    # by _dq_cast_kernel below; calls it does not take fall back to "gluon_dkdv" or the Triton rows.
     gluon_tiles = cfg.pop("gluon_dkdv", None)
-    use_gluon = gluon_tiles is not None and not varlen and variants is None and _gluon_takes(q, k, v)
+    fused_tiles = cfg.pop("gluon_dkdvq", None)
+    plain = not varlen and variants is None and _gluon_takes(q, k, v)
+    use_fused = fused_tiles is not None and plain and pow2(d) == 128
+    use_gluon = use_fused or (gluon_tiles is not None and plain)
     if use_gluon:
         from fa2lab.kernels.gluon_bwd import gluon_dkdv
 
-        if "dq" not in cfg:
+        if not use_fused and "dq" not in cfg:
             raise ValueError(f"config {cfg}: the Gluon dK/dV kernel needs the two-pass 'dq' kernel beside it")
-        bm, bn, stages = gluon_tiles
+        bm, bn, stages = fused_tiles if use_fused else gluon_tiles
+        sums = None
+        if use_fused:  # rows padded to whole query blocks: a block's adds past Nq (zeros) need no mask
+            sums = torch.zeros(batch, h, triton.cdiv(nq, bm) * bm, pow2(d), dtype=torch.float32, device=q.device)
         dk, dv = gluon_dkdv(do, q, k, v, lse, delta, scale=scale, left=left, right=right, block_m=bm, block_n=bn,
-                            stages=stages)
+                            stages=stages, dq_sums=sums)
     if not use_gluon and not any(key in cfg for key, _ in _KEY_BLOCK_KERNELS):
         raise ValueError(f"config {cfg} has no dK/dV kernel for this call (the Gluon one takes plain dense calls, "
                          f"Dv == D <= 128, only): add a 'dkdv' row beside 'gluon_dkdv'")
-    atomic = any(key in cfg for key in ("dkdvq", "dkq")) and not use_gluon
-    acc = q  # placeholder pointer when no kernel adds into dQ
-    if atomic:
+    atomic = use_fused or (any(key in cfg for key in ("dkdvq", "dkq")) and not use_gluon)
+    acc = sums if use_fused else q  # q: a placeholder pointer when no kernel adds into dQ
+    if atomic and not use_fused:
         # fp32 dQ sums, q's layout with HEAD_DIM columns; rows padded so that a block's adds past
         # a sequence's end (zeros) stay inside the buffer without a mask.
         pad = max(cfg[key][0] for key in ("dkdvq", "dkq") if key in cfg)

@@ -113,6 +113,7 @@ def hopper_bwd_config(head_dim: int, *, causal: bool, seq_len: int, deterministi
     cfg = dict((BWD_TWO_PASS if exact_order else BWD)[bound])
     if variants is not None:  # the Gluon dK/dV kernel runs plain calls only: the row's Triton kernels then
         cfg.pop("gluon_dkdv", None)
+        cfg.pop("gluon_dkdvq", None)
     if variants is not None and variants.var.attn_bias is not None:
         cfg = {k: (*t[:3], min(t[3], 2), *t[4:]) if isinstance(t, tuple) else t for k, t in cfg.items()}
     return cfg
@@ -170,10 +171,19 @@ def _sm_major(t: torch.Tensor) -> int:
 # GQA 32:8 causal 557 against 501 (128x64 3 stages persistent: 384-539, slower everywhere); D=64
 # 3 consumers 192x128 2 stages 470 full / 387 causal at N=4096 against the Triton forward's 415 / 379
 # (cuDNN 456 / 424; 2 consumers persistent 443 / 387-389); D=256 128x64 causal 572 against 552.
+# At N=1024 (second run, 19:15 UTC, same script's `public` part) the 3-consumer tile lost causal: 210
+# against 297 for 2 consumers 128x128 2 stages (301 with 3 stages; Triton 284, cuDNN 343), full 400
+# against 405: 192-row tiles leave more of each causal diagonal masked and fewer tiles to balance.
+# Hence GLUON_FWD_MASKED below for causal and window calls at D=64.
 GLUON_FWD = {
     64: dict(BLOCK_M=192, BLOCK_N=128, STAGES=2, num_warps=4, WS=True, CONSUMERS=3, PERSISTENT=True),
     128: dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=4, WS=True, PERSISTENT=True),
     256: dict(BLOCK_M=128, BLOCK_N=64, STAGES=2, num_warps=4, WS=True, PERSISTENT=True),
+}
+# Causal and sliding-window calls (masked diagonal tiles) at these head-dim bounds take this tile
+# instead of GLUON_FWD's (measurements above).
+GLUON_FWD_MASKED = {
+    64: dict(BLOCK_M=128, BLOCK_N=128, STAGES=2, num_warps=4, WS=True, PERSISTENT=True),
 }
 # Head-dim bounds whose Gluon tiles passed tests/test_gluon_gpu.py on an sm_90 GPU (H200, 2026-12-03:
 # 38 passed; later with D=200 and 256: 50 passed, gluon-candidates-20261203/tests-fwd.log): the only ones the dispatcher may
@@ -250,4 +260,4 @@ def hopper_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return all(tma_ok(t, token_dim) for t in (q, k, v))
 
 
-__all__ = ["BWD", "BWD_PORTABLE", "BWD_TWO_PASS", "FWD", "FWD_GLUON", "GLUON_FWD", "GLUON_FWD_ONE_PARTITION", "GLUON_TESTED", "gluon_kernel_takes", "gluon_fwd_wanted", "gluon_shapes_ok", "hopper_bwd_config", "hopper_bwd_wanted", "hopper_eligible", "hopper_fwd_config", "tma_ok"]
+__all__ = ["BWD", "BWD_PORTABLE", "BWD_TWO_PASS", "FWD", "FWD_GLUON", "GLUON_FWD", "GLUON_FWD_MASKED", "GLUON_FWD_ONE_PARTITION", "GLUON_TESTED", "gluon_kernel_takes", "gluon_fwd_wanted", "gluon_shapes_ok", "hopper_bwd_config", "hopper_bwd_wanted", "hopper_eligible", "hopper_fwd_config", "tma_ok"]
