@@ -179,9 +179,18 @@ def test_masked_calls_take_their_own_tile(monkeypatch):
 
     if not G.HAVE_GLUON:
         pytest.skip("this Triton has no Gluon")
-    launched = []
-    monkeypatch.setattr(G, "_LAUNCH", {kind: (lambda grid, tensors, scalars, kind=kind, **kw: launched.append(
-        (kind, kw["BLOCK_M"], kw.get("CONSUMERS")))) for kind in ("ws", "one", "persistent")})
+    launched, options = [], []
+
+    class Recorder:  # stands in for a KernelLaunch: records what would launch
+        def __init__(self, kind):
+            self.kind = kind
+
+        def launch(self, grid, tensors, scalars, constexprs, static):
+            hash(static)  # a valid signature part
+            options.append(constexprs)
+            launched.append((self.kind, constexprs["BLOCK_M"], constexprs.get("CONSUMERS")))
+
+    monkeypatch.setattr(G, "_LAUNCH", {kind: Recorder(kind) for kind in ("ws", "one", "persistent")})
     monkeypatch.setattr(G, "_sm_count", lambda t: 132)
     monkeypatch.setattr("fa2lab.kernels.hopper_fwd.ensure_allocator", lambda: None)
     for d, left, right in [(64, -1, -1), (64, -1, 0), (64, 100, 0), (128, -1, 0), (128, -1, -1)]:
@@ -193,6 +202,16 @@ def test_masked_calls_take_their_own_tile(monkeypatch):
         assert launched == [("persistent" if tile.get("PERSISTENT") else "ws", tile["BLOCK_M"],
                              tile.get("CONSUMERS", 2))], (d, left, right)
     assert GLUON_FWD_MASKED[64]["BLOCK_M"] != GLUON_FWD[64]["BLOCK_M"]  # the case above tells them apart
+    # a repeated call reuses its plan; a table entry changed in place (a benchmark's sweep) makes a new one
+    q, k, v = _qkv(128)
+    G.gluon_fwd(q, k, v, scale=0.1, left=-1, right=0)
+    plans = len(G._PLANS)
+    G.gluon_fwd(q, k, v, scale=0.1, left=-1, right=0)
+    assert len(G._PLANS) == plans
+    monkeypatch.setitem(GLUON_FWD, 128, dict(GLUON_FWD[128], BLOCK_N=64, STAGES=3))
+    launched.clear()
+    G.gluon_fwd(q, k, v, scale=0.1, left=-1, right=0)
+    assert len(G._PLANS) == plans + 1 and (options[-1]["BLOCK_N"], options[-1]["STAGES"]) == (64, 3)
 
 
 def test_persistent_sections_and_box_strides():

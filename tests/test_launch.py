@@ -80,6 +80,20 @@ def test_any_change_of_signature_goes_through_triton(compiled_mode, change):
     assert kinds(kernel) == ["triton", "triton"]
 
 
+def test_a_static_signature_part_stands_for_grid_scalars_and_constants(compiled_mode):
+    """launch(..., static): the caller's plan identifies grid, scalars and constants; the tensors'
+    dtypes and device are still read per call."""
+    kernel = FakeKernel()
+    launch = L.KernelLaunch(kernel)
+    x, y = torch.zeros(64), torch.zeros(64)
+    for _ in range(2):
+        launch.launch((4,), (x, y), (64, 0.5), dict(BLOCK=16, FLAG=True), ("plan", 1))
+    launch.launch((4,), (x.double(), y), (64, 0.5), dict(BLOCK=16, FLAG=True), ("plan", 1))  # another dtype
+    launch.launch((8,), (x, y), (65, 0.5), dict(BLOCK=32, FLAG=True), ("plan", 2))  # another plan
+    assert kinds(kernel) == ["triton", "direct", "triton", "triton"]
+    assert kernel.log[1] == ("direct", (4, 1, 1), (x, y, 64, 0.5, 16, True))
+
+
 def test_unaligned_tensors_are_never_bound(compiled_mode):
     kernel = FakeKernel()
     launch = L.KernelLaunch(kernel)

@@ -231,8 +231,10 @@ def triton_attention(q, k, v, *, scale, left, right, return_lse=False, variants=
         return (out, lse) if return_lse else out
     if torch.compiler.is_compiling():
         out, lse = attn_fwd(q, k, v, float(scale), int(left), int(right))
-    else:
+    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         out, lse = _TritonAttention.apply(q, k, v, scale, left, right)
+    else:  # nothing to differentiate: the forward alone, without the autograd.Function's cost per call
+        out, lse = kernel_forward(q, k, v, scale=scale, left=left, right=right)
     return (out, lse) if return_lse else out
 
 

@@ -61,7 +61,13 @@ class KernelLaunch:
         self._bound: dict = {}  # signature -> (runner, constants) | None (Triton's launch only)
 
     def __call__(self, grid, tensors: tuple, scalars: tuple, **constexprs):
-        key = self._signature(grid, tensors, scalars, constexprs)
+        self.launch(grid, tensors, scalars, constexprs, None)
+
+    def launch(self, grid, tensors: tuple, scalars: tuple, constexprs: dict, static):
+        """As calling it; static: None, or a hashable value that the caller computed once and that
+        determines grid, scalars (values and types) and constexprs (a plan of one call signature),
+        so that only the tensors' part of the signature is built per call."""
+        key = self._signature(grid, tensors, scalars, constexprs, static)
         if key is not None:
             bound = self._bound.get(key)
             if bound is not None:
@@ -77,7 +83,7 @@ class KernelLaunch:
                 self._bound.clear()
             self._bound[key] = bind_compiled(self.kernel, compiled, grid, len(tensors) + len(scalars), constexprs)
 
-    def _signature(self, grid, tensors, scalars, constexprs):
+    def _signature(self, grid, tensors, scalars, constexprs, static=None):
         if not self.ENABLED or interpreting():
             return None
         aligned = 0
@@ -86,6 +92,8 @@ class KernelLaunch:
         if aligned & 15:
             return None
         first = tensors[0]
+        if static is not None:
+            return (static, first.get_device(), tuple(t.dtype for t in tensors))
         return (grid, first.get_device(), tuple(t.dtype for t in tensors), scalars, tuple(map(type, scalars)),
                 tuple(constexprs.items()))
 
