@@ -6,7 +6,7 @@
 #
 # (1) tests/test_gluon_gpu.py's backward tests (the 2x / 3x rule through the public call) for the one
 # pass and the Gluon dK/dV kernel it extends, in two processes; (2) `python -m fa2lab.bench.hopper_bwd_gpu
-# --plan fused`: the one pass (2 and 3 stages) against the committed D=128 backward (Gluon dK/dV + the
+# --plan fused`: the one pass (TMA reduce-adds at 2 and 3 stages, atomics) against the committed D=128 backward (Gluon dK/dV + the
 # two-pass dQ) and cuDNN, through the public call at issue 15's D=128 shapes. The one pass goes into
 # hopper_config.BWD[128] if it passes (1) and wins (2).
 set -uo pipefail

@@ -118,11 +118,12 @@ BWD_CASES = [  # b, hq, hkv, nq, nk, d, causal, window
 ]
 
 
-# "gluon_dkdvq": the same kernel adding dQ too (one pass, fp32 atomics), for 64 < D <= 128; other head
-# dims run the row's two passes.
+# "gluon_dkdvq": the same kernel adding dQ too (one pass: TMA reduce-adds, or fp32 atomics), for
+# 64 < D <= 128; other head dims run the row's two passes.
 @pytest.mark.parametrize("key,tiles", [("gluon_dkdv", (64, 128, 2)), ("gluon_dkdv", (32, 128, 3)),
-                                       ("gluon_dkdvq", (64, 128, 2)), ("gluon_dkdvq", (64, 128, 3))],
-                         ids=["64x128s2", "32x128s3", "one-pass-64x128s2", "one-pass-64x128s3"])
+                                       ("gluon_dkdvq", (64, 128, 2)), ("gluon_dkdvq", (64, 128, 3)),
+                                       ("gluon_dkdvq", (64, 128, 2, "atomic"))],
+                         ids=["64x128s2", "32x128s3", "one-pass-64x128s2", "one-pass-64x128s3", "one-pass-atomic"])
 @pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,window", BWD_CASES)
 def test_gluon_dkdv_gradients_within_torch_rule(monkeypatch, key, tiles, b, hq, hkv, nq, nk, d, causal, window):
     from fa2lab.kernels import gluon_bwd, hopper_config

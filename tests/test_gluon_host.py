@@ -125,6 +125,9 @@ def test_gluon_dkdv_refuses_what_it_cannot_run():
                 torch.zeros(1, 2, 64, 96), torch.zeros(1, 2, 128, 64).transpose(2, 3)):
         with pytest.raises(ValueError, match=r"dq_sums must be a zeroed float32 \(1, 2, >= 64, 128\)"):
             gluon_dkdv(q, q, k, v, lse, lse, scale=0.1, left=-1, right=0, dq_sums=bad)
+    with pytest.raises(ValueError, match="dq_reduce must be 'tma' or 'atomic', got 'bulk'"):
+        gluon_dkdv(q, q, k, v, lse, lse, scale=0.1, left=-1, right=0, dq_sums=torch.zeros(1, 2, 64, 128),
+                   dq_reduce="bulk")
     q64, k64, v64 = _qkv(64)
     with pytest.raises(ValueError, match="64 < D <= 128, got D=64"):
         gluon_dkdv(q64, q64, k64, v64, lse, lse, scale=0.1, left=-1, right=0, dq_sums=torch.zeros(1, 2, 64, 64))

@@ -74,11 +74,11 @@ GLUON = {
                         "gluon 64x128 s3": _G(64, (64, 128, 3))},
     (4096, 128, True, 32, 8): {"two-pass": TWO[128], "gluon 64x128 s2": _G(128, (64, 128, 2))},
 }
-# The one-pass Gluon backward ("gluon_dkdvq": the dK/dV kernel adding dQ in fp32 as it goes) against
-# the Gluon dK/dV kernel with the two-pass dQ (BWD[128] as committed).
+# The one-pass Gluon backward ("gluon_dkdvq": the dK/dV kernel adding dQ in fp32 as it goes, by TMA
+# reduce-adds or atomics) against the Gluon dK/dV kernel with the two-pass dQ (BWD[128] as committed).
 _F = lambda tiles: dict(hopper_config.BWD[128], gluon_dkdvq=tiles)  # noqa: E731
-FUSED = {case: {"gluon dkdv + dq": dict(hopper_config.BWD[128]), "one-pass 64x128 s2": _F((64, 128, 2)),
-                "one-pass 64x128 s3": _F((64, 128, 3))}
+FUSED = {case: {"gluon dkdv + dq": dict(hopper_config.BWD[128]), "one-pass tma 64x128 s2": _F((64, 128, 2)),
+                "one-pass tma 64x128 s3": _F((64, 128, 3)), "one-pass atomic 64x128 s2": _F((64, 128, 2, "atomic"))}
          for case in [(1024, 128, False), (4096, 128, False), (4096, 128, True), (16384, 128, False),
                       (16384, 128, True), (4096, 128, True, 32, 8), (8192, 128, False, 32, 4)]}
 # Issue 15's backward rows with the dispatcher's own choice (BWD as committed).

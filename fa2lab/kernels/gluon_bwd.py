@@ -15,8 +15,9 @@ warpgroups, 64 keys each, run per query block (transposed, as the portable backw
 With DQ (the one-pass backward, 5 matmuls per block instead of the two passes' 7), each warpgroup
 also writes its dS^T rows to one of two shared buffers (BLOCK_N, BLOCK_M); once both have (an
 mbarrier of count 2), warpgroup w computes dQ_i[:, w*D/2 : (w+1)*D/2] = dS_i K[:, same columns]
-over all BLOCK_N keys and adds it to fp32 sums in global memory (relaxed atomics; the caller
-scales and casts them). Key blocks add in a run-dependent order, so dQ's last bits vary between
+over all BLOCK_N keys and adds it to fp32 sums in global memory (the caller scales and casts
+them): by default through a shared buffer per warpgroup and one TMA reduce-add (the copy engine's
+cp.reduce.async.bulk, FA3's way), or element-wise by relaxed fp32 atomics (dq_reduce="atomic"). Key blocks add in a run-dependent order, so dQ's last bits vary between
 runs: the deterministic mode keeps the two passes (hopper_config.hopper_bwd_config).
 
 Rows past the sequence ends read as zeros (TMA): a zero query row has dO = 0 and, its LSE read as
@@ -40,13 +41,34 @@ import triton
 from fa2lab.kernels.common import LOG2E, pow2
 from fa2lab.kernels.gluon_fwd import HAVE_GLUON
 
+HAVE_TMA_REDUCE = False
 if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                                    warpgroup_mma_wait)
 
-    from fa2lab.kernels.gluon_fwd import _descriptors, _ring_barriers, _stream_pairs, _tma_load
+    from triton.experimental.gluon.language._core import builtin as _gluon_builtin
+    from triton.experimental.gluon.language.nvidia.hopper import tma
+
+    from fa2lab.kernels.gluon_fwd import _cta_barrier, _descriptors, _ring_barriers, _stream_pairs, _tma_load
+
+    # The copy engine's reduce-add of a shared tile into global memory (cp.reduce.async.bulk.tensor):
+    # Triton 3.6's Gluon builds it (GluonOpBuilder.create_async_tma_reduce) but exports no function.
+    try:
+        from triton._C.libtriton import gluon_ir as _gluon_ir
+
+        HAVE_TMA_REDUCE = hasattr(_gluon_ir.GluonOpBuilder, "create_async_tma_reduce")
+    except ImportError:
+        HAVE_TMA_REDUCE = False
+
+    @_gluon_builtin
+    def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+        from triton._C.libtriton import ir
+
+        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+        _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                  src.handle)
 
     LOG2E_G: gl.constexpr = gl.constexpr(LOG2E)
 
@@ -74,10 +96,11 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _bwd_loader(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                    do_ready, do_empty, ds_smem, ds_bar, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
+                    do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
                     DQA, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M: gl.constexpr,
                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DQ: gl.constexpr):
+                    HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DQ: gl.constexpr,
+                    DQ_TMA: gl.constexpr):
         """One warp: this program's K and V once, then Q_i and dO_i into the ring as the consumers free it."""
         mbarrier.expect(kv_bar, 2 * BLOCK_N * HEAD_DIM * 2)
         _tma_load(desc_k, [j0, 0], kv_bar, k_smem)
@@ -87,10 +110,11 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _bwd_consumer(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                      do_ready, do_empty, ds_smem, ds_bar, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
+                      do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
                       DQA, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M: gl.constexpr,
                       BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DQ: gl.constexpr, WG: gl.constexpr):
+                      HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DQ: gl.constexpr,
+                      DQ_TMA: gl.constexpr, WG: gl.constexpr):
         """One warpgroup: keys [j0 + WG * 64, + 64) of the program's block, every query block."""
         ROWS: gl.constexpr = BLOCK_N // 2
         dtype: gl.constexpr = q_smem.dtype
@@ -148,7 +172,7 @@ if HAVE_GLUON:
             if DQ:  # this warpgroup's 64 rows of dS^T into the block's (BLOCK_N, BLOCK_M) buffer, for dQ below
                 ds_smem.index(i % 2).slice(WG * ROWS, ROWS).store(ds.to(dtype))
                 fence_async_shared()
-                gl.thread_barrier()  # every thread's rows are written before the one arrival
+                _cta_barrier()  # every thread's rows are written before the one arrival
                 mbarrier.arrive(ds_bar.index(i % 2), count=1)
             dv, dk, p_op, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, p_op, ds_op))
             mbarrier.arrive(q_empty.index(st), count=1)
@@ -160,8 +184,18 @@ if HAVE_GLUON:
                 mbarrier.wait(ds_bar.index(i % 2), (i // 2) & 1)
                 dq = warpgroup_mma(ds_smem.index(i % 2).permute((1, 0)), k_smem.slice(WG * DQ_COLS, DQ_COLS, dim=1),
                                    zero_q, use_acc=False)
-                q_rows = gl.expand_dims(start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_q)), 1)
-                gl.atomic_add(DQA + q_rows * sam + dq_cols, dq, sem="relaxed")
+                if DQ_TMA:  # one bulk reduce-add of the (BLOCK_M, DQ_COLS) tile by the copy engine
+                    tma.store_wait(0)  # this warpgroup's previous reduce has read its buffer
+                    _cta_barrier()
+                    dq_buf = dq_smem.index(WG)
+                    dq_buf.store(dq)
+                    fence_async_shared()
+                    _tma_reduce_add(desc_dq, [start_m, WG * DQ_COLS], dq_buf)
+                else:  # element-wise fp32 atomics (32 per thread and block)
+                    q_rows = gl.expand_dims(start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_q)), 1)
+                    gl.atomic_add(DQA + q_rows * sam + dq_cols, dq, sem="relaxed")
+        if DQ_TMA:
+            tma.store_wait(0)
         rows_d: gl.constexpr = gl.SliceLayout(1, mma_d)
         cols_d: gl.constexpr = gl.SliceLayout(0, mma_d)
         r = gl.expand_dims(j0 + WG * ROWS + gl.arange(0, ROWS, layout=rows_d), 1).to(gl.int64)
@@ -172,34 +206,36 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _bwd_consumer_0(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                        do_ready, do_empty, ds_smem, ds_bar, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
+                        do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
                         DQA, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M: gl.constexpr,
                         BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                        HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DQ: gl.constexpr):
+                        HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DQ: gl.constexpr,
+                    DQ_TMA: gl.constexpr):
         """The partitions share one signature (the kernel passes each the same arguments): consumer 0."""
         _bwd_consumer(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                      do_ready, do_empty, ds_smem, ds_bar, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
+                      do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
                       DQA, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M, BLOCK_N,
-                      HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, DQ, 0)
+                      HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, DQ, DQ_TMA, 0)
 
     @gluon.jit
     def _bwd_consumer_1(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                        do_ready, do_empty, ds_smem, ds_bar, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
+                        do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
                         DQA, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M: gl.constexpr,
                         BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                        HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DQ: gl.constexpr):
+                        HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DQ: gl.constexpr,
+                    DQ_TMA: gl.constexpr):
         _bwd_consumer(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                      do_ready, do_empty, ds_smem, ds_bar, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
+                      do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
                       DQA, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M, BLOCK_N,
-                      HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, DQ, 1)
+                      HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, DQ, DQ_TMA, 1)
 
     @gluon.jit
     def _gluon_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
-                           sdob, sdoh, sdom, slb, slh, slm, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, sab, sah, sam, H, Nq,
-                           Nk, G, D, NUM_N, qk_scale, sm_scale, LEFT, RIGHT, HEAD_DIM: gl.constexpr,
+                           sdob, sdoh, sdom, slb, slh, slm, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, sab, sah, sam, NQ_PAD, H,
+                           Nq, Nk, G, D, NUM_N, qk_scale, sm_scale, LEFT, RIGHT, HEAD_DIM: gl.constexpr,
                            BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                            HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DQ: gl.constexpr,
-                           CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                           DQ_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
         pid_n = gl.program_id(0)  # causal: key block 0 is seen by the most queries, so this order is longest-first
         bh = gl.program_id(1)
         b = (bh // H).to(gl.int64)
@@ -226,6 +262,15 @@ if HAVE_GLUON:
             ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
         else:  # not read: any buffer stands in
             ds_smem = q_smem
+        DQ_COLS: gl.constexpr = HEAD_DIM // 2
+        if DQ_TMA:  # each consumer's dQ tile goes by a TMA reduce-add from its own buffer
+            dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, DQ_COLS], gl.float32)
+            dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, DQ_COLS], dq_layout)
+            desc_dq = tma.make_tensor_descriptor(DQA + b * sab + h * sah, shape=[NQ_PAD, HEAD_DIM], strides=[sam, 1],
+                                                 block_shape=[BLOCK_M, DQ_COLS], layout=dq_layout)
+        else:  # not read: stand-ins
+            dq_smem = q_smem
+            desc_dq = desc_q
         ds_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
             mbarrier.init(ds_bar.index(i), count=2)
@@ -239,19 +284,19 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_bwd_consumer_0, (
                 desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                do_ready, do_empty, ds_smem, ds_bar, j0, lo, n_blocks, lse_h, delta_h, slm, dk_h, dv_h, sdkn, sdvn,
+                do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks, lse_h, delta_h, slm, dk_h, dv_h, sdkn, sdvn,
                 dqa_h, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M, BLOCK_N,
-                HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, DQ)),
+                HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, DQ, DQ_TMA)),
             (_bwd_consumer_1, (
                 desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                do_ready, do_empty, ds_smem, ds_bar, j0, lo, n_blocks, lse_h, delta_h, slm, dk_h, dv_h, sdkn, sdvn,
+                do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks, lse_h, delta_h, slm, dk_h, dv_h, sdkn, sdvn,
                 dqa_h, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M, BLOCK_N,
-                HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, DQ)),
+                HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, DQ, DQ_TMA)),
             (_bwd_loader, (
                 desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                do_ready, do_empty, ds_smem, ds_bar, j0, lo, n_blocks, lse_h, delta_h, slm, dk_h, dv_h, sdkn, sdvn,
+                do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks, lse_h, delta_h, slm, dk_h, dv_h, sdkn, sdvn,
                 dqa_h, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M, BLOCK_N,
-                HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, DQ)),
+                HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, DQ, DQ_TMA)),
         ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -261,11 +306,14 @@ def gluon_dkdv_takes(q, k, v) -> bool:
             and 32 < q.shape[-1] <= 128)
 
 
-def gluon_dkdv(do, q, k, v, lse, delta, *, scale, left, right, block_m=64, block_n=128, stages=2, dq_sums=None):
+def gluon_dkdv(do, q, k, v, lse, delta, *, scale, left, right, block_m=64, block_n=128, stages=2, dq_sums=None,
+               dq_reduce="tma"):
     """Dense (B, H, N, D) inputs, lse and delta (B, Hq, Nq) fp32 (delta = rowsum(dO * O) - dLSE)
     -> dk, dv in k's and v's dtypes and shapes (GQA's G query heads summed). dq_sums: a zeroed fp32
     (B, Hq, >= cdiv(Nq, block_m) * block_m, pow2(D)) tensor, unit column stride, into which the kernel
-    also adds dS K (dQ / scale: the one-pass backward, `_dq_cast_kernel` finishes it); None: dK / dV only."""
+    also adds dS K (dQ / scale: the one-pass backward, `_dq_cast_kernel` finishes it); None: dK / dV only.
+    dq_reduce: how the adds reach dq_sums: "tma" (one bulk reduce-add per block and consumer, where this
+    Triton builds it; else atomics) or "atomic" (element-wise fp32 atomics)."""
     from fa2lab.kernels.hopper_fwd import ensure_allocator
 
     if delta.stride() != lse.stride():
@@ -288,6 +336,8 @@ def gluon_dkdv(do, q, k, v, lse, delta, *, scale, left, right, block_m=64, block
                 or dq_sums.shape[3] != pow2(d) or dq_sums.stride(3) != 1):
             raise ValueError(f"dq_sums must be a zeroed float32 ({b}, {h}, >= {rows}, {pow2(d)}) tensor with unit "
                              f"column stride, got {tuple(dq_sums.shape)} {dq_sums.dtype} strides {dq_sums.stride()}")
+        if dq_reduce not in ("tma", "atomic"):
+            raise ValueError(f"dq_reduce must be 'tma' or 'atomic', got {dq_reduce!r}")
         if pow2(d) != 128:
             raise ValueError(f"the one-pass Gluon backward (dq_sums) splits dQ's 128 columns between its two "
                              f"consumers: 64 < D <= 128, got D={d}")
@@ -296,10 +346,11 @@ def gluon_dkdv(do, q, k, v, lse, delta, *, scale, left, right, block_m=64, block
     sums = q if dq_sums is None else dq_sums  # q: a placeholder pointer, never written without DQ
     _gluon_dkdv_kernel[(num_n, b * h)](
         q, k, v, do, lse, delta, dk, dv, sums, *st(q), *st(k), *st(v), *st(do), *lse.stride(), *st(dk), *st(dv),
-        *(st(dq_sums) if dq_sums is not None else (0, 0, 0)), h, nq, nk, group, d, num_n, scale * LOG2E, scale,
-        max(left, 0), max(right, 0), HEAD_DIM=pow2(d), BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-        HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, DQ=dq_sums is not None, CONSUMER_REGS=240, num_warps=4,
-        maxnreg=168)
+        *(st(dq_sums) if dq_sums is not None else (0, 0, 0)), dq_sums.shape[2] if dq_sums is not None else 0, h,
+        nq, nk, group, d, num_n, scale * LOG2E, scale, max(left, 0), max(right, 0), HEAD_DIM=pow2(d),
+        BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
+        DQ=dq_sums is not None, DQ_TMA=dq_sums is not None and dq_reduce == "tma" and HAVE_TMA_REDUCE,
+        CONSUMER_REGS=240, num_warps=4, maxnreg=168)
     if group > 1:  # into k's and v's layouts, as the Triton backward returns them
         dk = torch.empty_like(k).copy_(dk.view(b, hkv, group, nk, d).sum(2))
         dv = torch.empty_like(v).copy_(dv.view(b, hkv, group, nk, d).sum(2))

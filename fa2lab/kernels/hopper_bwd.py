@@ -440,6 +440,7 @@ def hopper_bwd(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu
     # takes; the row's Triton kernels run everything else), dQ from the two-pass "dq" kernel.
     # "gluon_dkdvq": the same kernel adding dQ's fp32 sums as it goes (one pass; D in (64, 128]), cast
     # by _dq_cast_kernel below; calls it does not take fall back to "gluon_dkdv" or the Triton rows.
+    # (BLOCK_M, BLOCK_N, STAGES[, "tma" | "atomic"]): how the sums are added (gluon_bwd.gluon_dkdv).
     gluon_tiles = cfg.pop("gluon_dkdv", None)
     fused_tiles = cfg.pop("gluon_dkdvq", None)
     plain = not varlen and variants is None and _gluon_takes(q, k, v)
@@ -450,12 +451,12 @@ def hopper_bwd(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu
 
         if not use_fused and "dq" not in cfg:
             raise ValueError(f"config {cfg}: the Gluon dK/dV kernel needs the two-pass 'dq' kernel beside it")
-        bm, bn, stages = fused_tiles if use_fused else gluon_tiles
+        bm, bn, stages, *reduce = fused_tiles if use_fused else gluon_tiles
         sums = None
         if use_fused:  # rows padded to whole query blocks: a block's adds past Nq (zeros) need no mask
             sums = torch.zeros(batch, h, triton.cdiv(nq, bm) * bm, pow2(d), dtype=torch.float32, device=q.device)
         dk, dv = gluon_dkdv(do, q, k, v, lse, delta, scale=scale, left=left, right=right, block_m=bm, block_n=bn,
-                            stages=stages, dq_sums=sums)
+                            stages=stages, dq_sums=sums, dq_reduce=reduce[0] if reduce else "tma")
     if not use_gluon and not any(key in cfg for key, _ in _KEY_BLOCK_KERNELS):
         raise ValueError(f"config {cfg} has no dK/dV kernel for this call (the Gluon one takes plain dense calls, "
                          f"Dv == D <= 128, only): add a 'dkdv' row beside 'gluon_dkdv'")
