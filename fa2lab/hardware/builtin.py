@@ -167,7 +167,11 @@ def _hopper(name: str, mem_bw: float, bw_source: str, ds: str) -> HardwareProfil
                                     "bwd D=128 gluon_dkdv (Gluon dK/dV + two-pass "
                                     "dQ, python -m fa2lab.bench.hopper_bwd_gpu --plan gluon, 2026-12-03): 391 "
                                     "full / 341 causal at N=4096, 413 full at N=16384 against two passes' "
-                                    "365 / 300 / 377",
+                                    "365 / 300 / 377. Since 2026-12-04 bwd D=128 gluon_dkdvq (the one pass: "
+                                    "dQ by TMA reduce-adds in the same kernel, bash experiments/fused_bwd_gpu.sh, "
+                                    "fused-bwd-tma-20261204/): 460 full / 397 causal at N=4096, 497 / 459 at "
+                                    "N=16384, 362 full at N=1024 against 397 / 343 / 412 / 404 / 288 (cuDNN "
+                                    "496 / 469 / 537 / 524 / 430)",
                      compute_capability="CUDA-guide: GH100 is sm_90", units=f"{ds}: 132 SMs (SXM5)",
                      clock_hz="implied by the datasheet peaks: 989.4 TFLOP/s / (132 SMs x 4096 FLOP/clock) "
                               "= 1.83 GHz (max boost 1.98 GHz)",

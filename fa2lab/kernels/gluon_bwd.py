@@ -1,6 +1,6 @@
-"""dK and dV for Hopper written in Gluon, warp-specialised (FA3's backward structure), and optionally dQ
-in the same pass (fp32 atomics); without that, dQ comes from hopper_bwd.py's dQ kernel (the two-pass
-backward, no atomics).
+"""The Hopper backward written in Gluon, warp-specialised (FA3's structure): dK and dV, and dQ in the same
+pass (the default for plain calls with 64 < D <= 128: hopper_config.BWD's "gluon_dkdvq"); without
+dQ, hopper_bwd.py's dQ kernel runs after it (the two-pass backward: D <= 64, deterministic mode).
 
 One program holds BLOCK_N = 128 keys of one (batch, query head): a producer warp streams the query
 blocks Q_i and dO_i (BLOCK_M rows) through a ring of mbarrier-tracked buffers, and two consumer
@@ -17,8 +17,10 @@ also writes its dS^T rows to one of two shared buffers (BLOCK_N, BLOCK_M); once 
 mbarrier of count 2), warpgroup w computes dQ_i[:, w*D/2 : (w+1)*D/2] = dS_i K[:, same columns]
 over all BLOCK_N keys and adds it to fp32 sums in global memory (the caller scales and casts
 them): by default through a shared buffer per warpgroup and one TMA reduce-add (the copy engine's
-cp.reduce.async.bulk, FA3's way), or element-wise by relaxed fp32 atomics (dq_reduce="atomic"). Key blocks add in a run-dependent order, so dQ's last bits vary between
-runs: the deterministic mode keeps the two passes (hopper_config.hopper_bwd_config).
+cp.reduce.async.bulk, FA3's way: 1.16-1.26x the two passes at D=128 on the H200), or element-wise by
+relaxed fp32 atomics (dq_reduce="atomic": 0.74-0.78x the two passes, kept to compare). Key blocks add
+in a run-dependent order, so dQ's last bits vary between runs: the deterministic mode keeps the two
+passes (hopper_config.hopper_bwd_config). The sums take 4 x B x Hq x Nq x pow2(D) bytes (twice q).
 
 Rows past the sequence ends read as zeros (TMA): a zero query row has dO = 0 and, its LSE read as
 +inf, P = 0, so only causal / window edges need an element-wise mask; keys past Nk give rows of
@@ -29,7 +31,7 @@ are summed after the kernel (hopper_bwd.py), instead of the G-loop in registers 
 Plain dense calls (no varlen, no variants), fp16/bf16, Dv == D, 32 < D <= 128 (DQ: 64 < D <= 128).
 Gluon does not run in the interpreter: tests/test_gluon_gpu.py checks both modes on an sm_90 GPU
 through hopper_config.BWD's keys "gluon_dkdv" (dK / dV here, the two-pass "dq" kernel beside) and
-"gluon_dkdvq" (everything here): (BLOCK_M, BLOCK_N, STAGES); `python -m fa2lab.bench.hopper_bwd_gpu
+"gluon_dkdvq" (everything here): (BLOCK_M, BLOCK_N, STAGES[, "tma" | "atomic"]); `python -m fa2lab.bench.hopper_bwd_gpu
 --plan gluon` / `--plan fused` time them through the public call.
 """
 
@@ -96,7 +98,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _bwd_loader(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                    do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
+                    do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks,
+                    LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
                     DQA, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M: gl.constexpr,
                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DQ: gl.constexpr,
@@ -110,7 +113,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _bwd_consumer(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                      do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
+                      do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks,
+                      LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
                       DQA, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M: gl.constexpr,
                       BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                       HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DQ: gl.constexpr,
@@ -206,26 +210,30 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _bwd_consumer_0(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                        do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
+                        do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks,
+                        LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
                         DQA, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M: gl.constexpr,
                         BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                         HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DQ: gl.constexpr,
                     DQ_TMA: gl.constexpr):
         """The partitions share one signature (the kernel passes each the same arguments): consumer 0."""
         _bwd_consumer(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                      do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
+                      do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks,
+                      LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
                       DQA, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M, BLOCK_N,
                       HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, DQ, DQ_TMA, 0)
 
     @gluon.jit
     def _bwd_consumer_1(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                        do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
+                        do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks,
+                        LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
                         DQA, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M: gl.constexpr,
                         BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                         HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, DQ: gl.constexpr,
                     DQ_TMA: gl.constexpr):
         _bwd_consumer(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                      do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
+                      do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks,
+                      LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
                       DQA, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M, BLOCK_N,
                       HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, DQ, DQ_TMA, 1)
 
@@ -284,17 +292,20 @@ if HAVE_GLUON:
         gl.warp_specialize([
             (_bwd_consumer_0, (
                 desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks, lse_h, delta_h, slm, dk_h, dv_h, sdkn, sdvn,
+                do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks,
+                lse_h, delta_h, slm, dk_h, dv_h, sdkn, sdvn,
                 dqa_h, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M, BLOCK_N,
                 HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, DQ, DQ_TMA)),
             (_bwd_consumer_1, (
                 desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks, lse_h, delta_h, slm, dk_h, dv_h, sdkn, sdvn,
+                do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks,
+                lse_h, delta_h, slm, dk_h, dv_h, sdkn, sdvn,
                 dqa_h, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M, BLOCK_N,
                 HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, DQ, DQ_TMA)),
             (_bwd_loader, (
                 desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
-                do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks, lse_h, delta_h, slm, dk_h, dv_h, sdkn, sdvn,
+                do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks,
+                lse_h, delta_h, slm, dk_h, dv_h, sdkn, sdvn,
                 dqa_h, sam, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M, BLOCK_N,
                 HEAD_DIM, STAGES, HAS_LEFT, HAS_RIGHT, DQ, DQ_TMA)),
         ], [4, 1], [CONSUMER_REGS, 24])
@@ -317,7 +328,8 @@ def gluon_dkdv(do, q, k, v, lse, delta, *, scale, left, right, block_m=64, block
     from fa2lab.kernels.hopper_fwd import ensure_allocator
 
     if delta.stride() != lse.stride():
-        raise ValueError(f"delta and lse must share strides (both (B, Hq, Nq)), got {delta.stride()} and {lse.stride()}")
+        raise ValueError(f"delta and lse must share strides (both (B, Hq, Nq)), got {delta.stride()} and "
+                         f"{lse.stride()}")
     if block_n != 128:
         raise ValueError(f"the Gluon dK/dV kernel gives each of its two consumer warpgroups 64 keys: block_n=128, "
                          f"got {block_n}")

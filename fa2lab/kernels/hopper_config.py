@@ -69,7 +69,14 @@ BWD_TWO_PASS = {
 # call, bwd TFLOP/s: N=4096 full 391 (3 stages 395, 32x128 3 stages 362) against two passes 365,
 # causal 341 against 300 (portable 307), N=16384 full 413 against 377, GQA 32:8 causal 339 against 307;
 # D=64 stays on two passes (Gluon 338-343 against 344). cuDNN in the same run: 511 / 454 / 541 / 452.
-BWD = {**BWD_TWO_PASS, 128: dict(BWD_TWO_PASS[128], gluon_dkdv=(64, 128, 2))}
+# Then (2026-12-04 03:40 UTC, `bash experiments/fused_bwd_gpu.sh`, fused-bwd-tma-20261204/, public call,
+# bwd TFLOP/s) the one pass, "gluon_dkdvq": the same kernel adding dQ by one TMA reduce-add per block and
+# consumer: N=1024 full 362 against 288, N=4096 full 460 / causal 397 against 397 / 343, N=16384 full 497 /
+# causal 459 against 412 / 404, GQA 32:8 causal 378 against 336, GQA 32:4 N=8192 full 446 (3 stages 483)
+# against 397; cuDNN 430 / 496 / 469 / 537 / 524 / 447 / 528. Element-wise fp32 atomics instead: 220-310
+# (slower than two passes). Calls the one pass does not take (varlen, variants, D <= 64) keep the rows above;
+# deterministic mode keeps BWD_TWO_PASS (the reduce-adds land in a run-dependent order).
+BWD = {**BWD_TWO_PASS, 128: dict(BWD_TWO_PASS[128], gluon_dkdv=(64, 128, 2), gluon_dkdvq=(64, 128, 2))}
 # Where the portable backward measured faster in the same run: none since the Gluon dK/dV kernel
 # (D=128 causal was portable: 314 against the Hopper kernels' 298 on 2026-12-02, 307 against 341
 # for Gluon dK/dV on 2026-12-03).
