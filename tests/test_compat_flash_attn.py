@@ -620,3 +620,27 @@ def test_compat_benchmark_runs_its_three_calls(monkeypatch):
     row = bench.measure(64, 32, True, rounds=2, backward=True, dtype=torch.float32, tokens=128, device="cpu")
     assert set(row["seconds"]) == {"direct", "views", "compat"} and row["max_abs_diff_compat_vs_direct"] == 0.0
     assert row["b"] == 2 and row["h"] == 64 and row["compat_over_direct"] > 0
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_reaches_the_backward(monkeypatch, deterministic):
+    """flash-attn's `deterministic=True` is recorded at the call and handed to the Triton backward,
+    which on Hopper then keeps the two passes (fa2lab.determinism); outside the call nothing stays set."""
+    import fa2lab.kernels.attention as KA
+    from fa2lab.compat.flash_attn import flash_attn_func
+    from fa2lab.compat.flash_attn import options as compat_options
+    from fa2lab.determinism import deterministic_requested
+
+    seen = []
+
+    def recording_bwd(dout, dlse, q, k, v, out, lse, *, scale, left, right, deterministic=False):
+        seen.append(deterministic)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+    monkeypatch.setattr(KA, "_bwd_impl", lambda *a, **kw: recording_bwd)
+    monkeypatch.setattr(compat_options, "current_backend", lambda: "triton")
+    q, k, v = (torch.randn(1, 16, 2, 32, requires_grad=True) for _ in range(3))
+    out = flash_attn_func(q, k, v, causal=True, deterministic=deterministic)
+    assert not deterministic_requested()
+    out.sum().backward()
+    assert seen == [deterministic]

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fa2lab.determinism import deterministic_requested
 from fa2lab.kernels.bwd import flash_bwd_triton
 from fa2lab.kernels.fwd import flash_fwd_triton, flash_fwd_varlen_triton
 from fa2lab.kernels.hopper_config import gluon_fwd_wanted, hopper_bwd_wanted, hopper_eligible, tma_ok
@@ -84,6 +85,7 @@ class _TritonAttention(torch.autograd.Function):
         out, lse = fwd(q, k, v, scale=scale, left=left, right=right)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.cfg = dict(scale=scale, left=left, right=right)
+        ctx.deterministic = deterministic_requested()  # fa2lab.determinism: asked for at the call
         return out, lse
 
     @staticmethod
@@ -91,7 +93,7 @@ class _TritonAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
         bwd = _bwd_impl(ctx.hopper, dout, 2, max(q.shape[-1], v.shape[-1]), ctx.cfg)
-        dq, dk, dv = bwd(dout, dlse, q, k, v, out, lse, **ctx.cfg)
+        dq, dk, dv = bwd(dout, dlse, q, k, v, out, lse, **ctx.cfg, deterministic=ctx.deterministic)
         return dq, dk, dv, None, None, None
 
 

@@ -263,10 +263,11 @@ def bwd_config(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
 
 
 def flash_bwd_triton(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu_k=None, max_q=0, max_k=0,
-                     config=None, variants=None):
+                     config=None, variants=None, deterministic=False):
     """Dense: q (B, Hq, Nq, D) etc., lse (B, Hq, Nq). Varlen (cu_q given): q (total_q, Hq, D),
     lse (Hq, total_q). Returns dq, dk, dv in the dtypes and layouts of q, k, v; with variants
-    (dense only, a kernels.variants.KernelVariants) also dsinks (Hq,) or None."""
+    (dense only, a kernels.variants.KernelVariants) also dsinks (Hq,) or None. deterministic: taken
+    as hopper_bwd takes it; these two passes add nothing in a run-dependent order, so always are."""
     varlen = cu_q is not None
     delta = _delta(do, out, varlen)  # (B, Hq, Nq) or (Hq, total_q), fp32
     if dlse is not None:

@@ -391,12 +391,13 @@ def _gluon_takes(q, k, v) -> bool:
 
 
 def hopper_bwd(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu_k=None, max_q=0, max_k=0,
-               config=None, variants=None):
+               config=None, variants=None, deterministic=False):
     """Dense: q (B, Hq, Nq, D) etc., lse (B, Hq, Nq). Varlen (cu_q given): q (total_q, Hq, D),
     lse (Hq, total_q). Returns dq, dk, dv in the dtypes and layouts of q, k, v (the dispatcher
     has checked that every head-dim stride is 1 and every other stride 16-byte aligned); with
     variants (dense only, a kernels.variants.KernelVariants) also dsinks (Hq,) or None.
-    config: kernel tiles (see hopper_config.BWD); default hopper_config.hopper_bwd_config."""
+    config: kernel tiles (see hopper_config.BWD); default hopper_config.hopper_bwd_config.
+    deterministic (or torch.use_deterministic_algorithms): bit-reproducible gradients, the two passes."""
     from fa2lab.kernels.hopper_config import hopper_bwd_config
 
     ensure_allocator()
@@ -429,7 +430,7 @@ def hopper_bwd(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu
         grid_q, grid_k = nq, nk
         cu_q = cu_k = torch.zeros(1, dtype=torch.int32, device=q.device)
     cfg = dict(config or hopper_bwd_config(max(d, dvd), causal=causal, seq_len=grid_q,
-                                           deterministic=torch.are_deterministic_algorithms_enabled(),
+                                           deterministic=deterministic or torch.are_deterministic_algorithms_enabled(),
                                            variants=variants))
     flags = variants.flags() if variants else PLAIN_FLAGS
     var_args = variants.args() if variants else plain_args(q)

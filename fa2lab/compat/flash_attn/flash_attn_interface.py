@@ -13,8 +13,10 @@ Where results differ from flash-attn's CUDA build:
 - softmax_lse is float32 (float64 for float64 inputs, which flash-attn does not take) and +inf
   for rows that see no key, as flash-attn writes it. Gradients that flow into softmax_lse are
   propagated (flash-attn drops them).
-- `deterministic` is accepted and changes nothing: fa2lab's own backward passes (Triton, tiled)
-  use no atomics; where "auto" picks torch SDPA, torch's determinism settings apply.
+- `deterministic=True` makes the backward bit-reproducible (fa2lab.determinism): on Hopper it keeps
+  plain head-dim-128 calls on the two-pass backward instead of the one pass whose dQ reduce-adds land
+  in a run-dependent order; fa2lab's other backward passes (Triton, tiled) add nothing that way;
+  where "auto" picks torch SDPA, torch's determinism settings apply.
 - Options this fa2lab cannot honour raise NotImplementedError naming the option.
 - fp32/fp64 inputs, any head dim the chosen backend takes, and any page size work (flash-attn:
   fp16/bf16, head dim <= 256, pages of a multiple of 256); so do cache_leftpad with a paged cache.
@@ -36,6 +38,7 @@ import fa2lab
 from fa2lab import _checks
 from fa2lab.compat.flash_attn import kvcache, options
 from fa2lab.compat.flash_attn.rotary import apply_rotary
+from fa2lab.determinism import deterministic_backward
 
 __all__ = ["flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
            "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache"]
@@ -48,13 +51,15 @@ def _check_layout(name: str, t, ndim: int, layout: str, packed_dim: int | None =
         raise ValueError(f"expected {name} to be {layout} (flash-attn's layout), got shape {tuple(t.shape)}")
 
 
-def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs):
+def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
+           deterministic=False):
     """q (B, Nq, H, D), k/v (B, Nk, Hkv, D) -> out (B, Nq, H, Dv) [, lse (B, H, Nq), S_dmask]."""
     variants = options.variant_kwargs(fa2lab.attention, softcap=softcap, alibi_slopes=alibi_slopes,
                                       dropout_p=dropout_p)
-    res = fa2lab.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
-                           window_size=options.window(window_size), softmax_scale=softmax_scale,
-                           return_lse=return_attn_probs, backend=options.current_backend(), **variants)
+    with deterministic_backward(deterministic):
+        res = fa2lab.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
+                               window_size=options.window(window_size), softmax_scale=softmax_scale,
+                               return_lse=return_attn_probs, backend=options.current_backend(), **variants)
     out, lse = res if return_attn_probs else (res, None)
     out = out.transpose(1, 2).contiguous()  # (B, Nq, H, Dv); free when the kernel wrote this layout
     if not return_attn_probs:
@@ -129,7 +134,8 @@ def flash_attn_qkvpacked_func(
     Otherwise as `flash_attn_func`; gradients flow into qkv."""
     _check_layout("qkv", qkv, 5, "(batch_size, seqlen, 3, nheads, headdim)", 2, 3)
     q, k, v = qkv.unbind(2)  # each (B, N, H, D), views
-    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)
+    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
+                  deterministic)
 
 
 def flash_attn_kvpacked_func(
@@ -149,7 +155,8 @@ def flash_attn_kvpacked_func(
     _check_layout("q", q, 4, "(batch_size, seqlen, nheads, headdim)")
     _check_layout("kv", kv, 5, "(batch_size, seqlen, 2, nheads_k, headdim)", 2, 2)
     k, v = kv.unbind(2)  # (B, Nk, Hkv, D), views
-    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)
+    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
+                  deterministic)
 
 
 def flash_attn_func(
@@ -179,7 +186,8 @@ def flash_attn_func(
     _check_layout("q", q, 4, "(batch_size, seqlen, nheads, headdim)")
     _check_layout("k", k, 4, "(batch_size, seqlen, nheads_k, headdim)")
     _check_layout("v", v, 4, "(batch_size, seqlen, nheads_k, headdim)")
-    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)
+    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
+                  deterministic)
 
 
 def flash_attn_varlen_qkvpacked_func(
