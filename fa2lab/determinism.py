@@ -3,9 +3,9 @@
 fa2lab's backward passes add no partial sums in a run-dependent order except one: on Hopper, the
 one-pass Gluon backward (plain calls, 64 < D <= 128) adds each key block's dQ by TMA reduce-adds.
 `torch.use_deterministic_algorithms(True)` keeps every backward on the two passes globally; inside
-`with deterministic_backward():`, the Triton attention calls made there record the same request
-for their own backward (it runs later, outside the block). flash-attn's `deterministic=True`
-(fa2lab.compat) uses it.
+`with deterministic_backward():`, the eager Triton attention calls made there record the same
+request for their own backward (it runs later, outside the block); a torch.compile graph follows
+the global switch only. flash-attn's `deterministic=True` (fa2lab.compat) uses it.
 """
 
 from __future__ import annotations

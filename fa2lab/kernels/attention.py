@@ -29,7 +29,7 @@ _logged: set = set()
 
 def _note(path: str, q) -> None:
     """Log which kernels run, once per distinct (path, device, dtype)."""
-    key = (path, str(q.device), q.dtype)
+    key = (path, q.device, q.dtype)  # the device itself: str() of it costs a microsecond or two per call
     if key not in _logged:
         _logged.add(key)
         _log.info("Triton attention on %s %s: %s kernels", q.device, str(q.dtype).removeprefix("torch."), path)

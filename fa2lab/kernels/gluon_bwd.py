@@ -17,7 +17,7 @@ also writes its dS^T rows to one of two shared buffers (BLOCK_N, BLOCK_M); once 
 mbarrier of count 2), warpgroup w computes dQ_i[:, w*D/2 : (w+1)*D/2] = dS_i K[:, same columns]
 over all BLOCK_N keys and adds it to fp32 sums in global memory (the caller scales and casts
 them): by default through a shared buffer per warpgroup and one TMA reduce-add (the copy engine's
-cp.reduce.async.bulk, FA3's way: 1.16-1.26x the two passes at D=128 on the H200), or element-wise by
+cp.reduce.async.bulk, FA3's way: 1.12-1.26x the two passes at D=128 on the H200), or element-wise by
 relaxed fp32 atomics (dq_reduce="atomic": 0.74-0.78x the two passes, kept to compare). Key blocks add
 in a run-dependent order, so dQ's last bits vary between runs: the deterministic mode keeps the two
 passes (hopper_config.hopper_bwd_config). The sums take 4 x B x Hq x Nq x pow2(D) bytes (twice q).
