@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fa2lab"
 # Lowest first; a module may import its own layer or lower ones, never a higher one.
 # The algorithms: validation and masks, readable and fast algorithms, the dispatch point, the entry
 # points (the `fa2lab` facade re-exports these), integrations.
-ALGORITHMS = [{"_checks", "_deprecated", "_empty", "masks", "variants"}, {"reference", "tiled", "kernels"}, {"backends"}, {"api", "decode", "fa2lab"},
+ALGORITHMS = [{"_checks", "_deprecated", "_empty", "determinism", "masks", "variants"}, {"reference", "tiled", "kernels"}, {"backends"}, {"api", "decode", "fa2lab"},
               {"kvcache", "models", "hf", "distributed", "compat"}]
 # Measurement and experiments: they may use every algorithm; no algorithm imports them.
 EXPERIMENTS = [{"measure"}, {"hardware"}, {"cost"}, {"bench"}, {"viz"}, {"sweep", "cli", "__main__"}]
