@@ -10,7 +10,8 @@ import torch
 from fa2lab import TileTracer, tiled_attention
 from fa2lab.measure.memory import peak_extra_bytes as measured_peak
 from fa2lab.cost import (QWEN3_VL_8B, cpu_tiled_forward, decode, exact_flops, executed_flops, fa1_bytes,
-                         fa2_backward_bytes, fa2_forward, fa2_forward_bytes, formula_flops, kv_cache_bytes,
+                         fa2_backward, fa2_backward_bytes, fa2_backward_two_pass_bytes, fa2_forward,
+                         fa2_forward_bytes, formula_flops, kv_cache_bytes,
                          naive_bytes, peak_extra_bytes, roofline, split_k_decode_bytes, theorem2_bytes,
                          tile_schedule, varlen_flops, visible_pairs)
 from fa2lab.cost.traffic import fa_paper_tiles
@@ -77,6 +78,50 @@ def test_bytes_by_hand():
     # GQA packing: K/V loads shared by the 4 query heads of the group
     packed = fa2_forward_bytes(sched, 1, 4, d, elem=e, hkv=1, pack_gqa=True).terms["read K_j, V_j"]
     assert packed == fa2_forward_bytes(sched, 1, 1, d, elem=e).terms["read K_j, V_j"]
+
+
+def test_two_pass_backward_bytes_by_hand():
+    d, e = 2, 2
+    sched = tile_schedule(4, 4, 2, 2)  # 2 x 2 full tiles
+    # O, dO for Delta (16 el.); dK/dV pass: K, V once (16), Q_i, dO_i per tile (4 x 8 el.), LSE_i, Delta_i
+    # (4 x 2 x 2 x 4 B); dQ pass: Q, dO once (16 el.), LSE, Delta (2 x 4 x 4 B), K_j, V_j per tile (4 x 8 el.);
+    # writes: Delta (16 B), dK, dV (16 el.), dQ (8 el.)
+    two = fa2_backward_two_pass_bytes(sched, 1, 1, d, elem=e).total
+    assert two == e * (16 + 16 + 32 + 16 + 32 + 16 + 8) + 64 + 32 + 16 == 384
+
+
+def test_backward_roofline_one_pass_against_two():
+    """One pass: 5 matmuls and one exp per computed score; two passes: 7 and two. Without cache reuse
+    the bytes are the traffic counts; with it, a head's re-reads that fit the L2 are counted once."""
+    prof = get_profile("h200")
+    sched = tile_schedule(4096, 4096, 64, 128, True)
+    one = fa2_backward(prof, 8, 16, 4096, 4096, 128, "bfloat16", causal=True, passes=1, cache_reuse=False)
+    two = fa2_backward(prof, 8, 16, 4096, 4096, 128, "bfloat16", causal=True, passes=2, cache_reuse=False)
+    elems = 8 * 16 * sched.computed_elements
+    assert one.flops == 10 * 128 * elems and two.flops == 14 * 128 * elems
+    assert (one.exps, two.exps) == (elems, 2 * elems)
+    assert one.bytes == fa2_backward_bytes(sched, 8, 16, 128, elem=2).total
+    assert two.bytes == fa2_backward_two_pass_bytes(sched, 8, 16, 128, elem=2).total
+    reused = fa2_backward(prof, 8, 16, 4096, 4096, 128, "bfloat16", causal=True, passes=1)
+    assert reused.bytes < one.bytes and reused.bound == "compute"
+    assert reused.t_compute == pytest.approx(one.t_compute) and two.t_compute / one.t_compute == pytest.approx(1.4)
+    with pytest.raises(ValueError, match="passes must be 1"):
+        fa2_backward(prof, 1, 1, 64, 64, 64, passes=3)
+
+
+def test_backward_roofline_rows_read_both_result_formats():
+    from fa2lab.bench.hopper_sweep import backward_roofline_rows
+
+    shape = dict(N=4096, D=128, causal=False, H=16, Hkv=16, B=8)
+    rows = backward_roofline_rows([
+        dict(kind="bwd", impl="fa2lab triton", ms=7.0, **shape),  # a `bench --hopper` row: two passes then
+        dict(impl="fa2lab", config="one-pass tma 64x128 s2", cfg="{'gluon_dkdvq': (64, 128, 2)}", bwd_ms=6.0,
+             **shape),
+        dict(impl="fa2lab", config="gluon dkdv + dq", cfg="{'gluon_dkdv': (64, 128, 2)}", bwd_ms=7.0, **shape),
+        dict(impl="sdpa cudnn", config="sdpa cudnn", bwd_ms=5.0, **shape)])  # not fa2lab: left out
+    assert [r["passes"] for r in rows] == [2, 1, 2]
+    assert rows[1]["compute_ms"] == pytest.approx(rows[0]["compute_ms"] / 1.4)
+    assert all(r["measured_over_predicted"] == pytest.approx(r["measured_ms"] / r["predicted_ms"]) for r in rows)
 
 
 def test_split_k_decode_bytes_by_hand():

@@ -221,6 +221,41 @@ def roofline_rows(results: dict, profile_name: str = "h200") -> list[dict]:
     return out
 
 
+def backward_roofline_rows(rows, profile_name: str = "h200") -> list[dict]:
+    """The cost model next to measured backward rows: a `fa2lab bench --hopper` run's "bwd" rows (the
+    backward the dispatcher chose then; `passes` says which) or `bench.hopper_bwd_gpu`'s JSONL rows (one
+    pass where the configuration holds "gluon_dkdvq" or "dkdvq"). -> rows with measured_ms and the
+    roofs of the kernel's own pass count (compute, memory, bound, predicted = the highest)."""
+    from fa2lab.cost.predict import fa2_backward
+    from fa2lab.hardware import get_profile
+
+    prof = get_profile(profile_name)
+    out = []
+    for r in rows:
+        if r.get("kind") == "bwd" and r.get("impl") == "fa2lab triton" and "ms" in r:
+            ms, label, passes = r["ms"], "dispatch", r.get("passes", 2)
+        elif r.get("impl") == "fa2lab" and "bwd_ms" in r:
+            ms, label = r["bwd_ms"], r.get("config", "")
+            passes = 1 if ("gluon_dkdvq" in r.get("cfg", "") and "one-pass" in label) or "dkdvq" in label else 2
+        else:
+            continue
+        roof = fa2_backward(prof, r["B"], r["H"], r["N"], r["N"], r["D"], "bfloat16", causal=r["causal"],
+                            passes=passes)
+        out.append(dict(N=r["N"], D=r["D"], causal=r["causal"], H=r["H"], Hkv=r.get("Hkv", r["H"]), config=label,
+                        passes=passes, measured_ms=ms, compute_ms=roof.t_compute * 1e3, memory_ms=roof.t_memory * 1e3,
+                        bound=roof.bound, predicted_ms=roof.time * 1e3,
+                        measured_over_predicted=ms / (roof.time * 1e3)))
+    return out
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """A gpu-*.json's rows, or a JSONL file's (one row a line, header lines without rows skipped)."""
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        return [row for row in map(json.loads, text.splitlines()) if "N" in row]
+    return json.loads(text)["rows"]
+
+
 CASES = [(4096, 128, False), (4096, 128, True), (4096, 64, False), (4096, 256, False), (1024, 128, False)]
 
 
@@ -233,6 +268,9 @@ def main(argv=None) -> int:
     p.add_argument("--jsonl", type=Path, default=None, help="also append each row to this file as it is measured")
     p.add_argument("--predict", type=Path, default=None,
                    help="no GPU: print the cost model's forward times next to a gpu-*.json of `bench --hopper`")
+    p.add_argument("--predict-bwd", type=Path, default=None,
+                   help="no GPU: the cost model's backward times (one pass, two passes) next to a gpu-*.json's "
+                        "backward rows or a hopper_bwd_gpu JSONL")
     args = p.parse_args(argv)
     if args.predict:
         print("| case | measured ms | predicted ms (roofline) | bound | measured / predicted |\n|---|---|---|---|---|")
@@ -240,6 +278,15 @@ def main(argv=None) -> int:
             gqa = f" GQA {r['H']}:{r['Hkv']}" if r["H"] != r["Hkv"] else ""
             print(f"| N={r['N']} D={r['D']} {'causal' if r['causal'] else 'full'}{gqa} | {r['measured_ms']:.3f} | "
                   f"{r['predicted_ms']:.3f} | {r['bound']} | {r['measured_over_predicted']:.2f} |")
+    if args.predict_bwd:
+        print("| case | configuration | passes | measured ms | compute roof ms | memory roof ms | bound | "
+              "measured / predicted |\n|---|---|---|---|---|---|---|---|")
+        for r in backward_roofline_rows(_read_rows(args.predict_bwd)):
+            gqa = f" GQA {r['H']}:{r['Hkv']}" if r["H"] != r["Hkv"] else ""
+            print(f"| N={r['N']} D={r['D']} {'causal' if r['causal'] else 'full'}{gqa} | {r['config']} | {r['passes']} | "
+                  f"{r['measured_ms']:.3f} | {r['compute_ms']:.3f} | {r['memory_ms']:.3f} | {r['bound']} | "
+                  f"{r['measured_over_predicted']:.2f} |")
+    if args.predict or args.predict_bwd:
         return 0
     cases = CASES if not args.cases else [(int(n), int(d), c == "1") for n, d, c in
                                           (x.split(":") for x in args.cases.split(","))]

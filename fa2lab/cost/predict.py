@@ -1,11 +1,13 @@
-"""Roofline predictions for one FA2 forward launch and one split-K decode, with the tiles and the
-split count a profile implies (fa2lab.cost.tiles) on FA2's exact tile schedule and byte count."""
+"""Roofline predictions for one FA2 forward launch, one FA2 backward (one pass or two) and one split-K
+decode, with the tiles and the split count a profile implies (fa2lab.cost.tiles) on FA2's exact tile
+schedule and byte count."""
 
 from __future__ import annotations
 
 from fa2lab.cost.roofline import Roofline, roofline
 from fa2lab.cost.tiles import decode_splits, tile_config
-from fa2lab.cost.traffic import fa2_forward_bytes, split_k_decode_bytes
+from fa2lab.cost.traffic import (fa2_backward_bytes, fa2_backward_two_pass_bytes, fa2_forward_bytes,
+                                 split_k_decode_bytes)
 from fa2lab.hardware.profile import HardwareProfile, dtype_bytes
 from fa2lab.tiled.schedule import tile_schedule
 
@@ -31,6 +33,37 @@ def fa2_forward(profile: HardwareProfile, b: int, hq: int, nq: int, nk: int, d: 
         reread = b * hq * (sched.kv_rows - nk) * 2 * d * elem  # loads after the first come from L2
         nbytes -= max(0, reread)
     return roofline(profile, 4.0 * d * elems, nbytes, dtype, exps=elems, overhead=profile.step_overhead_s)
+
+
+def fa2_backward(profile: HardwareProfile, b: int, hq: int, nq: int, nk: int, d: int, dtype="float16", *,
+                 causal: bool = False, window_size=(-1, -1), block_q: int = 64, block_k: int = 128,
+                 passes: int = 1, cache_reuse: bool = True) -> Roofline:
+    """One FA2 backward over the same tile schedule as the forward. Per computed score, one pass
+    (FA2's Algorithm 2, FA3; dQ added across key blocks) runs 5 matmuls (S, dP, dV, dK, dQ) and one
+    exp; two passes (a dK/dV kernel, then a dQ kernel that recomputes S and dP: no cross-block adds)
+    run 7 and two. Bytes: `fa2_backward_bytes` for one pass (FA2's count: each tile reads and writes
+    its dQ_i rows in fp32 off-chip; where those adds stay in L2, as Hopper's reduce-adds mostly do, a
+    kernel can beat this memory roof), `fa2_backward_two_pass_bytes` for two. With `cache_reuse`
+    (default), as in `fa2_forward`: where what a head's programs re-read (the dK/dV pass: Q_i, dO_i
+    and, in one pass, the fp32 dQ rows; the dQ pass: K_j, V_j) fits the last-level cache for the heads
+    in flight, it costs one off-chip pass per head."""
+    if passes not in (1, 2):
+        raise ValueError(f"passes must be 1 (dQ added across key blocks) or 2 (a separate dQ kernel), got {passes}")
+    sched = tile_schedule(nq, nk, block_q, block_k, causal, window_size)
+    elems = b * hq * sched.computed_elements
+    elem = dtype_bytes(dtype)
+    count = fa2_backward_bytes if passes == 1 else fa2_backward_two_pass_bytes
+    nbytes = count(sched, b, hq, d, elem=elem).total
+    if cache_reuse:
+        heads = b * hq
+        per_q_row = 2 * d * elem + (2 * 4 * d if passes == 1 else 0)  # Q_i, dO_i (+ dQ_i fp32 read and write)
+        if -(-profile.units // sched.k_tiles) * nq * per_q_row <= profile.llc_bytes:  # the dK/dV pass
+            nbytes -= heads * max(0, sched.q_rows - nq) * per_q_row
+        if passes == 2 and -(-profile.units // sched.q_tiles) * nk * 2 * d * elem <= profile.llc_bytes:  # dQ pass
+            nbytes -= heads * max(0, sched.kv_rows - nk) * 2 * d * elem
+    matmuls = 5 if passes == 1 else 7
+    return roofline(profile, 2.0 * d * elems * matmuls, nbytes, dtype, exps=elems * passes,
+                    overhead=passes * profile.step_overhead_s)
 
 
 def decode(profile: HardwareProfile, b: int, hq: int, hkv: int, cache_len: int, d: int, dtype="float16", *,

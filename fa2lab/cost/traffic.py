@@ -91,6 +91,21 @@ def fa2_backward_bytes(sched: Schedule, b: int, hq: int, d: int, dv: int | None 
          "dQ_i (fp32)": heads * STAT * rows * d, "dQ": heads * elem * nq * d})
 
 
+def fa2_backward_two_pass_bytes(sched: Schedule, b: int, hq: int, d: int, dv: int | None = None, *,
+                                elem: int = 2) -> Traffic:
+    """The backward in two passes (no cross-block adds): a dK/dV pass that streams Q_i, dO_i past each
+    key block, then a dQ pass that streams K_j, V_j past each query block, each writing its gradients
+    once; Delta's preprocessing as in `fa2_backward_bytes`."""
+    dv = dv or d
+    heads, nq, nk, rows = b * hq, sched.nq, sched.nk, sched.q_rows
+    return _traffic(
+        {"O, dO (Delta)": heads * elem * nq * dv * 2, "K_j, V_j (dK/dV pass)": heads * elem * nk * (d + dv),
+         "Q_i, dO_i (dK/dV pass)": heads * elem * rows * (d + dv), "LSE_i, Delta_i": heads * 2 * STAT * rows,
+         "Q, dO, LSE, Delta (dQ pass)": heads * (elem * nq * (d + dv) + 2 * STAT * nq),
+         "K_j, V_j (dQ pass)": heads * elem * sched.kv_rows * (d + dv)},
+        {"Delta": heads * STAT * nq, "dK_j, dV_j": heads * elem * nk * (d + dv), "dQ": heads * elem * nq * d})
+
+
 def split_k_decode_bytes(b: int, hq: int, hkv: int, cache_len: int, d: int, dv: int | None = None, *,
                          splits: int = 1, elem: int = 2) -> Traffic:
     """One query token per sequence against `cache_len` keys; query heads packed per KV head."""
