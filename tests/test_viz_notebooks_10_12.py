@@ -71,6 +71,23 @@ def test_saved_memory_grows_as_n_for_tiled_and_n_squared_for_naive():
     assert len(bw_fig.saved_memory_figure(rows).data) == 2
 
 
+def test_one_pass_against_two_passes_figure():
+    """Notebook 10's GPU section: the fastest configuration per shape and pass count, drawn as measured
+    bars next to the compute roof (from the committed H200 rows)."""
+    from fa2lab.bench.hopper_sweep import backward_roofline_rows, fastest_per_pass, read_rows
+    from fa2lab.viz.gpu import RESULTS
+
+    rows = fastest_per_pass(backward_roofline_rows(read_rows(RESULTS / "fused-bwd-tma-20261204/hopper-bwd.jsonl")))
+    assert {r["passes"] for r in rows} == {1, 2} and len(rows) == 14  # 7 shapes x 2
+    shape = lambda r: (r["N"], r["causal"], r["H"])  # noqa: E731
+    for r in rows:  # the fastest of its kind: no row of the same kind and shape is faster
+        assert not any(o["measured_ms"] < r["measured_ms"] for o in backward_roofline_rows(
+            read_rows(RESULTS / "fused-bwd-tma-20261204/hopper-bwd.jsonl"))
+            if shape(o) == shape(r) and o["passes"] == r["passes"])
+    fig = bw_fig.passes_figure(rows)
+    assert len(fig.data) == 4 and all(len(trace.x) == 7 for trace in fig.data)
+
+
 # --- 11 numerics ---------------------------------------------------------------------------
 
 def test_error_rows_follow_the_rule_and_name_what_cannot_run():

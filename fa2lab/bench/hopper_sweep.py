@@ -248,7 +248,17 @@ def backward_roofline_rows(rows, profile_name: str = "h200") -> list[dict]:
     return out
 
 
-def _read_rows(path: Path) -> list[dict]:
+def fastest_per_pass(rows: list[dict]) -> list[dict]:
+    """Of `backward_roofline_rows`, the fastest measured configuration per (shape, pass count)."""
+    best: dict = {}
+    for r in rows:
+        key = (r["N"], r["D"], r["causal"], r["H"], r["Hkv"], r["passes"])
+        if key not in best or r["measured_ms"] < best[key]["measured_ms"]:
+            best[key] = r
+    return list(best.values())
+
+
+def read_rows(path: Path) -> list[dict]:
     """A gpu-*.json's rows, or a JSONL file's (one row a line, header lines without rows skipped)."""
     text = path.read_text()
     if path.suffix == ".jsonl":
@@ -281,7 +291,7 @@ def main(argv=None) -> int:
     if args.predict_bwd:
         print("| case | configuration | passes | measured ms | compute roof ms | memory roof ms | bound | "
               "measured / predicted |\n|---|---|---|---|---|---|---|---|")
-        for r in backward_roofline_rows(_read_rows(args.predict_bwd)):
+        for r in backward_roofline_rows(read_rows(args.predict_bwd)):
             gqa = f" GQA {r['H']}:{r['Hkv']}" if r["H"] != r["Hkv"] else ""
             print(f"| N={r['N']} D={r['D']} {'causal' if r['causal'] else 'full'}{gqa} | {r['config']} | {r['passes']} | "
                   f"{r['measured_ms']:.3f} | {r['compute_ms']:.3f} | {r['memory_ms']:.3f} | {r['bound']} | "

@@ -1,7 +1,8 @@
 """10 backward: figures of FA2's Algorithm 2 from the rows fa2lab.bench.backward returns - the
-order of the backward's tiles, which gradient tile each step adds to, saved memory against N.
+order of the backward's tiles, which gradient tile each step adds to, saved memory against N - and
+of one pass against two on a GPU (measured rows next to the cost model's compute roof).
 
-    schedule_figure / accumulation_figure / saved_memory_figure
+    schedule_figure / accumulation_figure / saved_memory_figure / passes_figure
 """
 
 from __future__ import annotations
@@ -51,4 +52,27 @@ def accumulation_figure(steps: list[dict]) -> go.Figure:
     fig.update_xaxes(title_text="step")
     return styled(fig, title="Which gradient tile each step adds to", height=420)
 
+
+def passes_figure(rows: list[dict]) -> go.Figure:
+    """Measured backward time against the cost model's compute roof, one pass (dQ added across key
+    blocks: 5 matmuls per score) and two passes (a separate dQ kernel: 7), per shape. rows:
+    `fa2lab.bench.hopper_sweep.backward_roofline_rows` (one configuration per pass count and shape)."""
+    fig = go.Figure()
+    cases = list(dict.fromkeys(_case(r) for r in rows))
+    for passes, colour in ((2, "#636efa"), (1, "#ef553b")):
+        by_case = {_case(r): r for r in rows if r["passes"] == passes}
+        name = "one pass (5 matmuls)" if passes == 1 else "two passes (7 matmuls)"
+        fig.add_bar(x=cases, y=f32([by_case[c]["measured_ms"] if c in by_case else None for c in cases]),
+                    name=f"{name}: measured", marker_color=colour,
+                    hovertext=[by_case[c]["config"] if c in by_case else "" for c in cases])
+        fig.add_scatter(x=cases, y=f32([by_case[c]["compute_ms"] if c in by_case else None for c in cases]),
+                        mode="markers", marker=dict(symbol="line-ew-open", size=28, color=colour, line_width=3),
+                        name=f"{name}: compute roof")
+    return styled(fig, title="Backward: measured against the compute roof, one pass and two", barmode="group",
+                  xaxis_title="shape", yaxis_title="ms", height=440)
+
+
+def _case(r: dict) -> str:
+    gqa = f" GQA {r['H']}:{r['Hkv']}" if r["H"] != r["Hkv"] else ""
+    return f"N={r['N']} D={r['D']} {'causal' if r['causal'] else 'full'}{gqa}"
 
