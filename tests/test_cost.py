@@ -114,12 +114,14 @@ def test_backward_roofline_rows_read_both_result_formats():
 
     shape = dict(N=4096, D=128, causal=False, H=16, Hkv=16, B=8)
     rows = backward_roofline_rows([
-        dict(kind="bwd", impl="fa2lab triton", ms=7.0, **shape),  # a `bench --hopper` row: two passes then
+        dict(impl="fa2lab", config="dispatch", cfg="'dispatch'", bwd_ms=6.5, **shape),  # not recorded: left out
         dict(impl="fa2lab", config="one-pass tma 64x128 s2", cfg="{'gluon_dkdvq': (64, 128, 2)}", bwd_ms=6.0,
              **shape),
+        dict(impl="fa2lab", config="one 64x128 w8 s2", cfg="{'dkdvq': (64, 128, 8, 2)}", bwd_ms=8.0, **shape),
         dict(impl="fa2lab", config="gluon dkdv + dq", cfg="{'gluon_dkdv': (64, 128, 2)}", bwd_ms=7.0, **shape),
-        dict(impl="sdpa cudnn", config="sdpa cudnn", bwd_ms=5.0, **shape)])  # not fa2lab: left out
-    assert [r["passes"] for r in rows] == [2, 1, 2]
+        dict(impl="sdpa cudnn", config="sdpa cudnn", cfg="None", bwd_ms=5.0, **shape)])  # not fa2lab: left out
+    assert [r["passes"] for r in rows] == [1, 1, 2]
+    rows = [rows[2], rows[0]]  # two passes, then one
     assert rows[1]["compute_ms"] == pytest.approx(rows[0]["compute_ms"] / 1.4)
     assert all(r["measured_over_predicted"] == pytest.approx(r["measured_ms"] / r["predicted_ms"]) for r in rows)
 

@@ -75,9 +75,10 @@ GLUON = {
     (4096, 128, True, 32, 8): {"two-pass": TWO[128], "gluon 64x128 s2": _G(128, (64, 128, 2))},
 }
 # The one-pass Gluon backward ("gluon_dkdvq": the dK/dV kernel adding dQ in fp32 as it goes, by TMA
-# reduce-adds or atomics) against the Gluon dK/dV kernel with the two-pass dQ (BWD[128] as committed).
-_F = lambda tiles: dict(hopper_config.BWD[128], gluon_dkdvq=tiles)  # noqa: E731
-FUSED = {case: {"gluon dkdv + dq": dict(hopper_config.BWD[128]), "one-pass tma 64x128 s2": _F((64, 128, 2)),
+# reduce-adds or atomics) against the two passes it replaced (the Gluon dK/dV kernel + the dQ kernel).
+_TWO_128 = {key: tiles for key, tiles in hopper_config.BWD[128].items() if key != "gluon_dkdvq"}
+_F = lambda tiles: dict(_TWO_128, gluon_dkdvq=tiles)  # noqa: E731
+FUSED = {case: {"gluon dkdv + dq": dict(_TWO_128), "one-pass tma 64x128 s2": _F((64, 128, 2)),
                 "one-pass tma 64x128 s3": _F((64, 128, 3)), "one-pass atomic 64x128 s2": _F((64, 128, 2, "atomic"))}
          for case in [(1024, 128, False), (4096, 128, False), (4096, 128, True), (16384, 128, False),
                       (16384, 128, True), (4096, 128, True, 32, 8), (8192, 128, False, 32, 4)]}

@@ -222,23 +222,20 @@ def roofline_rows(results: dict, profile_name: str = "h200") -> list[dict]:
 
 
 def backward_roofline_rows(rows, profile_name: str = "h200") -> list[dict]:
-    """The cost model next to measured backward rows: a `fa2lab bench --hopper` run's "bwd" rows (the
-    backward the dispatcher chose then; `passes` says which) or `bench.hopper_bwd_gpu`'s JSONL rows (one
-    pass where the configuration holds "gluon_dkdvq" or "dkdvq"). -> rows with measured_ms and the
-    roofs of the kernel's own pass count (compute, memory, bound, predicted = the highest)."""
+    """The cost model next to `bench.hopper_bwd_gpu`'s JSONL rows of fa2lab (each names its backward
+    configuration: one pass where it holds "gluon_dkdvq" or "dkdvq", dQ added across key blocks; two
+    passes otherwise). -> rows with measured_ms and the roofs of the kernel's own pass count (compute,
+    memory, bound, predicted = the highest)."""
     from fa2lab.cost.predict import fa2_backward
     from fa2lab.hardware import get_profile
 
     prof = get_profile(profile_name)
     out = []
     for r in rows:
-        if r.get("kind") == "bwd" and r.get("impl") == "fa2lab triton" and "ms" in r:
-            ms, label, passes = r["ms"], "dispatch", r.get("passes", 2)
-        elif r.get("impl") == "fa2lab" and "bwd_ms" in r:
-            ms, label = r["bwd_ms"], r.get("config", "")
-            passes = 1 if ("gluon_dkdvq" in r.get("cfg", "") and "one-pass" in label) or "dkdvq" in label else 2
-        else:
-            continue
+        if r.get("impl") != "fa2lab" or "bwd_ms" not in r or r.get("cfg") in (None, "None", "'dispatch'"):
+            continue  # peers, failed rows, and rows whose configuration is not recorded
+        ms, label = r["bwd_ms"], r.get("config", "")
+        passes = 1 if "'gluon_dkdvq'" in r["cfg"] or "'dkdvq'" in r["cfg"] else 2
         roof = fa2_backward(prof, r["B"], r["H"], r["N"], r["N"], r["D"], "bfloat16", causal=r["causal"],
                             passes=passes)
         out.append(dict(N=r["N"], D=r["D"], causal=r["causal"], H=r["H"], Hkv=r.get("Hkv", r["H"]), config=label,
@@ -259,11 +256,8 @@ def fastest_per_pass(rows: list[dict]) -> list[dict]:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """A gpu-*.json's rows, or a JSONL file's (one row a line, header lines without rows skipped)."""
-    text = path.read_text()
-    if path.suffix == ".jsonl":
-        return [row for row in map(json.loads, text.splitlines()) if "N" in row]
-    return json.loads(text)["rows"]
+    """A JSONL file's rows (one a line; header lines without rows skipped)."""
+    return [row for row in map(json.loads, path.read_text().splitlines()) if "N" in row]
 
 
 CASES = [(4096, 128, False), (4096, 128, True), (4096, 64, False), (4096, 256, False), (1024, 128, False)]
@@ -279,8 +273,7 @@ def main(argv=None) -> int:
     p.add_argument("--predict", type=Path, default=None,
                    help="no GPU: print the cost model's forward times next to a gpu-*.json of `bench --hopper`")
     p.add_argument("--predict-bwd", type=Path, default=None,
-                   help="no GPU: the cost model's backward times (one pass, two passes) next to a gpu-*.json's "
-                        "backward rows or a hopper_bwd_gpu JSONL")
+                   help="no GPU: the cost model's backward roofs next to the rows of a hopper_bwd_gpu JSONL")
     args = p.parse_args(argv)
     if args.predict:
         print("| case | measured ms | predicted ms (roofline) | bound | measured / predicted |\n|---|---|---|---|---|")
