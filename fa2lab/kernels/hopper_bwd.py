@@ -447,13 +447,13 @@ def hopper_bwd(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu
     plain = not varlen and variants is None and _gluon_takes(q, k, v)
     use_fused = fused_tiles is not None and plain and pow2(d) == 128
     use_gluon = use_fused or (gluon_tiles is not None and plain)
+    sums = None  # the one pass's fp32 dQ sums
     if use_gluon:
         from fa2lab.kernels.gluon_bwd import gluon_dkdv
 
         if not use_fused and "dq" not in cfg:
             raise ValueError(f"config {cfg}: the Gluon dK/dV kernel needs the two-pass 'dq' kernel beside it")
         bm, bn, stages, *reduce = fused_tiles if use_fused else gluon_tiles
-        sums = None
         if use_fused:  # rows padded to whole query blocks: a block's adds past Nq (zeros) need no mask
             sums = torch.zeros(batch, h, triton.cdiv(nq, bm) * bm, pow2(d), dtype=torch.float32, device=q.device)
         dk, dv = gluon_dkdv(do, q, k, v, lse, delta, scale=scale, left=left, right=right, block_m=bm, block_n=bn,
