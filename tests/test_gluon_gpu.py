@@ -161,3 +161,46 @@ def test_direct_launch_equals_tritons_launch(monkeypatch):
         monkeypatch.setattr(KernelLaunch, "ENABLED", True)
         assert torch.equal(first, direct) and torch.equal(direct, plain)
         assert torch.equal(lse_first, lse_direct) and torch.equal(lse_direct, lse_plain)
+
+
+# The one-pass backward for 128 < D <= 256 (kernels/gluon_bwd_wide.py, "gluon_wide"): two stages of Q and
+# one of dO (the table's), the reverse, and 32-column dQ pieces.
+WIDE_CASES = [  # b, hq, hkv, nq, nk, d, causal, window
+    (1, 2, 2, 1, 1, 256, False, (-1, -1)),
+    (2, 4, 2, 97, 97, 256, True, (-1, -1)),
+    (1, 4, 1, 232, 1025, 256, True, (-1, -1)),
+    (1, 4, 4, 1025, 232, 256, True, (-1, -1)),  # rows 0 .. 792 see no key: zero gradients there
+    (2, 4, 2, 1025, 1025, 200, False, (-1, -1)),  # columns past D read as zeros
+    (1, 4, 2, 1000, 3000, 160, False, (-1, -1)),
+    (1, 8, 8, 2048, 2048, 256, False, (256, 0)),
+    (1, 8, 2, 1500, 1500, 256, False, (100, 300)),
+    (2, 8, 8, 2048, 2048, 256, True, (-1, -1)),
+]
+
+
+@pytest.mark.parametrize("tiles", [(64, 64, 2, 1, 64), (64, 64, 1, 2, 64), (64, 64, 2, 2, 32)],
+                         ids=["q2do1", "q1do2", "q2do2-chunk32"])
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,window", WIDE_CASES)
+def test_gluon_wide_backward_within_torch_rule(monkeypatch, tiles, b, hq, hkv, nq, nk, d, causal, window):
+    from fa2lab.kernels import gluon_bwd_wide, hopper_config
+
+    monkeypatch.setitem(hopper_config.BWD, 256, dict(hopper_config.BWD_TWO_PASS[256], gluon_wide=tiles))
+    monkeypatch.setattr(hopper_config, "BWD_PORTABLE", set())
+    calls = []
+    real = gluon_bwd_wide.gluon_bwd_wide
+    monkeypatch.setattr(gluon_bwd_wide, "gluon_bwd_wide", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    q, k, v = (t.cuda() for t in make_qkv(b, hq, hkv, nq, nk, d, seed=11))
+    assert_within_torch_error(lambda *a, **kw: fa2lab.attention(*a, backend="triton", **kw), q, k, v,
+                              torch.bfloat16, causal=causal, window_size=window)
+    assert len(calls) == 1, f"the backward did not reach the wide Gluon kernel: {len(calls)} calls"
+
+
+def test_gluon_wide_backward_fp16_and_strided():
+    """fp16, and q / k / v as (B, N, H, D) views (token stride H * D): the descriptors take the strides."""
+    from fa2lab.kernels import hopper_config
+
+    if "gluon_wide" not in hopper_config.BWD[256]:
+        pytest.skip("the wide Gluon backward is not the table's D=256 row")
+    q, k, v = (t.cuda().transpose(1, 2).contiguous().transpose(1, 2) for t in make_qkv(2, 4, 2, 700, 700, 256, seed=5))
+    assert_within_torch_error(lambda *a, **kw: fa2lab.attention(*a, backend="triton", **kw), q, k, v,
+                              torch.float16, causal=True)

@@ -1,6 +1,6 @@
 """The Hopper backward on the H200 through the public call: configurations swept, SDPA flash and cuDNN beside.
 
-    python -m fa2lab.bench.hopper_bwd_gpu [--plan sweep|gluon|fused|final|variants] [--out DIR] [--workers 8]
+    python -m fa2lab.bench.hopper_bwd_gpu [--plan sweep|gluon|fused|wide|final|variants] [--out DIR] [--workers 8]
 
 Every figure goes through `fa2lab.attention(q, k, v, causal=..., backend="triton")`, as
 fa2lab.bench.gpu does: the backward is timed as `torch.autograd.grad(out, leaves, dO,
@@ -82,6 +82,13 @@ FUSED = {case: {"gluon dkdv + dq": dict(_TWO_128), "one-pass tma 64x128 s2": _F(
                 "one-pass tma 64x128 s3": _F((64, 128, 3)), "one-pass atomic 64x128 s2": _F((64, 128, 2, "atomic"))}
          for case in [(1024, 128, False), (4096, 128, False), (4096, 128, True), (16384, 128, False),
                       (16384, 128, True), (4096, 128, True, 32, 8), (8192, 128, False, 32, 4)]}
+# The one-pass Gluon backward for 128 < D <= 256 ("gluon_wide": kernels/gluon_bwd_wide.py, BLOCK_M,
+# BLOCK_N, Q_STAGES, DO_STAGES, DQ_CHUNK) against the two passes (the Triton dv + dk + dq split).
+_W = lambda tiles: dict(TWO[256], gluon_wide=tiles)  # noqa: E731
+WIDE = {case: {"two-pass": dict(TWO[256]), "wide 64x64 q2 do1": _W((64, 64, 2, 1, 64)),
+               "wide 64x64 q1 do2": _W((64, 64, 1, 2, 64)), "wide 64x64 q2 do2 c32": _W((64, 64, 2, 2, 32))}
+        for case in [(4096, 256, False), (4096, 256, True), (16384, 256, True), (1024, 256, False),
+                     (8192, 256, False, 16, 2)]}
 # Issue 15's backward rows with the dispatcher's own choice (BWD as committed).
 FINAL = [(1024, 128, False), (4096, 128, False), (16384, 128, False), (4096, 64, False), (4096, 256, False),
          (1024, 128, True), (4096, 128, True), (16384, 128, True), (4096, 64, True), (4096, 256, True),
@@ -218,8 +225,8 @@ def _variant_kw(label, case):
 
 
 def plan_items(plan: str):
-    if plan in ("sweep", "gluon", "fused"):
-        table = {"sweep": SWEEP, "gluon": GLUON, "fused": FUSED}[plan]
+    if plan in ("sweep", "gluon", "fused", "wide"):
+        table = {"sweep": SWEEP, "gluon": GLUON, "fused": FUSED, "wide": WIDE}[plan]
         return [(case, label, cfg) for case, cfgs in table.items() for label, cfg in cfgs.items()]
     if plan == "final":
         return [(case, "dispatch", "dispatch") for case in FINAL]
@@ -227,7 +234,7 @@ def plan_items(plan: str):
         return [((4096, 128, False), name, "dispatch") for name in VARIANTS]
     if plan == "final+variants":
         return plan_items("final") + plan_items("variants")
-    raise ValueError(f"unknown plan {plan!r}: expected 'sweep', 'gluon', 'fused', 'final', 'variants' or "
+    raise ValueError(f"unknown plan {plan!r}: expected 'sweep', 'gluon', 'fused', 'wide', 'final', 'variants' or "
                      f"'final+variants'")
 
 

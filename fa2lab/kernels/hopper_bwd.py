@@ -390,6 +390,12 @@ def _gluon_takes(q, k, v) -> bool:
     return gluon_dkdv_takes(q, k, v)
 
 
+def _gluon_wide_takes(q, k, v) -> bool:
+    from fa2lab.kernels.gluon_bwd_wide import gluon_bwd_wide_takes
+
+    return gluon_bwd_wide_takes(q, k, v)
+
+
 def hopper_bwd(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu_k=None, max_q=0, max_k=0,
                config=None, variants=None, deterministic=False):
     """Dense: q (B, Hq, Nq, D) etc., lse (B, Hq, Nq). Varlen (cu_q given): q (total_q, Hq, D),
@@ -442,28 +448,41 @@ def hopper_bwd(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu
     # "gluon_dkdvq": the same kernel adding dQ's fp32 sums as it goes (one pass; D in (64, 128]), cast
     # by _dq_cast_kernel below; calls it does not take fall back to "gluon_dkdv" or the Triton rows.
     # (BLOCK_M, BLOCK_N, STAGES[, "tma" | "atomic"]): how the sums are added (gluon_bwd.gluon_dkdv).
+    # "gluon_wide": (BLOCK_M, BLOCK_N, Q_STAGES, DO_STAGES, DQ_CHUNK) of kernels/gluon_bwd_wide.py, the one
+    # pass for D in (128, 256].
     gluon_tiles = cfg.pop("gluon_dkdv", None)
     fused_tiles = cfg.pop("gluon_dkdvq", None)
-    plain = not varlen and variants is None and _gluon_takes(q, k, v)
+    wide_tiles = cfg.pop("gluon_wide", None)
+    plain = not varlen and variants is None
+    use_wide = wide_tiles is not None and plain and _gluon_wide_takes(q, k, v)
+    plain = plain and _gluon_takes(q, k, v)
     use_fused = fused_tiles is not None and plain and pow2(d) == 128
-    use_gluon = use_fused or (gluon_tiles is not None and plain)
+    use_gluon = use_wide or use_fused or (gluon_tiles is not None and plain)
     sums = None  # the one pass's fp32 dQ sums
-    if use_gluon:
+    if use_wide or use_fused:  # rows padded to whole query blocks: a block's adds past Nq (zeros) need no mask
+        bm = (wide_tiles if use_wide else fused_tiles)[0]
+        sums = torch.zeros(batch, h, triton.cdiv(nq, bm) * bm, pow2(d), dtype=torch.float32, device=q.device)
+    if use_wide:
+        from fa2lab.kernels.gluon_bwd_wide import gluon_bwd_wide
+
+        bm, bn, q_stages, do_stages, chunk = wide_tiles
+        dk, dv = gluon_bwd_wide(do, q, k, v, lse, delta, sums, scale=scale, left=left, right=right, block_m=bm,
+                                block_n=bn, q_stages=q_stages, do_stages=do_stages, dq_chunk=chunk)
+    elif use_gluon:
         from fa2lab.kernels.gluon_bwd import gluon_dkdv
 
         if not use_fused and "dq" not in cfg:
             raise ValueError(f"config {cfg}: the Gluon dK/dV kernel needs the two-pass 'dq' kernel beside it")
         bm, bn, stages, *reduce = fused_tiles if use_fused else gluon_tiles
-        if use_fused:  # rows padded to whole query blocks: a block's adds past Nq (zeros) need no mask
-            sums = torch.zeros(batch, h, triton.cdiv(nq, bm) * bm, pow2(d), dtype=torch.float32, device=q.device)
         dk, dv = gluon_dkdv(do, q, k, v, lse, delta, scale=scale, left=left, right=right, block_m=bm, block_n=bn,
                             stages=stages, dq_sums=sums, dq_reduce=reduce[0] if reduce else "tma")
     if not use_gluon and not any(key in cfg for key, _ in _KEY_BLOCK_KERNELS):
         raise ValueError(f"config {cfg} has no dK/dV kernel for this call (the Gluon one takes plain dense calls, "
                          f"Dv == D <= 128, only): add a 'dkdv' row beside 'gluon_dkdv'")
-    atomic = use_fused or (any(key in cfg for key in ("dkdvq", "dkq")) and not use_gluon)
-    acc = sums if use_fused else q  # q: a placeholder pointer when no kernel adds into dQ
-    if atomic and not use_fused:
+    one_pass = use_wide or use_fused
+    atomic = one_pass or (any(key in cfg for key in ("dkdvq", "dkq")) and not use_gluon)
+    acc = sums if one_pass else q  # q: a placeholder pointer when no kernel adds into dQ
+    if atomic and not one_pass:
         # fp32 dQ sums, q's layout with HEAD_DIM columns; rows padded so that a block's adds past
         # a sequence's end (zeros) stay inside the buffer without a mask.
         pad = max(cfg[key][0] for key in ("dkdvq", "dkq") if key in cfg)
