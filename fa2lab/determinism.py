@@ -1,7 +1,8 @@
 """A request for a bit-reproducible backward, per call: `deterministic_backward()`.
 
 fa2lab's backward passes add no partial sums in a run-dependent order except one: on Hopper, the
-one-pass Gluon backward (plain calls, 64 < D <= 128) adds each key block's dQ by TMA reduce-adds.
+one-pass Gluon backwards (plain calls, at the head dims whose hopper_config.BWD row holds one) add each
+key block's dQ by TMA reduce-adds.
 `torch.use_deterministic_algorithms(True)` keeps every backward on the two passes globally; inside
 `with deterministic_backward():`, the eager Triton attention calls made there record the same
 request for their own backward (it runs later, outside the block); a torch.compile graph follows

@@ -120,7 +120,7 @@ def test_gluon_dkdv_refuses_what_it_cannot_run():
         gluon_dkdv(q, q, k, v, lse, torch.zeros(1, 2, 16), scale=0.1, left=-1, right=0, block_n=64)
     with pytest.raises(ValueError, match="share strides"):
         gluon_dkdv(q, q, k, v, lse, torch.zeros(1, 16, 2).transpose(1, 2), scale=0.1, left=-1, right=0)
-    # the one pass's dQ sums: fp32, whole query blocks of rows, pow2(D) columns, and D in (64, 128]
+    # the one pass's dQ sums: fp32, whole query blocks of rows, pow2(D) columns, and D in (32, 128]
     for bad in (torch.zeros(1, 2, 64, 128, dtype=torch.bfloat16), torch.zeros(1, 2, 16, 128),
                 torch.zeros(1, 2, 64, 96), torch.zeros(1, 2, 128, 64).transpose(2, 3)):
         with pytest.raises(ValueError, match=r"dq_sums must be a zeroed float32 \(1, 2, >= 64, 128\)"):
@@ -128,9 +128,29 @@ def test_gluon_dkdv_refuses_what_it_cannot_run():
     with pytest.raises(ValueError, match="dq_reduce must be 'tma' or 'atomic', got 'bulk'"):
         gluon_dkdv(q, q, k, v, lse, lse, scale=0.1, left=-1, right=0, dq_sums=torch.zeros(1, 2, 64, 128),
                    dq_reduce="bulk")
-    q64, k64, v64 = _qkv(64)
-    with pytest.raises(ValueError, match="64 < D <= 128, got D=64"):
-        gluon_dkdv(q64, q64, k64, v64, lse, lse, scale=0.1, left=-1, right=0, dq_sums=torch.zeros(1, 2, 64, 64))
+    q32, k32, v32 = _qkv(32)
+    with pytest.raises(ValueError, match="32 < D <= 128, got D=32"):
+        gluon_dkdv(q32, q32, k32, v32, lse, lse, scale=0.1, left=-1, right=0, dq_sums=torch.zeros(1, 2, 64, 32))
+
+
+def test_wide_backward_names_bad_arguments():
+    """The wide one pass (kernels/gluon_bwd_wide.py) checks its arguments before any launch."""
+    from fa2lab.kernels.gluon_bwd_wide import gluon_bwd_wide, gluon_bwd_wide_takes
+
+    q, k, v = _qkv(256)
+    lse = torch.zeros(1, 2, 16)
+    sums = torch.zeros(1, 2, 64, 256)
+    assert not gluon_bwd_wide_takes(*_qkv(128)) and not gluon_bwd_wide_takes(*_qkv(256, 128))
+    with pytest.raises(ValueError, match="128 < D <= 256 with Dv == D, got D=128"):
+        gluon_bwd_wide(*(_qkv(128)[:1] * 4), lse, lse, sums, scale=0.1, left=-1, right=0)
+    with pytest.raises(ValueError, match="share strides"):
+        gluon_bwd_wide(q, q, k, v, lse, torch.zeros(1, 16, 2).transpose(1, 2), sums, scale=0.1, left=-1, right=0)
+    for bad in (torch.zeros(1, 2, 64, 256, dtype=torch.bfloat16), torch.zeros(1, 2, 16, 256),
+                torch.zeros(1, 2, 64, 200)):
+        with pytest.raises(ValueError, match=r"dq_sums must be a zeroed float32 \(1, 2, >= 64, 256\)"):
+            gluon_bwd_wide(q, q, k, v, lse, lse, bad, scale=0.1, left=-1, right=0)
+    with pytest.raises(ValueError, match="dq_chunk must divide half the head dim \\(128\\)"):
+        gluon_bwd_wide(q, q, k, v, lse, lse, sums, scale=0.1, left=-1, right=0, dq_chunk=48)
 
 
 @pytest.mark.parametrize("bias", [None, "bias"])
@@ -145,9 +165,10 @@ def test_backward_config_with_variants_has_triton_kernels_only(monkeypatch, d, b
     kv = SimpleNamespace(var=SimpleNamespace(attn_bias=bias, dropout_p=0.0))
     for causal in (False, True):
         cfg = hopper_bwd_config(d, causal=causal, seq_len=2048, variants=kv)
-        assert "gluon_dkdv" not in cfg and "gluon_dkdvq" not in cfg and "dq" in cfg
-        # deterministic: the two passes (the one pass adds dQ in a run-dependent order)
-        assert "gluon_dkdvq" not in hopper_bwd_config(d, causal=causal, seq_len=2048, deterministic=True)
+        assert not set(hopper_config.GLUON_BWD_KEYS) & set(cfg) and "dq" in cfg
+        # deterministic: the two passes (the one passes add dQ in a run-dependent order)
+        two = hopper_bwd_config(d, causal=causal, seq_len=2048, deterministic=True)
+        assert "gluon_dkdvq" not in two and "gluon_wide" not in two
         assert all(len(t) >= 4 for t in cfg.values())
         if bias:
             assert all(t[3] <= 2 for t in cfg.values())

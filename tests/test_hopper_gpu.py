@@ -110,14 +110,18 @@ def test_hopper_dropout_full_size_matches_the_replayed_mask():
 @pytest.mark.parametrize("causal", [True, False])
 def test_ring_blocks_run_the_hopper_kernels_within_the_rule(causal, monkeypatch):
     """A simulated ring of 8 (threads, exact hops) sends its blocks through the kernels that
-    fa2lab.attention picks (the Hopper forward on sm_90): out within 2x, gradients within 3x of
-    one device's error against float64, dK/dV travelling in fp32."""
+    fa2lab.attention picks (a Hopper forward on sm_90: the Triton TMA kernel or, for the head dims
+    hopper_config.FWD_GLUON names, the Gluon one): out within 2x, gradients within 3x of one device's
+    error against float64, dK/dV travelling in fp32."""
+    import fa2lab.kernels.gluon_fwd as gluon_fwd_module
     import fa2lab.kernels.hopper_fwd as hopper_fwd_module
     from fa2lab.bench.ring_check import simulate_check
 
     calls = []
-    plain = hopper_fwd_module.hopper_fwd
-    monkeypatch.setattr(hopper_fwd_module, "hopper_fwd", lambda *a, **kw: calls.append(1) or plain(*a, **kw))
+    for module, name in ((hopper_fwd_module, "hopper_fwd"), (gluon_fwd_module, "gluon_fwd")):
+        plain = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _plain=plain, _name=name, **kw: calls.append(_name)
+                            or _plain(*a, **kw))
     rows = simulate_check(8, 4096, causal, "cuda", torch.bfloat16, travel_dtypes=(torch.float32,))
-    assert calls, "the ring's blocks did not reach the Hopper forward"
+    assert calls, "the ring's blocks did not reach a Hopper forward"
     assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]

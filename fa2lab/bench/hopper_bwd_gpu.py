@@ -1,6 +1,6 @@
 """The Hopper backward on the H200 through the public call: configurations swept, SDPA flash and cuDNN beside.
 
-    python -m fa2lab.bench.hopper_bwd_gpu [--plan sweep|gluon|fused|wide|final|variants] [--out DIR] [--workers 8]
+    python -m fa2lab.bench.hopper_bwd_gpu [--plan sweep|gluon|fused|fused64|wide|final|variants] [--out DIR] [--workers 8]
 
 Every figure goes through `fa2lab.attention(q, k, v, causal=..., backend="triton")`, as
 fa2lab.bench.gpu does: the backward is timed as `torch.autograd.grad(out, leaves, dO,
@@ -82,6 +82,13 @@ FUSED = {case: {"gluon dkdv + dq": dict(_TWO_128), "one-pass tma 64x128 s2": _F(
                 "one-pass tma 64x128 s3": _F((64, 128, 3)), "one-pass atomic 64x128 s2": _F((64, 128, 2, "atomic"))}
          for case in [(1024, 128, False), (4096, 128, False), (4096, 128, True), (16384, 128, False),
                       (16384, 128, True), (4096, 128, True, 32, 8), (8192, 128, False, 32, 4)]}
+# The one pass at D = 64 (dQ's halves of 32 columns) against the Triton two passes and the Gluon dK/dV kernel
+# with the two-pass dQ.
+FUSED_64 = {case: {"two-pass": dict(TWO[64]), "gluon dkdv + dq": dict(TWO[64], gluon_dkdv=(64, 128, 2)),
+                   "one-pass 64x128 s2": dict(TWO[64], gluon_dkdvq=(64, 128, 2)),
+                   "one-pass 64x128 s3": dict(TWO[64], gluon_dkdvq=(64, 128, 3))}
+            for case in [(1024, 64, False), (4096, 64, False), (4096, 64, True), (16384, 64, True),
+                         (4096, 64, True, 32, 8)]}
 # The one-pass Gluon backward for 128 < D <= 256 ("gluon_wide": kernels/gluon_bwd_wide.py, BLOCK_M,
 # BLOCK_N, Q_STAGES, DO_STAGES, DQ_CHUNK) against the two passes (the Triton dv + dk + dq split).
 _W = lambda tiles: dict(TWO[256], gluon_wide=tiles)  # noqa: E731
@@ -225,8 +232,8 @@ def _variant_kw(label, case):
 
 
 def plan_items(plan: str):
-    if plan in ("sweep", "gluon", "fused", "wide"):
-        table = {"sweep": SWEEP, "gluon": GLUON, "fused": FUSED, "wide": WIDE}[plan]
+    if plan in ("sweep", "gluon", "fused", "fused64", "wide"):
+        table = {"sweep": SWEEP, "gluon": GLUON, "fused": FUSED, "fused64": FUSED_64, "wide": WIDE}[plan]
         return [(case, label, cfg) for case, cfgs in table.items() for label, cfg in cfgs.items()]
     if plan == "final":
         return [(case, "dispatch", "dispatch") for case in FINAL]
@@ -234,7 +241,7 @@ def plan_items(plan: str):
         return [((4096, 128, False), name, "dispatch") for name in VARIANTS]
     if plan == "final+variants":
         return plan_items("final") + plan_items("variants")
-    raise ValueError(f"unknown plan {plan!r}: expected 'sweep', 'gluon', 'fused', 'wide', 'final', 'variants' or "
+    raise ValueError(f"unknown plan {plan!r}: expected 'sweep', 'gluon', 'fused', 'fused64', 'wide', 'final', 'variants' or "
                      f"'final+variants'")
 
 

@@ -1,6 +1,6 @@
 """The Hopper backward written in Gluon, warp-specialised (FA3's structure): dK and dV, and dQ in the same
-pass (the default for plain calls with 64 < D <= 128: hopper_config.BWD's "gluon_dkdvq"); without
-dQ, hopper_bwd.py's dQ kernel runs after it (the two-pass backward: D <= 64, deterministic mode).
+pass (the default for plain calls at the head dims whose hopper_config.BWD row holds "gluon_dkdvq"); without
+dQ, hopper_bwd.py's dQ kernel runs after it (the two-pass backward: the other rows, deterministic mode).
 
 One program holds BLOCK_N = 128 keys of one (batch, query head): a producer warp streams the query
 blocks Q_i and dO_i (BLOCK_M rows) through a ring of mbarrier-tracked buffers, and two consumer
@@ -28,7 +28,7 @@ dK / dV that the clipped stores drop (and zero rows of K, so nothing in dQ). Pro
 head: with GQA (G query heads per K/V head) each writes its fp32 dK / dV partials and the G partials
 are summed after the kernel (hopper_bwd.py), instead of the G-loop in registers of the Triton kernel.
 
-Plain dense calls (no varlen, no variants), fp16/bf16, Dv == D, 32 < D <= 128 (DQ: 64 < D <= 128).
+Plain dense calls (no varlen, no variants), fp16/bf16, Dv == D, 32 < D <= 128 (dQ's halves: 32 or 64 columns).
 Gluon does not run in the interpreter: tests/test_gluon_gpu.py checks both modes on an sm_90 GPU
 through hopper_config.BWD's keys "gluon_dkdv" (dK / dV here, the two-pass "dq" kernel beside) and
 "gluon_dkdvq" (everything here): (BLOCK_M, BLOCK_N, STAGES[, "tma" | "atomic"]); `python -m fa2lab.bench.hopper_bwd_gpu
@@ -350,9 +350,9 @@ def gluon_dkdv(do, q, k, v, lse, delta, *, scale, left, right, block_m=64, block
                              f"column stride, got {tuple(dq_sums.shape)} {dq_sums.dtype} strides {dq_sums.stride()}")
         if dq_reduce not in ("tma", "atomic"):
             raise ValueError(f"dq_reduce must be 'tma' or 'atomic', got {dq_reduce!r}")
-        if pow2(d) != 128:
-            raise ValueError(f"the one-pass Gluon backward (dq_sums) splits dQ's 128 columns between its two "
-                             f"consumers: 64 < D <= 128, got D={d}")
+        if not 32 < d <= 128:
+            raise ValueError(f"the one-pass Gluon backward (dq_sums) splits dQ's columns between its two "
+                             f"consumers, 32 or 64 each: 32 < D <= 128, got D={d}")
     num_n = triton.cdiv(nk, block_n)
     st = lambda t: t.stride()[:3]  # noqa: E731 (batch, head, token)
     sums = q if dq_sums is None else dq_sums  # q: a placeholder pointer, never written without DQ

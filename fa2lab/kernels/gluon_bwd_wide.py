@@ -309,7 +309,8 @@ def gluon_bwd_wide(do, q, k, v, lse, delta, dq_sums, *, scale, left, right, bloc
         q, k, v, do, lse, delta, dk, dv, dq_sums, *st(q), *st(k), *st(v), *st(do), *lse.stride(), *st(dk), *st(dv),
         *st(dq_sums), dq_sums.shape[2], h, nq, nk, group, d, scale * LOG2E, scale, max(left, 0), max(right, 0),
         HEAD_DIM=pow2(d), BLOCK_M=block_m, BLOCK_N=block_n, Q_STAGES=q_stages, DO_STAGES=do_stages,
-        DQ_CHUNK=dq_chunk, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, CONSUMER_REGS=240, num_warps=4, maxnreg=168)
+        DQ_CHUNK=dq_chunk, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, CONSUMER_REGS=240, LOADER_REGS=24, num_warps=4,
+        maxnreg=168)
     if group > 1:  # into k's and v's layouts, as the Triton backward returns them
         dk = torch.empty_like(k).copy_(dk.view(b, hkv, group, nk, d).sum(2))
         dv = torch.empty_like(v).copy_(dv.view(b, hkv, group, nk, d).sum(2))

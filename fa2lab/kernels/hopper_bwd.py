@@ -445,7 +445,7 @@ def hopper_bwd(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu
     group = h // hkv
     # "gluon_dkdv": (BLOCK_M, BLOCK_N, STAGES) of kernels/gluon_bwd.py for dK / dV (plain dense calls it
     # takes; the row's Triton kernels run everything else), dQ from the two-pass "dq" kernel.
-    # "gluon_dkdvq": the same kernel adding dQ's fp32 sums as it goes (one pass; D in (64, 128]), cast
+    # "gluon_dkdvq": the same kernel adding dQ's fp32 sums as it goes (one pass; D in (32, 128]), cast
     # by _dq_cast_kernel below; calls it does not take fall back to "gluon_dkdv" or the Triton rows.
     # (BLOCK_M, BLOCK_N, STAGES[, "tma" | "atomic"]): how the sums are added (gluon_bwd.gluon_dkdv).
     # "gluon_wide": (BLOCK_M, BLOCK_N, Q_STAGES, DO_STAGES, DQ_CHUNK) of kernels/gluon_bwd_wide.py, the one
@@ -456,7 +456,7 @@ def hopper_bwd(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu
     plain = not varlen and variants is None
     use_wide = wide_tiles is not None and plain and _gluon_wide_takes(q, k, v)
     plain = plain and _gluon_takes(q, k, v)
-    use_fused = fused_tiles is not None and plain and pow2(d) == 128
+    use_fused = fused_tiles is not None and plain
     use_gluon = use_wide or use_fused or (gluon_tiles is not None and plain)
     sums = None  # the one pass's fp32 dQ sums
     if use_wide or use_fused:  # rows padded to whole query blocks: a block's adds past Nq (zeros) need no mask

@@ -76,6 +76,8 @@ BWD_TWO_PASS = {
 # against 397; cuDNN 430 / 496 / 469 / 537 / 524 / 447 / 528. Element-wise fp32 atomics instead: 220-310
 # (slower than two passes). Calls the one pass does not take (varlen, variants, D <= 64) keep the rows above;
 # deterministic mode keeps BWD_TWO_PASS (the reduce-adds land in a run-dependent order).
+# The Gluon backwards' keys (kernels/gluon_bwd.py, kernels/gluon_bwd_wide.py): plain dense calls only.
+GLUON_BWD_KEYS = ("gluon_dkdv", "gluon_dkdvq", "gluon_wide")
 BWD = {**BWD_TWO_PASS, 128: dict(BWD_TWO_PASS[128], gluon_dkdv=(64, 128, 2), gluon_dkdvq=(64, 128, 2))}
 # Where the portable backward measured faster in the same run: none since the Gluon dK/dV kernel
 # (D=128 causal was portable: 314 against the Hopper kernels' 298 on 2026-12-02, 307 against 341
@@ -118,9 +120,9 @@ def hopper_bwd_config(head_dim: int, *, causal: bool, seq_len: int, deterministi
     bound = _bound(head_dim)
     exact_order = deterministic or (variants is not None and variants.var.dropout_p > 0)
     cfg = dict((BWD_TWO_PASS if exact_order else BWD)[bound])
-    if variants is not None:  # the Gluon dK/dV kernel runs plain calls only: the row's Triton kernels then
-        cfg.pop("gluon_dkdv", None)
-        cfg.pop("gluon_dkdvq", None)
+    if variants is not None:  # the Gluon backwards run plain calls only: the row's Triton kernels then
+        for key in GLUON_BWD_KEYS:
+            cfg.pop(key, None)
     if variants is not None and variants.var.attn_bias is not None:
         cfg = {k: (*t[:3], min(t[3], 2), *t[4:]) if isinstance(t, tuple) else t for k, t in cfg.items()}
     return cfg
