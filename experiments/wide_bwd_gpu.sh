@@ -28,5 +28,5 @@ for plan in wide fused64; do
     timeout "${BENCH_S:-150}" python -m fa2lab.bench.hopper_bwd_gpu --plan $plan --out "$OUT/$plan" \
         > "$OUT/bench-$plan.log" 2>&1
     echo "bench $plan rc=$?"
-    grep -E "^N=|Error" "$OUT/bench-$plan.log" | tail -12
+    grep -E " bwd |Error|^N=" "$OUT/bench-$plan.log" | grep -v "sdpa flash" | cut -c1-110 | tail -40
 done
