@@ -174,9 +174,11 @@ def test_backward_config_with_variants_has_triton_kernels_only(monkeypatch, d, b
             assert all(t[3] <= 2 for t in cfg.values())
     plain = hopper_bwd_config(d, causal=False, seq_len=2048)
     assert ("gluon_dkdv" in plain) == (d == 128)
-    # plain D=128 calls take the one pass (dQ by TMA reduce-adds), its dK/dV-only kernel the fallback
+    # plain D=128 calls take the one pass (dQ by TMA reduce-adds), its dK/dV-only kernel the fallback;
+    # D=256 the wide one pass; D=64 the two passes
     assert (plain.get("gluon_dkdvq"), plain.get("gluon_dkdv")) == (((64, 128, 2), (64, 128, 2)) if d == 128
                                                                   else (None, None))
+    assert plain.get("gluon_wide") == ((64, 64, 2, 1, 64) if d == 256 else None)
 
 
 def test_persistent_launch_choices():

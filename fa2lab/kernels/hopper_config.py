@@ -78,7 +78,17 @@ BWD_TWO_PASS = {
 # deterministic mode keeps BWD_TWO_PASS (the reduce-adds land in a run-dependent order).
 # The Gluon backwards' keys (kernels/gluon_bwd.py, kernels/gluon_bwd_wide.py): plain dense calls only.
 GLUON_BWD_KEYS = ("gluon_dkdv", "gluon_dkdvq", "gluon_wide")
-BWD = {**BWD_TWO_PASS, 128: dict(BWD_TWO_PASS[128], gluon_dkdv=(64, 128, 2), gluon_dkdvq=(64, 128, 2))}
+# D in (128, 256]: the wide one pass ("gluon_wide": kernels/gluon_bwd_wide.py, BLOCK_M, BLOCK_N, Q_STAGES,
+# DO_STAGES, DQ_CHUNK). H200, 2026-12-04 18:10 UTC (`bash experiments/wide_bwd_gpu.sh`,
+# experiments/results/wide-bwd-20261204/, public call, bwd TFLOP/s, the two passes' dv + dk + dq split in
+# brackets, cuDNN after): N=4096 full 295 (232) 381, causal 260 (222) 353, N=16384 causal 289 (249) 378,
+# N=1024 full 244 (192) 301, GQA 16:2 N=8192 full 305 (242) 358; one dO stage with two of Q beat the reverse
+# (254-283) and matched 32-column dQ pieces with two dO stages (247-303). At D <= 64 the one pass
+# ("gluon_dkdvq" with 32-column dQ halves, same run, fused64/) against the Triton two passes: N=1024 full
+# 258 against 294, N=4096 full 344 / causal 296 against 348 / 292, N=16384 causal 354 against 336, GQA
+# 32:8 causal 289 against 276: a wash, so D <= 64 keeps two passes.
+BWD = {**BWD_TWO_PASS, 128: dict(BWD_TWO_PASS[128], gluon_dkdv=(64, 128, 2), gluon_dkdvq=(64, 128, 2)),
+       256: dict(BWD_TWO_PASS[256], gluon_wide=(64, 64, 2, 1, 64))}
 # Where the portable backward measured faster in the same run: none since the Gluon dK/dV kernel
 # (D=128 causal was portable: 314 against the Hopper kernels' 298 on 2026-12-02, 307 against 341
 # for Gluon dK/dV on 2026-12-03).
@@ -269,4 +279,4 @@ def hopper_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return all(tma_ok(t, token_dim) for t in (q, k, v))
 
 
-__all__ = ["BWD", "BWD_PORTABLE", "BWD_TWO_PASS", "FWD", "FWD_GLUON", "GLUON_FWD", "GLUON_FWD_MASKED", "GLUON_FWD_ONE_PARTITION", "GLUON_TESTED", "gluon_kernel_takes", "gluon_fwd_wanted", "gluon_shapes_ok", "hopper_bwd_config", "hopper_bwd_wanted", "hopper_eligible", "hopper_fwd_config", "tma_ok"]
+__all__ = ["BWD", "BWD_PORTABLE", "BWD_TWO_PASS", "FWD", "GLUON_BWD_KEYS", "FWD_GLUON", "GLUON_FWD", "GLUON_FWD_MASKED", "GLUON_FWD_ONE_PARTITION", "GLUON_TESTED", "gluon_kernel_takes", "gluon_fwd_wanted", "gluon_shapes_ok", "hopper_bwd_config", "hopper_bwd_wanted", "hopper_eligible", "hopper_fwd_config", "tma_ok"]
