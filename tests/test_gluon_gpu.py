@@ -163,8 +163,8 @@ def test_direct_launch_equals_tritons_launch(monkeypatch):
         assert torch.equal(lse_first, lse_direct) and torch.equal(lse_direct, lse_plain)
 
 
-# The one-pass backward for 128 < D <= 256 (kernels/gluon_bwd_wide.py, "gluon_wide"): two stages of Q and
-# one of dO (the table's), the reverse, and 32-column dQ pieces.
+# The one-pass backward for 128 < D <= 256 (kernels/gluon_bwd_wide.py, "gluon_wide"): the warpgroups splitting
+# the head dim's columns (two stages of Q and one of dO, the reverse, 32-column dQ pieces) or the keys.
 WIDE_CASES = [  # b, hq, hkv, nq, nk, d, causal, window
     (1, 2, 2, 1, 1, 256, False, (-1, -1)),
     (2, 4, 2, 97, 97, 256, True, (-1, -1)),
@@ -178,8 +178,9 @@ WIDE_CASES = [  # b, hq, hkv, nq, nk, d, causal, window
 ]
 
 
-@pytest.mark.parametrize("tiles", [(64, 64, 2, 1, 64), (64, 64, 1, 2, 64), (64, 64, 2, 2, 32)],
-                         ids=["q2do1", "q1do2", "q2do2-chunk32"])
+@pytest.mark.parametrize("tiles", [(64, 64, 2, 1, 64), (64, 64, 1, 2, 64), (64, 64, 2, 2, 32),
+                                   (64, 64, 2, 1, 64, "keys"), (64, 64, 1, 2, 64, "keys")],
+                         ids=["q2do1", "q1do2", "q2do2-chunk32", "keys-q2do1", "keys-q1do2"])
 @pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,window", WIDE_CASES)
 def test_gluon_wide_backward_within_torch_rule(monkeypatch, tiles, b, hq, hkv, nq, nk, d, causal, window):
     from fa2lab.kernels import gluon_bwd_wide, hopper_config

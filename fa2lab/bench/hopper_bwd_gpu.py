@@ -90,10 +90,11 @@ FUSED_64 = {case: {"two-pass": dict(TWO[64]), "gluon dkdv + dq": dict(TWO[64], g
             for case in [(1024, 64, False), (4096, 64, False), (4096, 64, True), (16384, 64, True),
                          (4096, 64, True, 32, 8)]}
 # The one-pass Gluon backward for 128 < D <= 256 ("gluon_wide": kernels/gluon_bwd_wide.py, BLOCK_M,
-# BLOCK_N, Q_STAGES, DO_STAGES, DQ_CHUNK) against the two passes (the Triton dv + dk + dq split).
+# BLOCK_N, Q_STAGES, DO_STAGES, DQ_CHUNK[, split]) against the two passes (the Triton dv + dk + dq split);
+# 2026-12-04 18:10 UTC's losers (cols q1 do2, cols q2 do2 32-column dQ pieces) left out.
 _W = lambda tiles: dict(TWO[256], gluon_wide=tiles)  # noqa: E731
-WIDE = {case: {"two-pass": dict(TWO[256]), "wide 64x64 q2 do1": _W((64, 64, 2, 1, 64)),
-               "wide 64x64 q1 do2": _W((64, 64, 1, 2, 64)), "wide 64x64 q2 do2 c32": _W((64, 64, 2, 2, 32))}
+WIDE = {case: {"two-pass": dict(TWO[256]), "wide cols q2 do1": _W((64, 64, 2, 1, 64)),
+               "wide keys q2 do1": _W((64, 64, 2, 1, 64, "keys")), "wide keys q1 do2": _W((64, 64, 1, 2, 64, "keys"))}
         for case in [(4096, 256, False), (4096, 256, True), (16384, 256, True), (1024, 256, False),
                      (8192, 256, False, 16, 2)]}
 # Issue 15's backward rows with the dispatcher's own choice (BWD as committed).

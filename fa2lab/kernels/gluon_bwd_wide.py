@@ -56,7 +56,7 @@ if HAVE_GLUON:
                      LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale,
                      sm_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                      Q_STAGES: gl.constexpr, DO_STAGES: gl.constexpr, DQ_CHUNK: gl.constexpr,
-                     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+                     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, SPLIT_KEYS: gl.constexpr):
         """One warp: this program's K and V once, then Q_i and dO_i into their rings as both consumers free them."""
         mbarrier.expect(kv_bar, 2 * BLOCK_N * HEAD_DIM * 2)
         _tma_load(desc_k, [j0, 0], kv_bar, k_smem)
@@ -173,17 +173,119 @@ if HAVE_GLUON:
         gl.store(DV + r * sdv + c, dv.to(DV.dtype.element_ty), mask=keep)
 
     @gluon.jit
+    def _wide_keys_consumer(desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, p_smem, ds_smem,
+                            dq_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, ds_bar, unused_bar, j0, lo,
+                            n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT,
+                            qk_scale, sm_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                            HEAD_DIM: gl.constexpr, Q_STAGES: gl.constexpr, DO_STAGES: gl.constexpr,
+                            DQ_CHUNK: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+        """SPLIT_KEYS: one warpgroup owns keys [j0 + WG * BLOCK_N/2, +BLOCK_N/2) and every head-dim column of
+        their dK and dV, held transposed (FA3's swapped operands: dV^T = dO^T P, a (HEAD_DIM, BLOCK_N/2)
+        accumulator), so S, P, dS, dV and dK need nothing of the other warpgroup; only dQ does (both halves
+        of dS, exchanged in shared memory as kernels/gluon_bwd.py does)."""
+        KEYS: gl.constexpr = BLOCK_N // 2
+        COLS: gl.constexpr = HEAD_DIM // 2
+        dtype: gl.constexpr = q_smem.dtype
+        # S, dP (BLOCK_M, KEYS) and dV^T, dK^T (HEAD_DIM, KEYS): one warp per 16 rows, repeated down the rows
+        mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, KEYS, 16])
+        mma_q: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, DQ_CHUNK, 16])  # dQ (BLOCK_M, DQ_CHUNK)
+        query_s: gl.constexpr = gl.SliceLayout(1, mma_s)
+        key_s: gl.constexpr = gl.SliceLayout(0, mma_s)
+        off = Nk - Nq
+        keys = j0 + WG * KEYS + gl.arange(0, KEYS, layout=key_s)
+        dkt = gl.zeros([HEAD_DIM, KEYS], gl.float32, layout=mma_s)
+        dvt = gl.zeros([HEAD_DIM, KEYS], gl.float32, layout=mma_s)
+        k_rows = k_smem.slice(WG * KEYS, KEYS)
+        v_rows = v_smem.slice(WG * KEYS, KEYS)
+        p_own = p_smem.index(WG)
+        dq_buf = dq_smem.index(WG)
+        mbarrier.wait(kv_bar, 0)
+        for i in range(n_blocks):
+            sq = i % Q_STAGES
+            sd = i % DO_STAGES
+            start_m = lo + i * BLOCK_M
+            queries = start_m + gl.arange(0, BLOCK_M, layout=query_s)
+            in_q = queries < Nq
+            lse2 = gl.load(LSE_H + queries.to(gl.int64) * slm, mask=in_q, other=float("inf")) * LOG2E_W
+            lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows with no key: P = 0
+            delta = gl.load(DELTA_H + queries.to(gl.int64) * slm, mask=in_q, other=0.0)
+            zero_s = gl.zeros([BLOCK_M, KEYS], gl.float32, layout=mma_s)
+            zero_q = gl.zeros([BLOCK_M, DQ_CHUNK], gl.float32, layout=mma_q)
+            q_tile = q_smem.index(sq)
+            do_tile = do_smem.index(sd)
+            ds_tile = ds_smem.index(i % 2)
+            mbarrier.wait(q_ready.index(sq), (i // Q_STAGES) & 1)
+            s_tok = warpgroup_mma(q_tile, k_rows.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            mbarrier.wait(do_ready.index(sd), (i // DO_STAGES) & 1)
+            dp_tok = warpgroup_mma(do_tile, v_rows.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))  # S done; dP may still run
+            p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 1))
+            if HAS_LEFT or HAS_RIGHT:
+                if (start_m < lo_full) | (start_m + BLOCK_M > hi_full):  # a causal / window edge
+                    rel = gl.expand_dims(keys, 0) - gl.expand_dims(queries + off, 1)  # key - aligned query
+                    if HAS_LEFT and HAS_RIGHT:
+                        p = gl.where((rel >= -LEFT) & (rel <= RIGHT), p, 0.0)
+                    elif HAS_RIGHT:
+                        p = gl.where(rel <= RIGHT, p, 0.0)
+                    else:
+                        p = gl.where(rel >= -LEFT, p, 0.0)
+            p_own.store(p.to(dtype))  # this warpgroup's own: its previous dV matmul was waited for
+            dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok, ))
+            ds = p * (dp - gl.expand_dims(delta, 1))
+            ds_half = ds_tile.slice(WG * KEYS, KEYS, dim=1)
+            ds_half.store(ds.to(dtype))
+            fence_async_shared()
+            _cta_barrier()  # every thread's values are written before the matmuls read them and the one arrival
+            mbarrier.arrive(ds_bar.index(i % 2), count=1)
+            # dV^T += dO_i^T P, dK^T += Q_i^T dS: this warpgroup's keys, every column
+            dv_tok = warpgroup_mma(do_tile.permute((1, 0)), p_own, dvt, is_async=True)
+            dk_tok = warpgroup_mma(q_tile.permute((1, 0)), ds_half, dkt, is_async=True)
+            # dQ_i[:, cols] = dS_i K[:, cols] over both warpgroups' keys, this warpgroup's half of the columns. The
+            # dS buffer is rewritten two blocks later, after both warpgroups have passed this block's wait.
+            mbarrier.wait(ds_bar.index(i % 2), (i // 2) & 1)
+            for c in gl.static_range(COLS // DQ_CHUNK):
+                dq_tok = warpgroup_mma(ds_tile, k_smem.slice(WG * COLS + c * DQ_CHUNK, DQ_CHUNK, dim=1), zero_q,
+                                       use_acc=False, is_async=True)
+                if c == 0:  # dV and dK (issued first) done: Q_i and dO_i are free
+                    dvt, dkt = warpgroup_mma_wait(num_outstanding=1, deps=(dv_tok, dk_tok))
+                    mbarrier.arrive(q_empty.index(sq), count=1)
+                    mbarrier.arrive(do_empty.index(sd), count=1)
+                dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ))
+                tma.store_wait(0)  # this warpgroup's previous reduce-add has read its staging buffer
+                _cta_barrier()
+                dq_buf.store(dq)
+                fence_async_shared()
+                _cta_barrier()
+                _tma_reduce_add(desc_dq, [start_m, WG * COLS + c * DQ_CHUNK], dq_buf)
+        tma.store_wait(0)
+        cols_t: gl.constexpr = gl.SliceLayout(1, mma_s)
+        keys_t: gl.constexpr = gl.SliceLayout(0, mma_s)
+        c = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=cols_t), 1)
+        r = gl.expand_dims(j0 + WG * KEYS + gl.arange(0, KEYS, layout=keys_t), 0).to(gl.int64)
+        keep = (r < Nk) & (c < D)
+        gl.store(DK + r * sdk + c, (dkt * sm_scale).to(DK.dtype.element_ty), mask=keep)
+        gl.store(DV + r * sdv + c, dvt.to(DV.dtype.element_ty), mask=keep)
+
+    @gluon.jit
     def _wide_consumer_0(desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem,
                          dst_smem, dq_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar, j0, lo,
                          n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT,
                          qk_scale, sm_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                          Q_STAGES: gl.constexpr, DO_STAGES: gl.constexpr, DQ_CHUNK: gl.constexpr,
-                         HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+                         HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, SPLIT_KEYS: gl.constexpr):
         """The partitions share one signature (the kernel passes each the same arguments): consumer 0."""
-        _wide_consumer(desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem,
-                       dq_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar, j0, lo, n_blocks,
-                       LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale,
-                       sm_scale, BLOCK_M, BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES, DQ_CHUNK, HAS_LEFT, HAS_RIGHT, 0)
+        if SPLIT_KEYS:
+            _wide_keys_consumer(desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem,
+                                dq_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar, j0, lo, n_blocks,
+                                LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale,
+                                sm_scale, BLOCK_M, BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES, DQ_CHUNK, HAS_LEFT, HAS_RIGHT, 0)
+        else:
+            _wide_consumer(desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem,
+                           dq_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar, j0, lo, n_blocks,
+                           LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale,
+                           sm_scale, BLOCK_M, BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES, DQ_CHUNK, HAS_LEFT, HAS_RIGHT, 0)
 
     @gluon.jit
     def _wide_consumer_1(desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem,
@@ -191,11 +293,17 @@ if HAVE_GLUON:
                          n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT,
                          qk_scale, sm_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                          Q_STAGES: gl.constexpr, DO_STAGES: gl.constexpr, DQ_CHUNK: gl.constexpr,
-                         HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
-        _wide_consumer(desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem,
-                       dq_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar, j0, lo, n_blocks,
-                       LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale,
-                       sm_scale, BLOCK_M, BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES, DQ_CHUNK, HAS_LEFT, HAS_RIGHT, 1)
+                         HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, SPLIT_KEYS: gl.constexpr):
+        if SPLIT_KEYS:
+            _wide_keys_consumer(desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem,
+                                dq_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar, j0, lo, n_blocks,
+                                LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale,
+                                sm_scale, BLOCK_M, BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES, DQ_CHUNK, HAS_LEFT, HAS_RIGHT, 1)
+        else:
+            _wide_consumer(desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem,
+                           dq_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar, j0, lo, n_blocks,
+                           LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale,
+                           sm_scale, BLOCK_M, BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES, DQ_CHUNK, HAS_LEFT, HAS_RIGHT, 1)
 
     @gluon.jit
     def _gluon_bwd_wide_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
@@ -203,7 +311,8 @@ if HAVE_GLUON:
                                NQ_PAD, H, Nq, Nk, G, D, qk_scale, sm_scale, LEFT, RIGHT, HEAD_DIM: gl.constexpr,
                                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, Q_STAGES: gl.constexpr,
                                DO_STAGES: gl.constexpr, DQ_CHUNK: gl.constexpr, HAS_LEFT: gl.constexpr,
-                               HAS_RIGHT: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                               HAS_RIGHT: gl.constexpr, SPLIT_KEYS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                               LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
         pid_n = gl.program_id(0)  # causal: key block 0 is seen by the most queries, so this order is longest-first
         bh = gl.program_id(1)
         b = (bh // H).to(gl.int64)
@@ -220,11 +329,19 @@ if HAVE_GLUON:
         do_smem = gl.allocate_shared_memory(dtype, [DO_STAGES, BLOCK_M, HEAD_DIM], q_layout)
         k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], kv_layout)
         v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], kv_layout)
-        # P^T and dS^T (BLOCK_N, BLOCK_M), each warpgroup writing BLOCK_M / 2 columns: a swizzle atom as wide as
-        # that half, so the halves are whole atoms.
-        t_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=BLOCK_M, element_bitwidth=16, rank=2)
-        pt_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], t_layout)
-        dst_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], t_layout)
+        if SPLIT_KEYS:
+            # Each warpgroup's P (BLOCK_M, BLOCK_N/2), and two buffers of dS (BLOCK_M, BLOCK_N) whose key halves the
+            # warpgroups write: a swizzle atom as wide as that half (16-bit: BLOCK_N/2 elements = BLOCK_N bytes).
+            p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N // 2], dtype)
+            pt_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_N // 2], p_layout)
+            ds_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=BLOCK_N, element_bitwidth=16, rank=2)
+            dst_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_N], ds_layout)
+        else:
+            # P^T and dS^T (BLOCK_N, BLOCK_M), each warpgroup writing BLOCK_M / 2 columns: a swizzle atom as wide
+            # as that half (16-bit: BLOCK_M / 2 elements = BLOCK_M bytes), so the halves are whole atoms.
+            t_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=BLOCK_M, element_bitwidth=16, rank=2)
+            pt_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], t_layout)
+            dst_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], t_layout)
         dq_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, DQ_CHUNK], gl.float32)
         dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_M, DQ_CHUNK], dq_layout)
         desc_dq = tma.make_tensor_descriptor(DQA + b * sab + h * sah, shape=[NQ_PAD, HEAD_DIM], strides=[sam, 1],
@@ -241,10 +358,16 @@ if HAVE_GLUON:
         for s in gl.static_range(DO_STAGES):
             mbarrier.init(do_ready.index(s), count=1)
             mbarrier.init(do_empty.index(s), count=2)
-        tile_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        free_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(tile_bar, count=2)
-        mbarrier.init(free_bar, count=2)
+        if SPLIT_KEYS:  # ds_bar (passed as tile_bar): each dS buffer complete when both halves are written
+            tile_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            for s in gl.static_range(2):
+                mbarrier.init(tile_bar.index(s), count=2)
+            free_bar = kv_bar  # not read
+        else:
+            tile_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+            free_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+            mbarrier.init(tile_bar, count=2)
+            mbarrier.init(free_bar, count=2)
         lo, n_blocks, lo_full, hi_full = _query_blocks(j0, Nq, Nk, LEFT, RIGHT, BLOCK_M, BLOCK_N, HAS_LEFT,
                                                        HAS_RIGHT)
         lse_h = LSE + b * slb + h * slh
@@ -255,15 +378,15 @@ if HAVE_GLUON:
             (_wide_consumer_0, (desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem, dq_smem,
                 kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar, j0, lo, n_blocks, lse_h, delta_h,
                 slm, dk_h, dv_h, sdkn, sdvn, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M,
-                BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES, DQ_CHUNK, HAS_LEFT, HAS_RIGHT)),
+                BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES, DQ_CHUNK, HAS_LEFT, HAS_RIGHT, SPLIT_KEYS)),
             (_wide_consumer_1, (desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem, dq_smem,
                 kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar, j0, lo, n_blocks, lse_h, delta_h,
                 slm, dk_h, dv_h, sdkn, sdvn, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M,
-                BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES, DQ_CHUNK, HAS_LEFT, HAS_RIGHT)),
+                BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES, DQ_CHUNK, HAS_LEFT, HAS_RIGHT, SPLIT_KEYS)),
             (_wide_loader, (desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem, dq_smem,
                 kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar, j0, lo, n_blocks, lse_h, delta_h,
                 slm, dk_h, dv_h, sdkn, sdvn, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M,
-                BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES, DQ_CHUNK, HAS_LEFT, HAS_RIGHT)),
+                BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES, DQ_CHUNK, HAS_LEFT, HAS_RIGHT, SPLIT_KEYS)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
@@ -275,11 +398,13 @@ def gluon_bwd_wide_takes(q, k, v) -> bool:
 
 
 def gluon_bwd_wide(do, q, k, v, lse, delta, dq_sums, *, scale, left, right, block_m=64, block_n=64, q_stages=2,
-                   do_stages=1, dq_chunk=64):
+                   do_stages=1, dq_chunk=64, split="cols"):
     """Dense (B, H, N, D) inputs, lse and delta (B, Hq, Nq) fp32 (delta = rowsum(dO * O) - dLSE), dq_sums a
     zeroed fp32 (B, Hq, >= cdiv(Nq, block_m) * block_m, pow2(D)) tensor with unit column stride, into
     which the kernel adds dS K (dQ / scale; hopper_bwd's `_dq_cast_kernel` finishes it) -> dk, dv in k's
-    and v's dtypes and shapes (GQA's G query heads summed)."""
+    and v's dtypes and shapes (GQA's G query heads summed). split: how the two consumer warpgroups share a
+    tile: "cols" (each half of the head dim's columns of dK / dV) or "keys" (each half of the keys, dK / dV
+    held transposed)."""
     from fa2lab.kernels.hopper_fwd import ensure_allocator
 
     b, h, nq, d = q.shape
@@ -297,6 +422,8 @@ def gluon_bwd_wide(do, q, k, v, lse, delta, dq_sums, *, scale, left, right, bloc
     if (pow2(d) // 2) % dq_chunk or block_m % 32:
         raise ValueError(f"dq_chunk must divide half the head dim ({pow2(d) // 2}) and block_m be a multiple of 32, "
                          f"got dq_chunk={dq_chunk}, block_m={block_m}")
+    if split not in ("cols", "keys"):
+        raise ValueError(f"split must be 'cols' or 'keys', got {split!r}")
     ensure_allocator()
     group = h // hkv
     if group == 1:  # one query head per K/V head: the kernel writes the gradients themselves
@@ -309,7 +436,7 @@ def gluon_bwd_wide(do, q, k, v, lse, delta, dq_sums, *, scale, left, right, bloc
         q, k, v, do, lse, delta, dk, dv, dq_sums, *st(q), *st(k), *st(v), *st(do), *lse.stride(), *st(dk), *st(dv),
         *st(dq_sums), dq_sums.shape[2], h, nq, nk, group, d, scale * LOG2E, scale, max(left, 0), max(right, 0),
         HEAD_DIM=pow2(d), BLOCK_M=block_m, BLOCK_N=block_n, Q_STAGES=q_stages, DO_STAGES=do_stages,
-        DQ_CHUNK=dq_chunk, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, CONSUMER_REGS=240, LOADER_REGS=24, num_warps=4,
+        DQ_CHUNK=dq_chunk, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, SPLIT_KEYS=split == "keys", CONSUMER_REGS=240, LOADER_REGS=24, num_warps=4,
         maxnreg=168)
     if group > 1:  # into k's and v's layouts, as the Triton backward returns them
         dk = torch.empty_like(k).copy_(dk.view(b, hkv, group, nk, d).sum(2))

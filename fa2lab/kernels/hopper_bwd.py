@@ -448,8 +448,8 @@ def hopper_bwd(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu
     # "gluon_dkdvq": the same kernel adding dQ's fp32 sums as it goes (one pass; D in (32, 128]), cast
     # by _dq_cast_kernel below; calls it does not take fall back to "gluon_dkdv" or the Triton rows.
     # (BLOCK_M, BLOCK_N, STAGES[, "tma" | "atomic"]): how the sums are added (gluon_bwd.gluon_dkdv).
-    # "gluon_wide": (BLOCK_M, BLOCK_N, Q_STAGES, DO_STAGES, DQ_CHUNK) of kernels/gluon_bwd_wide.py, the one
-    # pass for D in (128, 256].
+    # "gluon_wide": (BLOCK_M, BLOCK_N, Q_STAGES, DO_STAGES, DQ_CHUNK[, "cols" | "keys"]) of
+    # kernels/gluon_bwd_wide.py, the one pass for D in (128, 256].
     gluon_tiles = cfg.pop("gluon_dkdv", None)
     fused_tiles = cfg.pop("gluon_dkdvq", None)
     wide_tiles = cfg.pop("gluon_wide", None)
@@ -465,9 +465,10 @@ def hopper_bwd(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu
     if use_wide:
         from fa2lab.kernels.gluon_bwd_wide import gluon_bwd_wide
 
-        bm, bn, q_stages, do_stages, chunk = wide_tiles
+        bm, bn, q_stages, do_stages, chunk, *split = wide_tiles
         dk, dv = gluon_bwd_wide(do, q, k, v, lse, delta, sums, scale=scale, left=left, right=right, block_m=bm,
-                                block_n=bn, q_stages=q_stages, do_stages=do_stages, dq_chunk=chunk)
+                                block_n=bn, q_stages=q_stages, do_stages=do_stages, dq_chunk=chunk,
+                                split=split[0] if split else "cols")
     elif use_gluon:
         from fa2lab.kernels.gluon_bwd import gluon_dkdv
 
