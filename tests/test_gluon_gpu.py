@@ -130,6 +130,7 @@ def test_gluon_dkdv_gradients_within_torch_rule(monkeypatch, key, tiles, b, hq, 
 
     bound = hopper_config._bound(d)
     monkeypatch.setitem(hopper_config.BWD, bound, dict(hopper_config.BWD_TWO_PASS[bound], **{key: tiles}))
+    monkeypatch.setattr(hopper_config, "BWD_CAUSAL", {})
     monkeypatch.setattr(hopper_config, "BWD_PORTABLE", set())
     calls = []
     real = gluon_bwd.gluon_dkdv
@@ -186,6 +187,7 @@ def test_gluon_wide_backward_within_torch_rule(monkeypatch, tiles, b, hq, hkv, n
     from fa2lab.kernels import gluon_bwd_wide, hopper_config
 
     monkeypatch.setitem(hopper_config.BWD, 256, dict(hopper_config.BWD_TWO_PASS[256], gluon_wide=tiles))
+    monkeypatch.setattr(hopper_config, "BWD_CAUSAL", {})  # the tiles under test for causal calls too
     monkeypatch.setattr(hopper_config, "BWD_PORTABLE", set())
     calls = []
     real = gluon_bwd_wide.gluon_bwd_wide
@@ -196,12 +198,14 @@ def test_gluon_wide_backward_within_torch_rule(monkeypatch, tiles, b, hq, hkv, n
     assert len(calls) == 1, f"the backward did not reach the wide Gluon kernel: {len(calls)} calls"
 
 
-def test_gluon_wide_backward_fp16_and_strided():
-    """fp16, and q / k / v as (B, N, H, D) views (token stride H * D): the descriptors take the strides."""
+@pytest.mark.parametrize("causal", [False, True])
+def test_gluon_wide_backward_fp16_and_strided_with_the_tables_rows(causal):
+    """The table's own rows (BWD, BWD_CAUSAL) in fp16, q / k / v as (B, N, H, D) views (token stride H * D):
+    the descriptors take the strides."""
     from fa2lab.kernels import hopper_config
 
-    if "gluon_wide" not in hopper_config.BWD[256]:
+    if "gluon_wide" not in hopper_config.hopper_bwd_config(256, causal=causal, seq_len=700):
         pytest.skip("the wide Gluon backward is not the table's D=256 row")
     q, k, v = (t.cuda().transpose(1, 2).contiguous().transpose(1, 2) for t in make_qkv(2, 4, 2, 700, 700, 256, seed=5))
     assert_within_torch_error(lambda *a, **kw: fa2lab.attention(*a, backend="triton", **kw), q, k, v,
-                              torch.float16, causal=True)
+                              torch.float16, causal=causal)

@@ -178,7 +178,10 @@ def test_backward_config_with_variants_has_triton_kernels_only(monkeypatch, d, b
     # D=256 the wide one pass; D=64 the two passes
     assert (plain.get("gluon_dkdvq"), plain.get("gluon_dkdv")) == (((64, 128, 2), (64, 128, 2)) if d == 128
                                                                   else (None, None))
-    assert plain.get("gluon_wide") == ((64, 64, 2, 1, 64) if d == 256 else None)
+    assert plain.get("gluon_wide") == ((64, 64, 2, 1, 64, "keys") if d == 256 else None)
+    # causal D=256: two dO stages (BWD_CAUSAL); deterministic or windowed calls do not take it
+    causal = hopper_bwd_config(d, causal=True, seq_len=2048)
+    assert causal.get("gluon_wide") == ((64, 64, 1, 2, 64, "keys") if d == 256 else None)
 
 
 def test_persistent_launch_choices():

@@ -94,7 +94,9 @@ FUSED_64 = {case: {"two-pass": dict(TWO[64]), "gluon dkdv + dq": dict(TWO[64], g
 # 2026-12-04 18:10 UTC's losers (cols q1 do2, cols q2 do2 32-column dQ pieces) left out.
 _W = lambda tiles: dict(TWO[256], gluon_wide=tiles)  # noqa: E731
 WIDE = {case: {"two-pass": dict(TWO[256]), "wide cols q2 do1": _W((64, 64, 2, 1, 64)),
-               "wide keys q2 do1": _W((64, 64, 2, 1, 64, "keys")), "wide keys q1 do2": _W((64, 64, 1, 2, 64, "keys"))}
+               "wide keys q2 do1": _W((64, 64, 2, 1, 64, "keys")), "wide keys q1 do2": _W((64, 64, 1, 2, 64, "keys")),
+               # a timing probe (dQ wrong, so never 'exact'): the same kernel without its dQ reduce-adds
+               "probe: keys q2 do1, no dQ adds": dict(_W((64, 64, 2, 1, 64, "keys")), probe_skip_dq_reduce=True)}
         for case in [(4096, 256, False), (4096, 256, True), (16384, 256, True), (1024, 256, False),
                      (8192, 256, False, 16, 2)]}
 # Issue 15's backward rows with the dispatcher's own choice (BWD as committed).
@@ -128,18 +130,28 @@ def _inputs(case, seed=0):
 @contextlib.contextmanager
 def bwd_config(d: int, causal: bool, cfg):
     """The public call with `cfg` as head dim d's backward row (None: the portable backward)."""
+    from fa2lab.kernels import gluon_bwd_wide
+
     bound = hopper_config._bound(d)
-    old, old_p = dict(hopper_config.BWD), set(hopper_config.BWD_PORTABLE)
+    old, old_p, old_c = dict(hopper_config.BWD), set(hopper_config.BWD_PORTABLE), dict(hopper_config.BWD_CAUSAL)
+    probe = isinstance(cfg, dict) and "probe_skip_dq_reduce" in cfg
+    if probe:  # a timing probe of the wide kernel (gluon_bwd_wide.PROBE_SKIP_DQ_REDUCE), not a configuration
+        cfg = {key: t for key, t in cfg.items() if key != "probe_skip_dq_reduce"}
+        gluon_bwd_wide.PROBE_SKIP_DQ_REDUCE = True
     if cfg is None:
         hopper_config.BWD_PORTABLE.add((bound, causal))
     elif cfg != "dispatch":
         hopper_config.BWD[bound] = cfg
+        hopper_config.BWD_CAUSAL.pop(bound, None)  # the row under test, causal or not
         hopper_config.BWD_PORTABLE.discard((bound, causal))
     try:
         yield
     finally:
         hopper_config.BWD.clear()
         hopper_config.BWD.update(old)
+        hopper_config.BWD_CAUSAL.clear()
+        hopper_config.BWD_CAUSAL.update(old_c)
+        gluon_bwd_wide.PROBE_SKIP_DQ_REDUCE = False
         hopper_config.BWD_PORTABLE.clear()
         hopper_config.BWD_PORTABLE.update(old_p)
 

@@ -134,7 +134,7 @@ def _rtx4090() -> HardwareProfile:
 
 
 def _hopper(name: str, mem_bw: float, bw_source: str, ds: str) -> HardwareProfile:
-    from fa2lab.kernels.hopper_config import BWD, FWD, FWD_GLUON, GLUON_FWD
+    from fa2lab.kernels.hopper_config import BWD, BWD_CAUSAL, FWD, FWD_GLUON, GLUON_FWD
 
     return HardwareProfile(
         name=name, kind="gpu", arch=f"Hopper GH100 ({name.upper()} SXM), 4th-gen tensor cores, TMA, wgmma",
@@ -144,7 +144,7 @@ def _hopper(name: str, mem_bw: float, bw_source: str, ds: str) -> HardwareProfil
         peak_flops={"float16": 989.4e12, "bfloat16": 989.4e12, "float64": 66.9e12},
         peak_flops_simd={"float32": 66.9e12, "float16": 133.8e12, "bfloat16": 133.8e12, "float64": 33.5e12},
         exp_per_s=3.9e12, step_overhead_s=5e-6,
-        kernel_configs=dict(fwd={d: dict(full=f, causal=c) for d, (f, c) in FWD.items()}, bwd=dict(BWD),
+        kernel_configs=dict(fwd={d: dict(full=f, causal=c) for d, (f, c) in FWD.items()}, bwd=dict(BWD), bwd_causal=dict(BWD_CAUSAL),
                             fwd_gluon={d: dict(GLUON_FWD[d]) for d in sorted(FWD_GLUON)}),
         sources=dict(_GPU_COMMON_SOURCES,
                      kernel_configs="measured on the lent H200, 2026-12-02, python -m fa2lab.bench.hopper_sweep "
@@ -171,7 +171,11 @@ def _hopper(name: str, mem_bw: float, bw_source: str, ds: str) -> HardwareProfil
                                     "dQ by TMA reduce-adds in the same kernel, bash experiments/fused_bwd_gpu.sh, "
                                     "fused-bwd-tma-20261204/): 460 full / 397 causal at N=4096, 497 / 459 at "
                                     "N=16384, 362 full at N=1024 against 397 / 343 / 412 / 404 / 288 (cuDNN "
-                                    "496 / 469 / 537 / 524 / 430)",
+                                    "496 / 469 / 537 / 524 / 430). Since 2026-12-04 18:25 UTC bwd D in (128, 256] "
+                                    "gluon_wide (the wide one pass, kernels/gluon_bwd_wide.py: bash "
+                                    "experiments/wide_bwd_gpu.sh, wide-bwd-20261204/keys/): 298 full / 277 causal "
+                                    "(bwd_causal: two dO stages) at N=4096, 317 causal at N=16384, 247 full at "
+                                    "N=1024 against the two passes' 236 / 223 / 250 / 194 (cuDNN 383 / 346 / 381 / 309)",
                      compute_capability="CUDA-guide: GH100 is sm_90", units=f"{ds}: 132 SMs (SXM5)",
                      clock_hz="implied by the datasheet peaks: 989.4 TFLOP/s / (132 SMs x 4096 FLOP/clock) "
                               "= 1.83 GHz (max boost 1.98 GHz)",

@@ -25,8 +25,8 @@ with GQA each writes fp32 partials of dK / dV that the caller sums (as kernels/g
 sums add in a run-dependent order: the deterministic mode keeps the two passes (hopper_config).
 
 Plain dense calls (no varlen, no variants), fp16/bf16, Dv == D, 128 < D <= 256, through
-hopper_config.BWD's key "gluon_wide": (BLOCK_M, BLOCK_N, Q_STAGES, DO_STAGES, DQ_CHUNK). Gluon does
-not run in the interpreter: tests/test_gluon_gpu.py checks it on an sm_90 GPU through the public call;
+hopper_config.BWD's key "gluon_wide" (BWD_CAUSAL's for causal calls): (BLOCK_M, BLOCK_N, Q_STAGES,
+DO_STAGES, DQ_CHUNK, split). Gluon does not run in the interpreter: tests/test_gluon_gpu.py checks it on an sm_90 GPU through the public call;
 `python -m fa2lab.bench.hopper_bwd_gpu --plan wide` times it against the two passes and cuDNN.
 """
 
@@ -56,7 +56,8 @@ if HAVE_GLUON:
                      LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale,
                      sm_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                      Q_STAGES: gl.constexpr, DO_STAGES: gl.constexpr, DQ_CHUNK: gl.constexpr,
-                     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, SPLIT_KEYS: gl.constexpr):
+                     HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, SPLIT_KEYS: gl.constexpr,
+                         DQ_REDUCE: gl.constexpr):
         """One warp: this program's K and V once, then Q_i and dO_i into their rings as both consumers free them."""
         mbarrier.expect(kv_bar, 2 * BLOCK_N * HEAD_DIM * 2)
         _tma_load(desc_k, [j0, 0], kv_bar, k_smem)
@@ -178,7 +179,8 @@ if HAVE_GLUON:
                             n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT,
                             qk_scale, sm_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                             HEAD_DIM: gl.constexpr, Q_STAGES: gl.constexpr, DO_STAGES: gl.constexpr,
-                            DQ_CHUNK: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, WG: gl.constexpr):
+                            DQ_CHUNK: gl.constexpr, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr,
+                            DQ_REDUCE: gl.constexpr, WG: gl.constexpr):
         """SPLIT_KEYS: one warpgroup owns keys [j0 + WG * BLOCK_N/2, +BLOCK_N/2) and every head-dim column of
         their dK and dV, held transposed (FA3's swapped operands: dV^T = dO^T P, a (HEAD_DIM, BLOCK_N/2)
         accumulator), so S, P, dS, dV and dK need nothing of the other warpgroup; only dQ does (both halves
@@ -258,7 +260,8 @@ if HAVE_GLUON:
                 dq_buf.store(dq)
                 fence_async_shared()
                 _cta_barrier()
-                _tma_reduce_add(desc_dq, [start_m, WG * COLS + c * DQ_CHUNK], dq_buf)
+                if DQ_REDUCE:  # False: a timing probe only (dQ left zero; see gluon_bwd_wide)
+                    _tma_reduce_add(desc_dq, [start_m, WG * COLS + c * DQ_CHUNK], dq_buf)
         tma.store_wait(0)
         cols_t: gl.constexpr = gl.SliceLayout(1, mma_s)
         keys_t: gl.constexpr = gl.SliceLayout(0, mma_s)
@@ -269,41 +272,46 @@ if HAVE_GLUON:
         gl.store(DV + r * sdv + c, dvt.to(DV.dtype.element_ty), mask=keep)
 
     @gluon.jit
-    def _wide_consumer_0(desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem,
-                         dst_smem, dq_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar, j0, lo,
-                         n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT,
-                         qk_scale, sm_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                         Q_STAGES: gl.constexpr, DO_STAGES: gl.constexpr, DQ_CHUNK: gl.constexpr,
-                         HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, SPLIT_KEYS: gl.constexpr):
+    def _wide_consumer_0(desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem,
+                         dq_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar, j0, lo, n_blocks,
+                         LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale,
+                         sm_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                         Q_STAGES: gl.constexpr, DO_STAGES: gl.constexpr, DQ_CHUNK: gl.constexpr, HAS_LEFT: gl.constexpr,
+                         HAS_RIGHT: gl.constexpr, SPLIT_KEYS: gl.constexpr, DQ_REDUCE: gl.constexpr):
         """The partitions share one signature (the kernel passes each the same arguments): consumer 0."""
         if SPLIT_KEYS:
-            _wide_keys_consumer(desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem,
-                                dq_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar, j0, lo, n_blocks,
-                                LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale,
-                                sm_scale, BLOCK_M, BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES, DQ_CHUNK, HAS_LEFT, HAS_RIGHT, 0)
+            _wide_keys_consumer(desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem,
+                                dst_smem, dq_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar,
+                                j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D, lo_full, hi_full,
+                                LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M, BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES,
+                                DQ_CHUNK, HAS_LEFT, HAS_RIGHT, DQ_REDUCE, 0)
         else:
-            _wide_consumer(desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem,
-                           dq_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar, j0, lo, n_blocks,
-                           LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale,
-                           sm_scale, BLOCK_M, BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES, DQ_CHUNK, HAS_LEFT, HAS_RIGHT, 0)
+            _wide_consumer(desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem,
+                           dst_smem, dq_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar, j0,
+                           lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D, lo_full, hi_full, LEFT,
+                           RIGHT, qk_scale, sm_scale, BLOCK_M, BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES, DQ_CHUNK,
+                           HAS_LEFT, HAS_RIGHT, 0)
 
     @gluon.jit
-    def _wide_consumer_1(desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem,
-                         dst_smem, dq_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar, j0, lo,
-                         n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT,
-                         qk_scale, sm_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                         Q_STAGES: gl.constexpr, DO_STAGES: gl.constexpr, DQ_CHUNK: gl.constexpr,
-                         HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr, SPLIT_KEYS: gl.constexpr):
+    def _wide_consumer_1(desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem,
+                         dq_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar, j0, lo, n_blocks,
+                         LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale,
+                         sm_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                         Q_STAGES: gl.constexpr, DO_STAGES: gl.constexpr, DQ_CHUNK: gl.constexpr, HAS_LEFT: gl.constexpr,
+                         HAS_RIGHT: gl.constexpr, SPLIT_KEYS: gl.constexpr, DQ_REDUCE: gl.constexpr):
+        """The partitions share one signature (the kernel passes each the same arguments): consumer 1."""
         if SPLIT_KEYS:
-            _wide_keys_consumer(desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem,
-                                dq_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar, j0, lo, n_blocks,
-                                LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale,
-                                sm_scale, BLOCK_M, BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES, DQ_CHUNK, HAS_LEFT, HAS_RIGHT, 1)
+            _wide_keys_consumer(desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem,
+                                dst_smem, dq_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar,
+                                j0, lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D, lo_full, hi_full,
+                                LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M, BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES,
+                                DQ_CHUNK, HAS_LEFT, HAS_RIGHT, DQ_REDUCE, 1)
         else:
-            _wide_consumer(desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem,
-                           dq_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar, j0, lo, n_blocks,
-                           LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale,
-                           sm_scale, BLOCK_M, BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES, DQ_CHUNK, HAS_LEFT, HAS_RIGHT, 1)
+            _wide_consumer(desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem,
+                           dst_smem, dq_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar, j0,
+                           lo, n_blocks, LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D, lo_full, hi_full, LEFT,
+                           RIGHT, qk_scale, sm_scale, BLOCK_M, BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES, DQ_CHUNK,
+                           HAS_LEFT, HAS_RIGHT, 1)
 
     @gluon.jit
     def _gluon_bwd_wide_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQA, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
@@ -311,8 +319,8 @@ if HAVE_GLUON:
                                NQ_PAD, H, Nq, Nk, G, D, qk_scale, sm_scale, LEFT, RIGHT, HEAD_DIM: gl.constexpr,
                                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, Q_STAGES: gl.constexpr,
                                DO_STAGES: gl.constexpr, DQ_CHUNK: gl.constexpr, HAS_LEFT: gl.constexpr,
-                               HAS_RIGHT: gl.constexpr, SPLIT_KEYS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                               LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                               HAS_RIGHT: gl.constexpr, SPLIT_KEYS: gl.constexpr, DQ_REDUCE: gl.constexpr,
+                               CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
         pid_n = gl.program_id(0)  # causal: key block 0 is seen by the most queries, so this order is longest-first
         bh = gl.program_id(1)
         b = (bh // H).to(gl.int64)
@@ -375,19 +383,27 @@ if HAVE_GLUON:
         dk_h = DK + b * sdkb + h * sdkh  # per query head: the caller sums GQA's partials
         dv_h = DV + b * sdvb + h * sdvh
         gl.warp_specialize([
-            (_wide_consumer_0, (desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem, dq_smem,
+            (_wide_consumer_0, (
+                desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem, dq_smem,
                 kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar, j0, lo, n_blocks, lse_h, delta_h,
                 slm, dk_h, dv_h, sdkn, sdvn, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M,
-                BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES, DQ_CHUNK, HAS_LEFT, HAS_RIGHT, SPLIT_KEYS)),
-            (_wide_consumer_1, (desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem, dq_smem,
+                BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES, DQ_CHUNK, HAS_LEFT, HAS_RIGHT, SPLIT_KEYS, DQ_REDUCE)),
+            (_wide_consumer_1, (
+                desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem, dq_smem,
                 kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar, j0, lo, n_blocks, lse_h, delta_h,
                 slm, dk_h, dv_h, sdkn, sdvn, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M,
-                BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES, DQ_CHUNK, HAS_LEFT, HAS_RIGHT, SPLIT_KEYS)),
-            (_wide_loader, (desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem, dq_smem,
+                BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES, DQ_CHUNK, HAS_LEFT, HAS_RIGHT, SPLIT_KEYS, DQ_REDUCE)),
+            (_wide_loader, (
+                desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem, dq_smem,
                 kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar, j0, lo, n_blocks, lse_h, delta_h,
                 slm, dk_h, dv_h, sdkn, sdvn, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale, sm_scale, BLOCK_M,
-                BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES, DQ_CHUNK, HAS_LEFT, HAS_RIGHT, SPLIT_KEYS)),
+                BLOCK_N, HEAD_DIM, Q_STAGES, DO_STAGES, DQ_CHUNK, HAS_LEFT, HAS_RIGHT, SPLIT_KEYS, DQ_REDUCE)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+
+
+# A timing probe, never set outside a benchmark: True launches split="keys" without its dQ reduce-adds (dQ
+# comes back wrong), to measure what the L2 reduce traffic costs (fa2lab.bench.hopper_bwd_gpu --plan wide).
+PROBE_SKIP_DQ_REDUCE = False
 
 
 def gluon_bwd_wide_takes(q, k, v) -> bool:
@@ -436,8 +452,8 @@ def gluon_bwd_wide(do, q, k, v, lse, delta, dq_sums, *, scale, left, right, bloc
         q, k, v, do, lse, delta, dk, dv, dq_sums, *st(q), *st(k), *st(v), *st(do), *lse.stride(), *st(dk), *st(dv),
         *st(dq_sums), dq_sums.shape[2], h, nq, nk, group, d, scale * LOG2E, scale, max(left, 0), max(right, 0),
         HEAD_DIM=pow2(d), BLOCK_M=block_m, BLOCK_N=block_n, Q_STAGES=q_stages, DO_STAGES=do_stages,
-        DQ_CHUNK=dq_chunk, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, SPLIT_KEYS=split == "keys", CONSUMER_REGS=240, LOADER_REGS=24, num_warps=4,
-        maxnreg=168)
+        DQ_CHUNK=dq_chunk, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, SPLIT_KEYS=split == "keys",
+        DQ_REDUCE=not PROBE_SKIP_DQ_REDUCE, CONSUMER_REGS=240, LOADER_REGS=24, num_warps=4, maxnreg=168)
     if group > 1:  # into k's and v's layouts, as the Triton backward returns them
         dk = torch.empty_like(k).copy_(dk.view(b, hkv, group, nk, d).sum(2))
         dv = torch.empty_like(v).copy_(dv.view(b, hkv, group, nk, d).sum(2))

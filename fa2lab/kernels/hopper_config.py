@@ -87,8 +87,15 @@ GLUON_BWD_KEYS = ("gluon_dkdv", "gluon_dkdvq", "gluon_wide")
 # ("gluon_dkdvq" with 32-column dQ halves, same run, fused64/) against the Triton two passes: N=1024 full
 # 258 against 294, N=4096 full 344 / causal 296 against 348 / 292, N=16384 causal 354 against 336, GQA
 # 32:8 causal 289 against 276: a wash, so D <= 64 keeps two passes.
+# Second run (18:25 UTC, wide-bwd-20261204/keys/): the warpgroups splitting the keys instead of the columns
+# (split "keys": dK / dV transposed, no tile-wide handshake): N=4096 full 298 (cols 296), causal 266 / 277
+# with one Q stage and two of dO (cols 260), N=16384 causal 302 / 317 (288), N=1024 full 247 (246), GQA
+# 16:2 N=8192 full 307 (305); cuDNN 383 / 346 / 381 / 309 / 361. Two dO stages win causal (where the
+# blocks per program vary), two Q stages the rest: BWD_CAUSAL below.
 BWD = {**BWD_TWO_PASS, 128: dict(BWD_TWO_PASS[128], gluon_dkdv=(64, 128, 2), gluon_dkdvq=(64, 128, 2)),
-       256: dict(BWD_TWO_PASS[256], gluon_wide=(64, 64, 2, 1, 64))}
+       256: dict(BWD_TWO_PASS[256], gluon_wide=(64, 64, 2, 1, 64, "keys"))}
+# Causal calls (bottom-right, no window): these keys replace BWD's (same measurements).
+BWD_CAUSAL = {256: dict(gluon_wide=(64, 64, 1, 2, 64, "keys"))}
 # Where the portable backward measured faster in the same run: none since the Gluon dK/dV kernel
 # (D=128 causal was portable: 314 against the Hopper kernels' 298 on 2026-12-02, 307 against 341
 # for Gluon dK/dV on 2026-12-03).
@@ -130,6 +137,8 @@ def hopper_bwd_config(head_dim: int, *, causal: bool, seq_len: int, deterministi
     bound = _bound(head_dim)
     exact_order = deterministic or (variants is not None and variants.var.dropout_p > 0)
     cfg = dict((BWD_TWO_PASS if exact_order else BWD)[bound])
+    if causal and not exact_order:
+        cfg.update(BWD_CAUSAL.get(bound, {}))
     if variants is not None:  # the Gluon backwards run plain calls only: the row's Triton kernels then
         for key in GLUON_BWD_KEYS:
             cfg.pop(key, None)
@@ -279,4 +288,4 @@ def hopper_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return all(tma_ok(t, token_dim) for t in (q, k, v))
 
 
-__all__ = ["BWD", "BWD_PORTABLE", "BWD_TWO_PASS", "FWD", "GLUON_BWD_KEYS", "FWD_GLUON", "GLUON_FWD", "GLUON_FWD_MASKED", "GLUON_FWD_ONE_PARTITION", "GLUON_TESTED", "gluon_kernel_takes", "gluon_fwd_wanted", "gluon_shapes_ok", "hopper_bwd_config", "hopper_bwd_wanted", "hopper_eligible", "hopper_fwd_config", "tma_ok"]
+__all__ = ["BWD", "BWD_CAUSAL", "BWD_PORTABLE", "BWD_TWO_PASS", "FWD", "GLUON_BWD_KEYS", "FWD_GLUON", "GLUON_FWD", "GLUON_FWD_MASKED", "GLUON_FWD_ONE_PARTITION", "GLUON_TESTED", "gluon_kernel_takes", "gluon_fwd_wanted", "gluon_shapes_ok", "hopper_bwd_config", "hopper_bwd_wanted", "hopper_eligible", "hopper_fwd_config", "tma_ok"]
