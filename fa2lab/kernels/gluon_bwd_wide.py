@@ -51,16 +51,6 @@ if HAVE_GLUON:
     LOG2E_W: gl.constexpr = gl.constexpr(LOG2E)
 
     @gluon.jit
-    def _row_stats(LSE_H, DELTA_H, slm, queries, Nq):
-        """log2-scaled LSE and Delta of these query rows (+inf and 0 past Nq, +inf for rows that saw no key:
-        P = 0 there). The consumers load a block's ahead, under the previous block's matmuls."""
-        in_q = queries < Nq
-        lse2 = gl.load(LSE_H + queries.to(gl.int64) * slm, mask=in_q, other=float("inf")) * LOG2E_W
-        lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)
-        delta = gl.load(DELTA_H + queries.to(gl.int64) * slm, mask=in_q, other=0.0)
-        return lse2, delta
-
-    @gluon.jit
     def _wide_loader(desc_q, desc_k, desc_v, desc_do, desc_dq, q_smem, do_smem, k_smem, v_smem, pt_smem, dst_smem,
                      dq_smem, kv_bar, q_ready, q_empty, do_ready, do_empty, tile_bar, free_bar, j0, lo, n_blocks,
                      LSE_H, DELTA_H, slm, DK, DV, sdk, sdv, Nq, Nk, D, lo_full, hi_full, LEFT, RIGHT, qk_scale,
@@ -110,16 +100,16 @@ if HAVE_GLUON:
         pt_half = pt_smem.slice(WG * QCOLS, QCOLS, dim=1)
         dst_half = dst_smem.slice(WG * QCOLS, QCOLS, dim=1)
         dq_buf = dq_smem.index(WG)
-        lse2_next, delta_next = _row_stats(LSE_H, DELTA_H, slm, lo + WG * QCOLS + gl.arange(0, QCOLS, layout=query_s),
-                                           Nq)
         mbarrier.wait(kv_bar, 0)
         for i in range(n_blocks):
             sq = i % Q_STAGES
             sd = i % DO_STAGES
             start_m = lo + i * BLOCK_M
             queries = start_m + WG * QCOLS + gl.arange(0, QCOLS, layout=query_s)
-            lse2, delta = lse2_next, delta_next
-            lse2_next, delta_next = _row_stats(LSE_H, DELTA_H, slm, queries + BLOCK_M, Nq)  # the next block's
+            in_q = queries < Nq
+            lse2 = gl.load(LSE_H + queries.to(gl.int64) * slm, mask=in_q, other=float("inf")) * LOG2E_W
+            lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows with no key: P = 0
+            delta = gl.load(DELTA_H + queries.to(gl.int64) * slm, mask=in_q, other=0.0)
             zero_s = gl.zeros([BLOCK_N, QCOLS], gl.float32, layout=mma_s)  # made here: not live across the loop
             zero_q = gl.zeros([BLOCK_M, DQ_CHUNK], gl.float32, layout=mma_q)
             q_tile = q_smem.index(sq)
@@ -213,15 +203,16 @@ if HAVE_GLUON:
         v_rows = v_smem.slice(WG * KEYS, KEYS)
         p_own = p_smem.index(WG)
         dq_buf = dq_smem.index(WG)
-        lse2_next, delta_next = _row_stats(LSE_H, DELTA_H, slm, lo + gl.arange(0, BLOCK_M, layout=query_s), Nq)
         mbarrier.wait(kv_bar, 0)
         for i in range(n_blocks):
             sq = i % Q_STAGES
             sd = i % DO_STAGES
             start_m = lo + i * BLOCK_M
             queries = start_m + gl.arange(0, BLOCK_M, layout=query_s)
-            lse2, delta = lse2_next, delta_next
-            lse2_next, delta_next = _row_stats(LSE_H, DELTA_H, slm, queries + BLOCK_M, Nq)  # the next block's
+            in_q = queries < Nq
+            lse2 = gl.load(LSE_H + queries.to(gl.int64) * slm, mask=in_q, other=float("inf")) * LOG2E_W
+            lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows with no key: P = 0
+            delta = gl.load(DELTA_H + queries.to(gl.int64) * slm, mask=in_q, other=0.0)
             zero_s = gl.zeros([BLOCK_M, KEYS], gl.float32, layout=mma_s)
             zero_q = gl.zeros([BLOCK_M, DQ_CHUNK], gl.float32, layout=mma_q)
             q_tile = q_smem.index(sq)
