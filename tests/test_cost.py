@@ -124,6 +124,23 @@ def test_backward_roofline_rows_read_both_result_formats():
     rows = [rows[2], rows[0]]  # two passes, then one
     assert rows[1]["compute_ms"] == pytest.approx(rows[0]["compute_ms"] / 1.4)
     assert all(r["measured_over_predicted"] == pytest.approx(r["measured_ms"] / r["predicted_ms"]) for r in rows)
+    # the wide one pass (D=256, 64-key blocks): one pass over its own tile (the cache-reuse rule then sees
+    # fewer heads in flight); a timing probe is left out, and a configuration that is not a literal counts as
+    # two passes
+    wide = dict(shape, D=256, H=8, Hkv=8)
+    rows = backward_roofline_rows([
+        dict(impl="fa2lab", config="wide", cfg="{'dv': (64, 128, 8, 2), 'gluon_wide': (64, 64, 2, 1, 64, 'keys')}",
+             bwd_ms=9.0, **wide),
+        dict(impl="fa2lab", config="probe", cfg="{'gluon_wide': (64, 64, 2, 1, 64), 'probe_skip_dq_reduce': True}",
+             bwd_ms=8.0, **wide),
+        dict(impl="fa2lab", config="odd", cfg="{'dv': __import__('os')}", bwd_ms=12.0, **wide)])
+    assert [(r["config"], r["passes"]) for r in rows] == [("wide", 1), ("odd", 2)]
+    from fa2lab.cost.predict import fa2_backward
+    from fa2lab.hardware import get_profile
+
+    roof = fa2_backward(get_profile("h200"), 8, 8, 4096, 4096, 256, "bfloat16", passes=1, block_q=64, block_k=64)
+    assert rows[0]["memory_ms"] == pytest.approx(roof.t_memory * 1e3)
+    assert roof.bytes != fa2_backward(get_profile("h200"), 8, 8, 4096, 4096, 256, "bfloat16", passes=1).bytes
 
 
 def test_split_k_decode_bytes_by_hand():

@@ -13,6 +13,8 @@ same run. flops = 4*B*H*N*N*D (/2 causal), backward 2.5x. Writes hopper-sweep-*.
 
 from __future__ import annotations
 
+import ast
+
 import argparse
 import json
 from pathlib import Path
@@ -221,10 +223,14 @@ def roofline_rows(results: dict, profile_name: str = "h200") -> list[dict]:
     return out
 
 
+# Backward configuration keys whose kernels add dQ across key blocks in the same pass (kernels/hopper_bwd.py).
+ONE_PASS_KEYS = ("dkdvq", "gluon_dkdvq", "gluon_wide")
+
+
 def backward_roofline_rows(rows, profile_name: str = "h200") -> list[dict]:
     """The cost model next to `bench.hopper_bwd_gpu`'s JSONL rows of fa2lab (each names its backward
-    configuration: one pass where it holds "gluon_dkdvq" or "dkdvq", dQ added across key blocks; two
-    passes otherwise). -> rows with measured_ms and the roofs of the kernel's own pass count (compute,
+    configuration: one pass where it holds a key of ONE_PASS_KEYS, dQ added across key blocks; two
+    passes otherwise). Timing probes (configurations marked probe_skip_dq_reduce) are left out. -> rows with measured_ms and the roofs of the kernel's own pass count (compute,
     memory, bound, predicted = the highest)."""
     from fa2lab.cost.predict import fa2_backward
     from fa2lab.hardware import get_profile
@@ -234,10 +240,19 @@ def backward_roofline_rows(rows, profile_name: str = "h200") -> list[dict]:
     for r in rows:
         if r.get("impl") != "fa2lab" or "bwd_ms" not in r or r.get("cfg") in (None, "None", "'dispatch'"):
             continue  # peers, failed rows, and rows whose configuration is not recorded
+        if "probe_skip_dq_reduce" in r["cfg"]:
+            continue
         ms, label = r["bwd_ms"], r.get("config", "")
-        passes = 1 if "'gluon_dkdvq'" in r["cfg"] or "'dkdvq'" in r["cfg"] else 2
+        passes, blocks = 2, {}
+        try:  # the recorded configuration (a dict's repr, read as a literal: nothing in it is executed)
+            cfg = ast.literal_eval(r["cfg"])
+        except (ValueError, SyntaxError):
+            cfg = {}
+        for key in ONE_PASS_KEYS:
+            if isinstance(cfg, dict) and key in cfg:  # the one pass's own tile: (BLOCK_M, BLOCK_N, ...)
+                passes, blocks = 1, dict(block_q=cfg[key][0], block_k=cfg[key][1])
         roof = fa2_backward(prof, r["B"], r["H"], r["N"], r["N"], r["D"], "bfloat16", causal=r["causal"],
-                            passes=passes)
+                            passes=passes, **blocks)
         out.append(dict(N=r["N"], D=r["D"], causal=r["causal"], H=r["H"], Hkv=r.get("Hkv", r["H"]), config=label,
                         passes=passes, measured_ms=ms, compute_ms=roof.t_compute * 1e3, memory_ms=roof.t_memory * 1e3,
                         bound=roof.bound, predicted_ms=roof.time * 1e3,
