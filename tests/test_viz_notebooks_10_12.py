@@ -86,6 +86,14 @@ def test_one_pass_against_two_passes_figure():
             if shape(o) == shape(r) and o["passes"] == r["passes"])
     fig = bw_fig.passes_figure(rows)
     assert len(fig.data) == 4 and all(len(trace.x) == 7 for trace in fig.data)
+    # the notebook's default: the D=128 rows and the wide one pass's D=256 rows (the probe left out)
+    from fa2lab.bench.hopper_sweep import read_results
+
+    both = fastest_per_pass(backward_roofline_rows(read_results(
+        RESULTS, "fused-bwd-tma-20261204/hopper-bwd.jsonl, wide-bwd-20261204/keys/hopper-bwd.jsonl,missing.jsonl")))
+    wide = [r for r in both if r["D"] == 256]
+    assert len(both) == 24 and {(r["passes"], r["config"].split()[0]) for r in wide} == {(1, "wide"), (2, "two-pass")}
+    assert read_results(RESULTS, "") == []
 
 
 # --- 11 numerics ---------------------------------------------------------------------------

@@ -275,6 +275,14 @@ def read_rows(path: Path) -> list[dict]:
     return [row for row in map(json.loads, path.read_text().splitlines()) if "N" in row]
 
 
+def read_results(root: Path, names) -> list[dict]:
+    """The rows of every named JSONL file under root that exists. names: a list of relative paths or one
+    string of them separated by commas (a notebook parameter); "" reads none."""
+    if isinstance(names, str):
+        names = [name.strip() for name in names.split(",") if name.strip()]
+    return [row for name in names if (Path(root) / name).exists() for row in read_rows(Path(root) / name)]
+
+
 CASES = [(4096, 128, False), (4096, 128, True), (4096, 64, False), (4096, 256, False), (1024, 128, False)]
 
 
