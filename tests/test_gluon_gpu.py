@@ -122,8 +122,10 @@ BWD_CASES = [  # b, hq, hkv, nq, nk, d, causal, window
 # 32 < D <= 128 (dQ's halves of 32 or 64 columns); other head dims run the row's two passes.
 @pytest.mark.parametrize("key,tiles", [("gluon_dkdv", (64, 128, 2)), ("gluon_dkdv", (32, 128, 3)),
                                        ("gluon_dkdvq", (64, 128, 2)), ("gluon_dkdvq", (64, 128, 3)),
-                                       ("gluon_dkdvq", (64, 128, 2, "atomic"))],
-                         ids=["64x128s2", "32x128s3", "one-pass-64x128s2", "one-pass-64x128s3", "one-pass-atomic"])
+                                       ("gluon_dkdvq", (64, 128, 2, "atomic")),
+                                       ("gluon_dkdvq", (64, 128, 2, "persistent"))],
+                         ids=["64x128s2", "32x128s3", "one-pass-64x128s2", "one-pass-64x128s3", "one-pass-atomic",
+                              "one-pass-persistent"])
 @pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,window", BWD_CASES)
 def test_gluon_dkdv_gradients_within_torch_rule(monkeypatch, key, tiles, b, hq, hkv, nq, nk, d, causal, window):
     from fa2lab.kernels import gluon_bwd, hopper_config
@@ -143,6 +145,38 @@ def test_gluon_dkdv_gradients_within_torch_rule(monkeypatch, key, tiles, b, hq, 
         assert calls == [key == "gluon_dkdvq"], f"the backward did not reach the Gluon kernel as {key}: {calls}"
     else:
         assert not calls
+
+
+# The persistent backward where programs walk several tiles (more tiles than SMs): the ring, dS and K / V
+# barriers' phases carried across tiles, causal longest-first sections, GQA partials, a window, D=64.
+PERSISTENT_BWD_CASES = [  # b, hq, hkv, nq, nk, d, causal, window
+    (4, 16, 4, 700, 900, 128, True, (-1, -1)),
+    (3, 24, 24, 513, 513, 64, False, (-1, -1)),
+    (2, 32, 8, 1024, 1024, 128, False, (256, 0)),
+    (8, 16, 16, 300, 300, 96, True, (-1, -1)),
+]
+
+
+@pytest.mark.parametrize("tiles", [(64, 128, 2, "persistent"), (64, 128, 2, "atomic", "persistent")],
+                         ids=["tma", "atomic"])
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,window", PERSISTENT_BWD_CASES)
+def test_persistent_backward_over_many_tiles_within_torch_rule(monkeypatch, tiles, b, hq, hkv, nq, nk, d, causal,
+                                                               window):
+    from fa2lab.kernels import gluon_bwd, hopper_config
+
+    bound = hopper_config._bound(d)
+    monkeypatch.setitem(hopper_config.BWD, bound, dict(hopper_config.BWD_TWO_PASS[bound], gluon_dkdvq=tiles))
+    monkeypatch.setattr(hopper_config, "BWD_CAUSAL", {})
+    monkeypatch.setattr(hopper_config, "BWD_PORTABLE", set())
+    launches = []
+    real = gluon_bwd._gluon_dkdv_persistent_kernel
+    monkeypatch.setattr(gluon_bwd, "_gluon_dkdv_persistent_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: launches.append(grid) or real[grid]})())
+    q, k, v = (t.cuda() for t in make_qkv(b, hq, hkv, nq, nk, d, seed=13))
+    assert_within_torch_error(lambda *a, **kw: fa2lab.attention(*a, backend="triton", **kw), q, k, v,
+                              torch.bfloat16, causal=causal, window_size=window)
+    tiles_total = -(-nk // 128) * b * hq
+    assert launches and launches[0][0] < tiles_total, (launches, tiles_total)  # programs walk several tiles
 
 
 def test_direct_launch_equals_tritons_launch(monkeypatch):

@@ -1,6 +1,6 @@
 """The Hopper backward on the H200 through the public call: configurations swept, SDPA flash and cuDNN beside.
 
-    python -m fa2lab.bench.hopper_bwd_gpu [--plan sweep|gluon|fused|fused64|wide|final|variants] [--out DIR] [--workers 8]
+    python -m fa2lab.bench.hopper_bwd_gpu [--plan sweep|gluon|fused|fused64|wide|persistent|final|variants] [--out DIR] [--workers 8]
 
 Every figure goes through `fa2lab.attention(q, k, v, causal=..., backend="triton")`, as
 fa2lab.bench.gpu does: the backward is timed as `torch.autograd.grad(out, leaves, dO,
@@ -99,6 +99,13 @@ WIDE = {case: {"two-pass": dict(TWO[256]), "wide cols q2 do1": _W((64, 64, 2, 1,
                "probe: keys q2 do1, no dQ adds": dict(_W((64, 64, 2, 1, 64, "keys")), probe_skip_dq_reduce=True)}
         for case in [(4096, 256, False), (4096, 256, True), (16384, 256, True), (1024, 256, False),
                      (8192, 256, False, 16, 2)]}
+# The persistent one pass (one program per SM walking the (key block, head) tiles) against the per-tile one
+# pass as committed, at D=128.
+PERSISTENT = {case: {"one-pass s2": dict(hopper_config.BWD[128]),
+                     "persistent s2": dict(hopper_config.BWD[128], gluon_dkdvq=(64, 128, 2, "persistent")),
+                     "persistent s3": dict(hopper_config.BWD[128], gluon_dkdvq=(64, 128, 3, "persistent"))}
+              for case in [(1024, 128, False), (1024, 128, True), (4096, 128, False), (4096, 128, True),
+                           (16384, 128, True), (4096, 128, True, 32, 8), (8192, 128, False, 32, 4)]}
 # Issue 15's backward rows with the dispatcher's own choice (BWD as committed).
 FINAL = [(1024, 128, False), (4096, 128, False), (16384, 128, False), (4096, 64, False), (4096, 256, False),
          (1024, 128, True), (4096, 128, True), (16384, 128, True), (4096, 64, True), (4096, 256, True),
@@ -245,8 +252,9 @@ def _variant_kw(label, case):
 
 
 def plan_items(plan: str):
-    if plan in ("sweep", "gluon", "fused", "fused64", "wide"):
-        table = {"sweep": SWEEP, "gluon": GLUON, "fused": FUSED, "fused64": FUSED_64, "wide": WIDE}[plan]
+    if plan in ("sweep", "gluon", "fused", "fused64", "wide", "persistent"):
+        table = {"sweep": SWEEP, "gluon": GLUON, "fused": FUSED, "fused64": FUSED_64, "wide": WIDE,
+                 "persistent": PERSISTENT}[plan]
         return [(case, label, cfg) for case, cfgs in table.items() for label, cfg in cfgs.items()]
     if plan == "final":
         return [(case, "dispatch", "dispatch") for case in FINAL]
@@ -254,7 +262,7 @@ def plan_items(plan: str):
         return [((4096, 128, False), name, "dispatch") for name in VARIANTS]
     if plan == "final+variants":
         return plan_items("final") + plan_items("variants")
-    raise ValueError(f"unknown plan {plan!r}: expected 'sweep', 'gluon', 'fused', 'fused64', 'wide', 'final', 'variants' or "
+    raise ValueError(f"unknown plan {plan!r}: expected 'sweep', 'gluon', 'fused', 'fused64', 'wide', 'persistent', 'final', 'variants' or "
                      f"'final+variants'")
 
 

@@ -447,7 +447,8 @@ def hopper_bwd(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu
     # takes; the row's Triton kernels run everything else), dQ from the two-pass "dq" kernel.
     # "gluon_dkdvq": the same kernel adding dQ's fp32 sums as it goes (one pass; D in (32, 128]), cast
     # by _dq_cast_kernel below; calls it does not take fall back to "gluon_dkdv" or the Triton rows.
-    # (BLOCK_M, BLOCK_N, STAGES[, "tma" | "atomic"]): how the sums are added (gluon_bwd.gluon_dkdv).
+    # (BLOCK_M, BLOCK_N, STAGES, *options): "atomic" adds the sums element-wise instead of by TMA reduce-adds,
+    # "persistent" runs one program per SM over the tiles (gluon_bwd.gluon_dkdv).
     # "gluon_wide": (BLOCK_M, BLOCK_N, Q_STAGES, DO_STAGES, DQ_CHUNK[, "cols" | "keys"]) of
     # kernels/gluon_bwd_wide.py, the one pass for D in (128, 256].
     gluon_tiles = cfg.pop("gluon_dkdv", None)
@@ -474,9 +475,10 @@ def hopper_bwd(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu
 
         if not use_fused and "dq" not in cfg:
             raise ValueError(f"config {cfg}: the Gluon dK/dV kernel needs the two-pass 'dq' kernel beside it")
-        bm, bn, stages, *reduce = fused_tiles if use_fused else gluon_tiles
+        bm, bn, stages, *opts = fused_tiles if use_fused else gluon_tiles
         dk, dv = gluon_dkdv(do, q, k, v, lse, delta, scale=scale, left=left, right=right, block_m=bm, block_n=bn,
-                            stages=stages, dq_sums=sums, dq_reduce=reduce[0] if reduce else "tma")
+                            stages=stages, dq_sums=sums, dq_reduce="atomic" if "atomic" in opts else "tma",
+                            persistent="persistent" in opts)
     if not use_gluon and not any(key in cfg for key, _ in _KEY_BLOCK_KERNELS):
         raise ValueError(f"config {cfg} has no dK/dV kernel for this call (the Gluon one takes plain dense calls, "
                          f"Dv == D <= 128, only): add a 'dkdv' row beside 'gluon_dkdv'")
