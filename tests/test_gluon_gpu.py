@@ -133,6 +133,7 @@ def test_gluon_dkdv_gradients_within_torch_rule(monkeypatch, key, tiles, b, hq, 
     bound = hopper_config._bound(d)
     monkeypatch.setitem(hopper_config.BWD, bound, dict(hopper_config.BWD_TWO_PASS[bound], **{key: tiles}))
     monkeypatch.setattr(hopper_config, "BWD_CAUSAL", {})
+    monkeypatch.setattr(hopper_config, "BWD_SHORT", {})
     monkeypatch.setattr(hopper_config, "BWD_PORTABLE", set())
     calls = []
     real = gluon_bwd.gluon_dkdv
@@ -167,6 +168,7 @@ def test_persistent_backward_over_many_tiles_within_torch_rule(monkeypatch, tile
     bound = hopper_config._bound(d)
     monkeypatch.setitem(hopper_config.BWD, bound, dict(hopper_config.BWD_TWO_PASS[bound], gluon_dkdvq=tiles))
     monkeypatch.setattr(hopper_config, "BWD_CAUSAL", {})
+    monkeypatch.setattr(hopper_config, "BWD_SHORT", {})
     monkeypatch.setattr(hopper_config, "BWD_PORTABLE", set())
     launches = []
     real = gluon_bwd._gluon_dkdv_persistent_kernel
@@ -221,7 +223,8 @@ def test_gluon_wide_backward_within_torch_rule(monkeypatch, tiles, b, hq, hkv, n
     from fa2lab.kernels import gluon_bwd_wide, hopper_config
 
     monkeypatch.setitem(hopper_config.BWD, 256, dict(hopper_config.BWD_TWO_PASS[256], gluon_wide=tiles))
-    monkeypatch.setattr(hopper_config, "BWD_CAUSAL", {})  # the tiles under test for causal calls too
+    monkeypatch.setattr(hopper_config, "BWD_CAUSAL", {})  # the tiles under test for causal and short calls too
+    monkeypatch.setattr(hopper_config, "BWD_SHORT", {})
     monkeypatch.setattr(hopper_config, "BWD_PORTABLE", set())
     calls = []
     real = gluon_bwd_wide.gluon_bwd_wide

@@ -172,7 +172,7 @@ def test_backward_config_with_variants_has_triton_kernels_only(monkeypatch, d, b
         assert all(len(t) >= 4 for t in cfg.values())
         if bias:
             assert all(t[3] <= 2 for t in cfg.values())
-    plain = hopper_bwd_config(d, causal=False, seq_len=2048)
+    plain = hopper_bwd_config(d, causal=False, seq_len=4096)
     assert ("gluon_dkdv" in plain) == (d == 128)
     # plain D=128 calls take the one pass (dQ by TMA reduce-adds), its dK/dV-only kernel the fallback;
     # D=256 the wide one pass; D=64 the two passes
@@ -182,6 +182,13 @@ def test_backward_config_with_variants_has_triton_kernels_only(monkeypatch, d, b
     # causal D=256: two dO stages (BWD_CAUSAL); deterministic or windowed calls do not take it
     causal = hopper_bwd_config(d, causal=True, seq_len=2048)
     assert causal.get("gluon_wide") == ((64, 64, 1, 2, 64, "keys") if d == 256 else None)
+    # short MHA calls at D=128: the persistent one pass (BWD_SHORT); GQA and longer calls the per-tile one
+    short = (64, 128, 2, "persistent") if d == 128 else None
+    assert hopper_bwd_config(d, causal=True, seq_len=2048).get("gluon_dkdvq") == short
+    assert hopper_bwd_config(d, causal=False, seq_len=1, group=1).get("gluon_dkdvq") == short
+    assert hopper_bwd_config(d, causal=True, seq_len=2048, group=4).get("gluon_dkdvq") == plain.get("gluon_dkdvq")
+    assert hopper_bwd_config(d, causal=True, seq_len=2049).get("gluon_dkdvq") == plain.get("gluon_dkdvq")
+    assert "persistent" not in str(hopper_bwd_config(d, causal=True, seq_len=1024, deterministic=True))
 
 
 def test_persistent_launch_choices():

@@ -113,13 +113,14 @@ def test_dispatch_keeps_the_portable_path_off_hopper():
 def test_sm90_profiles_carry_the_hopper_configs():
     from fa2lab.hardware import get_profile
     from fa2lab.kernels.hopper_config import BWD as TABLE
-    from fa2lab.kernels.hopper_config import BWD_CAUSAL
+    from fa2lab.kernels.hopper_config import BWD_CAUSAL, BWD_SHORT, SHORT_BWD_UPTO
     from fa2lab.kernels.hopper_config import FWD_GLUON, GLUON_FWD
 
     for name in ("h100", "h200"):
         p = get_profile(name)
         assert p.kernel_configs["bwd"] == TABLE and set(p.kernel_configs["fwd"]) == {64, 128, 256}
         assert p.kernel_configs["bwd_causal"] == BWD_CAUSAL and "wide-bwd-20261204" in p.sources["kernel_configs"]
+        assert p.kernel_configs["bwd_short"] == dict(BWD_SHORT, upto=SHORT_BWD_UPTO)
         assert "2026-12-02" in p.sources["kernel_configs"]
         assert p.kernel_configs["fwd_gluon"] == {d: GLUON_FWD[d] for d in FWD_GLUON}
         assert "gluon-20261203-125524.json" in p.sources["kernel_configs"]

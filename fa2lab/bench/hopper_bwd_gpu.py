@@ -140,7 +140,8 @@ def bwd_config(d: int, causal: bool, cfg):
     from fa2lab.kernels import gluon_bwd_wide
 
     bound = hopper_config._bound(d)
-    old, old_p, old_c = dict(hopper_config.BWD), set(hopper_config.BWD_PORTABLE), dict(hopper_config.BWD_CAUSAL)
+    old, old_p = dict(hopper_config.BWD), set(hopper_config.BWD_PORTABLE)
+    old_c, old_s = dict(hopper_config.BWD_CAUSAL), dict(hopper_config.BWD_SHORT)
     probe = isinstance(cfg, dict) and "probe_skip_dq_reduce" in cfg
     if probe:  # a timing probe of the wide kernel (gluon_bwd_wide.PROBE_SKIP_DQ_REDUCE), not a configuration
         cfg = {key: t for key, t in cfg.items() if key != "probe_skip_dq_reduce"}
@@ -149,7 +150,8 @@ def bwd_config(d: int, causal: bool, cfg):
         hopper_config.BWD_PORTABLE.add((bound, causal))
     elif cfg != "dispatch":
         hopper_config.BWD[bound] = cfg
-        hopper_config.BWD_CAUSAL.pop(bound, None)  # the row under test, causal or not
+        hopper_config.BWD_CAUSAL.pop(bound, None)  # the row under test, causal or not, short or long
+        hopper_config.BWD_SHORT.pop(bound, None)
         hopper_config.BWD_PORTABLE.discard((bound, causal))
     try:
         yield
@@ -158,6 +160,8 @@ def bwd_config(d: int, causal: bool, cfg):
         hopper_config.BWD.update(old)
         hopper_config.BWD_CAUSAL.clear()
         hopper_config.BWD_CAUSAL.update(old_c)
+        hopper_config.BWD_SHORT.clear()
+        hopper_config.BWD_SHORT.update(old_s)
         gluon_bwd_wide.PROBE_SKIP_DQ_REDUCE = False
         hopper_config.BWD_PORTABLE.clear()
         hopper_config.BWD_PORTABLE.update(old_p)

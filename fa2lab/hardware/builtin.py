@@ -134,7 +134,7 @@ def _rtx4090() -> HardwareProfile:
 
 
 def _hopper(name: str, mem_bw: float, bw_source: str, ds: str) -> HardwareProfile:
-    from fa2lab.kernels.hopper_config import BWD, BWD_CAUSAL, FWD, FWD_GLUON, GLUON_FWD
+    from fa2lab.kernels.hopper_config import BWD, BWD_CAUSAL, BWD_SHORT, FWD, FWD_GLUON, GLUON_FWD, SHORT_BWD_UPTO
 
     return HardwareProfile(
         name=name, kind="gpu", arch=f"Hopper GH100 ({name.upper()} SXM), 4th-gen tensor cores, TMA, wgmma",
@@ -144,7 +144,8 @@ def _hopper(name: str, mem_bw: float, bw_source: str, ds: str) -> HardwareProfil
         peak_flops={"float16": 989.4e12, "bfloat16": 989.4e12, "float64": 66.9e12},
         peak_flops_simd={"float32": 66.9e12, "float16": 133.8e12, "bfloat16": 133.8e12, "float64": 33.5e12},
         exp_per_s=3.9e12, step_overhead_s=5e-6,
-        kernel_configs=dict(fwd={d: dict(full=f, causal=c) for d, (f, c) in FWD.items()}, bwd=dict(BWD), bwd_causal=dict(BWD_CAUSAL),
+        kernel_configs=dict(fwd={d: dict(full=f, causal=c) for d, (f, c) in FWD.items()}, bwd=dict(BWD),
+                            bwd_causal=dict(BWD_CAUSAL), bwd_short=dict(BWD_SHORT, upto=SHORT_BWD_UPTO),
                             fwd_gluon={d: dict(GLUON_FWD[d]) for d in sorted(FWD_GLUON)}),
         sources=dict(_GPU_COMMON_SOURCES,
                      kernel_configs="measured on the lent H200, 2026-12-02, python -m fa2lab.bench.hopper_sweep "
@@ -175,7 +176,10 @@ def _hopper(name: str, mem_bw: float, bw_source: str, ds: str) -> HardwareProfil
                                     "gluon_wide (the wide one pass, kernels/gluon_bwd_wide.py: bash "
                                     "experiments/wide_bwd_gpu.sh, wide-bwd-20261204/keys/): 298 full / 277 causal "
                                     "(bwd_causal: two dO stages) at N=4096, 317 causal at N=16384, 247 full at "
-                                    "N=1024 against the two passes' 236 / 223 / 250 / 194 (cuDNN 383 / 346 / 381 / 309)",
+                                    "N=1024 against the two passes' 236 / 223 / 250 / 194 (cuDNN 383 / 346 / 381 / 309). "
+                                    "bwd_short (MHA calls up to `upto` tokens at D=128: the persistent one pass, "
+                                    "persistent-bwd-20261204/): N=1024 384 full / 247 causal, N=2048 442 / 330 "
+                                    "against the per-tile one pass's 360 / 236 / 432 / 325 (cuDNN 423 / 317 / 505 / 417)",
                      compute_capability="CUDA-guide: GH100 is sm_90", units=f"{ds}: 132 SMs (SXM5)",
                      clock_hz="implied by the datasheet peaks: 989.4 TFLOP/s / (132 SMs x 4096 FLOP/clock) "
                               "= 1.83 GHz (max boost 1.98 GHz)",

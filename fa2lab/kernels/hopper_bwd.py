@@ -437,7 +437,7 @@ def hopper_bwd(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu
         cu_q = cu_k = torch.zeros(1, dtype=torch.int32, device=q.device)
     cfg = dict(config or hopper_bwd_config(max(d, dvd), causal=causal, seq_len=grid_q,
                                            deterministic=deterministic or torch.are_deterministic_algorithms_enabled(),
-                                           variants=variants))
+                                           variants=variants, group=h // hkv))
     flags = variants.flags() if variants else PLAIN_FLAGS
     var_args = variants.args() if variants else plain_args(q)
     common = dict(D=d, DV=dvd, HEAD_DIM=pow2(d), HEAD_DIM_V=pow2(dvd), HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,

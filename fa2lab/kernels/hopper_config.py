@@ -96,6 +96,16 @@ BWD = {**BWD_TWO_PASS, 128: dict(BWD_TWO_PASS[128], gluon_dkdv=(64, 128, 2), glu
        256: dict(BWD_TWO_PASS[256], gluon_wide=(64, 64, 2, 1, 64, "keys"))}
 # Causal calls (bottom-right, no window): these keys replace BWD's (same measurements).
 BWD_CAUSAL = {256: dict(gluon_wide=(64, 64, 1, 2, 64, "keys"))}
+# Short MHA calls (seq_len <= SHORT_BWD_UPTO, one query head per K/V head): these keys replace BWD's. The
+# persistent one pass (one program per SM over the tiles) against the per-tile one, H200, 2026-12-04 18:50
+# UTC (`python -m fa2lab.bench.hopper_bwd_gpu --plan persistent` and experiments/persistent_bwd_2048_gpu.py,
+# experiments/results/persistent-bwd-20261204/), public call, bwd TFLOP/s: N=1024 full 384 against 360,
+# causal 247 against 236; N=2048 full 442 / 432, causal 330 / 325; but N=2048 GQA 32:8 causal 289 against
+# 305, N=4096 full 468-473 against 465, causal 375-383 against 389, N=16384 causal 423 against 460, GQA
+# 32:8 / 32:4 at N=4096 / 8192 351 / 465-478 against 370 / 492 (cuDNN 423 / 317 / 505 / 417 / 387 / 509 /
+# 456 / 523 / 447 / 533).
+BWD_SHORT = {128: dict(gluon_dkdvq=(64, 128, 2, "persistent"))}
+SHORT_BWD_UPTO = 2048
 # Where the portable backward measured faster in the same run: none since the Gluon dK/dV kernel
 # (D=128 causal was portable: 314 against the Hopper kernels' 298 on 2026-12-02, 307 against 341
 # for Gluon dK/dV on 2026-12-03).
@@ -129,16 +139,19 @@ def hopper_fwd_config(head_dim: int, *, causal: bool, seq_len: int, variants=Non
 
 
 def hopper_bwd_config(head_dim: int, *, causal: bool, seq_len: int, deterministic: bool = False,
-                      variants=None) -> dict:
+                      variants=None, group: int = 1) -> dict:
     """The backward's kernels and tiles. deterministic (torch.use_deterministic_algorithms) and
     dropout (whose contract is bit-identical gradients under one generator state) take the two
     passes: fp32 atomics add dQ in a run-dependent order. A bias tile is a third pipelined load:
-    two stages at most, to fit shared memory (as the portable kernels)."""
+    two stages at most, to fit shared memory (as the portable kernels). group: query heads per K/V
+    head (BWD_SHORT's rows are for group 1)."""
     bound = _bound(head_dim)
     exact_order = deterministic or (variants is not None and variants.var.dropout_p > 0)
     cfg = dict((BWD_TWO_PASS if exact_order else BWD)[bound])
     if causal and not exact_order:
         cfg.update(BWD_CAUSAL.get(bound, {}))
+    if seq_len <= SHORT_BWD_UPTO and group == 1 and not exact_order:
+        cfg.update(BWD_SHORT.get(bound, {}))
     if variants is not None:  # the Gluon backwards run plain calls only: the row's Triton kernels then
         for key in GLUON_BWD_KEYS:
             cfg.pop(key, None)
@@ -288,4 +301,4 @@ def hopper_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return all(tma_ok(t, token_dim) for t in (q, k, v))
 
 
-__all__ = ["BWD", "BWD_CAUSAL", "BWD_PORTABLE", "BWD_TWO_PASS", "FWD", "GLUON_BWD_KEYS", "FWD_GLUON", "GLUON_FWD", "GLUON_FWD_MASKED", "GLUON_FWD_ONE_PARTITION", "GLUON_TESTED", "gluon_kernel_takes", "gluon_fwd_wanted", "gluon_shapes_ok", "hopper_bwd_config", "hopper_bwd_wanted", "hopper_eligible", "hopper_fwd_config", "tma_ok"]
+__all__ = ["BWD", "BWD_CAUSAL", "BWD_PORTABLE", "BWD_SHORT", "SHORT_BWD_UPTO", "BWD_TWO_PASS", "FWD", "GLUON_BWD_KEYS", "FWD_GLUON", "GLUON_FWD", "GLUON_FWD_MASKED", "GLUON_FWD_ONE_PARTITION", "GLUON_TESTED", "gluon_kernel_takes", "gluon_fwd_wanted", "gluon_shapes_ok", "hopper_bwd_config", "hopper_bwd_wanted", "hopper_eligible", "hopper_fwd_config", "tma_ok"]
