@@ -243,6 +243,18 @@ def test_latest_by_kind_takes_each_kind_from_its_newest_file(tmp_path):
     assert viz.gpu.ratio_table(dec, "decode", "sdpa cudnn")[0]["ratio"] == pytest.approx(3.0 / 3.2)
     assert viz.gpu.throughput_figure(dec, "decode").layout.shapes[0].y0 == 4.0
     assert viz.gpu.latest_by_kind(tmp_path / "none") == {}
+    # bench.hopper_bwd_gpu --plan final's JSONL: the dispatcher's row is fa2lab's bwd bar, candidates left out
+    shape = dict(N=4096, D=128, causal=True, H=16, Hkv=16, B=8)
+    lines = [dict(environment={"device": "H"}, plan="final"),
+             dict(impl="fa2lab", config="dispatch", cfg="'dispatch'", bwd_ms=2.0, bwd_tflops=400.0, exact=True, **shape),
+             dict(impl="fa2lab", config="one-pass s3", cfg="{}", bwd_ms=1.0, bwd_tflops=800.0, exact=True, **shape),
+             dict(impl="sdpa cudnn", config="sdpa cudnn", cfg="None", bwd_ms=1.6, bwd_tflops=500.0, exact=True, **shape),
+             dict(impl="sdpa flash", config="sdpa flash", cfg="None", error="no", **shape)]
+    (tmp_path / "bwd-final-20260401-000000.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    bwd_path, bwd = viz.gpu.latest_by_kind(tmp_path)["bwd"]
+    assert bwd_path.name == "bwd-final-20260401-000000.jsonl" and bwd["environment"]["device"] == "H"
+    assert [(r["impl"], r["tflops"]) for r in bwd["rows"]] == [("fa2lab triton", 400.0), ("sdpa cudnn", 500.0)]
+    assert viz.gpu.ratio_table(bwd, "bwd", "sdpa cudnn")[0]["ratio"] == pytest.approx(0.8)
 
 
 def test_latest_merged_joins_each_kinds_newest_file_of_one_device(tmp_path):

@@ -61,14 +61,34 @@ def decode_public_as_gpu(results: dict) -> dict:
     return dict(results, rows=rows)
 
 
+# `python -m fa2lab.bench.hopper_bwd_gpu --plan final` rows (the dispatcher's backward next to SDPA's) as bwd rows.
+HOPPER_BWD_IMPLS = {"fa2lab": "fa2lab triton", "sdpa flash": "sdpa flash", "sdpa cudnn": "sdpa cudnn"}
+
+
+def hopper_bwd_as_gpu(text: str) -> dict:
+    """A bwd-final-*.jsonl (bench.hopper_bwd_gpu --plan final: a header line with the environment, then one
+    row a line) as bwd rows: the dispatcher's fa2lab row is fa2lab's bar, SDPA's keep their names; the
+    backward's ms and TFLOP/s, and the 3x-rule verdict. No peaks: that bench does not measure them."""
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    header = next((line for line in lines if "environment" in line), {})
+    rows = [dict(kind="bwd", impl=HOPPER_BWD_IMPLS[r["impl"]], N=r["N"], D=r["D"], B=r["B"], H=r["H"], Hkv=r["Hkv"],
+                 causal=r["causal"], ms=r["bwd_ms"], tflops=r["bwd_tflops"], exact=r.get("exact"))
+            for r in lines if "bwd_ms" in r and r.get("impl") in HOPPER_BWD_IMPLS
+            and (r["impl"] != "fa2lab" or r.get("config") == "dispatch")]
+    env = dict(header.get("environment", {}), source="python -m fa2lab.bench.hopper_bwd_gpu --plan final")
+    return dict(environment=env, peaks={}, rows=rows)
+
+
 def latest_by_kind(folder=None) -> dict[str, tuple[Path, dict]]:
     """Per kind (fwd, bwd, decode), the newest results file holding rows of that kind, by the
     timestamp in its name: gpu-*.json (bench.gpu) for all three, decode-*.json (bench.decode_gpu,
-    the planned public call) for decode as well. Kinds no file holds are absent. A benchmark run
-    often measures one kind only; this keeps each figure on the newest measurement of its kind."""
+    the planned public call) for decode as well, bwd-final-*.jsonl (bench.hopper_bwd_gpu --plan
+    final) for bwd. Kinds no file holds are absent. A benchmark run often measures one kind only;
+    this keeps each figure on the newest measurement of its kind."""
     folder = Path(folder) if folder is not None else RESULTS
     files = [(path, json.loads(path.read_text())) for path in folder.glob("gpu-*.json")]
     files += [(path, decode_public_as_gpu(json.loads(path.read_text()))) for path in folder.glob("decode-*.json")]
+    files += [(path, hopper_bwd_as_gpu(path.read_text())) for path in folder.glob("bwd-final-*.jsonl")]
     files.sort(key=lambda item: _stamp(item[0]), reverse=True)
     latest = {}
     for kind in KINDS:
