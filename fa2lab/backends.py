@@ -265,6 +265,15 @@ def _is_generation_step(case: Case) -> bool:
             and case.dtype in (torch.float16, torch.bfloat16) and not case.requires_grad)
 
 
+# Decisions already made: (op, cases, backend, log_choice, TRITON_INTERPRET) -> Choice, for calls without a
+# crossover measurement. A model calls the same few cases in every layer and step; the support tables
+# behind a decision cost several us of host time a call, the lookup well under one. Forgotten at once past
+# _CHOICE_MEMORY entries; bypassed while torch.compile traces. Code that changes the policy itself
+# (AUTO_ORDER, a backend's `unsupported`) clears it: `_CHOICES.clear()`.
+_CHOICES: dict = {}
+_CHOICE_MEMORY = 1024
+
+
 def choose(op: str, cases: Case | list[Case], backend: str = "auto", *, crossover=None,
            log_choice: bool = True) -> Choice:
     """Which backend runs `cases` (one Case, or the sequences of a varlen batch, all run by one
@@ -273,7 +282,22 @@ def choose(op: str, cases: Case | list[Case], backend: str = "auto", *, crossove
     backend: "auto" or a name in BACKENDS; an explicit one that cannot run a case raises a
     ValueError naming the reason. crossover (op "model" only): a measurement with
     `plain_is_faster(backend, nq, nk)`, `length(backend)` and `source` (fa2lab.models.selection
-    measures it); "auto" then picks plain attention ("reference") where it was measured faster."""
+    measures it); "auto" then picks plain attention ("reference") where it was measured faster.
+    A decision depends on the cases' columns only, so repeated ones are remembered (_CHOICES)."""
+    if crossover is not None or torch.compiler.is_compiling():
+        return _choose(op, cases, backend, crossover=crossover, log_choice=log_choice)
+    key = (op, cases if isinstance(cases, Case) else tuple(cases), backend, log_choice,
+           os.environ.get("TRITON_INTERPRET"))
+    choice = _CHOICES.get(key)
+    if choice is None:
+        choice = _choose(op, cases, backend, log_choice=log_choice)  # raises for an unsupported explicit backend
+        if len(_CHOICES) >= _CHOICE_MEMORY:
+            _CHOICES.clear()
+        _CHOICES[key] = choice
+    return choice
+
+
+def _choose(op: str, cases, backend: str, *, crossover=None, log_choice: bool = True) -> Choice:
     _check_op(op)
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {list(BACKENDS)}")

@@ -28,7 +28,10 @@ def test_every_backend_matches_reference(backend, hq, hkv):
 
 @pytest.fixture
 def fresh_log(monkeypatch):
+    """A process that has logged nothing and decided nothing yet (decisions are remembered: a remembered
+    one is not logged again)."""
     monkeypatch.setattr(backends, "_logged", collections.OrderedDict())
+    monkeypatch.setattr(backends, "_CHOICES", {})
 
 
 def test_auto_logs_its_choice_once_per_decision(caplog, fresh_log):

@@ -116,3 +116,41 @@ def test_each_entry_point_asks_choose(spy):
     from fa2lab.distributed.ring import _use_kernels
     _use_kernels(q, k, v)
     assert [op for op, _ in spy] == ["dense", "varlen", "decode", "model", "dense", "ring"], spy
+
+
+def test_repeated_decisions_are_remembered_and_stay_exact(monkeypatch):
+    """choose remembers a decision per (op, cases, backend, log flag, TRITON_INTERPRET): the same Choice
+    again without the support tables; an explicit backend that cannot run still raises every time; the
+    interpreter switch is part of the key; a crossover measurement is never remembered; memory is bounded."""
+    monkeypatch.setattr(backends, "_CHOICES", {})
+    case = Case("cpu", torch.bfloat16, 97, 97, 4, 2, 40, 40, True, (-1, -1), False)
+    asked = []
+    real = backends._reason
+    monkeypatch.setattr(backends, "_reason", lambda *a: asked.append(a) or real(*a))
+    first = choose("dense", case)
+    n = len(asked)
+    assert choose("dense", case) == first and len(asked) == n  # remembered: no table asked again
+    assert choose("dense", [case]) == first  # one case or a list of it: the same decision
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="need a CUDA device"):
+            choose("dense", case, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert choose("dense", case, "triton") == Choice("triton", "requested", "dense")
+
+    class Crossover:
+        source = "test"
+
+        def plain_is_faster(self, backend, nq, nk):
+            return True
+
+        def length(self, backend):
+            return 128
+
+    before = len(backends._CHOICES)
+    assert choose("model", case, crossover=Crossover()).name == "reference"
+    assert len(backends._CHOICES) == before
+    monkeypatch.setattr(backends, "_CHOICE_MEMORY", 3)
+    for nq in range(1, 8):
+        choose("dense", Case("cpu", torch.float32, nq, 8, 2, 2, 16, 16, False, (-1, -1), False))
+        assert len(backends._CHOICES) <= 3

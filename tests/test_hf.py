@@ -284,6 +284,7 @@ def test_qwen3_static_cache_compiled_decode_runs_planned_split_k(monkeypatch):
     monkeypatch.setattr(backends, "_is_generation_step", lambda case: case.nq <= backends.DECODE_MAX_NQ < case.nk
                         and not case.requires_grad)
     monkeypatch.setitem(backends.AUTO_ORDER["decode"], "cpu", ("triton", "tiled"))
+    monkeypatch.setattr(backends, "_CHOICES", {})  # decisions made under the real policy are not this test's
     monkeypatch.setattr(fn, "_static_plans", {})
     calls = []
     planned = fn.decode_attention
