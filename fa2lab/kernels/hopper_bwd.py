@@ -480,8 +480,9 @@ def hopper_bwd(do, dlse, q, k, v, out, lse, *, scale, left, right, cu_q=None, cu
                             stages=stages, dq_sums=sums, dq_reduce="atomic" if "atomic" in opts else "tma",
                             persistent="persistent" in opts)
     if not use_gluon and not any(key in cfg for key, _ in _KEY_BLOCK_KERNELS):
-        raise ValueError(f"config {cfg} has no dK/dV kernel for this call (the Gluon one takes plain dense calls, "
-                         f"Dv == D <= 128, only): add a 'dkdv' row beside 'gluon_dkdv'")
+        raise ValueError(f"config {cfg} has no dK/dV kernel for this call (the Gluon ones take plain dense calls "
+                         f"with Dv == D only, 32 < D <= 256): add a Triton 'dkdv' row (or 'dv' and 'dk') beside the "
+                         f"Gluon keys")
     one_pass = use_wide or use_fused
     atomic = one_pass or (any(key in cfg for key in ("dkdvq", "dkq")) and not use_gluon)
     acc = sums if one_pass else q  # q: a placeholder pointer when no kernel adds into dQ
