@@ -97,6 +97,18 @@ if HAVE_GLUON:
         return lo, gl.cdiv(gl.maximum(hi - lo, 0), BLOCK_M), lo_full, hi_full
 
     @gluon.jit
+    def _band(p, rel, LEFT, RIGHT, HAS_LEFT: gl.constexpr, HAS_RIGHT: gl.constexpr):
+        """p where rel (key - bottom-right-aligned query) lies in the window [-LEFT, RIGHT] (a side without its
+        flag is unbounded), else 0: the causal / sliding-window mask of a diagonal tile."""
+        if HAS_LEFT and HAS_RIGHT:
+            p = gl.where((rel >= -LEFT) & (rel <= RIGHT), p, 0.0)
+        elif HAS_RIGHT:
+            p = gl.where(rel <= RIGHT, p, 0.0)
+        elif HAS_LEFT:
+            p = gl.where(rel >= -LEFT, p, 0.0)
+        return p
+
+    @gluon.jit
     def _bwd_loader(desc_q, desc_k, desc_v, desc_do, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, q_empty,
                     do_ready, do_empty, ds_smem, ds_bar, dq_smem, desc_dq, j0, lo, n_blocks,
                     LSE_H, DELTA_H, slm, DK, DV, sdk, sdv,
@@ -152,12 +164,7 @@ if HAVE_GLUON:
             if (start_m < lo_full) | (start_m + BLOCK_M > hi_full):  # a causal / window edge
                 # Keys past Nk need no mask here: their dK / dV rows are never stored.
                 rel = gl.expand_dims(keys, 1) - gl.expand_dims(queries + off, 0)  # key - aligned query
-                if HAS_LEFT and HAS_RIGHT:
-                    p = gl.where((rel >= -LEFT) & (rel <= RIGHT), p, 0.0)
-                elif HAS_RIGHT:
-                    p = gl.where(rel <= RIGHT, p, 0.0)
-                else:
-                    p = gl.where(rel >= -LEFT, p, 0.0)
+                p = _band(p, rel, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
         p_op = gl.convert_layout(p.to(dtype), op_layout)
         dv_tok = warpgroup_mma(p_op, do_smem.index(st), dv, is_async=True)
         dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok, ))  # dP^T done; dV may still run

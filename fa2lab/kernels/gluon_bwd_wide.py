@@ -45,7 +45,7 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                    warpgroup_mma_wait)
 
-    from fa2lab.kernels.gluon_bwd import _query_blocks, _tma_reduce_add
+    from fa2lab.kernels.gluon_bwd import _band, _query_blocks, _tma_reduce_add
     from fa2lab.kernels.gluon_fwd import _cta_barrier, _descriptors, _tma_load
 
     LOG2E_W: gl.constexpr = gl.constexpr(LOG2E)
@@ -125,12 +125,7 @@ if HAVE_GLUON:
             if HAS_LEFT or HAS_RIGHT:
                 if (start_m < lo_full) | (start_m + BLOCK_M > hi_full):  # a causal / window edge
                     rel = gl.expand_dims(keys, 1) - gl.expand_dims(queries + off, 0)  # key - aligned query
-                    if HAS_LEFT and HAS_RIGHT:
-                        p = gl.where((rel >= -LEFT) & (rel <= RIGHT), p, 0.0)
-                    elif HAS_RIGHT:
-                        p = gl.where(rel <= RIGHT, p, 0.0)
-                    else:
-                        p = gl.where(rel >= -LEFT, p, 0.0)
+                    p = _band(p, rel, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
             dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok, ))
             ds = p * (dp - gl.expand_dims(delta, 0))
             # The previous tile's matmuls (both warpgroups') have read P^T and dS^T: overwrite this half.
@@ -227,12 +222,7 @@ if HAVE_GLUON:
             if HAS_LEFT or HAS_RIGHT:
                 if (start_m < lo_full) | (start_m + BLOCK_M > hi_full):  # a causal / window edge
                     rel = gl.expand_dims(keys, 0) - gl.expand_dims(queries + off, 1)  # key - aligned query
-                    if HAS_LEFT and HAS_RIGHT:
-                        p = gl.where((rel >= -LEFT) & (rel <= RIGHT), p, 0.0)
-                    elif HAS_RIGHT:
-                        p = gl.where(rel <= RIGHT, p, 0.0)
-                    else:
-                        p = gl.where(rel >= -LEFT, p, 0.0)
+                    p = _band(p, rel, LEFT, RIGHT, HAS_LEFT, HAS_RIGHT)
             p_own.store(p.to(dtype))  # this warpgroup's own: its previous dV matmul was waited for
             dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok, ))
             ds = p * (dp - gl.expand_dims(delta, 1))
