@@ -28,6 +28,10 @@ dK / dV that the clipped stores drop (and zero rows of K, so nothing in dQ). Pro
 head: with GQA (G query heads per K/V head) each writes its fp32 dK / dV partials and the G partials
 are summed after the kernel (hopper_bwd.py), instead of the G-loop in registers of the Triton kernel.
 
+`_gluon_dkdv_persistent_kernel` (option "persistent"; hopper_config.BWD_SHORT for MHA calls up to 2048
+tokens) runs the same blocks with one program per SM walking the (key block, head) tiles, the loader
+fetching the next tile's K, V and first Q / dO while the consumers store this tile's dK / dV.
+
 Plain dense calls (no varlen, no variants), fp16/bf16, Dv == D, 32 < D <= 128 (dQ's halves: 32 or 64 columns).
 Gluon does not run in the interpreter: tests/test_gluon_gpu.py checks both modes on an sm_90 GPU
 through hopper_config.BWD's keys "gluon_dkdv" (dK / dV here, the two-pass "dq" kernel beside) and

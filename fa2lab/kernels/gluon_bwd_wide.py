@@ -2,21 +2,27 @@
 
 kernels/gluon_bwd.py gives each of its two consumer warpgroups 64 keys and every column of dK and dV;
 at D = 256 those two fp32 accumulators alone would take 256 registers a thread. Here (FA3's head-dim-256
-plan) one program holds BLOCK_N = 64 keys and the two warpgroups split the work by columns instead:
+plan) one program holds BLOCK_N = 64 keys, and the two consumer warpgroups share each query block
+one of two ways (`split`):
 
-    S^T = K Q_i^T, dP^T = V dO_i^T    warpgroup w: query columns [w * BLOCK_M/2, +BLOCK_M/2) of the tile
-    P^T, dS^T                         each warpgroup writes its half into shared (BLOCK_N, BLOCK_M) buffers
-    dV[:, cols_w] += P^T dO_i[:, cols_w]    cols_w = [w * D/2, (w + 1) * D/2): each warpgroup's half of
-    dK[:, cols_w] += dS^T Q_i[:, cols_w]    the head dim, over the whole tile (both halves of P^T, dS^T)
-    dQ_i[:, cols_w] = dS_i K[:, cols_w]     in DQ_CHUNK-column pieces, each added to fp32 sums in global
-                                            memory by one TMA reduce-add (the caller scales and casts)
+"keys" (the default): warpgroup w owns keys [w * BLOCK_N/2, +BLOCK_N/2) and every head-dim column, with
+dK and dV held transposed (FA3's swapped operands), so nothing but dQ needs the other warpgroup:
 
-so a thread holds two (64, D/2) accumulators (128 registers at D = 256). Shared memory at D = 256:
-K and V (32 KB each), Q_STAGES x 32 KB of Q, DO_STAGES x 32 KB of dO, P^T and dS^T (8 KB each) and one
-(BLOCK_M, DQ_CHUNK) fp32 staging buffer per warpgroup (16 KB at 64 columns): 208 KB with two stages of
-Q and one of dO. Two mbarriers pace the warpgroups: `tile_bar` completes when both have written their
-halves of P^T and dS^T (the tile's matmuls may start), `free_bar` when both have finished reading them
-(the next tile may overwrite them).
+    S = Q_i K_w^T, dP = dO_i V_w^T, P, dS     (BLOCK_M, BLOCK_N/2) each
+    dV_w^T += dO_i^T P,  dK_w^T += Q_i^T dS   (HEAD_DIM, BLOCK_N/2) fp32 accumulators
+    dQ_i[:, cols_w] = dS_i K[:, cols_w]       both warpgroups' dS (an mbarrier of count 2, two buffers),
+                                              cols_w = [w * D/2, (w + 1) * D/2), in DQ_CHUNK pieces
+
+"cols": warpgroup w computes query columns [w * BLOCK_M/2, +BLOCK_M/2) of S^T and dP^T, writes its
+halves of P^T and dS^T to shared (BLOCK_N, BLOCK_M) buffers, and after a tile-wide mbarrier (`tile_bar`;
+`free_bar` before they are overwritten) accumulates dV[:, cols_w] += P^T dO_i[:, cols_w], dK[:, cols_w]
++= dS^T Q_i[:, cols_w] and the same dQ pieces.
+
+Each dQ piece is added to fp32 sums in global memory by one TMA reduce-add (the caller scales and casts).
+A thread holds two 128-register accumulators at D = 256 either way. Shared memory at D = 256: K and V
+(32 KB each), Q_STAGES x 32 KB of Q, DO_STAGES x 32 KB of dO, P and dS (8 KB each; "keys" double-buffers
+dS) and one (BLOCK_M, DQ_CHUNK) fp32 staging buffer per warpgroup (16 KB at 64 columns): 208-217 KB with
+three stages of Q and dO together.
 
 Rows past the sequence ends read as zeros (TMA): a zero query row has dO = 0 and, its LSE read as +inf,
 P = 0; keys past Nk are zero rows of K and V, so they add nothing to dQ and their dK / dV rows are
@@ -26,8 +32,9 @@ sums add in a run-dependent order: the deterministic mode keeps the two passes (
 
 Plain dense calls (no varlen, no variants), fp16/bf16, Dv == D, 128 < D <= 256, through
 hopper_config.BWD's key "gluon_wide" (BWD_CAUSAL's for causal calls): (BLOCK_M, BLOCK_N, Q_STAGES,
-DO_STAGES, DQ_CHUNK, split). Gluon does not run in the interpreter: tests/test_gluon_gpu.py checks it on an sm_90 GPU through the public call;
-`python -m fa2lab.bench.hopper_bwd_gpu --plan wide` times it against the two passes and cuDNN.
+DO_STAGES, DQ_CHUNK, split). Gluon does not run in the interpreter: tests/test_gluon_gpu.py checks it on
+an sm_90 GPU through the public call; `python -m fa2lab.bench.hopper_bwd_gpu --plan wide` times it against
+the two passes and cuDNN.
 """
 
 from __future__ import annotations
