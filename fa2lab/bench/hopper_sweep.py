@@ -230,7 +230,8 @@ ONE_PASS_KEYS = ("dkdvq", "gluon_dkdvq", "gluon_wide")
 def backward_roofline_rows(rows, profile_name: str = "h200") -> list[dict]:
     """The cost model next to `bench.hopper_bwd_gpu`'s JSONL rows of fa2lab (each names its backward
     configuration: one pass where it holds a key of ONE_PASS_KEYS, dQ added across key blocks; two
-    passes otherwise). Timing probes (configurations marked probe_skip_dq_reduce) are left out. -> rows with measured_ms and the roofs of the kernel's own pass count (compute,
+    passes otherwise; timing probes, marked probe_skip_dq_reduce, left out). -> rows with measured_ms and
+    the roofs of the kernel's own pass count and tile (compute,
     memory, bound, predicted = the highest)."""
     from fa2lab.cost.predict import fa2_backward
     from fa2lab.hardware import get_profile
@@ -240,16 +241,17 @@ def backward_roofline_rows(rows, profile_name: str = "h200") -> list[dict]:
     for r in rows:
         if r.get("impl") != "fa2lab" or "bwd_ms" not in r or r.get("cfg") in (None, "None", "'dispatch'"):
             continue  # peers, failed rows, and rows whose configuration is not recorded
-        if "probe_skip_dq_reduce" in r["cfg"]:
-            continue
-        ms, label = r["bwd_ms"], r.get("config", "")
-        passes, blocks = 2, {}
         try:  # the recorded configuration (a dict's repr, read as a literal: nothing in it is executed)
             cfg = ast.literal_eval(r["cfg"])
         except (ValueError, SyntaxError):
             cfg = {}
+        cfg = cfg if isinstance(cfg, dict) else {}
+        if cfg.get("probe_skip_dq_reduce"):
+            continue
+        ms, label = r["bwd_ms"], r.get("config", "")
+        passes, blocks = 2, {}
         for key in ONE_PASS_KEYS:
-            if isinstance(cfg, dict) and key in cfg:  # the one pass's own tile: (BLOCK_M, BLOCK_N, ...)
+            if key in cfg:  # the one pass's own tile: (BLOCK_M, BLOCK_N, ...)
                 passes, blocks = 1, dict(block_q=cfg[key][0], block_k=cfg[key][1])
         roof = fa2_backward(prof, r["B"], r["H"], r["N"], r["N"], r["D"], "bfloat16", causal=r["causal"],
                             passes=passes, **blocks)
